@@ -1,1 +1,125 @@
+//! polydev's HTTP API: the only crate that knows HTTP, JSON and OpenAPI.
+//!
+//! [`router`] builds the whole axum `Router` from an [`AppState`]. Handlers
+//! parse input into domain types at the edge (`UserId::parse`, `Email::parse`)
+//! and return [`ApiError`], so every failure has the same JSON shape.
+//!
+//! Invariants:
+//! - Every response carries `x-request-id`; every log line of a request is
+//!   inside a span with that id.
+//! - No 5xx body carries internal error text; the log has it.
+//! - Work on a request has a deadline (`ApiConfig::request_timeout`).
 
+mod auth;
+mod error;
+mod extract;
+mod middleware;
+mod openapi;
+mod routes;
+mod web;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use polydev_store::Store;
+
+pub use auth::{mint_token, token_hash, MintedToken, PasswordHasherPool, SESSION_COOKIE};
+pub use error::{ApiError, ErrorBody};
+pub use openapi::openapi_json;
+
+/// Settings the API needs; the binary fills them from its config.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body accepted (413 past it).
+    pub body_limit: usize,
+    /// Deadline for producing a response's head.
+    pub request_timeout: Duration,
+    /// Lifetime of a web-login session token.
+    pub session_ttl: Duration,
+    /// Mark the session cookie `Secure` (serve over HTTPS, or behind a TLS proxy).
+    pub cookie_secure: bool,
+    /// Whether `POST /api/users` accepts sign-ups.
+    pub allow_signup: bool,
+    pub login_per_ip_per_minute: u32,
+    pub login_per_account_per_minute: u32,
+    /// Deadline for the readiness check's store query.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            session_ttl: Duration::from_secs(7 * 24 * 3600),
+            cookie_secure: false,
+            allow_signup: true,
+            login_per_ip_per_minute: 30,
+            login_per_account_per_minute: 10,
+            ready_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Everything a handler may use. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<ApiConfig>,
+    pub auth: auth::AuthServices,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: ApiConfig) -> Self {
+        let auth = auth::AuthServices {
+            hasher: Arc::new(PasswordHasherPool::new(4, Duration::from_secs(5))),
+            limiter: Arc::new(auth::LoginLimiter::new(
+                config.login_per_ip_per_minute,
+                config.login_per_account_per_minute,
+            )),
+        };
+        Self {
+            store,
+            config: Arc::new(config),
+            auth,
+        }
+    }
+
+    /// Periodic upkeep: forget recovered rate-limit keys, delete expired
+    /// session tokens. The binary calls this from its supervised ticker.
+    pub async fn housekeeping(&self) {
+        self.auth.limiter.sweep();
+        match self
+            .store
+            .delete_expired_tokens(polydev_store::now_ms())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(count = n, "deleted expired session tokens"),
+            Err(e) => tracing::warn!(error = %e, "could not delete expired session tokens"),
+        }
+    }
+}
+
+/// The whole HTTP surface: API routes, the web UI, and the layers that give
+/// every response a request id, a deadline and the JSON error shape.
+pub fn router(state: AppState) -> Router {
+    let api = routes::api_routes()
+        .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .with_state(state.clone());
+    Router::new()
+        .merge(api)
+        .merge(web::routes())
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.request_timeout,
+            middleware::deadline,
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            middleware::panic_response,
+        ))
+        .layer(axum::middleware::from_fn(middleware::request_span))
+}

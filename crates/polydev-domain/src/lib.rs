@@ -242,10 +242,7 @@ mod tests {
     #[test]
     fn user_id_names_the_field_and_echoes_a_bounded_value() {
         let err = UserId::parse("userId", "not-a-uuid").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "userId must be a UUID, got \"not-a-uuid\""
-        );
+        assert_eq!(err.to_string(), "userId must be a UUID, got \"not-a-uuid\"");
         let long = "x".repeat(500);
         let msg = UserId::parse("id", &long).unwrap_err().to_string();
         assert!(msg.len() < 120, "{msg}");

@@ -91,7 +91,10 @@ pub struct MigrationInfo {
 impl Store {
     /// The SQLite URL for the database file inside `data_dir`.
     pub fn sqlite_url(data_dir: &Path) -> String {
-        format!("sqlite://{}?mode=rwc", data_dir.join("polydev.db").display())
+        format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("polydev.db").display()
+        )
     }
 
     /// Connects to `url` (`sqlite://…` or `postgres://…`). Does not migrate.

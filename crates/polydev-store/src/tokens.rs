@@ -71,7 +71,11 @@ impl Store {
     }
 
     /// The owner of an unexpired token with this hash.
-    pub async fn token_owner(&self, token_hash: &str, now_ms: i64) -> Result<TokenOwner, StoreError> {
+    pub async fn token_owner(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<TokenOwner, StoreError> {
         let row = sqlx::query(
             "SELECT t.id AS token_id, t.kind AS token_kind, \
                     u.id AS u_id, u.email AS u_email, u.role AS u_role, u.created_at AS u_created_at \

@@ -92,9 +92,7 @@ impl Store {
         .await
         .map_err(StoreError::internal)?
         .ok_or(StoreError::NotFound)?;
-        let hash: Option<String> = row
-            .try_get("password_hash")
-            .map_err(StoreError::internal)?;
+        let hash: Option<String> = row.try_get("password_hash").map_err(StoreError::internal)?;
         Ok((user_from_row(&row, "")?, hash))
     }
 

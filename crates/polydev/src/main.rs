@@ -1,1 +1,68 @@
-fn main() {}
+//! `polydev`: the one binary. Parses the command line, layers the config,
+//! and hands off to the command. Errors end here as one line and exit 1.
+
+mod cli;
+mod config;
+mod serve;
+mod user;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, UserCommand};
+use crate::config::{FileConfig, StoreConfig};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = config::ServeConfig::resolve(&args)?;
+            init_logging(&config.store, None)?;
+            serve::run(config).await
+        }
+        Command::User(UserCommand::Add(args)) => {
+            let file = FileConfig::load(args.store.config.as_deref())?;
+            let store = StoreConfig::resolve(&args.store, &file)?;
+            init_logging(&store, Some("warn"))?;
+            user::add(&store, &args).await
+        }
+        Command::Migrate(args) => {
+            let file = FileConfig::load(args.config.as_deref())?;
+            let store = StoreConfig::resolve(&args, &file)?;
+            init_logging(&store, None)?;
+            serve::migrate_only(&store).await
+        }
+    }
+}
+
+/// Logs go to stderr, so stdout stays machine-readable for commands that
+/// print JSON.
+fn init_logging(store: &StoreConfig, quiet_default: Option<&str>) -> anyhow::Result<()> {
+    let filter = match quiet_default {
+        Some(q) if store.log_level == "info" => q,
+        _ => store.log_level.as_str(),
+    };
+    polydev_telemetry::init(store.log_format, filter)?;
+    Ok(())
+}

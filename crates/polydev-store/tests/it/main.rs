@@ -1,5 +1,7 @@
 //! The store's behaviour, run identically on SQLite and on PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use polydev_domain::{Email, Role, UserId};
 use polydev_store::testing::TestDatabase;
 use polydev_store::{now_ms, Backend, NewToken, NewUser, StoreError, TokenKind};
@@ -47,7 +49,10 @@ async fn migrations_apply_once_and_are_recorded(backend: Backend) {
         store.applied_versions().await.unwrap().last().copied(),
         Some(store.latest_known_version())
     );
-    assert!(store.migrate().await.unwrap().is_empty(), "second run applies nothing");
+    assert!(
+        store.migrate().await.unwrap().is_empty(),
+        "second run applies nothing"
+    );
     store.ping().await.unwrap();
 }
 
@@ -117,7 +122,11 @@ async fn tokens_resolve_to_their_owner_until_revoked_or_expired(backend: Backend
     assert_eq!(owner.user, user);
     assert_eq!(owner.kind, TokenKind::Api);
     assert_eq!(
-        store.token_owner(&session.token_hash, now).await.unwrap().kind,
+        store
+            .token_owner(&session.token_hash, now)
+            .await
+            .unwrap()
+            .kind,
         TokenKind::Session
     );
     // Expired at its deadline, and swept.
@@ -155,7 +164,11 @@ async fn listing_pages_users_in_creation_order(backend: Backend) {
     let store = db.store().await;
     for i in 0..5 {
         store
-            .create_user(&new_user(&format!("u{i}@example.com"), Role::User, 1000 + i))
+            .create_user(&new_user(
+                &format!("u{i}@example.com"),
+                Role::User,
+                1000 + i,
+            ))
             .await
             .unwrap();
     }

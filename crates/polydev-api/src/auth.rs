@@ -1,0 +1,360 @@
+//! Who is calling: bearer tokens and the web UI's session cookie, password
+//! hashing, and the login rate limits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::request::Parts;
+use base64::Engine;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use polydev_domain::Role;
+use polydev_store::{now_ms, StoreError, TokenKind, User};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The web UI's session cookie.
+pub const SESSION_COOKIE: &str = "polydev_session";
+
+/// A freshly minted bearer token; shown to its owner once, stored hashed.
+#[derive(Debug)]
+pub struct MintedToken {
+    pub token: SecretString,
+    pub hash: String,
+}
+
+/// Mints a 256-bit random token, `pd_<base64url>`.
+pub fn mint_token() -> MintedToken {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!(
+        "pd_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hash = token_hash(&token);
+    MintedToken {
+        token: SecretString::from(token),
+        hash,
+    }
+}
+
+/// Hex SHA-256 of a token: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes and verifies passwords with Argon2id (the crate's default
+/// parameters: 19 MiB, t=2, p=1), on blocking threads, with a bound on how
+/// many run at once so a login storm cannot exhaust memory.
+#[derive(Debug)]
+pub struct PasswordHasherPool {
+    permits: Semaphore,
+    wait: Duration,
+    /// Verified against when the email is unknown, so timing does not tell
+    /// whether an account exists.
+    dummy_hash: String,
+}
+
+impl PasswordHasherPool {
+    pub fn new(concurrency: usize, wait: Duration) -> Self {
+        let salt = SaltString::generate(&mut OsRng);
+        let dummy_hash = Argon2::default()
+            .hash_password(b"polydev-dummy-password", &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        Self {
+            permits: Semaphore::new(concurrency.max(1)),
+            wait,
+            dummy_hash,
+        }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = tokio::time::timeout(self.wait, self.permits.acquire())
+            .await
+            .map_err(|_| ApiError::unavailable("the server is busy verifying passwords", 1))?
+            .map_err(|_| ApiError::unavailable("shutting down", 1))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| ApiError::internal("password hashing task failed", &e))
+    }
+
+    pub async fn hash(&self, password: SecretString) -> Result<String, ApiError> {
+        self.run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.expose_secret().as_bytes(), &salt)
+                .map(|h| h.to_string())
+        })
+        .await?
+        .map_err(|e| ApiError::internal("password hashing failed", &e))
+    }
+
+    /// True when `password` matches `stored` (or false, after the same work,
+    /// when there is no stored hash).
+    pub async fn verify(
+        &self,
+        password: SecretString,
+        stored: Option<String>,
+    ) -> Result<bool, ApiError> {
+        let (hash, real) = match stored {
+            Some(h) => (h, true),
+            None => (self.dummy_hash.clone(), false),
+        };
+        self.run(move || {
+            let Ok(parsed) = PasswordHash::new(&hash) else {
+                return false;
+            };
+            let ok = Argon2::default()
+                .verify_password(password.expose_secret().as_bytes(), &parsed)
+                .is_ok();
+            ok && real
+        })
+        .await
+    }
+}
+
+/// Login attempts allowed per minute, per client IP and per account.
+#[derive(Debug)]
+pub struct LoginLimiter {
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    per_account: DefaultKeyedRateLimiter<String>,
+}
+
+impl LoginLimiter {
+    pub fn new(per_ip_per_minute: u32, per_account_per_minute: u32) -> Self {
+        let quota =
+            |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
+        Self {
+            per_ip: RateLimiter::keyed(quota(per_ip_per_minute)),
+            per_account: RateLimiter::keyed(quota(per_account_per_minute)),
+        }
+    }
+
+    /// Counts one attempt; `Err` with the seconds to wait when over a limit.
+    pub fn check(&self, ip: IpAddr, account: &str) -> Result<(), ApiError> {
+        let clock = governor::clock::DefaultClock::default();
+        let wait = |not_until: governor::NotUntil<_>| {
+            not_until
+                .wait_time_from(governor::clock::Clock::now(&clock))
+                .as_secs()
+                + 1
+        };
+        if let Err(n) = self.per_ip.check_key(&ip) {
+            return Err(ApiError::too_many_requests(
+                "too many login attempts from this address; wait and try again",
+                wait(n),
+            ));
+        }
+        if let Err(n) = self.per_account.check_key(&account.to_owned()) {
+            return Err(ApiError::too_many_requests(
+                "too many login attempts for this account; wait and try again",
+                wait(n),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forgets keys whose limits have fully recovered (bounds memory).
+    pub fn sweep(&self) {
+        self.per_ip.retain_recent();
+        self.per_account.retain_recent();
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: User,
+    pub token_kind: TokenKind,
+    /// Hash of the token presented, so logout can revoke exactly it.
+    pub token_hash: String,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.user.role == Role::Admin
+    }
+}
+
+/// The token a request presents: `Authorization: Bearer …`, else the
+/// session cookie.
+pub fn presented_token(parts: &Parts) -> Option<String> {
+    if let Some(value) = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned())
+            .filter(|t| !t.is_empty());
+    }
+    parts
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+/// The client's address as seen by this server.
+pub fn client_ip(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<Principal, ApiError> {
+    if let Some(p) = parts.extensions.get::<Principal>() {
+        return Ok(p.clone());
+    }
+    let token = presented_token(parts).ok_or_else(ApiError::unauthorized)?;
+    let hash = token_hash(&token);
+    let owner = match state.store.token_owner(&hash, now_ms()).await {
+        Ok(owner) => owner,
+        Err(StoreError::NotFound) => return Err(ApiError::unauthorized()),
+        Err(e) => return Err(e.into()),
+    };
+    let principal = Principal {
+        user: owner.user,
+        token_kind: owner.kind,
+        token_hash: hash,
+    };
+    tracing::Span::current().record("user_id", tracing::field::display(principal.user.id));
+    parts.extensions.insert(principal.clone());
+    Ok(principal)
+}
+
+/// Extractor: any signed-in user (401 otherwise).
+#[derive(Debug, Clone)]
+pub struct CurrentUser(pub Principal);
+
+impl FromRequestParts<AppState> for CurrentUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await.map(CurrentUser)
+    }
+}
+
+/// Extractor: an admin (401 when not signed in, 403 when not an admin).
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub Principal);
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = authenticate(parts, state).await?;
+        if !principal.is_admin() {
+            return Err(ApiError::forbidden("this needs the admin role"));
+        }
+        Ok(AdminUser(principal))
+    }
+}
+
+/// Shared, cheap handles for the auth routes.
+#[derive(Debug, Clone)]
+pub struct AuthServices {
+    pub hasher: Arc<PasswordHasherPool>,
+    pub limiter: Arc<LoginLimiter>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hash_stably() {
+        let a = mint_token();
+        let b = mint_token();
+        assert!(a.token.expose_secret().starts_with("pd_"));
+        assert_ne!(a.token.expose_secret(), b.token.expose_secret());
+        assert_eq!(a.hash, token_hash(a.token.expose_secret()));
+        assert_eq!(a.hash.len(), 64);
+        assert!(!format!("{a:?}").contains(a.token.expose_secret()));
+    }
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = axum::http::Request::builder();
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn bearer_header_wins_over_cookie() {
+        let p = parts(&[
+            ("authorization", "Bearer abc"),
+            ("cookie", "polydev_session=def"),
+        ]);
+        assert_eq!(presented_token(&p).as_deref(), Some("abc"));
+        let p = parts(&[("cookie", "theme=dark; polydev_session=def")]);
+        assert_eq!(presented_token(&p).as_deref(), Some("def"));
+        let p = parts(&[("authorization", "Basic abc")]);
+        assert_eq!(presented_token(&p), None);
+        assert_eq!(presented_token(&parts(&[])), None);
+    }
+
+    #[tokio::test]
+    async fn passwords_verify_and_unknown_accounts_never_match() {
+        let pool = PasswordHasherPool::new(2, Duration::from_secs(5));
+        let hash = pool
+            .hash(SecretString::from("correct horse"))
+            .await
+            .unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(pool
+            .verify(SecretString::from("correct horse"), Some(hash.clone()))
+            .await
+            .unwrap());
+        assert!(!pool
+            .verify(SecretString::from("wrong horse"), Some(hash))
+            .await
+            .unwrap());
+        assert!(!pool
+            .verify(SecretString::from("polydev-dummy-password"), None)
+            .await
+            .unwrap());
+    }
+
+    #[test]
+    fn login_limits_apply_per_ip_and_per_account() {
+        let limiter = LoginLimiter::new(3, 2);
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        assert!(limiter.check(ip, "a@example.com").is_ok());
+        assert!(limiter.check(ip, "a@example.com").is_ok());
+        let err = limiter.check(ip, "a@example.com").unwrap_err();
+        assert_eq!(err.status, axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert!(err.retry_after.unwrap() >= 1);
+        // The IP has used its three attempts, whatever the account.
+        assert!(limiter.check(ip, "b@example.com").is_err());
+        assert!(limiter
+            .check(IpAddr::from([127, 0, 0, 2]), "b@example.com")
+            .is_ok());
+    }
+}

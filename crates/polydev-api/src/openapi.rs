@@ -1,0 +1,77 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and
+//! served at `/api/openapi.json`. A snapshot test keeps changes deliberate.
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{admin, health, session, users};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "polydev", description = "Run AI coding CLIs in throw-away sandboxes."),
+    paths(
+        health::health,
+        health::ready,
+        users::create,
+        users::get,
+        users::me,
+        session::login,
+        session::logout,
+        session::start,
+        admin::list_users,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "health", description = "Liveness and readiness"),
+        (name = "users", description = "Accounts"),
+        (name = "auth", description = "Sign-in and provider login sessions"),
+        (name = "admin", description = "Operators only"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as pretty JSON (stable key order, for the snapshot).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    // The version comes from the crate, not from whatever built it.
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc.to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub(crate) async fn serve() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+#[cfg(test)]
+mod tests {
+    /// API changes are deliberate: the document is checked in. After an
+    /// intended change, review the diff and bless it with
+    /// `POLYDEV_BLESS=1 cargo nextest run -p polydev-api openapi`.
+    #[test]
+    fn openapi_document_matches_the_snapshot() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+        let current = format!("{}\n", super::openapi_json());
+        if std::env::var_os("POLYDEV_BLESS").is_some() {
+            std::fs::write(path, &current).expect("write the snapshot");
+        }
+        let stored = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            stored == current,
+            "the OpenAPI document changed; review it, then bless with POLYDEV_BLESS=1 cargo nextest run -p polydev-api openapi"
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Every API route, one module per area.
+
+pub(crate) mod admin;
+pub(crate) mod health;
+pub(crate) mod session;
+pub(crate) mod users;
+
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::middleware::record_route;
+use crate::AppState;
+
+pub(crate) fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/auth/health", get(health::health))
+        .route("/healthz", get(health::health))
+        .route("/readyz", get(health::ready))
+        .route("/api/health/ready", get(health::ready))
+        .route("/api/openapi.json", get(crate::openapi::serve))
+        .route("/api/users", post(users::create))
+        .route("/api/users/{id}", get(users::get))
+        .route("/api/me", get(users::me))
+        .route("/api/auth/login", post(session::login))
+        .route("/api/auth/logout", post(session::logout))
+        .route("/api/auth/start", post(session::start))
+        .route("/api/admin/users", get(admin::list_users))
+        .route_layer(axum::middleware::from_fn(record_route))
+}
+
+/// A user as the API shows it (never the password hash).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UserView {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: String,
+    #[schema(example = "ada@example.com")]
+    pub email: String,
+    /// `user` or `admin`.
+    #[schema(example = "user")]
+    pub role: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl From<&polydev_store::User> for UserView {
+    fn from(user: &polydev_store::User) -> Self {
+        Self {
+            id: user.id.to_string(),
+            email: user.email.to_string(),
+            role: user.role.to_string(),
+            created_at: user.created_at_ms,
+        }
+    }
+}

@@ -1,0 +1,170 @@
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use polydev_domain::{Email, Provider, UserId};
+use polydev_store::{now_ms, NewToken, StoreError, TokenKind};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::UserView;
+use crate::auth::{client_ip, CurrentUser, SESSION_COOKIE};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::ApiJson;
+use crate::routes::users::ensure_self_or_admin;
+use crate::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Login {
+    #[schema(example = "ada@example.com")]
+    email: String,
+    #[schema(value_type = String, format = Password)]
+    password: SecretString,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LoginResponse {
+    /// A bearer token for `Authorization: Bearer …`; also set as the
+    /// `polydev_session` cookie (HttpOnly, SameSite=Strict).
+    token: String,
+    user: UserView,
+}
+
+fn session_cookie(state: &AppState, value: &str, max_age_secs: u64) -> HeaderValue {
+    let secure = if state.config.cookie_secure {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}{secure}"
+    );
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Sign in with email and password; returns a session token.
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Login,
+    responses(
+        (status = 200, description = "Signed in; the token is also set as a cookie", body = LoginResponse),
+        (status = 400, description = "Malformed email or body", body = ErrorBody),
+        (status = 401, description = "Wrong email or password", body = ErrorBody),
+        (status = 429, description = "Too many attempts (per IP or per account); see Retry-After", body = ErrorBody)))]
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    parts: axum::http::request::Parts,
+    ApiJson(body): ApiJson<Login>,
+) -> ApiResult<impl IntoResponse> {
+    let email = Email::parse(&body.email)?;
+    state
+        .auth
+        .limiter
+        .check(client_ip(&parts), email.as_str())?;
+    let (user, hash) = match state.store.user_with_password(&email).await {
+        Ok((user, hash)) => (Some(user), hash),
+        Err(StoreError::NotFound) => (None, None),
+        Err(e) => return Err(e.into()),
+    };
+    let ok = state.auth.hasher.verify(body.password, hash).await?;
+    let Some(user) = user.filter(|_| ok) else {
+        tracing::info!("login failed");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "email or password is wrong",
+        ));
+    };
+    let minted = crate::auth::mint_token();
+    let ttl = state.config.session_ttl;
+    let now = now_ms();
+    state
+        .store
+        .create_token(&NewToken {
+            user_id: user.id,
+            kind: TokenKind::Session,
+            token_hash: minted.hash.clone(),
+            created_at_ms: now,
+            expires_at_ms: Some(
+                now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+            ),
+        })
+        .await?;
+    tracing::info!(user_id = %user.id, "user signed in");
+    let token = minted.token.expose_secret().to_owned();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::SET_COOKIE,
+        session_cookie(&state, &token, ttl.as_secs()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok((
+        headers,
+        Json(LoginResponse {
+            token,
+            user: UserView::from(&user),
+        }),
+    ))
+}
+
+/// Sign out: revokes the session token presented (API tokens stay valid)
+/// and clears the cookie.
+#[utoipa::path(post, path = "/api/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Signed out"),
+        (status = 401, description = "Not signed in", body = ErrorBody)))]
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+) -> ApiResult<impl IntoResponse> {
+    if principal.token_kind == TokenKind::Session {
+        match state.store.delete_token(&principal.token_hash).await {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, session_cookie(&state, "", 0))],
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct StartLogin {
+    /// The user whose CLI gets logged in (UUID).
+    #[schema(value_type = String, format = Uuid)]
+    user_id: String,
+    /// `claude_code`, `codex` or `gemini_cli`.
+    #[schema(example = "claude_code")]
+    provider: String,
+}
+
+/// Start a provider login session (browser sandbox). Validates its input in
+/// its final shape; answers 501 until login sessions are built.
+#[utoipa::path(post, path = "/api/auth/start", tag = "auth", request_body = StartLogin,
+    security(("bearer" = [])),
+    responses(
+        (status = 400, description = "Malformed userId or unknown provider", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Another user's id", body = ErrorBody),
+        (status = 404, description = "Unknown user", body = ErrorBody),
+        (status = 501, description = "Login sessions are not built yet", body = ErrorBody)))]
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    ApiJson(body): ApiJson<StartLogin>,
+) -> ApiResult<StatusCode> {
+    let user_id = UserId::parse("userId", &body.user_id)?;
+    let provider: Provider = body.provider.parse()?;
+    ensure_self_or_admin(&principal, user_id)?;
+    state.store.user_by_id(user_id).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::user_not_found(),
+        other => other.into(),
+    })?;
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        format!("login sessions ({provider}) are not available on this server yet"),
+    ))
+}

@@ -1,0 +1,116 @@
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use polydev_domain::{Email, PasswordPolicy, Role, UserId};
+use polydev_store::{now_ms, NewUser, StoreError};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::UserView;
+use crate::auth::{CurrentUser, Principal};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::ApiJson;
+use crate::AppState;
+
+/// Sign-up request. The password never leaves the request handler except
+/// as an Argon2id hash.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SignUp {
+    #[schema(example = "ada@example.com")]
+    email: String,
+    /// At least 8 characters.
+    #[schema(value_type = String, format = Password)]
+    password: SecretString,
+}
+
+/// Create an account (role `user`).
+#[utoipa::path(post, path = "/api/users", tag = "users", request_body = SignUp,
+    responses(
+        (status = 201, description = "Created", body = UserView),
+        (status = 400, description = "Invalid email or password", body = ErrorBody),
+        (status = 403, description = "Sign-up is disabled", body = ErrorBody),
+        (status = 409, description = "Email already registered", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody)))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<SignUp>,
+) -> ApiResult<impl IntoResponse> {
+    if !state.config.allow_signup {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "signup_disabled",
+            "sign-up is disabled on this server; ask an operator for an account",
+        ));
+    }
+    let email = Email::parse(&body.email)?;
+    PasswordPolicy::check(body.password.expose_secret())?;
+    let hash = state.auth.hasher.hash(body.password).await?;
+    let new = NewUser {
+        id: UserId::new(),
+        email,
+        password_hash: Some(hash),
+        role: Role::User,
+        created_at_ms: now_ms(),
+    };
+    let user = state.store.create_user(&new).await.map_err(|e| match e {
+        StoreError::Conflict(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            "email_taken",
+            "an account with this email already exists",
+        ),
+        other => other.into(),
+    })?;
+    tracing::info!(user_id = %user.id, "user signed up");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/users/{}", user.id))],
+        Json(UserView::from(&user)),
+    ))
+}
+
+/// Non-admins may only name themselves; checked before existence so the
+/// answer does not reveal whether another account exists.
+pub(crate) fn ensure_self_or_admin(principal: &Principal, id: UserId) -> ApiResult<()> {
+    if principal.user.id == id || principal.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("you may only act on your own account"))
+    }
+}
+
+/// Look up a user: yourself, or anyone when you are an admin.
+#[utoipa::path(get, path = "/api/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The user", body = UserView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Someone else's account", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    let id = UserId::parse("id", &id)?;
+    ensure_self_or_admin(&principal, id)?;
+    let user = state.store.user_by_id(id).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::user_not_found(),
+        other => other.into(),
+    })?;
+    Ok(Json(UserView::from(&user)))
+}
+
+/// The signed-in user.
+#[utoipa::path(get, path = "/api/me", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "You", body = UserView),
+        (status = 401, description = "Not signed in", body = ErrorBody)))]
+pub(crate) async fn me(CurrentUser(principal): CurrentUser) -> Json<UserView> {
+    Json(UserView::from(&principal.user))
+}

@@ -1,0 +1,106 @@
+//! The command line: `polydev serve | user add | migrate`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "polydev",
+    version,
+    about = "Run AI coding CLIs in throw-away sandboxes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller: HTTP API and web UI.
+    Serve(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Apply pending database migrations and exit.
+    Migrate(StoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user and print `{"id","email","role","token"}` (an API token).
+    Add(UserAddArgs),
+}
+
+/// Where the data lives. Shared by every command that opens the store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// TOML config file; its keys are the long flag names with `_`.
+    #[arg(long, env = "POLYDEV_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the embedded database and other state [default: ./.polydev]
+    #[arg(long, env = "POLYDEV_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://…` for PostgreSQL; default is SQLite inside the data dir.
+    #[arg(
+        long,
+        env = "POLYDEV_DATABASE_URL",
+        value_name = "URL",
+        conflicts_with = "data_dir"
+    )]
+    pub database_url: Option<String>,
+    /// `human` or `json` [default: human]
+    #[arg(long, env = "POLYDEV_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. `info` or `polydev=debug,info` [default: info]
+    #[arg(long, env = "POLYDEV_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address to listen on [default: 127.0.0.1:4000]
+    #[arg(long, env = "POLYDEV_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Largest request body in bytes [default: 1048576]
+    #[arg(long, env = "POLYDEV_BODY_LIMIT_BYTES", value_name = "BYTES")]
+    pub body_limit_bytes: Option<usize>,
+    /// Deadline for a response, seconds [default: 30]
+    #[arg(long, env = "POLYDEV_REQUEST_TIMEOUT_SECS", value_name = "SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// How long in-flight requests may finish after SIGTERM/SIGINT [default: 10]
+    #[arg(long, env = "POLYDEV_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Web-login session lifetime, hours [default: 168]
+    #[arg(long, env = "POLYDEV_SESSION_TTL_HOURS", value_name = "HOURS")]
+    pub session_ttl_hours: Option<u64>,
+    /// Mark the session cookie Secure (when served over HTTPS) [default: false]
+    #[arg(long, env = "POLYDEV_COOKIE_SECURE", value_name = "BOOL")]
+    pub cookie_secure: Option<bool>,
+    /// Accept sign-ups at POST /api/users [default: true]
+    #[arg(long, env = "POLYDEV_ALLOW_SIGNUP", value_name = "BOOL")]
+    pub allow_signup: Option<bool>,
+    /// Login attempts per minute per client address [default: 30]
+    #[arg(long, env = "POLYDEV_LOGIN_PER_IP_PER_MINUTE", value_name = "N")]
+    pub login_per_ip_per_minute: Option<u32>,
+    /// Login attempts per minute per account [default: 10]
+    #[arg(long, env = "POLYDEV_LOGIN_PER_ACCOUNT_PER_MINUTE", value_name = "N")]
+    pub login_per_account_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserAddArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The new user's email.
+    #[arg(long)]
+    pub email: String,
+    /// Make the user an admin.
+    #[arg(long)]
+    pub admin: bool,
+    /// Read a password for web sign-in from standard input (first line).
+    #[arg(long)]
+    pub password_stdin: bool,
+}

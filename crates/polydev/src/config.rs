@@ -1,0 +1,278 @@
+//! One typed config, layered once: defaults < TOML file < `POLYDEV_*` env <
+//! flags (clap gives flags precedence over env; the file fills what neither
+//! set).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use polydev_api::ApiConfig;
+use polydev_telemetry::LogFormat;
+use serde::Deserialize;
+
+use crate::cli::{ServeArgs, StoreArgs};
+
+/// The TOML file: the same keys as the long flags, with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+    body_limit_bytes: Option<usize>,
+    request_timeout_secs: Option<u64>,
+    shutdown_timeout_secs: Option<u64>,
+    session_ttl_hours: Option<u64>,
+    cookie_secure: Option<bool>,
+    allow_signup: Option<bool>,
+    login_per_ip_per_minute: Option<u32>,
+    login_per_account_per_minute: Option<u32>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))
+    }
+}
+
+/// Where the store is and how to log: what every command needs.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    /// Set for PostgreSQL; `None` means SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl StoreConfig {
+    pub fn resolve(args: &StoreArgs, file: &FileConfig) -> anyhow::Result<Self> {
+        let log_format = args
+            .log_format
+            .clone()
+            .or_else(|| file.log_format.clone())
+            .map(|f| f.parse::<LogFormat>().map_err(anyhow::Error::msg))
+            .transpose()?
+            .unwrap_or_default();
+        let database_url = args.database_url.clone().or_else(|| {
+            // A data dir given on the command line or in the env beats a
+            // database URL from the file.
+            if args.data_dir.is_some() {
+                None
+            } else {
+                file.database_url.clone()
+            }
+        });
+        Ok(Self {
+            data_dir: args
+                .data_dir
+                .clone()
+                .or_else(|| file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(".polydev")),
+            database_url,
+            log_format,
+            log_level: args
+                .log_level
+                .clone()
+                .or_else(|| file.log_level.clone())
+                .unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+
+    /// The URL to connect to; creates the data dir (mode 0700) for SQLite.
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        create_private_dir(&self.data_dir)?;
+        Ok(polydev_store::Store::sqlite_url(&self.data_dir))
+    }
+
+    /// Where the store is, for logs: never the password in a URL.
+    pub fn describe(&self) -> String {
+        match &self.database_url {
+            Some(url) => redact_url(url),
+            None => format!("sqlite in {}", self.data_dir.display()),
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Everything `polydev serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub store: StoreConfig,
+    pub listen: SocketAddr,
+    pub shutdown_timeout: Duration,
+    pub api: ApiConfig,
+}
+
+impl ServeConfig {
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file = FileConfig::load(args.store.config.as_deref())?;
+        let store = StoreConfig::resolve(&args.store, &file)?;
+        let listen_text = args
+            .listen
+            .clone()
+            .or_else(|| file.listen.clone())
+            .unwrap_or_else(|| "127.0.0.1:4000".to_owned());
+        let listen: SocketAddr = listen_text.parse().with_context(|| {
+            format!("listen address {listen_text:?} is not valid: use HOST:PORT with an IP, e.g. 127.0.0.1:4000")
+        })?;
+        let defaults = ApiConfig::default();
+        let pick = |flag: Option<u64>, file: Option<u64>| flag.or(file);
+        let secs =
+            |v: Option<u64>, default: Duration| v.map(Duration::from_secs).unwrap_or(default);
+        let api = ApiConfig {
+            body_limit: args
+                .body_limit_bytes
+                .or(file.body_limit_bytes)
+                .unwrap_or(defaults.body_limit),
+            request_timeout: secs(
+                pick(args.request_timeout_secs, file.request_timeout_secs),
+                defaults.request_timeout,
+            ),
+            session_ttl: pick(args.session_ttl_hours, file.session_ttl_hours)
+                .map(|h| Duration::from_secs(h.saturating_mul(3600)))
+                .unwrap_or(defaults.session_ttl),
+            cookie_secure: args
+                .cookie_secure
+                .or(file.cookie_secure)
+                .unwrap_or(defaults.cookie_secure),
+            allow_signup: args
+                .allow_signup
+                .or(file.allow_signup)
+                .unwrap_or(defaults.allow_signup),
+            login_per_ip_per_minute: args
+                .login_per_ip_per_minute
+                .or(file.login_per_ip_per_minute)
+                .unwrap_or(defaults.login_per_ip_per_minute),
+            login_per_account_per_minute: args
+                .login_per_account_per_minute
+                .or(file.login_per_account_per_minute)
+                .unwrap_or(defaults.login_per_account_per_minute),
+            ready_timeout: defaults.ready_timeout,
+        };
+        if api.body_limit < 1024 {
+            bail!("body_limit_bytes must be at least 1024");
+        }
+        if api.request_timeout.is_zero() || api.session_ttl.is_zero() {
+            bail!("request_timeout_secs and session_ttl_hours must be above zero");
+        }
+        Ok(Self {
+            store,
+            listen,
+            shutdown_timeout: secs(
+                pick(args.shutdown_timeout_secs, file.shutdown_timeout_secs),
+                Duration::from_secs(10),
+            ),
+            api,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let mut full = vec!["polydev", "serve"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).expect("args parse").command {
+            Command::Serve(a) => a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_config_has_the_documented_defaults() {
+        let c = ServeConfig::resolve(&serve_args(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(c.store.data_dir, PathBuf::from(".polydev"));
+        assert!(c.store.database_url.is_none());
+        assert_eq!(c.store.log_format, LogFormat::Human);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("polydev.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:5000\"\nlog_format = \"json\"\nallow_signup = false\nrequest_timeout_secs = 7\n",
+        )
+        .unwrap();
+        let config = file.to_str().unwrap();
+        let c = ServeConfig::resolve(&serve_args(&["--config", config])).unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.store.log_format, LogFormat::Json);
+        assert!(!c.api.allow_signup);
+        assert_eq!(c.api.request_timeout, Duration::from_secs(7));
+        let c = ServeConfig::resolve(&serve_args(&[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:6000",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen.port(), 6000);
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let err = ServeConfig::resolve(&serve_args(&["--listen", "localhost"])).unwrap_err();
+        assert!(format!("{err:#}").contains("listen address"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        let err =
+            ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn database_passwords_are_hidden_in_descriptions() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/polydev"),
+            "postgres://app:***@db:5432/polydev"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,136 @@
+//! `polydev serve` and `polydev migrate`.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use polydev_api::AppState;
+use polydev_store::{Store, StoreOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{ServeConfig, StoreConfig};
+
+/// How often background upkeep runs (expired sessions, rate-limit keys).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// Connects to the store and applies pending migrations.
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
+    let url = config.database_url()?;
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .with_context(|| format!("cannot open the store ({})", config.describe()))?;
+    let applied = store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate the store ({})", config.describe()))?;
+    for m in &applied {
+        tracing::info!(version = m.version, description = %m.description, "applied migration");
+    }
+    Ok(store)
+}
+
+pub async fn migrate_only(config: &StoreConfig) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let versions = store.applied_versions().await?;
+    let report = serde_json::json!({
+        "store": config.describe(),
+        "backend": store.backend().as_str(),
+        "version": versions.last().copied().unwrap_or(0),
+    });
+    println!("{report}");
+    store.close().await;
+    Ok(())
+}
+
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let listener = bind(config.listen).await?;
+    let store = open_store(&config.store).await?;
+    let state = AppState::new(store.clone(), config.api.clone());
+    let app = polydev_api::router(state.clone());
+    let addr = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    tracing::info!(addr = %addr, store = %config.store.describe(), "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(housekeeping(state, stop_rx.clone()));
+
+    let mut graceful = stop_rx.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = graceful.changed().await;
+    })
+    .into_future();
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        result = &mut server => result.context("the HTTP server failed"),
+        signal = shutdown_signal() => {
+            tracing::info!(signal, drain_secs = config.shutdown_timeout.as_secs(), "shutting down; finishing in-flight requests");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
+                Ok(result) => result.context("the HTTP server failed while draining"),
+                Err(_) => {
+                    tracing::warn!("drain deadline passed; closing the remaining connections");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    store.close().await;
+    tracing::info!("stopped");
+    result
+}
+
+/// Binds the listening socket, with a one-line reason when it cannot.
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "address already in use (another process has the port; choose one with --listen)"
+                    .to_owned()
+            }
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+            _ => e.to_string(),
+        };
+        anyhow::anyhow!("cannot listen on {addr}: {why}")
+    })
+}
+
+async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.housekeeping().await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Resolves with the signal's name on SIGTERM or SIGINT.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}

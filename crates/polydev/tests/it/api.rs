@@ -1,0 +1,392 @@
+//! The HTTP API's behaviour, on SQLite and on PostgreSQL.
+
+use polydev_store::Backend;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::app::{read, TestApp};
+use crate::on_both_backends;
+
+on_both_backends!(
+    sign_up_log_in_and_use_the_token,
+    admin_routes_need_the_admin_role,
+    bad_input_gets_a_clear_error_in_one_shape,
+    auth_start_validates_its_input,
+    logins_are_rate_limited_per_account,
+    health_and_readiness,
+);
+
+async fn sign_up_log_in_and_use_the_token(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let r = app
+        .post(
+            "/api/users",
+            None,
+            json!({"email": "Ada@Example.com", "password": "correct horse"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["email"], "ada@example.com");
+    assert_eq!(r.body["role"], "user");
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(r.headers["location"], format!("/api/users/{id}").as_str());
+    assert!(r.body.get("passwordHash").is_none() && !r.text.contains("argon2"));
+
+    let resp = app
+        .client
+        .post(app.url("/api/auth/login"))
+        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let r = read(resp).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with(&format!("polydev_session={token};")),
+        "{cookie}"
+    );
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "cookie lacks {attr}: {cookie}");
+    }
+
+    // Bearer works, and so does the cookie the web UI uses.
+    let me = app.get("/api/me", Some(&token)).await;
+    assert_eq!(me.body["id"], id.as_str());
+    let by_cookie = app
+        .client
+        .get(app.url(&format!("/api/users/{id}")))
+        .header("cookie", format!("polydev_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_cookie.status(), StatusCode::OK);
+
+    // Wrong password and unknown account look the same.
+    let wrong = app
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"email": "ada@example.com", "password": "wrong horse"}),
+        )
+        .await;
+    let unknown = app
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"email": "bob@example.com", "password": "wrong horse"}),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (wrong.error_code(), wrong.message()),
+        (unknown.error_code(), unknown.message())
+    );
+
+    // Logout revokes the session token and clears the cookie.
+    let out = app
+        .send(Method::POST, "/api/auth/logout", Some(&token), None)
+        .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert!(out.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let after = app.get("/api/me", Some(&token)).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(after.error_code(), "unauthorized");
+}
+
+async fn admin_routes_need_the_admin_role(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let admin = app.admin("root@example.com");
+    let (user_id, user) = app.user("ada@example.com").await;
+
+    let list = app.get("/api/admin/users", Some(&admin)).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert_eq!(list.body["total"], 2);
+    let emails: Vec<_> = list.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["email"].clone())
+        .collect();
+    assert_eq!(
+        emails,
+        [json!("root@example.com"), json!("ada@example.com")]
+    );
+
+    let forbidden = app.get("/api/admin/users", Some(&user)).await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert_eq!(forbidden.error_code(), "forbidden");
+    for token in [None, Some("pd_not-a-real-token")] {
+        let r = app.get("/api/admin/users", token).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.error_code(), "unauthorized");
+    }
+    let bad_page = app.get("/api/admin/users?limit=0", Some(&admin)).await;
+    assert_eq!(bad_page.error_code(), "invalid_query");
+    let bad_type = app.get("/api/admin/users?limit=lots", Some(&admin)).await;
+    assert_eq!(bad_type.error_code(), "invalid_query");
+
+    // Admins may look anyone up; users only themselves.
+    assert_eq!(
+        app.get(&format!("/api/users/{user_id}"), Some(&admin))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let admin_id = list.body["users"][0]["id"].as_str().unwrap().to_owned();
+    let r = app
+        .get(&format!("/api/users/{admin_id}"), Some(&user))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
+    let app = TestApp::spawn_with(backend, &["--body-limit-bytes", "4096"]).await;
+    let admin = app.admin("root@example.com");
+    app.user("ada@example.com").await;
+
+    let bad_uuid = app.get("/api/users/not-a-uuid", Some(&admin)).await;
+    assert_eq!(
+        (bad_uuid.status, bad_uuid.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_uuid")
+    );
+    assert!(
+        bad_uuid.message().contains("id must be a UUID"),
+        "{}",
+        bad_uuid.message()
+    );
+    let unknown_user = app
+        .get(
+            "/api/users/6f1c1a2e-0000-4000-8000-000000000000",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(
+        (unknown_user.status, unknown_user.error_code()),
+        (StatusCode::NOT_FOUND, "user_not_found")
+    );
+
+    let dup = app
+        .post(
+            "/api/users",
+            None,
+            json!({"email": "ADA@example.com", "password": "another one"}),
+        )
+        .await;
+    assert_eq!(
+        (dup.status, dup.error_code()),
+        (StatusCode::CONFLICT, "email_taken")
+    );
+    let r = app
+        .post(
+            "/api/users",
+            None,
+            json!({"email": "ada", "password": "correct horse"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_email")
+    );
+    let r = app
+        .post(
+            "/api/users",
+            None,
+            json!({"email": "bo@example.com", "password": "short"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_password")
+    );
+    let r = app
+        .post("/api/users", None, json!({"email": "bo@example.com"}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_body")
+    );
+    assert!(r.message().contains("password"), "{}", r.message());
+
+    let raw = |body: &'static str, content_type: &'static str| {
+        app.client
+            .post(app.url("/api/users"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let r = read(raw("{\"email\":", "application/json").await.unwrap()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "malformed_json")
+    );
+    let r = read(
+        raw("email=a", "application/x-www-form-urlencoded")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let big = format!(
+        "{{\"email\":\"{}@example.com\",\"password\":\"correct horse\"}}",
+        "a".repeat(8000)
+    );
+    let r = read(
+        app.client
+            .post(app.url("/api/users"))
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    let r = app.send(Method::DELETE, "/api/users", None, None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let r = app.get("/api/no/such/route", None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    // A caller's request id is echoed; none of the errors above leaked the
+    // database's own words.
+    let r = app
+        .client
+        .get(app.url("/api/me"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let logs = app.logs();
+    assert!(logs.contains("trace-me-42"), "request id missing from logs");
+    let bodies = [&dup.text, &unknown_user.text, &bad_uuid.text].map(|t| t.to_lowercase());
+    for leak in [
+        "unique constraint",
+        "duplicate key",
+        "violates",
+        "invalid input syntax",
+        "sqlx",
+        "database",
+    ] {
+        assert!(
+            bodies.iter().all(|b| !b.contains(leak)),
+            "an error body leaked {leak:?}: {bodies:?}"
+        );
+    }
+}
+
+async fn auth_start_validates_its_input(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let admin = app.admin("root@example.com");
+    let (ada_id, ada) = app.user("ada@example.com").await;
+    let app = &app;
+    let start = |token: String, user_id: &str, provider: &str| {
+        let body = json!({"userId": user_id, "provider": provider});
+        async move { app.post("/api/auth/start", Some(&token), body).await }
+    };
+
+    let r = start(ada.clone(), "12345", "codex").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_uuid")
+    );
+    assert!(r.message().contains("userId"), "{}", r.message());
+    let r = start(ada.clone(), &ada_id, "chatgpt").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_provider")
+    );
+    assert!(
+        r.message().contains("claude_code|codex|gemini_cli"),
+        "{}",
+        r.message()
+    );
+    let unknown = "0b7c6a1e-5b0d-4c84-9d57-1f1f0f6b2a11";
+    let r = start(admin.clone(), unknown, "codex").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "user_not_found")
+    );
+    // A user may not start sessions for others, existing or not.
+    let r = start(ada.clone(), unknown, "codex").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    for provider in ["claude_code", "codex", "gemini_cli"] {
+        let r = start(ada.clone(), &ada_id, provider).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::NOT_IMPLEMENTED, "not_implemented")
+        );
+    }
+    let r = app
+        .post(
+            "/api/auth/start",
+            None,
+            json!({"userId": ada_id, "provider": "codex"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+async fn logins_are_rate_limited_per_account(backend: Backend) {
+    let app = TestApp::spawn_with(backend, &["--login-per-account-per-minute", "3"]).await;
+    app.user("ada@example.com").await; // one login used
+    let attempt = || {
+        app.post(
+            "/api/auth/login",
+            None,
+            json!({"email": "ada@example.com", "password": "nope nope"}),
+        )
+    };
+    assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
+    let limited = attempt().await;
+    assert_eq!(
+        (limited.status, limited.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // The right password does not get through either while limited.
+    let r = app
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"email": "ada@example.com", "password": "correct horse"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+async fn health_and_readiness(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let r = app.get("/api/auth/health", None).await;
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (StatusCode::OK, json!({"status": "healthy"}))
+    );
+    let r = app.get("/readyz", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["checks"]["store"]["status"], "ok");
+}

@@ -1,0 +1,242 @@
+//! `TestApp`: the real `polydev` binary on port 0 against a fresh database,
+//! driven over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use polydev_store::testing::TestDatabase;
+use polydev_store::Backend;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_polydev");
+
+/// A running controller and everything it logged.
+pub struct TestApp {
+    pub db: TestDatabase,
+    pub base: String,
+    pub client: reqwest::Client,
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    /// Asserts the API error shape and returns the code.
+    pub fn error_code(&self) -> &str {
+        let code = self.body["error"]["code"].as_str();
+        assert!(
+            code.is_some() && self.body["error"]["message"].is_string(),
+            "not an API error body: {} {}",
+            self.status,
+            self.text
+        );
+        assert!(self.headers.contains_key("x-request-id"), "no request id");
+        code.unwrap_or_default()
+    }
+
+    pub fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or_default()
+    }
+}
+
+/// Store flags for a database: `--data-dir` for SQLite, `--database-url` for PostgreSQL.
+pub fn store_args(db: &TestDatabase) -> Vec<String> {
+    match db.backend() {
+        Backend::Sqlite => vec!["--data-dir".into(), db.dir().display().to_string()],
+        Backend::Postgres => vec!["--database-url".into(), db.url().to_owned()],
+    }
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, &[]).await
+    }
+
+    pub async fn spawn_with(backend: Backend, extra: &[&str]) -> Self {
+        let db = TestDatabase::new(backend).await;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+            ])
+            .args(store_args(&db))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start polydev serve");
+        let stderr = child.stderr.take().expect("stderr pipe");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"] == "listening" {
+                        let _ = addr_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
+                    }
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "polydev did not start within 30 s:\n{}",
+                    logs.lock().expect("log lock").join("\n")
+                );
+            }
+        };
+        Self {
+            db,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("http client"),
+            child: Some(child),
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// Waits for the process to exit (after a signal), with a deadline.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("polydev did not exit within {within:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        read(req.send().await.expect("request reaches the server")).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.send(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.send(Method::POST, path, token, Some(body)).await
+    }
+
+    /// Signs up and logs in; returns (user id, session token).
+    pub async fn user(&self, email: &str) -> (String, String) {
+        let r = self
+            .post(
+                "/api/users",
+                None,
+                json!({"email": email, "password": "correct horse"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let id = r.body["id"].as_str().expect("id").to_owned();
+        let r = self
+            .post(
+                "/api/auth/login",
+                None,
+                json!({"email": email, "password": "correct horse"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        (id, r.body["token"].as_str().expect("token").to_owned())
+    }
+
+    /// `polydev <args>` against this app's store.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .args(store_args(&self.db))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run polydev")
+    }
+
+    /// An admin made with `polydev user add --admin`; returns its token.
+    pub fn admin(&self, email: &str) -> String {
+        let out = self.cli(&["user", "add", "--email", email, "--admin"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("user add prints JSON");
+        assert_eq!(v["role"], "admin");
+        v["token"].as_str().expect("token").to_owned()
+    }
+}
+
+pub async fn read(resp: reqwest::Response) -> Reply {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

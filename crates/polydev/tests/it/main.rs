@@ -1,0 +1,20 @@
+//! The `polydev` binary, started for real and driven over HTTP and its CLI.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod api;
+mod app;
+mod process;
+
+/// Expands each test into a `sqlite` and a `postgres` variant.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(polydev_store::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(polydev_store::Backend::Postgres).await })*
+        }
+    };
+}
+pub(crate) use on_both_backends;

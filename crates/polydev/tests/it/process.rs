@@ -1,0 +1,221 @@
+//! The binary as a process: start-up errors, signals, the CLI, secrets in
+//! logs and at rest, the web UI. On SQLite only: none of it depends on the
+//! backend (the API suite covers both).
+
+use std::process::Command;
+use std::time::Duration;
+
+use polydev_store::Backend;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::app::{TestApp, BIN};
+
+#[tokio::test]
+async fn a_port_in_use_is_a_clear_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--data-dir"])
+            .arg(dir.path())
+            .output(),
+    )
+    .await
+    .expect("polydev exits instead of hanging")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(last, format!("error: cannot listen on {addr}: address already in use (another process has the port; choose one with --listen)"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
+    let mut app = TestApp::spawn(Backend::Sqlite).await;
+    // Sign-ups hash passwords (tens of ms each, four at a time), so twenty
+    // of them are still in flight when the signal lands.
+    let requests: Vec<_> = (0..20)
+        .map(|i| {
+            app.client
+                .post(app.url("/api/users"))
+                .json(&json!({"email": format!("u{i}@example.com"), "password": "correct horse"}))
+                .send()
+        })
+        .collect();
+    let all = tokio::spawn(futures_join_all(requests));
+    // Wait until the server has accepted work, then signal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !app.logs().contains("user signed up") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &app.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let statuses = all.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == Some(StatusCode::CREATED)),
+        "some in-flight requests failed: {statuses:?}"
+    );
+    let exit = tokio::task::block_in_place(|| app.wait_exit(Duration::from_secs(15)));
+    assert!(exit.success(), "exit status {exit:?}");
+    let logs = app.logs();
+    assert!(
+        logs.contains("shutting down") && logs.contains("\"stopped\""),
+        "{logs}"
+    );
+}
+
+async fn futures_join_all(
+    requests: Vec<
+        impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static,
+    >,
+) -> Vec<Option<StatusCode>> {
+    let handles: Vec<_> = requests.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.ok().and_then(|r| r.ok()).map(|r| r.status()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_add_and_migrate_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["backend"], "sqlite");
+    assert!(report["version"].as_i64().unwrap() >= 1);
+
+    let out = run(&["user", "add", "--email", "ops@example.com"]);
+    assert!(out.status.success());
+    let user: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(user["role"], "user");
+    assert!(user["token"].as_str().unwrap().starts_with("pd_"));
+    uuid::Uuid::parse_str(user["id"].as_str().unwrap()).unwrap();
+
+    let out = run(&["user", "add", "--email", "OPS@example.com"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = run(&["user", "add", "--email", "not an email"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("email"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_the_logs_or_the_store_in_plaintext() {
+    let app = TestApp::spawn(Backend::Sqlite).await; // logs at debug
+    let password = "canary-pw-5d81c7e2f0";
+    let r = app
+        .post(
+            "/api/users",
+            None,
+            json!({"email": "ada@example.com", "password": password}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"email": "ada@example.com", "password": password}),
+        )
+        .await;
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.get("/api/me", Some(&token)).await.status,
+        StatusCode::OK
+    );
+    // A failed login with a different canary must not be logged either.
+    app.post(
+        "/api/auth/login",
+        None,
+        json!({"email": "ada@example.com", "password": "canary-wrong-91aa"}),
+    )
+    .await;
+
+    let logs = app.logs();
+    assert!(
+        logs.contains("user signed in"),
+        "logs were not captured:\n{logs}"
+    );
+    for secret in [password, "canary-wrong-91aa", token.as_str()] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+    let mut at_rest = Vec::new();
+    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
+        at_rest.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let at_rest = String::from_utf8_lossy(&at_rest);
+    assert!(
+        at_rest.contains("ada@example.com"),
+        "store files were not read"
+    );
+    for secret in [password, token.as_str()] {
+        assert!(!at_rest.contains(secret), "a secret is stored in plaintext");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_web_ui_and_the_openapi_document_are_served() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for path in ["/", "/login", "/signup"] {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'"));
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("<script type=\"module\" src=\"/app.js\">"),
+            "{path}"
+        );
+    }
+    let js = app.client.get(app.url("/app.js")).send().await.unwrap();
+    assert!(js.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("javascript"));
+    let missing = app.get("/missing.js", None).await;
+    assert_eq!(
+        (missing.status, missing.error_code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    let doc = app.get("/api/openapi.json", None).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert_eq!(
+        doc.text,
+        polydev_api::openapi_json(),
+        "served document differs from the generated one"
+    );
+    assert!(doc.body["paths"]["/api/auth/start"]["post"].is_object());
+}

@@ -1,0 +1,49 @@
+// The controller's HTTP API, as the web UI uses it. The session token lives
+// in an HttpOnly cookie; this module never sees it after login.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function call(method, path, body) {
+  const init = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(0, "network", "cannot reach the polydev server");
+  }
+  if (response.status === 204) return null;
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch (e) {
+    data = null;
+  }
+  if (!response.ok) {
+    const err = data && data.error;
+    throw new ApiError(
+      response.status,
+      err ? err.code : "http_" + response.status,
+      err ? err.message : `the server answered ${response.status}`,
+    );
+  }
+  return data;
+}
+
+export const api = {
+  signUp: (email, password) => call("POST", "/api/users", { email, password }),
+  logIn: (email, password) => call("POST", "/api/auth/login", { email, password }),
+  logOut: () => call("POST", "/api/auth/logout"),
+  me: () => call("GET", "/api/me"),
+  users: (limit = 100, offset = 0) => call("GET", `/api/admin/users?limit=${limit}&offset=${offset}`),
+};
