@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds polydev and runs the controller: web UI and API at
+# http://127.0.0.1:4000, data in ./.polydev (embedded SQLite).
+# Extra arguments go to `polydev serve`, e.g. --listen 0.0.0.0:4000.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+need_rust
+cargo build --release --locked -p polydev
+exec target/release/polydev serve "$@"
