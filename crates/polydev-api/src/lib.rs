@@ -13,6 +13,7 @@
 mod auth;
 mod error;
 mod extract;
+mod metrics;
 mod middleware;
 mod openapi;
 mod routes;
@@ -24,9 +25,13 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use polydev_store::Store;
+use polydev_telemetry::alerts::AlertEngine;
+use polydev_telemetry::host::HostMonitor;
+use polydev_telemetry::metrics::MetricsRegistry;
 
 pub use auth::{mint_token, token_hash, MintedToken, PasswordHasherPool, SESSION_COOKIE};
 pub use error::{ApiError, ErrorBody};
+pub use metrics::HttpMetrics;
 pub use openapi::openapi_json;
 
 /// Settings the API needs; the binary fills them from its config.
@@ -46,6 +51,8 @@ pub struct ApiConfig {
     pub login_per_account_per_minute: u32,
     /// Deadline for the readiness check's store query.
     pub ready_timeout: Duration,
+    /// URLs the network-health check probes (GET, 2 s deadline each).
+    pub health_upstreams: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -59,8 +66,20 @@ impl Default for ApiConfig {
             login_per_ip_per_minute: 30,
             login_per_account_per_minute: 10,
             ready_timeout: Duration::from_secs(2),
+            health_upstreams: Vec::new(),
         }
     }
+}
+
+/// Metrics, host health and alerts, assembled by the binary.
+#[derive(Debug, Clone)]
+pub struct Observability {
+    /// Everything `/metrics` exposes.
+    pub registry: Arc<MetricsRegistry>,
+    /// `None` turns the per-request metrics off (for measuring their cost).
+    pub http: Option<HttpMetrics>,
+    pub host: Arc<HostMonitor>,
+    pub alerts: Arc<AlertEngine>,
 }
 
 /// Everything a handler may use. Cheap to clone.
@@ -69,10 +88,11 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
     pub auth: auth::AuthServices,
+    pub observability: Observability,
 }
 
 impl AppState {
-    pub fn new(store: Store, config: ApiConfig) -> Self {
+    pub fn new(store: Store, config: ApiConfig, observability: Observability) -> Self {
         let auth = auth::AuthServices {
             hasher: Arc::new(PasswordHasherPool::new(4, Duration::from_secs(5))),
             limiter: Arc::new(auth::LoginLimiter::new(
@@ -84,6 +104,7 @@ impl AppState {
             store,
             config: Arc::new(config),
             auth,
+            observability,
         }
     }
 
@@ -121,5 +142,8 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             middleware::panic_response,
         ))
-        .layer(axum::middleware::from_fn(middleware::request_span))
+        .layer(axum::middleware::from_fn_with_state(
+            state.observability.http.clone(),
+            middleware::request_span,
+        ))
 }

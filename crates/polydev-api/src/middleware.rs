@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::metrics::HttpMetrics;
 
 pub(crate) const REQUEST_ID: &str = "x-request-id";
 
@@ -31,8 +32,13 @@ fn request_id(req: &Request) -> String {
 }
 
 /// Gives the request an id, runs it inside a span carrying that id, logs
-/// one line when it completes, and echoes the id in the response.
-pub(crate) async fn request_span(req: Request, next: Next) -> Response {
+/// one line when it completes, records its duration, and echoes the id in
+/// the response.
+pub(crate) async fn request_span(
+    State(metrics): State<Option<HttpMetrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let id = request_id(&req);
     let method = req.method().clone();
     let span = tracing::info_span!(
@@ -45,11 +51,17 @@ pub(crate) async fn request_span(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status();
-    match response.extensions().get::<MatchedRoute>() {
-        Some(MatchedRoute(route)) => span.record("route", route.as_str()),
-        None => span.record("route", "unmatched"),
-    };
-    let elapsed_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+    let route = response
+        .extensions()
+        .get::<MatchedRoute>()
+        .map(|r| r.0.as_str())
+        .unwrap_or("unmatched");
+    span.record("route", route);
+    let elapsed = started.elapsed();
+    if let Some(metrics) = &metrics {
+        metrics.observe(&method, route, status.as_u16(), elapsed);
+    }
+    let elapsed_ms = (elapsed.as_secs_f64() * 1e6).round() / 1000.0;
     span.in_scope(|| {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), elapsed_ms, "request failed");

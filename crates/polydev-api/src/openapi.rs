@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, health, session, users};
+use crate::routes::{admin, health, health_admin, session, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,6 +21,16 @@ use crate::routes::{admin, health, session, users};
         session::logout,
         session::start,
         admin::list_users,
+        health_admin::metrics,
+        health_admin::system,
+        health_admin::cpu_route,
+        health_admin::memory_route,
+        health_admin::disk_route,
+        health_admin::network_route,
+        health_admin::temperature_route,
+        health_admin::network_health,
+        health_admin::history,
+        health_admin::alerts,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -28,6 +38,7 @@ use crate::routes::{admin, health, session, users};
         (name = "users", description = "Accounts"),
         (name = "auth", description = "Sign-in and provider login sessions"),
         (name = "admin", description = "Operators only"),
+        (name = "observability", description = "Metrics, host health and alerts (admins only, except /metrics)"),
     )
 )]
 struct ApiDoc;

@@ -1,11 +1,20 @@
 //! polydev's telemetry: structured logs (human or JSON) with secret
-//! redaction. Metrics and the host-health sampler will live here too.
+//! redaction, Prometheus metrics, the host-health sampler with its history,
+//! and alerts.
 //!
-//! Invariant: a field whose name looks like a secret (see [`is_sensitive`])
-//! is printed as `[redacted]` in every format, on events and on spans.
+//! Invariants: a field whose name looks like a secret (see [`is_sensitive`])
+//! is printed as `[redacted]` in every format, on events and on spans; no
+//! metric label carries a per-user or per-sandbox value.
 
+pub mod alerts;
+pub mod history;
+pub mod host;
 mod json;
+pub mod metrics;
 mod redact;
+mod sampler;
+
+pub use sampler::run_sampler;
 
 use std::io;
 

@@ -88,6 +88,19 @@ pub struct ServeArgs {
     /// Login attempts per minute per account [default: 10]
     #[arg(long, env = "POLYDEV_LOGIN_PER_ACCOUNT_PER_MINUTE", value_name = "N")]
     pub login_per_account_per_minute: Option<u32>,
+    /// Record per-request HTTP metrics [default: true]
+    #[arg(long, env = "POLYDEV_HTTP_METRICS", value_name = "BOOL")]
+    pub http_metrics: Option<bool>,
+    /// How often the host-health sampler reads the machine, ms [default: 1000]
+    #[arg(long, env = "POLYDEV_HEALTH_INTERVAL_MS", value_name = "MS")]
+    pub health_interval_ms: Option<u64>,
+    /// For tests and demos: a JSON file of percentages that override the
+    /// real readings, e.g. {"cpu": 95, "memory": 80, "disk": 50}
+    #[arg(long, env = "POLYDEV_HEALTH_OVERRIDE_FILE", value_name = "FILE")]
+    pub health_override_file: Option<PathBuf>,
+    /// Slack- or Discord-compatible webhook for alerts (rules: the [alerts] TOML section)
+    #[arg(long, env = "POLYDEV_ALERT_WEBHOOK_URL", value_name = "URL")]
+    pub alert_webhook_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use polydev_api::ApiConfig;
+use polydev_telemetry::alerts::AlertsConfig;
 use polydev_telemetry::LogFormat;
 use serde::Deserialize;
 
@@ -30,6 +31,12 @@ pub struct FileConfig {
     allow_signup: Option<bool>,
     login_per_ip_per_minute: Option<u32>,
     login_per_account_per_minute: Option<u32>,
+    http_metrics: Option<bool>,
+    health_interval_ms: Option<u64>,
+    health_override_file: Option<PathBuf>,
+    /// URLs the admin network-health check probes.
+    health_upstreams: Option<Vec<String>>,
+    alerts: Option<AlertsConfig>,
 }
 
 impl FileConfig {
@@ -139,6 +146,10 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub shutdown_timeout: Duration,
     pub api: ApiConfig,
+    pub http_metrics: bool,
+    pub health_interval: Duration,
+    pub health_override_file: Option<PathBuf>,
+    pub alerts: AlertsConfig,
 }
 
 impl ServeConfig {
@@ -186,7 +197,23 @@ impl ServeConfig {
                 .or(file.login_per_account_per_minute)
                 .unwrap_or(defaults.login_per_account_per_minute),
             ready_timeout: defaults.ready_timeout,
+            health_upstreams: file.health_upstreams.clone().unwrap_or_default(),
         };
+        for url in &api.health_upstreams {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("health_upstreams entry {url:?} must be an http:// or https:// URL");
+            }
+        }
+        let mut alerts = file.alerts.clone().unwrap_or_default();
+        if let Some(url) = &args.alert_webhook_url {
+            alerts.webhook_url = Some(url.clone());
+        }
+        let health_interval = Duration::from_millis(
+            args.health_interval_ms
+                .or(file.health_interval_ms)
+                .unwrap_or(1000)
+                .max(100),
+        );
         if api.body_limit < 1024 {
             bail!("body_limit_bytes must be at least 1024");
         }
@@ -201,6 +228,13 @@ impl ServeConfig {
                 Duration::from_secs(10),
             ),
             api,
+            http_metrics: args.http_metrics.or(file.http_metrics).unwrap_or(true),
+            health_interval,
+            health_override_file: args
+                .health_override_file
+                .clone()
+                .or_else(|| file.health_override_file.clone()),
+            alerts,
         })
     }
 }
@@ -253,6 +287,32 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.listen.port(), 6000);
+    }
+
+    #[test]
+    fn alert_rules_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("polydev.toml");
+        std::fs::write(
+            &file,
+            "[alerts]\nwebhook_url = \"http://127.0.0.1:9/hook\"\ncooldown_secs = 30\n[[alerts.rules]]\nname = \"cpu\"\nmetric = \"cpu\"\nabove = 80\nfor_secs = 5\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.alerts.cooldown_secs, 30);
+        let rules = c.alerts.rules.unwrap();
+        assert_eq!(
+            (rules[0].name.as_str(), rules[0].above, rules[0].for_secs),
+            ("cpu", 80.0, 5)
+        );
+        std::fs::write(
+            &file,
+            "[[alerts.rules]]\nname = \"x\"\nmetric = \"swap\"\nabove = 1\n",
+        )
+        .unwrap();
+        let err =
+            ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown variant"), "{err:#}");
     }
 
     #[test]

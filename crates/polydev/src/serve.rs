@@ -5,8 +5,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use polydev_api::AppState;
+use std::sync::Arc;
+
+use polydev_api::{AppState, HttpMetrics, Observability};
 use polydev_store::{Store, StoreOptions};
+use polydev_telemetry::alerts::AlertEngine;
+use polydev_telemetry::host::{HostMonitor, HostSource, OverrideSource, SysinfoSource};
+use polydev_telemetry::metrics::{self, MetricsRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -45,10 +50,46 @@ pub async fn migrate_only(config: &StoreConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Assembles the metrics registry and the host monitor; returns them with
+/// the host source the sampler will read.
+fn observability(config: &ServeConfig) -> anyhow::Result<(Observability, Box<dyn HostSource>)> {
+    let mut registry = MetricsRegistry::default();
+    metrics::register_build_info(
+        &mut registry,
+        env!("CARGO_PKG_VERSION"),
+        env!("POLYDEV_GIT_SHA"),
+    );
+    registry.register_collector(Box::new(metrics::ProcessCollector));
+    let http = config
+        .http_metrics
+        .then(|| HttpMetrics::register(&mut registry));
+    // Registered now so their series exist; fed by the parts as they land.
+    metrics::SandboxMetrics::register(&mut registry);
+    metrics::LoginMetrics::register(&mut registry);
+    metrics::EgressMetrics::register(&mut registry);
+    let alerts = Arc::new(AlertEngine::new(&config.alerts, &mut registry));
+    let source: Box<dyn HostSource> = match &config.health_override_file {
+        Some(path) => {
+            Box::new(OverrideSource::new(path.clone()).context("cannot read this host's health")?)
+        }
+        None => Box::new(SysinfoSource::new().context("cannot read this host's health")?),
+    };
+    Ok((
+        Observability {
+            registry: Arc::new(registry),
+            http,
+            host: Arc::new(HostMonitor::default()),
+            alerts,
+        },
+        source,
+    ))
+}
+
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = bind(config.listen).await?;
     let store = open_store(&config.store).await?;
-    let state = AppState::new(store.clone(), config.api.clone());
+    let (observability, host_source) = observability(&config)?;
+    let state = AppState::new(store.clone(), config.api.clone(), observability.clone());
     let app = polydev_api::router(state.clone());
     let addr = listener
         .local_addr()
@@ -58,6 +99,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(housekeeping(state, stop_rx.clone()));
+    tasks.spawn(polydev_telemetry::run_sampler(
+        observability.host.clone(),
+        observability.alerts.clone(),
+        host_source,
+        config.health_interval,
+        stop_rx.clone(),
+    ));
 
     let mut graceful = stop_rx.clone();
     let server = axum::serve(

@@ -2,6 +2,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod health;
+pub(crate) mod health_admin;
 pub(crate) mod session;
 pub(crate) mod users;
 
@@ -27,6 +28,25 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/auth/logout", post(session::logout))
         .route("/api/auth/start", post(session::start))
         .route("/api/admin/users", get(admin::list_users))
+        .route("/metrics", get(health_admin::metrics))
+        .route("/api/admin/health/system", get(health_admin::system))
+        .route("/api/admin/health/cpu", get(health_admin::cpu_route))
+        .route("/api/admin/health/memory", get(health_admin::memory_route))
+        .route("/api/admin/health/disk", get(health_admin::disk_route))
+        .route(
+            "/api/admin/health/network",
+            get(health_admin::network_route),
+        )
+        .route(
+            "/api/admin/health/temperature",
+            get(health_admin::temperature_route),
+        )
+        .route(
+            "/api/admin/health/network-health",
+            get(health_admin::network_health),
+        )
+        .route("/api/admin/health/history", get(health_admin::history))
+        .route("/api/admin/alerts", get(health_admin::alerts))
         .route_layer(axum::middleware::from_fn(record_route))
 }
 
