@@ -6,5 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
+need_packages node nodejs npm npm
+./scripts/build-web.sh
 cargo build --release --locked -p polydev
 exec target/release/polydev serve "$@"

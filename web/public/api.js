@@ -46,4 +46,7 @@ export const api = {
   logOut: () => call("POST", "/api/auth/logout"),
   me: () => call("GET", "/api/me"),
   users: (limit = 100, offset = 0) => call("GET", `/api/admin/users?limit=${limit}&offset=${offset}`),
+  hostHealth: () => call("GET", "/api/admin/health/system"),
+  hostHistory: (metric, range) => call("GET", `/api/admin/health/history?metric=${metric}&range=${range}`),
+  alerts: () => call("GET", "/api/admin/alerts"),
 };

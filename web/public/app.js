@@ -3,33 +3,18 @@
 // themselves in `routes` and in the nav.
 
 import { api, ApiError } from "/api.js";
+import { el, errorBox } from "/dom.js";
 
 const view = document.getElementById("view");
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 
 let currentUser = null;
-
-// DOM helper: el("p", {class: "x"}, "text", child, …). Text is never parsed
-// as HTML.
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v !== false && v !== undefined) node.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children.flat()) {
-    if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
-  }
-  return node;
-}
+// A page may return a function that stops its timers; called on navigation.
+let cleanup = null;
 
 function show(...nodes) {
   view.replaceChildren(...nodes);
-}
-
-function errorBox(message) {
-  return el("p", { class: "error", role: "alert" }, message);
 }
 
 export function go(path) {
@@ -106,6 +91,12 @@ const routes = {
         el("p", { class: "muted" }, "Connecting Claude Code, Codex and Gemini CLI is not available on this server yet.")),
     ),
   },
+  "/admin/health": {
+    title: "Host health",
+    admin: true,
+    // Loaded on demand: only this page needs the chart library.
+    render: async () => (await import("/health.js")).renderHealth(view),
+  },
   "/admin/users": {
     title: "Users",
     admin: true,
@@ -149,6 +140,10 @@ async function logOut() {
 }
 
 async function render() {
+  if (cleanup) {
+    cleanup();
+    cleanup = null;
+  }
   const route = routes[location.pathname];
   if (!route) {
     renderChrome();
@@ -174,7 +169,8 @@ async function render() {
     return;
   }
   renderChrome();
-  await route.render();
+  const stop = await route.render();
+  if (typeof stop === "function") cleanup = stop;
 }
 
 document.addEventListener("click", (event) => {

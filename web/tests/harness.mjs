@@ -1,7 +1,7 @@
 // Starts the real polydev binary on port 0 with a fresh data dir and a
 // headless Debian Chromium; both are torn down by `stop()`.
 
-import { spawn } from "node:child_process";
+import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname, resolve } from "node:path";
@@ -12,7 +12,7 @@ import { chromium } from "playwright-core";
 const here = dirname(fileURLToPath(import.meta.url));
 export const repo = resolve(here, "../..");
 export const artifacts = join(here, "artifacts");
-const bin = process.env.POLYDEV_BIN || join(repo, "target/debug/polydev");
+export const bin = process.env.POLYDEV_BIN || join(repo, "target/debug/polydev");
 const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
 
 export async function startServer(extraArgs = []) {
@@ -40,6 +40,17 @@ export async function startServer(extraArgs = []) {
     base,
     logs,
     dataDir,
+    // `polydev user add` against this server's store, with a password.
+    addUser(email, password, { admin = false } = {}) {
+      const args = ["user", "add", "--email", email, "--password-stdin", "--data-dir", dataDir];
+      if (admin) args.push("--admin");
+      return JSON.parse(execFileSync(bin, args, { input: password + "\n" }).toString());
+    },
+    async kill() {
+      const exited = new Promise((r) => child.once("exit", r));
+      child.kill("SIGKILL");
+      await exited;
+    },
     async stop() {
       if (child.exitCode === null) {
         const exited = new Promise((r) => child.once("exit", r));
@@ -72,6 +83,15 @@ export async function startBrowser() {
       await browser.close();
     },
   };
+}
+
+// Logs in through the login page.
+export async function logIn(page, base, email, password) {
+  await page.goto(base + "/login");
+  await page.fill("#email", email);
+  await page.fill("#password", password);
+  await page.click("button[type=submit]");
+  await page.locator("#welcome").waitFor();
 }
 
 export function artifactPath(name) {

@@ -206,9 +206,19 @@ impl AlertEngine {
                 },
                 notified_firing: false,
             })
-            .collect();
+            .collect::<Vec<RuleState>>();
         let firing = Family::<RuleLabels, Gauge>::default();
         let notifications = Family::<OutcomeLabels, Counter>::default();
+        for rs in &rules {
+            let _ = firing.get_or_create(&RuleLabels {
+                rule: rs.status.rule.name.clone(),
+            });
+        }
+        for outcome in ["ok", "error"] {
+            let _ = notifications.get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            });
+        }
         registry.register(
             "polydev_alerts_firing",
             "1 while an alert rule is firing",

@@ -4,6 +4,7 @@
 
 mod api;
 mod app;
+mod observability;
 mod process;
 
 /// Expands each test into a `sqlite` and a `postgres` variant.
