@@ -32,8 +32,8 @@ fn request_id(req: &Request) -> String {
 }
 
 /// Gives the request an id, runs it inside a span carrying that id, logs
-/// one line when it completes, records its duration, and echoes the id in
-/// the response.
+/// one line when it completes (debug; warn for 5xx), records its duration,
+/// and echoes the id in the response.
 pub(crate) async fn request_span(
     State(metrics): State<Option<HttpMetrics>>,
     req: Request,
@@ -66,7 +66,7 @@ pub(crate) async fn request_span(
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), elapsed_ms, "request failed");
         } else {
-            tracing::info!(status = status.as_u16(), elapsed_ms, "request done");
+            tracing::debug!(status = status.as_u16(), elapsed_ms, "request done");
         }
     });
     if let Ok(value) = HeaderValue::from_str(&id) {

@@ -24,6 +24,31 @@ pub enum Command {
     User(UserCommand),
     /// Apply pending database migrations and exit.
     Migrate(StoreArgs),
+    /// Measure performance against the real binary (see docs/PERFORMANCE.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchArea {
+    /// wrk on /api/auth/health, /metrics, /api/admin/health/system, and the
+    /// cost of the HTTP metrics middleware.
+    Http,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub area: BenchArea,
+    /// Print one flat JSON object of figures.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    #[arg(long, default_value_t = 64)]
+    pub connections: u32,
+    #[arg(long, default_value_t = 2)]
+    pub threads: u32,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,7 @@
 //! `polydev`: the one binary. Parses the command line, layers the config,
 //! and hands off to the command. Errors end here as one line and exit 1.
 
+mod bench;
 mod cli;
 mod config;
 mod serve;
@@ -46,6 +47,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = StoreConfig::resolve(&args.store, &file)?;
             init_logging(&store, Some("warn"))?;
             user::add(&store, &args).await
+        }
+        Command::Bench(args) => {
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            bench::run(args).await
         }
         Command::Migrate(args) => {
             let file = FileConfig::load(args.config.as_deref())?;

@@ -1,0 +1,252 @@
+//! `polydev bench <area>`: figures for docs/PERFORMANCE.md, measured against
+//! the real binary. `--json` prints one flat JSON object so runs compare.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Map, Value};
+
+use crate::cli::{BenchArea, BenchArgs};
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.area {
+        BenchArea::Http => http(&args).await,
+    }
+}
+
+/// A `polydev serve` started for the benchmark; killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the polydev binary")?;
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(&exe)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log-level",
+                "info",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Drain stderr for the server's whole life so it never blocks.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"] == "listening" {
+                        let _ =
+                            tx.send(v["fields"]["addr"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("polydev serve did not start within 30 s");
+            }
+        };
+        let server = Self {
+            child,
+            addr,
+            _dir: dir,
+        };
+        Ok(server)
+    }
+
+    fn admin_token(&self) -> anyhow::Result<String> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new(exe)
+            .args([
+                "user",
+                "add",
+                "--email",
+                "bench@example.com",
+                "--admin",
+                "--data-dir",
+            ])
+            .arg(self._dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["token"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `wrk --latency` against `url`; parses requests/s and the p50/p99 lines.
+fn wrk(args: &BenchArgs, url: &str, header: Option<&str>) -> anyhow::Result<WrkResult> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        &args.threads.to_string(),
+        "-c",
+        &args.connections.to_string(),
+        "-d",
+        &format!("{}s", args.duration_secs),
+        "--latency",
+    ]);
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("cannot run wrk (Debian package wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk against {url} failed or saw errors:\n{text}");
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .context("wrk printed no Requests/sec")?;
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        let value = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .map(str::trim)
+            .with_context(|| format!("wrk printed no {p} latency"))?;
+        parse_wrk_duration(value)
+    };
+    Ok(WrkResult {
+        rps,
+        p50_ms: pct("50%")?,
+        p99_ms: pct("99%")?,
+    })
+}
+
+fn parse_wrk_duration(v: &str) -> anyhow::Result<f64> {
+    let (num, unit) = v
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| v.split_at(i))
+        .context("no unit")?;
+    let n: f64 = num.parse()?;
+    Ok(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        other => bail!("unknown wrk unit {other:?}"),
+    })
+}
+
+async fn http(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut figures = Map::new();
+    let mut put = |k: &str, v: f64| {
+        figures.insert(k.to_owned(), json!((v * 1000.0).round() / 1000.0));
+    };
+    let with = Server::start(&[])?;
+    let without = Server::start(&["--http-metrics", "false"])?;
+    let token = with.admin_token()?;
+    let auth = format!("Authorization: Bearer {token}");
+    // Let the host sampler take its first readings.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let base = |s: &Server, p: &str| format!("http://{}{p}", s.addr);
+    let health = wrk(args, &base(&with, "/api/auth/health"), None)?;
+    put("health_rps", health.rps);
+    put("health_p50_ms", health.p50_ms);
+    put("health_p99_ms", health.p99_ms);
+    let metrics = wrk(args, &base(&with, "/metrics"), None)?;
+    put("metrics_rps", metrics.rps);
+    put("metrics_p99_ms", metrics.p99_ms);
+    let system = wrk(args, &base(&with, "/api/admin/health/system"), Some(&auth))?;
+    put("system_rps", system.rps);
+    put("system_p99_ms", system.p99_ms);
+
+    // Middleware cost: the same cheap route with and without metrics,
+    // alternated twice; best of each.
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for _ in 0..2 {
+        off.push(wrk(args, &base(&without, "/api/auth/health"), None)?);
+        on.push(wrk(args, &base(&with, "/api/auth/health"), None)?);
+    }
+    let best = |v: &[WrkResult]| v.iter().map(|r| r.rps).fold(0.0, f64::max);
+    let (on_rps, off_rps) = (best(&on), best(&off));
+    put("health_rps_metrics_on", on_rps);
+    put("health_rps_metrics_off", off_rps);
+    put("middleware_cost_us", 1e6 / on_rps - 1e6 / off_rps);
+
+    // The observe call alone, in process.
+    let mut registry = polydev_telemetry::metrics::MetricsRegistry::default();
+    let http = polydev_api::HttpMetrics::register(&mut registry);
+    let method = axum::http::Method::GET;
+    let n = 1_000_000u32;
+    let started = Instant::now();
+    for i in 0..n {
+        http.observe(
+            &method,
+            "/api/users/{id}",
+            if i % 10 == 0 { 404 } else { 200 },
+            Duration::from_micros(250),
+        );
+    }
+    put(
+        "observe_ns",
+        started.elapsed().as_nanos() as f64 / f64::from(n),
+    );
+
+    if args.json {
+        println!("{}", Value::Object(figures));
+    } else {
+        println!(
+            "wrk -t{} -c{} -d{}s --latency, controller release build, both on this machine",
+            args.threads, args.connections, args.duration_secs
+        );
+        for (k, v) in &figures {
+            println!("{k:>24}  {v}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk_duration;
+
+    #[test]
+    fn wrk_durations_parse_to_milliseconds() {
+        assert_eq!(parse_wrk_duration("250.00us").unwrap(), 0.25);
+        assert_eq!(parse_wrk_duration("1.50ms").unwrap(), 1.5);
+        assert_eq!(parse_wrk_duration("2.00s").unwrap(), 2000.0);
+        assert!(parse_wrk_duration("12").is_err());
+    }
+}
