@@ -13,6 +13,7 @@
 //! - Ids are stored as UUID text and times as unix milliseconds on both
 //!   backends, so rows read back identically.
 
+mod egress;
 mod error;
 #[cfg(feature = "test-support")]
 pub mod testing;
@@ -27,6 +28,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
+pub use egress::{EgressCredential, Usage, UsageDelta};
 pub use error::StoreError;
 pub use tokens::{NewToken, TokenKind, TokenOwner};
 pub use users::{NewUser, User};

@@ -4,7 +4,9 @@
 
 use polydev_domain::{Email, Role, UserId};
 use polydev_store::testing::TestDatabase;
-use polydev_store::{now_ms, Backend, NewToken, NewUser, StoreError, TokenKind};
+use polydev_store::{
+    now_ms, Backend, EgressCredential, NewToken, NewUser, StoreError, TokenKind, UsageDelta,
+};
 
 /// Expands each test into a `sqlite` and a `postgres` variant.
 macro_rules! on_both_backends {
@@ -25,6 +27,9 @@ on_both_backends!(
     tokens_resolve_to_their_owner_until_revoked_or_expired,
     token_for_unknown_user_is_not_found,
     listing_pages_users_in_creation_order,
+    egress_credentials_resolve_until_revoked,
+    proxy_ports_are_assigned_lowest_free_and_kept,
+    egress_usage_adds_up,
 );
 
 fn new_user(email: &str, role: Role, at: i64) -> NewUser {
@@ -180,4 +185,149 @@ async fn listing_pages_users_in_creation_order(backend: Backend) {
         .map(|u| u.email.to_string())
         .collect();
     assert_eq!(page, ["u1@example.com", "u2@example.com"]);
+}
+
+async fn egress_credentials_resolve_until_revoked(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let user = store
+        .create_user(&new_user("ada@example.com", Role::User, 1))
+        .await
+        .unwrap();
+    let cred = |name: &str, sandbox: &str| EgressCredential {
+        username: name.into(),
+        secret_hash: "ab".repeat(32),
+        user_id: user.id,
+        sandbox_id: sandbox.into(),
+        template: "runtime".into(),
+        created_at_ms: 5,
+    };
+    store
+        .create_egress_credential(&cred("sbx-a", "a"))
+        .await
+        .unwrap();
+    store
+        .create_egress_credential(&cred("sbx-b", "b"))
+        .await
+        .unwrap();
+    store
+        .create_egress_credential(&cred("sbx-b2", "b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.egress_credential("sbx-a").await.unwrap(),
+        cred("sbx-a", "a")
+    );
+    assert!(matches!(
+        store.create_egress_credential(&cred("sbx-a", "a")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.revoke_egress_credential("sbx-a", 9).await.unwrap();
+    assert!(matches!(
+        store.egress_credential("sbx-a").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.revoke_egress_credential("sbx-a", 9).await,
+        Err(StoreError::NotFound)
+    ));
+    let mut revoked = store
+        .revoke_egress_credentials_of_sandbox("b", 10)
+        .await
+        .unwrap();
+    revoked.sort();
+    assert_eq!(revoked, ["sbx-b", "sbx-b2"]);
+    assert!(matches!(
+        store.egress_credential("sbx-b2").await,
+        Err(StoreError::NotFound)
+    ));
+    let ghost = EgressCredential {
+        user_id: UserId::new(),
+        ..cred("sbx-c", "c")
+    };
+    assert!(matches!(
+        store.create_egress_credential(&ghost).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn proxy_ports_are_assigned_lowest_free_and_kept(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let mut users = Vec::new();
+    for i in 0..3 {
+        users.push(
+            store
+                .create_user(&new_user(&format!("u{i}@example.com"), Role::User, i))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    assert_eq!(
+        store
+            .assign_proxy_port(users[0], 10001, 10002, 1)
+            .await
+            .unwrap(),
+        10001
+    );
+    assert_eq!(
+        store
+            .assign_proxy_port(users[1], 10001, 10002, 1)
+            .await
+            .unwrap(),
+        10002
+    );
+    assert_eq!(
+        store
+            .assign_proxy_port(users[0], 10001, 10002, 1)
+            .await
+            .unwrap(),
+        10001,
+        "kept"
+    );
+    assert!(matches!(
+        store.assign_proxy_port(users[2], 10001, 10002, 1).await,
+        Err(StoreError::Conflict("port"))
+    ));
+    assert_eq!(
+        store.proxy_ports().await.unwrap(),
+        vec![(users[0], 10001), (users[1], 10002)]
+    );
+}
+
+async fn egress_usage_adds_up(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let user = store
+        .create_user(&new_user("ada@example.com", Role::User, 1))
+        .await
+        .unwrap()
+        .id;
+    let delta = |sandbox: &str, up: i64| UsageDelta {
+        user_id: user,
+        sandbox_id: sandbox.into(),
+        bytes_up: up,
+        bytes_down: 2 * up,
+        requests: 1,
+        tunnels: 0,
+    };
+    store
+        .add_egress_usage(&[delta("a", 10), delta("b", 1)], 100)
+        .await
+        .unwrap();
+    store.add_egress_usage(&[delta("a", 5)], 200).await.unwrap();
+    let usage = store.egress_usage(user).await.unwrap();
+    assert_eq!(usage.len(), 2);
+    assert_eq!(
+        (
+            usage[0].sandbox_id.as_str(),
+            usage[0].bytes_up,
+            usage[0].bytes_down,
+            usage[0].requests,
+            usage[0].updated_at_ms
+        ),
+        ("a", 15, 30, 2, 200)
+    );
+    assert_eq!((usage[1].sandbox_id.as_str(), usage[1].bytes_up), ("b", 1));
 }
