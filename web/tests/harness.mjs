@@ -17,7 +17,7 @@ const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
 
 export async function startServer(extraArgs = []) {
   const dataDir = mkdtempSync(join(tmpdir(), "polydev-web-"));
-  const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir, ...extraArgs], {
+  const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir, ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   const logs = [];

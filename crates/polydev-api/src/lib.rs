@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
+use polydev_egress::Egress;
 use polydev_store::Store;
 use polydev_telemetry::alerts::AlertEngine;
 use polydev_telemetry::host::HostMonitor;
@@ -89,10 +90,17 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     pub auth: auth::AuthServices,
     pub observability: Observability,
+    /// The in-process egress proxy, when enabled.
+    pub egress: Option<Egress>,
 }
 
 impl AppState {
-    pub fn new(store: Store, config: ApiConfig, observability: Observability) -> Self {
+    pub fn new(
+        store: Store,
+        config: ApiConfig,
+        observability: Observability,
+        egress: Option<Egress>,
+    ) -> Self {
         let auth = auth::AuthServices {
             hasher: Arc::new(PasswordHasherPool::new(4, Duration::from_secs(5))),
             limiter: Arc::new(auth::LoginLimiter::new(
@@ -105,6 +113,7 @@ impl AppState {
             config: Arc::new(config),
             auth,
             observability,
+            egress,
         }
     }
 

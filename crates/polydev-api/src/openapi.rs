@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, health, health_admin, session, users};
+use crate::routes::{admin, egress, health, health_admin, session, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,9 @@ use crate::routes::{admin, health, health_admin, session, users};
         health_admin::network_health,
         health_admin::history,
         health_admin::alerts,
+        egress::mint,
+        egress::revoke,
+        egress::usage,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -38,6 +41,7 @@ use crate::routes::{admin, health, health_admin, session, users};
         (name = "users", description = "Accounts"),
         (name = "auth", description = "Sign-in and provider login sessions"),
         (name = "admin", description = "Operators only"),
+        (name = "egress", description = "The per-user egress proxy"),
         (name = "observability", description = "Metrics, host health and alerts (admins only, except /metrics)"),
     )
 )]

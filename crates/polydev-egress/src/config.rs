@@ -18,9 +18,10 @@ pub struct EgressConfig {
     /// listen address's IP).
     pub public_host: Option<String>,
     /// v1-compatible per-user ports: each accepts only its user's
-    /// credentials. Assigned lowest-free from this range, recorded in the
-    /// store. `None` turns them off.
-    pub user_ports: Option<PortRange>,
+    /// credentials; assigned lowest-free from `user_ports`, recorded in
+    /// the store.
+    pub per_user_ports: bool,
+    pub user_ports: PortRange,
     /// CIDRs exempt from the built-in deny of loopback/private/link-local
     /// ranges. Empty by default; tests use it for their loopback stubs.
     pub allow_private: Vec<String>,
@@ -53,10 +54,11 @@ impl Default for EgressConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 4080)),
             public_host: None,
-            user_ports: Some(PortRange {
+            per_user_ports: true,
+            user_ports: PortRange {
                 first: 10001,
                 last: 10999,
-            }),
+            },
             allow_private: Vec::new(),
             policies: BTreeMap::new(),
             max_tunnels_per_user: 256,
@@ -73,6 +75,11 @@ impl Default for EgressConfig {
 }
 
 impl EgressConfig {
+    /// The per-user port range, when per-user ports are on.
+    pub fn user_port_range(&self) -> Option<PortRange> {
+        self.per_user_ports.then_some(self.user_ports)
+    }
+
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs(self.header_timeout_secs.max(1))
     }

@@ -49,7 +49,7 @@ use limits::Limits;
 pub enum EgressError {
     #[error("egress config: {0}")]
     Config(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -229,7 +229,7 @@ impl Egress {
         registry: &mut Registry,
     ) -> Result<Self, EgressError> {
         let guard = Guard::new(&config.allow_private).map_err(EgressError::Config)?;
-        if let Some(r) = config.user_ports {
+        if let Some(r) = config.user_port_range() {
             if r.first == 0 || r.first > r.last {
                 return Err(EgressError::Config(format!(
                     "user_ports {}..{} is not a range",
@@ -310,7 +310,7 @@ impl Egress {
             .credentials
             .mint(user, sandbox_id, template)
             .await?;
-        let user_port = match self.inner.config.user_ports {
+        let user_port = match self.inner.config.user_port_range() {
             Some(range) => {
                 let port = match self
                     .inner
@@ -403,7 +403,7 @@ impl Egress {
                     self.listen_user_port(&mut listeners, port, user, &stop).await;
                 }
                 _ = poll.tick() => {
-                    if inner.config.user_ports.is_some() {
+                    if inner.config.per_user_ports {
                         match inner.store.proxy_ports().await {
                             Ok(ports) => for (user, port) in ports {
                                 self.listen_user_port(&mut listeners, port, user, &stop).await;

@@ -1,6 +1,6 @@
 //! Prometheus metrics: the registry the binary assembles at start, the
 //! process collector, and the metric structs of parts that have no crate of
-//! their own yet. Each crate that emits metrics owns a struct with a
+//! their own yet (sandboxes, login sessions). Each crate that emits metrics owns a struct with a
 //! `register(&mut Registry)` constructor (the HTTP metrics live in
 //! `polydev-api`).
 //!
@@ -179,11 +179,6 @@ pub struct StateLabels {
     pub state: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
-    pub direction: String,
-}
-
 /// Sandbox templates and drivers known today; their series exist from the
 /// start (at zero) so dashboards and alerts see them before the first event.
 pub const TEMPLATES: [&str; 2] = ["runtime", "browser"];
@@ -314,49 +309,6 @@ impl LoginMetrics {
     }
 }
 
-/// Egress proxy totals (no per-user labels: per-user bytes go to the
-/// store). Fed by the egress proxy; zero until it exists.
-#[derive(Debug, Clone, Default)]
-pub struct EgressMetrics {
-    pub bytes: Family<DirectionLabels, Counter>,
-    pub tunnels_active: Gauge,
-    pub tunnels: Counter,
-    pub requests: Counter,
-}
-
-impl EgressMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        for direction in ["up", "down"] {
-            let _ = m.bytes.get_or_create(&DirectionLabels {
-                direction: direction.to_owned(),
-            });
-        }
-        registry.register_with_unit(
-            "polydev_egress",
-            "Bytes through the egress proxy, by direction (up/down)",
-            Unit::Bytes,
-            m.bytes.clone(),
-        );
-        registry.register(
-            "polydev_egress_tunnels_active",
-            "Open egress tunnels",
-            m.tunnels_active.clone(),
-        );
-        registry.register(
-            "polydev_egress_tunnels",
-            "Egress tunnels opened",
-            m.tunnels.clone(),
-        );
-        registry.register(
-            "polydev_egress_requests",
-            "Plain-HTTP requests forwarded by the egress proxy",
-            m.requests.clone(),
-        );
-        m
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,7 +328,6 @@ mod tests {
         register_build_info(&mut registry, "1.2.3", "abc1234");
         let sandboxes = SandboxMetrics::register(&mut registry);
         LoginMetrics::register(&mut registry);
-        EgressMetrics::register(&mut registry);
         registry.register_collector(Box::new(ProcessCollector));
         sandboxes
             .active
@@ -392,8 +343,7 @@ mod tests {
             "polydev_containers_active 0",
             "polydev_sandbox_boot_duration_seconds_count{template=\"browser\",stage=\"agent_ready\"} 0",
             "polydev_login_sessions{state=\"awaiting_login\"} 0",
-            "polydev_egress_bytes_total{direction=\"up\"} 0",
-            "polydev_egress_tunnels_total 0",
+
             "process_resident_memory_bytes ",
             "process_cpu_seconds_total ",
         ] {

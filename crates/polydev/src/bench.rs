@@ -32,6 +32,8 @@ impl Server {
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--egress-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
                 "--log-level",

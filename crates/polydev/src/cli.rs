@@ -24,6 +24,8 @@ pub enum Command {
     User(UserCommand),
     /// Apply pending database migrations and exit.
     Migrate(StoreArgs),
+    /// Run only the egress proxy (on its own host), against the shared store.
+    Egress(EgressCommandArgs),
     /// Measure performance against the real binary (see docs/PERFORMANCE.md).
     Bench(BenchArgs),
 }
@@ -126,6 +128,40 @@ pub struct ServeArgs {
     /// Slack- or Discord-compatible webhook for alerts (rules: the [alerts] TOML section)
     #[arg(long, env = "POLYDEV_ALERT_WEBHOOK_URL", value_name = "URL")]
     pub alert_webhook_url: Option<String>,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+/// The egress proxy's flags; everything else is the [egress] TOML section.
+#[derive(Debug, Clone, Args)]
+pub struct EgressArgs {
+    /// Run the egress proxy in this process [default: true]
+    #[arg(
+        id = "egress_enabled",
+        long = "egress",
+        env = "POLYDEV_EGRESS",
+        value_name = "BOOL"
+    )]
+    pub enabled: Option<bool>,
+    /// The egress proxy's shared port [default: 127.0.0.1:4080]
+    #[arg(
+        id = "egress_listen",
+        long = "egress-listen",
+        env = "POLYDEV_EGRESS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EgressCommandArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+    /// Serve /metrics and /healthz for this proxy on ADDR
+    #[arg(long, env = "POLYDEV_EGRESS_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,4 +177,13 @@ pub struct UserAddArgs {
     /// Read a password for web sign-in from standard input (first line).
     #[arg(long)]
     pub password_stdin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

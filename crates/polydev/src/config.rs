@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use polydev_api::ApiConfig;
+use polydev_egress::EgressConfig;
 use polydev_telemetry::alerts::AlertsConfig;
 use polydev_telemetry::LogFormat;
 use serde::Deserialize;
 
-use crate::cli::{ServeArgs, StoreArgs};
+use crate::cli::{EgressArgs, ServeArgs, StoreArgs};
 
 /// The TOML file: the same keys as the long flags, with `_`.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +38,7 @@ pub struct FileConfig {
     /// URLs the admin network-health check probes.
     health_upstreams: Option<Vec<String>>,
     alerts: Option<AlertsConfig>,
+    egress: Option<EgressConfig>,
 }
 
 impl FileConfig {
@@ -150,6 +152,21 @@ pub struct ServeConfig {
     pub health_interval: Duration,
     pub health_override_file: Option<PathBuf>,
     pub alerts: AlertsConfig,
+    pub egress: EgressConfig,
+}
+
+/// The egress section with its flags applied.
+pub fn egress_config(args: &EgressArgs, file: &FileConfig) -> anyhow::Result<EgressConfig> {
+    let mut config = file.egress.clone().unwrap_or_default();
+    if let Some(enabled) = args.enabled {
+        config.enabled = enabled;
+    }
+    if let Some(listen) = &args.listen {
+        config.listen = listen.parse().with_context(|| {
+            format!("egress listen address {listen:?} is not valid: use IP:PORT")
+        })?;
+    }
+    Ok(config)
 }
 
 impl ServeConfig {
@@ -235,6 +252,7 @@ impl ServeConfig {
                 .clone()
                 .or_else(|| file.health_override_file.clone()),
             alerts,
+            egress: egress_config(&args.egress, &file)?,
         })
     }
 }

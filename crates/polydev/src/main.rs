@@ -48,6 +48,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&store, Some("warn"))?;
             user::add(&store, &args).await
         }
+        Command::Egress(args) => {
+            let file = FileConfig::load(args.store.config.as_deref())?;
+            let store = StoreConfig::resolve(&args.store, &file)?;
+            init_logging(&store, None)?;
+            let egress = config::egress_config(&args.egress, &file)?;
+            let metrics_listen = args
+                .metrics_listen
+                .as_deref()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| anyhow::anyhow!("--metrics-listen {a:?} is not IP:PORT"))
+                })
+                .transpose()?;
+            serve::egress_only(&store, egress, metrics_listen).await
+        }
         Command::Bench(args) => {
             polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
             bench::run(args).await

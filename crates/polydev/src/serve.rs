@@ -8,6 +8,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use polydev_api::{AppState, HttpMetrics, Observability};
+use polydev_egress::Egress;
 use polydev_store::{Store, StoreOptions};
 use polydev_telemetry::alerts::AlertEngine;
 use polydev_telemetry::host::{HostMonitor, HostSource, OverrideSource, SysinfoSource};
@@ -50,9 +51,13 @@ pub async fn migrate_only(config: &StoreConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Assembles the metrics registry and the host monitor; returns them with
-/// the host source the sampler will read.
-fn observability(config: &ServeConfig) -> anyhow::Result<(Observability, Box<dyn HostSource>)> {
+/// Assembles the metrics registry, the host monitor and (when enabled) the
+/// egress proxy, whose metrics join the registry; returns them with the
+/// host source the sampler will read.
+fn assemble(
+    config: &ServeConfig,
+    store: &Store,
+) -> anyhow::Result<(Observability, Box<dyn HostSource>, Option<Egress>)> {
     let mut registry = MetricsRegistry::default();
     metrics::register_build_info(
         &mut registry,
@@ -66,8 +71,16 @@ fn observability(config: &ServeConfig) -> anyhow::Result<(Observability, Box<dyn
     // Registered now so their series exist; fed by the parts as they land.
     metrics::SandboxMetrics::register(&mut registry);
     metrics::LoginMetrics::register(&mut registry);
-    metrics::EgressMetrics::register(&mut registry);
     let alerts = Arc::new(AlertEngine::new(&config.alerts, &mut registry));
+    let egress = if config.egress.enabled {
+        Some(Egress::new(
+            config.egress.clone(),
+            store.clone(),
+            &mut registry,
+        )?)
+    } else {
+        None
+    };
     let source: Box<dyn HostSource> = match &config.health_override_file {
         Some(path) => {
             Box::new(OverrideSource::new(path.clone()).context("cannot read this host's health")?)
@@ -82,14 +95,29 @@ fn observability(config: &ServeConfig) -> anyhow::Result<(Observability, Box<dyn
             alerts,
         },
         source,
+        egress,
     ))
 }
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = bind(config.listen).await?;
     let store = open_store(&config.store).await?;
-    let (observability, host_source) = observability(&config)?;
-    let state = AppState::new(store.clone(), config.api.clone(), observability.clone());
+    let (observability, host_source, egress) = assemble(&config, &store)?;
+    let egress_listener = match &egress {
+        Some(e) => {
+            let listener = e.bind().await?;
+            // Logged before the API's "listening", which tells callers all is up.
+            tracing::info!(addr = %listener.local_addr().context("cannot read the egress address")?, "egress proxy listening");
+            Some(listener)
+        }
+        None => None,
+    };
+    let state = AppState::new(
+        store.clone(),
+        config.api.clone(),
+        observability.clone(),
+        egress.clone(),
+    );
     let app = polydev_api::router(state.clone());
     let addr = listener
         .local_addr()
@@ -99,6 +127,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(housekeeping(state, stop_rx.clone()));
+    if let (Some(egress), Some(listener)) = (egress, egress_listener) {
+        tasks.spawn(egress.run(listener, stop_rx.clone()));
+    }
     tasks.spawn(polydev_telemetry::run_sampler(
         observability.host.clone(),
         observability.alerts.clone(),
@@ -181,4 +212,62 @@ async fn shutdown_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
     }
+}
+
+/// `polydev egress`: the proxy alone, against the shared store, with an
+/// optional /metrics and /healthz listener.
+pub async fn egress_only(
+    store_config: &StoreConfig,
+    config: polydev_egress::EgressConfig,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let store = open_store(store_config).await?;
+    let mut registry = MetricsRegistry::default();
+    metrics::register_build_info(
+        &mut registry,
+        env!("CARGO_PKG_VERSION"),
+        env!("POLYDEV_GIT_SHA"),
+    );
+    registry.register_collector(Box::new(metrics::ProcessCollector));
+    let egress = Egress::new(config, store.clone(), &mut registry)?;
+    let listener = egress.bind().await?;
+    let registry = Arc::new(registry);
+    tracing::info!(addr = %listener.local_addr()?, "egress proxy listening");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(egress.run(listener, stop_rx.clone()));
+    if let Some(addr) = metrics_listen {
+        let listener = bind(addr).await?;
+        let app = axum::Router::new()
+            .route(
+                "/healthz",
+                axum::routing::get(|| async {
+                    axum::Json(serde_json::json!({"status": "healthy"}))
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let registry = registry.clone();
+                    async move { metrics::encode_prometheus_text(&registry) }
+                }),
+            );
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "egress metrics listener failed");
+            }
+        });
+    }
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "egress proxy shutting down");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    store.close().await;
+    Ok(())
 }

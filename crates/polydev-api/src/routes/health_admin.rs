@@ -271,15 +271,16 @@ pub(crate) struct CheckResult {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct NetworkHealth {
-    /// `healthy` (all ok), `degraded` (an upstream failed) or `unhealthy` (the store failed).
+    /// `healthy` (all ok), `degraded` (the egress proxy or an upstream failed) or `unhealthy` (the store failed).
     status: &'static str,
     checks: Vec<CheckResult>,
 }
 
 const CHECK_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Reachability of what the controller depends on: the store and each
-/// configured upstream, checked now, concurrently, 2 s deadline each.
+/// Reachability of what the controller depends on: the store, the egress
+/// proxy when enabled, and each configured upstream, checked now,
+/// concurrently, 2 s deadline each.
 #[utoipa::path(get, path = "/api/admin/health/network-health", tag = "observability", security(("bearer" = [])),
     responses((status = 200, body = NetworkHealth), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub(crate) async fn network_health(
@@ -326,6 +327,33 @@ pub(crate) async fn network_health(
         });
     }
     let store = store.await;
+    if let Some(port) = state.egress.as_ref().and_then(|e| e.port()) {
+        let ip = state
+            .egress
+            .as_ref()
+            .map(|e| e.config().listen.ip())
+            .filter(|ip| !ip.is_unspecified());
+        let addr =
+            std::net::SocketAddr::new(ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])), port);
+        probes.spawn(async move {
+            let started = Instant::now();
+            let (status, error) =
+                match tokio::time::timeout(CHECK_DEADLINE, tokio::net::TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(_)) => ("ok", None),
+                    Ok(Err(e)) => ("error", Some(e.to_string())),
+                    Err(_) => ("timeout", None),
+                };
+            CheckResult {
+                name: "egress".into(),
+                target: addr.to_string(),
+                status,
+                latency_ms: ms(started),
+                error,
+            }
+        });
+    }
     let mut upstreams = Vec::new();
     while let Some(probe) = probes.join_next().await {
         if let Ok(check) = probe {

@@ -1,6 +1,7 @@
 //! Every API route, one module per area.
 
 pub(crate) mod admin;
+pub(crate) mod egress;
 pub(crate) mod health;
 pub(crate) mod health_admin;
 pub(crate) mod session;
@@ -47,6 +48,12 @@ pub(crate) fn api_routes() -> Router<AppState> {
         )
         .route("/api/admin/health/history", get(health_admin::history))
         .route("/api/admin/alerts", get(health_admin::alerts))
+        .route("/api/admin/egress/credentials", post(egress::mint))
+        .route(
+            "/api/admin/egress/credentials/{username}",
+            axum::routing::delete(egress::revoke),
+        )
+        .route("/api/egress/usage", get(egress::usage))
         .route_layer(axum::middleware::from_fn(record_route))
 }
 

@@ -183,10 +183,11 @@ fn free_port_range(n: u16) -> u16 {
 async fn a_users_port_accepts_only_that_users_credentials() {
     let base = free_port_range(4);
     let config = EgressConfig {
-        user_ports: Some(polydev_egress::PortRange {
+        per_user_ports: true,
+        user_ports: polydev_egress::PortRange {
             first: base,
             last: base + 3,
-        }),
+        },
         ..loopback_config()
     };
     let proxy = Proxy::start(config).await;

@@ -35,7 +35,7 @@ pub fn loopback_config() -> EgressConfig {
     EgressConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         allow_private: vec!["127.0.0.0/8".into(), "::1".into()],
-        user_ports: None,
+        per_user_ports: false,
         ..EgressConfig::default()
     }
 }

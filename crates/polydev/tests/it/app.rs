@@ -17,6 +17,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 pub struct TestApp {
     pub db: TestDatabase,
     pub base: String,
+    /// The in-process egress proxy's address, when enabled.
+    pub egress: Option<String>,
     pub client: reqwest::Client,
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
@@ -70,6 +72,8 @@ impl TestApp {
             .args([
                 "--listen",
                 "127.0.0.1:0",
+                "--egress-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
                 "--log-level",
@@ -84,11 +88,16 @@ impl TestApp {
         let stderr = child.stderr.take().expect("stderr pipe");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = mpsc::channel();
+        let (egress_tx, egress_rx) = mpsc::channel();
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"] == "egress proxy listening" {
+                        let _ =
+                            egress_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
+                    }
                     if v["fields"]["message"] == "listening" {
                         let _ = addr_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
                     }
@@ -107,8 +116,11 @@ impl TestApp {
                 );
             }
         };
+        // Logged before the API's "listening" line when the proxy is on.
+        let egress = egress_rx.try_recv().ok();
         Self {
             db,
+            egress,
             base: format!("http://{addr}"),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))

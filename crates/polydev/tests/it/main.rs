@@ -4,6 +4,7 @@
 
 mod api;
 mod app;
+mod egress;
 mod observability;
 mod process;
 
