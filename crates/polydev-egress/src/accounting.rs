@@ -104,6 +104,12 @@ pub(crate) struct UsageCell {
 }
 
 impl UsageCell {
+    pub(crate) fn add_up(&self, n: usize) {
+        self.up.fetch_add(n as i64, Ordering::Relaxed);
+    }
+    pub(crate) fn add_down(&self, n: usize) {
+        self.down.fetch_add(n as i64, Ordering::Relaxed);
+    }
     pub(crate) fn request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }

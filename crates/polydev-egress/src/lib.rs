@@ -22,6 +22,7 @@ mod credentials;
 pub mod guard;
 pub mod limits;
 mod proxy;
+mod raw;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -474,7 +475,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let conn_inner = inner.clone();
-                    inner.spawn(proxy::serve_connection(conn_inner, stream, peer, owner));
+                    inner.spawn(raw::serve(conn_inner, stream, peer, owner));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off, keep serving.

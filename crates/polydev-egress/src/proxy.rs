@@ -1,6 +1,7 @@
-//! One client connection: HTTP/1.1 with upgrades, each request
-//! authenticated, checked against policy and limits, then tunnelled
-//! (CONNECT) or forwarded (absolute-form `http://`).
+//! One client connection served by hyper: HTTP/1.1 with upgrades, each
+//! request authenticated, checked against policy and limits, then
+//! tunnelled (CONNECT) or forwarded (absolute-form `http://`). A
+//! connection's first CONNECT skips hyper entirely (`raw.rs`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use polydev_domain::UserId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::accounting::{Activity, Metered};
 use crate::credentials::{parse_basic, Identity};
@@ -41,23 +43,95 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
     r
 }
 
-fn denied(status: StatusCode, reason: &'static str, message: String) -> Response<Body> {
-    let mut r = text(status, format!("polydev egress: {message}"));
-    r.headers_mut()
-        .insert("x-polydev-egress-denied", HeaderValue::from_static(reason));
-    r
+/// A request the proxy will not carry out, rendered as a hyper response or
+/// as raw bytes on the CONNECT fast path.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: StatusCode,
+    /// `x-polydev-egress-denied` value, for policy-type refusals.
+    reason: Option<&'static str>,
+    message: String,
+    challenge: bool,
+    retry_after: bool,
 }
 
-fn proxy_auth_required() -> Response<Body> {
-    let mut r = text(
-        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-        "polydev egress: proxy credentials required".into(),
-    );
-    r.headers_mut().insert(
-        header::PROXY_AUTHENTICATE,
-        HeaderValue::from_static("Basic realm=\"polydev egress\""),
-    );
-    r
+impl Refusal {
+    fn new(status: StatusCode, message: String) -> Self {
+        Self {
+            status,
+            reason: None,
+            message,
+            challenge: false,
+            retry_after: false,
+        }
+    }
+
+    fn denied(status: StatusCode, reason: &'static str, message: String) -> Self {
+        Self {
+            reason: Some(reason),
+            ..Self::new(status, format!("polydev egress: {message}"))
+        }
+    }
+
+    fn auth() -> Self {
+        Self {
+            challenge: true,
+            ..Self::new(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "polydev egress: proxy credentials required".into(),
+            )
+        }
+    }
+
+    pub(crate) fn bad_request(inner: &Inner, message: &str) -> Self {
+        inner.accounting.metrics().deny("bad_request");
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            format!("polydev egress: {message}"),
+        )
+    }
+
+    pub(crate) fn into_response(self) -> Response<Body> {
+        let mut r = text(self.status, self.message);
+        if let Some(reason) = self.reason {
+            r.headers_mut()
+                .insert("x-polydev-egress-denied", HeaderValue::from_static(reason));
+        }
+        if self.challenge {
+            r.headers_mut().insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"polydev egress\""),
+            );
+        }
+        if self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+
+    /// The same as an HTTP/1.1 response that closes the connection.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let body = format!("{}\n", self.message);
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some(reason) = self.reason {
+            head.push_str(&format!("x-polydev-egress-denied: {reason}\r\n"));
+        }
+        if self.challenge {
+            head.push_str("proxy-authenticate: Basic realm=\"polydev egress\"\r\n");
+        }
+        if self.retry_after {
+            head.push_str("retry-after: 1\r\n");
+        }
+        head.push_str("\r\n");
+        head.push_str(&body);
+        head.into_bytes()
+    }
 }
 
 /// Waits until `activity` has been idle for `limit`.
@@ -111,14 +185,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touched<S> {
     }
 }
 
-/// Serves one accepted connection; `owner` is set on a per-user port.
-pub(crate) async fn serve_connection(
+/// Serves a connection with hyper; `owner` is set on a per-user port.
+pub(crate) async fn serve_connection<S>(
     inner: Arc<Inner>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     owner: Option<UserId>,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Activity::new();
     let io = TokioIo::new(Touched {
         inner: stream,
@@ -146,48 +221,60 @@ pub(crate) async fn serve_connection(
     }
 }
 
-async fn handle(
-    inner: Arc<Inner>,
-    req: Request<Incoming>,
+/// Checks credentials (and the port's owner) and the request rate.
+pub(crate) async fn authorize(
+    inner: &Inner,
+    proxy_authorization: Option<&str>,
     owner: Option<UserId>,
-) -> Response<Body> {
-    let metrics = inner.accounting.metrics().clone();
-    let presented = req
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_basic);
-    let Some((username, secret)) = presented else {
+) -> Result<Identity, Refusal> {
+    let metrics = inner.accounting.metrics();
+    let Some((username, secret)) = proxy_authorization.and_then(parse_basic) else {
         metrics.deny("auth");
-        return proxy_auth_required();
+        return Err(Refusal::auth());
     };
     let identity = match inner.credentials.verify(&username, &secret).await {
         Ok(Some(identity)) if owner.is_none_or(|o| o == identity.user_id) => identity,
         Ok(_) => {
             metrics.deny("auth");
             tracing::info!(username = %username, on_user_port = owner.is_some(), "egress credential refused");
-            return proxy_auth_required();
+            return Err(Refusal::auth());
         }
         Err(e) => {
             tracing::error!(error = %e, "egress cannot check credentials");
-            return text(
+            return Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "polydev egress: credential store unavailable".into(),
-            );
+            ));
         }
     };
     if !inner.limits.admit_request(identity.user_id) {
         metrics.deny("rate_limited");
         tracing::info!(sandbox_id = %identity.sandbox_id, "egress request rate limit reached");
-        let mut r = denied(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "request rate limit reached".into(),
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return Err(Refusal {
+            retry_after: true,
+            ..Refusal::denied(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "request rate limit reached".into(),
+            )
+        });
     }
+    Ok(identity)
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    owner: Option<UserId>,
+) -> Response<Body> {
+    let presented = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let identity = match authorize(&inner, presented, owner).await {
+        Ok(i) => i,
+        Err(refusal) => return refusal.into_response(),
+    };
     if req.method() == Method::CONNECT {
         tunnel(inner, req, identity).await
     } else {
@@ -195,15 +282,14 @@ async fn handle(
     }
 }
 
-/// Policy check on the destination host, for the identity's template:
-/// `None` when allowed, else the refusal to send.
-fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Response<Body>> {
+/// Policy check on the destination host, for the identity's template.
+fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Refusal> {
     if host_allowed(inner.config.policies.get(&identity.template), host) {
         return None;
     }
     inner.accounting.metrics().deny("policy");
     tracing::info!(sandbox_id = %identity.sandbox_id, host, template = %identity.template, "egress destination not allowed by policy");
-    Some(denied(
+    Some(Refusal::denied(
         StatusCode::FORBIDDEN,
         "policy",
         format!(
@@ -213,13 +299,13 @@ fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Resp
     ))
 }
 
-fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Response<Body> {
+fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Refusal {
     let metrics = inner.accounting.metrics();
     match err {
         ConnectError::Denied(ip) => {
             metrics.deny("private_address");
             tracing::info!(sandbox_id = %identity.sandbox_id, %ip, "egress refused a private or reserved address");
-            denied(
+            Refusal::denied(
                 StatusCode::FORBIDDEN,
                 "private_address",
                 format!("destination {ip} is in a private or reserved range"),
@@ -228,7 +314,7 @@ fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Res
         ConnectError::Timeout(target) => {
             metrics.deny("upstream");
             tracing::info!(sandbox_id = %identity.sandbox_id, %target, "egress connect deadline passed");
-            text(
+            Refusal::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("polydev egress: connecting to {target} timed out"),
             )
@@ -236,38 +322,47 @@ fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Res
         other => {
             metrics.deny("upstream");
             tracing::info!(sandbox_id = %identity.sandbox_id, error = %other, "egress cannot reach the destination");
-            text(StatusCode::BAD_GATEWAY, format!("polydev egress: {other}"))
+            Refusal::new(StatusCode::BAD_GATEWAY, format!("polydev egress: {other}"))
         }
     }
 }
 
-async fn tunnel(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) -> Response<Body> {
-    let Some((host, port)) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.port_u16().map(|p| (a.host().to_owned(), p)))
+/// Everything before a tunnel's bytes flow: target, policy, the tunnel
+/// slot, the connection to the destination.
+pub(crate) async fn open_tunnel(
+    inner: &Inner,
+    identity: &Identity,
+    authority: Option<&hyper::http::uri::Authority>,
+) -> Result<(TcpStream, OwnedSemaphorePermit), Refusal> {
+    let Some((host, port)) = authority.and_then(|a| a.port_u16().map(|p| (a.host().to_owned(), p)))
     else {
-        inner.accounting.metrics().deny("bad_request");
-        return text(
-            StatusCode::BAD_REQUEST,
-            "polydev egress: CONNECT needs host:port".into(),
-        );
+        return Err(Refusal::bad_request(inner, "CONNECT needs host:port"));
     };
-    if let Some(refusal) = policy_refusal(&inner, &identity, &host) {
-        return refusal;
+    if let Some(refusal) = policy_refusal(inner, identity, &host) {
+        return Err(refusal);
     }
     let Some(permit) = inner.limits.open_tunnel(identity.user_id) else {
         inner.accounting.metrics().deny("tunnel_limit");
         tracing::info!(sandbox_id = %identity.sandbox_id, "egress tunnel limit reached");
-        return denied(
+        return Err(Refusal::denied(
             StatusCode::TOO_MANY_REQUESTS,
             "tunnel_limit",
             "too many open tunnels".into(),
-        );
+        ));
     };
-    let origin = match inner.dial(&host, port, &identity).await {
-        Ok(s) => s,
-        Err(e) => return connect_failure(&inner, &identity, e),
+    let origin = inner
+        .dial(&host, port, identity)
+        .await
+        .map_err(|e| connect_failure(inner, identity, e))?;
+    Ok((origin, permit))
+}
+
+/// CONNECT on a connection hyper already serves (after an earlier
+/// request); first requests take the fast path in `raw.rs`.
+async fn tunnel(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) -> Response<Body> {
+    let (origin, permit) = match open_tunnel(&inner, &identity, req.uri().authority()).await {
+        Ok(pair) => pair,
+        Err(refusal) => return refusal.into_response(),
     };
     let cell = inner
         .accounting
@@ -311,7 +406,6 @@ async fn tunnel(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) -
     Response::new(Empty::new().map_err(|never| match never {}).boxed())
 }
 
-/// Headers that belong to one hop and are not forwarded.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -358,11 +452,11 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) 
     let host = authority.host().to_owned();
     let port = authority.port_u16().unwrap_or(80);
     if let Some(refusal) = policy_refusal(&inner, &identity, &host) {
-        return refusal;
+        return refusal.into_response();
     }
     let origin = match inner.dial(&host, port, &identity).await {
         Ok(s) => s,
-        Err(e) => return connect_failure(&inner, &identity, e),
+        Err(e) => return connect_failure(&inner, &identity, e).into_response(),
     };
     let cell = inner
         .accounting

@@ -13,6 +13,7 @@ use crate::cli::{BenchArea, BenchArgs};
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.area {
         BenchArea::Http => http(&args).await,
+        BenchArea::Egress => crate::bench_egress::run(&args).await,
     }
 }
 

@@ -35,6 +35,9 @@ pub enum BenchArea {
     /// wrk on /api/auth/health, /metrics, /api/admin/health/system, and the
     /// cost of the HTTP metrics middleware.
     Http,
+    /// The egress proxy side by side with tinyproxy: CONNECT throughput,
+    /// tunnel setup rate, latency over 1000 tunnels, memory per idle tunnel.
+    Egress,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -51,6 +54,12 @@ pub struct BenchArgs {
     pub connections: u32,
     #[arg(long, default_value_t = 2)]
     pub threads: u32,
+    /// egress: bytes for the throughput transfer.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub transfer_bytes: u64,
+    /// egress: tunnels held open for the latency and memory figures.
+    #[arg(long, default_value_t = 1000)]
+    pub tunnels: usize,
 }
 
 #[derive(Debug, Subcommand)]

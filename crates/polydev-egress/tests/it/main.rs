@@ -542,3 +542,76 @@ async fn usage_is_recorded_per_user_and_sandbox_and_totals_exported() {
     assert!(!metrics.contains(&access.credential.secret));
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_after_a_forwarded_request_on_one_connection_still_tunnels() {
+    use base64::Engine;
+    let proxy = Proxy::start(loopback_config()).await;
+    let user = proxy.user("ada@example.com").await;
+    let access = proxy.access(user, "runtime").await;
+    let (u, p) = auth(&access);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+    let http = http_stub().await;
+    let echo = echo_server().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // First an absolute-form GET (served by hyper, connection kept alive)…
+    s.write_all(
+        format!("GET http://127.0.0.1:{}/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nProxy-Authorization: Basic {token}\r\n\r\n", http.port())
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hello from stub") {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&b[..n]);
+    }
+    // …then CONNECT on the same connection, with bytes pipelined after it.
+    s.write_all(
+        format!(
+            "CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\nProxy-Authorization: Basic {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"through hyper's tunnel").await.unwrap();
+    let mut back = [0u8; 22];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"through hyper's tunnel");
+
+    // On the fast path, bytes sent right behind the CONNECT head arrive too.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!("CONNECT {echo} HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\nearly bytes")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    let mut back = [0u8; 11];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"early bytes");
+    proxy.stop().await;
+}

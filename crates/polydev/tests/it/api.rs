@@ -274,8 +274,10 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-me-42");
-    let logs = app.logs();
-    assert!(logs.contains("trace-me-42"), "request id missing from logs");
+    assert!(
+        app.wait_for_log("trace-me-42").await,
+        "request id missing from logs"
+    );
     let bodies = [&dup.text, &unknown_user.text, &bad_uuid.text].map(|t| t.to_lowercase());
     for leak in [
         "unique constraint",

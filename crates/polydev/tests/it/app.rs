@@ -139,6 +139,36 @@ impl TestApp {
         self.logs.lock().expect("log lock").join("\n")
     }
 
+    /// Waits (up to 5 s) until a log line contains `needle`: lines written
+    /// after a response was sent arrive a moment later.
+    pub async fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Everything logged up to now: sends a request with a fresh request id
+    /// and waits for its completion line, which comes after every earlier one.
+    pub async fn settled_logs(&self) -> String {
+        let marker = format!("sentinel-{}", uuid::Uuid::new_v4().simple());
+        let _ = self
+            .client
+            .get(self.url("/api/auth/health"))
+            .header("x-request-id", &marker)
+            .send()
+            .await;
+        assert!(
+            self.wait_for_log(&marker).await,
+            "the sentinel request never reached the log"
+        );
+        self.logs()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")
     }

@@ -164,7 +164,7 @@ async fn admins_mint_and_revoke_proxy_credentials_and_users_see_their_usage() {
 
     // The secret never reaches the logs or the metrics; the proxy is in network-health.
     assert!(
-        !app.logs().contains(&password),
+        !app.settled_logs().await.contains(&password),
         "the proxy secret was logged"
     );
     let metrics = app
