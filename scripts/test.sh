@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh Debian machine: installs and starts what the
-# tests need (PostgreSQL, Chromium, promtool, the web UI's npm packages), then
+# tests need (PostgreSQL, Chromium, promtool, curl, the web UI's npm packages), then
 # runs the repository rules (fmt, clippy), the browser tests and the Rust
 # suite (unit, store on SQLite and PostgreSQL, the binary end to end).
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 need_rust
 
 # --- what the tests need -----------------------------------------------------
-need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus
+need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # PostgreSQL: start the Debian cluster when nothing answers, and make a
