@@ -615,3 +615,37 @@ async fn a_connect_after_a_forwarded_request_on_one_connection_still_tunnels() {
     assert_eq!(&back, b"early bytes");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_destinations_get_502() {
+    let proxy = Proxy::start(loopback_config()).await;
+    let user = proxy.user("ada@example.com").await;
+    let access = proxy.access(user, "runtime").await;
+    let (u, p) = auth(&access);
+    // A loopback port nobody listens on (allowed by the exception, refused by the kernel).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert_eq!(
+        connect(proxy.addr, Some((&u, &p)), &closed.to_string())
+            .await
+            .0,
+        502
+    );
+    let (_, code, body) = curl(
+        proxy.addr,
+        Some((&u, &p)),
+        &format!("http://{closed}/"),
+        &[],
+    );
+    assert_eq!(code, 502, "{body}");
+    let (_, code, _) = curl(
+        proxy.addr,
+        Some((&u, &p)),
+        "http://no-such-host.invalid/",
+        &[],
+    );
+    assert_eq!(code, 502);
+    proxy.stop().await;
+}

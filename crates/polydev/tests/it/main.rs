@@ -5,6 +5,7 @@
 mod api;
 mod app;
 mod egress;
+mod egress_standalone;
 mod observability;
 mod process;
 
