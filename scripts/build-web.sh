@@ -8,3 +8,6 @@ npm ci --no-audit --no-fund --loglevel=error
 mkdir -p public/vendor
 cp node_modules/uplot/dist/uPlot.esm.js node_modules/uplot/dist/uPlot.min.css public/vendor/
 cp node_modules/uplot/LICENSE public/vendor/uPlot.LICENSE
+# HPKE (RFC 9180) for the vault, bundled into one ES module with esbuild.
+npx --no-install esbuild src/hpke-entry.js --bundle --format=esm --minify --log-level=warning --outfile=public/vendor/hpke.js
+cp node_modules/@hpke/core/LICENSE public/vendor/hpke.LICENSE

@@ -14,6 +14,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.area {
         BenchArea::Http => http(&args).await,
         BenchArea::Egress => crate::bench_egress::run(&args).await,
+        BenchArea::Vault => vault(&args),
     }
 }
 
@@ -236,6 +237,142 @@ async fn http(args: &BenchArgs) -> anyhow::Result<()> {
         );
         for (k, v) in &figures {
             println!("{k:>24}  {v}");
+        }
+    }
+    Ok(())
+}
+
+fn vault(args: &BenchArgs) -> anyhow::Result<()> {
+    use polydev_vault::{ItemContext, KdfParams, KdfSpec, SealingKeyPair, VaultKey};
+    let mut figures = Map::new();
+    let mut put = |k: &str, v: f64| {
+        figures.insert(k.to_owned(), json!((v * 1000.0).round() / 1000.0));
+    };
+    let password = secrecy::SecretString::from("bench password".to_owned());
+    let spec = KdfSpec {
+        params: KdfParams::default(),
+        salt: [1; 16],
+    };
+    let started = Instant::now();
+    let master = spec.derive(&password)?;
+    put(
+        "kdf_pbkdf2_600k_ms",
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    let argon = KdfSpec {
+        params: KdfParams::Argon2id {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        },
+        salt: [1; 16],
+    };
+    let started = Instant::now();
+    argon.derive(&password)?;
+    put(
+        "kdf_argon2id_19mib_t2_ms",
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+
+    let key = VaultKey::generate();
+    let ctx = ItemContext::new("bench-user", "bench-item", 1);
+    let data = vec![0x5au8; 16 << 20];
+    let started = Instant::now();
+    let sealed = key.seal_item(&ctx, &data);
+    put(
+        "item_seal_mb_s",
+        data.len() as f64 / 1e6 / started.elapsed().as_secs_f64(),
+    );
+    let started = Instant::now();
+    key.open_item(&ctx, &sealed)?;
+    put(
+        "item_open_mb_s",
+        data.len() as f64 / 1e6 / started.elapsed().as_secs_f64(),
+    );
+    let pair = SealingKeyPair::generate();
+    let credential = vec![7u8; 4096];
+    let n = 200;
+    let started = Instant::now();
+    let boxes: Vec<Vec<u8>> = (0..n)
+        .map(|_| pair.public().seal("bench", b"", &credential))
+        .collect();
+    put(
+        "hpke_seal_4kib_us",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(n),
+    );
+    let started = Instant::now();
+    for b in &boxes {
+        pair.open("bench", b"", b)?;
+    }
+    put(
+        "hpke_open_4kib_us",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(n),
+    );
+
+    // The same in Chromium, through the browser module.
+    let (wrapping, _) = master.split();
+    let user = "bench-user";
+    let sandbox = SealingKeyPair::derive(&[9; 32]);
+    let request = json!({
+        "bench": true,
+        "password": "bench password",
+        "salt": hex::encode([1u8; 16]),
+        "userId": user,
+        "rust": {
+            "wrappedVaultKey": hex::encode(key.wrap(&wrapping, user)),
+            "ctx": {"userId": user, "itemId": "i", "version": 1},
+            "item": hex::encode(key.seal_item(&ItemContext::new(user, "i", 1), b"x")),
+            "sealingIkm": hex::encode([9u8; 32]),
+            "purpose": "bench",
+            "aad": "",
+            "sealed": hex::encode(sandbox.public().seal("bench", b"", b"x")),
+            "userPublicKey": hex::encode(pair.public().to_bytes()),
+        },
+        "browserCtx": {"userId": user, "itemId": "j", "version": 1},
+        "browserPlaintext": "x",
+    });
+    let root = std::env::current_dir()?;
+    let script = root.join("web/tests/vault-interop.mjs");
+    if !script.exists() {
+        bail!("run the vault bench from the repository root (needs web/tests/vault-interop.mjs and scripts/build-web.sh done)");
+    }
+    let mut child = Command::new("node")
+        .arg(&script)
+        .env("POLYDEV_BIN", std::env::current_exe()?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run node")?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(request.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "the Chromium side failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    for (k, name) in [
+        ("kdf_ms", "chromium_kdf_pbkdf2_600k_ms"),
+        ("seal_mb_s", "chromium_item_seal_mb_s"),
+        ("open_mb_s", "chromium_item_open_mb_s"),
+    ] {
+        put(name, answer["bench"][k].as_f64().unwrap_or(f64::NAN));
+    }
+    if args.json {
+        println!("{}", Value::Object(figures));
+    } else {
+        println!("vault crypto: KDF at the defaults, 16 MiB items, 4 KiB sealed boxes; Rust release build and headless Chromium");
+        for (k, v) in &figures {
+            println!("{k:>30}  {v}");
         }
     }
     Ok(())

@@ -38,6 +38,9 @@ pub enum BenchArea {
     /// The egress proxy side by side with tinyproxy: CONNECT throughput,
     /// tunnel setup rate, latency over 1000 tunnels, memory per idle tunnel.
     Egress,
+    /// Vault crypto: KDF time at the default parameters, item and sealing
+    /// throughput, in Rust and (through web/tests/vault-interop.mjs) in Chromium.
+    Vault,
 }
 
 #[derive(Debug, Clone, Args)]

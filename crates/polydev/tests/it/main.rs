@@ -8,6 +8,7 @@ mod egress;
 mod egress_standalone;
 mod observability;
 mod process;
+mod vault_browser;
 
 /// Expands each test into a `sqlite` and a `postgres` variant.
 macro_rules! on_both_backends {
