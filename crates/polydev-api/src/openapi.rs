@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, egress, health, health_admin, session, users};
+use crate::routes::{admin, egress, health, health_admin, session, users, vault};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,12 @@ use crate::routes::{admin, egress, health, health_admin, session, users};
         egress::mint,
         egress::revoke,
         egress::usage,
+        vault::put_keys,
+        vault::get_keys,
+        vault::put_item,
+        vault::get_item,
+        vault::delete_item,
+        vault::list_items,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -42,6 +48,7 @@ use crate::routes::{admin, egress, health, health_admin, session, users};
         (name = "auth", description = "Sign-in and provider login sessions"),
         (name = "admin", description = "Operators only"),
         (name = "egress", description = "The per-user egress proxy"),
+        (name = "vault", description = "Encrypted items and wrapped keys (zero-knowledge: see docs/VAULT.md)"),
         (name = "observability", description = "Metrics, host health and alerts (admins only, except /metrics)"),
     )
 )]

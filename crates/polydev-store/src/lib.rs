@@ -19,6 +19,7 @@ mod error;
 pub mod testing;
 mod tokens;
 mod users;
+mod vault;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -32,6 +33,7 @@ pub use egress::{EgressCredential, Usage, UsageDelta};
 pub use error::StoreError;
 pub use tokens::{NewToken, TokenKind, TokenOwner};
 pub use users::{NewUser, User};
+pub use vault::{VaultItem, VaultItemMeta, VaultKeys};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");

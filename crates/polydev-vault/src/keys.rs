@@ -74,6 +74,12 @@ impl MasterKey {
 }
 
 impl VaultKey {
+    /// A vault key from its raw bytes (a CLI session key); the caller
+    /// should wipe its copy.
+    pub fn from_raw(bytes: [u8; 32]) -> Self {
+        Self::from_bytes(bytes)
+    }
+
     /// A fresh random vault key (at sign-up).
     pub fn generate() -> Self {
         let mut k = [0u8; 32];

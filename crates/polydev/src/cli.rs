@@ -24,6 +24,9 @@ pub enum Command {
     User(UserCommand),
     /// Apply pending database migrations and exit.
     Migrate(StoreArgs),
+    /// Use your zero-knowledge vault on a polydev server (crypto runs here).
+    #[command(subcommand)]
+    Vault(VaultCommand),
     /// Run only the egress proxy (on its own host), against the shared store.
     Egress(EgressCommandArgs),
     /// Measure performance against the real binary (see docs/PERFORMANCE.md).
@@ -174,6 +177,45 @@ pub struct EgressCommandArgs {
     /// Serve /metrics and /healthz for this proxy on ADDR
     #[arg(long, env = "POLYDEV_EGRESS_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+}
+
+/// Where the server is and who you are.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The polydev server.
+    #[arg(long, env = "POLYDEV_SERVER", default_value = "http://127.0.0.1:4000")]
+    pub server: String,
+    /// An API or session token (from `polydev user add` or a login).
+    #[arg(long, env = "POLYDEV_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Create your vault: reads the password from stdin, derives the keys
+    /// here and uploads only wrapped keys. Losing the password loses the vault.
+    Init(ServerArgs),
+    /// Read the password from stdin and print a session key; export it as
+    /// POLYDEV_VAULT_SESSION for put/get. The session key is a secret.
+    Unlock(ServerArgs),
+    /// Encrypt standard input here and store it as item ID.
+    Put {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, env = "POLYDEV_VAULT_SESSION", hide_env_values = true)]
+        session: String,
+        id: String,
+    },
+    /// Fetch item ID and write its plaintext to standard output.
+    Get {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, env = "POLYDEV_VAULT_SESSION", hide_env_values = true)]
+        session: String,
+        id: String,
+    },
+    /// List your items (ids, versions, sizes) as JSON.
+    List(ServerArgs),
 }
 
 #[derive(Debug, Clone, Args)]

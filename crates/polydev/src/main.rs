@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod serve;
 mod user;
+mod vault_cli;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = StoreConfig::resolve(&args.store, &file)?;
             init_logging(&store, Some("warn"))?;
             user::add(&store, &args).await
+        }
+        Command::Vault(command) => {
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            vault_cli::run(command).await
         }
         Command::Egress(args) => {
             let file = FileConfig::load(args.store.config.as_deref())?;

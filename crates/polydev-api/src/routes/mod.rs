@@ -6,6 +6,7 @@ pub(crate) mod health;
 pub(crate) mod health_admin;
 pub(crate) mod session;
 pub(crate) mod users;
+pub(crate) mod vault;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -54,6 +55,14 @@ pub(crate) fn api_routes() -> Router<AppState> {
             axum::routing::delete(egress::revoke),
         )
         .route("/api/egress/usage", get(egress::usage))
+        .route("/api/vault/keys", get(vault::get_keys).put(vault::put_keys))
+        .route("/api/vault/items", get(vault::list_items))
+        .route(
+            "/api/vault/items/{id}",
+            get(vault::get_item)
+                .put(vault::put_item)
+                .delete(vault::delete_item),
+        )
         .route_layer(axum::middleware::from_fn(record_route))
 }
 

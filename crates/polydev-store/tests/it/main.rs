@@ -30,6 +30,8 @@ on_both_backends!(
     egress_credentials_resolve_until_revoked,
     proxy_ports_are_assigned_lowest_free_and_kept,
     egress_usage_adds_up,
+    vault_items_use_optimistic_concurrency_and_stay_per_user,
+    vault_keys_round_trip_and_are_replaced_on_password_change,
 );
 
 fn new_user(email: &str, role: Role, at: i64) -> NewUser {
@@ -330,4 +332,108 @@ async fn egress_usage_adds_up(backend: Backend) {
         ("a", 15, 30, 2, 200)
     );
     assert_eq!((usage[1].sandbox_id.as_str(), usage[1].bytes_up), ("b", 1));
+}
+
+async fn vault_items_use_optimistic_concurrency_and_stay_per_user(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let ada = store
+        .create_user(&new_user("ada@example.com", Role::User, 1))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .create_user(&new_user("bob@example.com", Role::User, 2))
+        .await
+        .unwrap()
+        .id;
+    let env1 = vec![0x50u8, 1, 1, 9, 9, 9];
+    assert_eq!(
+        store
+            .put_vault_item(ada, "codex", 0, &env1, 10)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.put_vault_item(ada, "codex", 0, &env1, 11).await,
+        Err(StoreError::Conflict("version"))
+    ));
+    assert_eq!(
+        store
+            .put_vault_item(ada, "codex", 1, b"second", 12)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(matches!(
+        store.put_vault_item(ada, "codex", 1, b"stale", 13).await,
+        Err(StoreError::Conflict("version"))
+    ));
+    let item = store.vault_item(ada, "codex").await.unwrap();
+    assert_eq!(
+        (
+            item.version,
+            item.envelope.as_slice(),
+            item.created_at_ms,
+            item.updated_at_ms
+        ),
+        (2, &b"second"[..], 10, 12)
+    );
+    // Bob sees nothing of Ada's.
+    assert!(matches!(
+        store.vault_item(bob, "codex").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.vault_items(bob).await.unwrap().is_empty());
+    let meta = store.vault_items(ada).await.unwrap();
+    assert_eq!(
+        (meta[0].item_id.as_str(), meta[0].version, meta[0].size),
+        ("codex", 2, 6)
+    );
+    assert!(matches!(
+        store.delete_vault_item(ada, "codex", 1).await,
+        Err(StoreError::Conflict("version"))
+    ));
+    assert!(matches!(
+        store.delete_vault_item(bob, "codex", 2).await,
+        Err(StoreError::NotFound)
+    ));
+    store.delete_vault_item(ada, "codex", 2).await.unwrap();
+    assert!(matches!(
+        store.delete_vault_item(ada, "codex", 2).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn vault_keys_round_trip_and_are_replaced_on_password_change(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let ada = store
+        .create_user(&new_user("ada@example.com", Role::User, 1))
+        .await
+        .unwrap()
+        .id;
+    assert!(matches!(
+        store.vault_keys(ada).await,
+        Err(StoreError::NotFound)
+    ));
+    let keys = polydev_store::VaultKeys {
+        kdf: "pbkdf2-sha256:600000".into(),
+        kdf_salt: vec![1; 16],
+        wrapped_vault_key: vec![0x50, 1, 2, 0, 255],
+        public_key: vec![4; 65],
+        wrapped_private_key: vec![0x50, 1, 3],
+        updated_at_ms: 5,
+    };
+    store.put_vault_keys(ada, &keys).await.unwrap();
+    assert_eq!(store.vault_keys(ada).await.unwrap(), keys);
+    let changed = polydev_store::VaultKeys {
+        kdf_salt: vec![2; 16],
+        wrapped_vault_key: vec![0x50, 1, 2, 7],
+        updated_at_ms: 6,
+        ..keys
+    };
+    store.put_vault_keys(ada, &changed).await.unwrap();
+    assert_eq!(store.vault_keys(ada).await.unwrap(), changed);
 }

@@ -8,16 +8,17 @@ mod egress;
 mod egress_standalone;
 mod observability;
 mod process;
+mod vault_api;
 mod vault_browser;
 
 /// Expands each test into a `sqlite` and a `postgres` variant.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(polydev_store::Backend::Sqlite).await })*
+            $(#[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(polydev_store::Backend::Sqlite).await })*
         }
         mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(polydev_store::Backend::Postgres).await })*
+            $(#[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(polydev_store::Backend::Postgres).await })*
         }
     };
 }
