@@ -41,8 +41,11 @@ async function call(method, path, body) {
 }
 
 export const api = {
-  signUp: (email, password) => call("POST", "/api/users", { email, password }),
-  logIn: (email, password) => call("POST", "/api/auth/login", { email, password }),
+  signUp: (body) => call("POST", "/api/users", body),
+  logIn: (email, loginCredential) => call("POST", "/api/auth/login", { email, loginCredential }),
+  prelogin: (email) => call("GET", `/api/auth/prelogin?email=${encodeURIComponent(email)}`),
+  vaultKeys: () => call("GET", "/api/vault/keys"),
+  clientConfig: () => call("GET", "/api/client-config"),
   logOut: () => call("POST", "/api/auth/logout"),
   me: () => call("GET", "/api/me"),
   users: (limit = 100, offset = 0) => call("GET", `/api/admin/users?limit=${limit}&offset=${offset}`),

@@ -4,6 +4,7 @@
 
 import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
+import * as session from "/session.js";
 
 const view = document.getElementById("view");
 const nav = document.getElementById("nav");
@@ -23,26 +24,28 @@ export function go(path) {
 }
 
 // A sign-up or log-in form; `submit` gets the values and returns a promise.
-function credentialsForm({ title, button, note, submit, alternative }) {
+function credentialsForm({ title, button, note, acknowledge, submit, alternative }) {
   const email = el("input", { type: "email", name: "email", id: "email", autocomplete: "username", required: true });
   const password = el("input", {
     type: "password", name: "password", id: "password", minlength: "8", required: true,
     autocomplete: button === "Sign up" ? "new-password" : "current-password",
   });
   const status = el("div", { class: "status" });
+  const ack = acknowledge ? el("input", { type: "checkbox", id: "acknowledge" }) : null;
   const submitButton = el("button", { type: "submit" }, button);
   const form = el("form", { class: "card", novalidate: true },
     el("h1", {}, title),
     el("label", { for: "email" }, "Email"), email,
     el("label", { for: "password" }, "Password"), password,
     note ? el("p", { class: "muted small" }, note) : null,
+    acknowledge ? el("p", { class: "warning-note" }, el("label", { for: "acknowledge", class: "check" }, ack, " ", acknowledge)) : null,
     submitButton, status, alternative);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     submitButton.disabled = true;
     status.replaceChildren();
     try {
-      await submit(email.value, password.value);
+      await submit(email.value, password.value, ack ? ack.checked : true);
     } catch (e) {
       status.replaceChildren(errorBox(e.message));
     } finally {
@@ -53,8 +56,7 @@ function credentialsForm({ title, button, note, submit, alternative }) {
 }
 
 async function logInAndGoHome(email, password) {
-  const result = await api.logIn(email, password);
-  currentUser = result.user;
+  currentUser = await session.logIn(email, password);
   go("/");
 }
 
@@ -73,19 +75,46 @@ const routes = {
     render: () => show(credentialsForm({
       title: "Create an account",
       button: "Sign up",
-      note: "At least 8 characters.",
-      submit: async (email, password) => {
-        await api.signUp(email, password);
-        await logInAndGoHome(email, password);
+      note: "At least 8 characters. Your password encrypts your vault on this device; the server never sees it.",
+      acknowledge: "I understand that polydev cannot recover my password: if I lose it, the credentials in my vault are lost.",
+      submit: async (email, password, acknowledged) => {
+        currentUser = await session.signUp(email, password, acknowledged);
+        go("/");
       },
       alternative: el("p", {}, "Have an account? ", el("a", { href: "/login", "data-link": true }, "Log in")),
     })),
+  },
+  "/unlock": {
+    render: () => {
+      const password = el("input", { type: "password", id: "password", autocomplete: "current-password", required: true });
+      const status = el("div", { class: "status" });
+      const button = el("button", { type: "submit" }, "Unlock");
+      const form = el("form", { class: "card", novalidate: true },
+        el("h1", {}, "Unlock your vault"),
+        el("p", { class: "muted" }, `Signed in as ${currentUser.email}. Your vault is locked; your password unlocks it on this device.`),
+        el("label", { for: "password" }, "Password"), password, button, status);
+      form.addEventListener("submit", async (event) => {
+        event.preventDefault();
+        button.disabled = true;
+        status.replaceChildren();
+        try {
+          await session.unlock(currentUser, password.value);
+          go("/");
+        } catch (e) {
+          status.replaceChildren(errorBox(e.message));
+        } finally {
+          button.disabled = false;
+        }
+      });
+      show(form);
+    },
   },
   "/": {
     title: "Home",
     render: () => show(
       el("h1", {}, "Home"),
       el("p", { id: "welcome" }, `Signed in as ${currentUser.email}.`),
+      el("p", { id: "vault-state", class: "muted" }, "Vault unlocked on this device."),
       el("section", { class: "card" },
         el("h2", {}, "Providers"),
         el("p", { class: "muted" }, "Connecting Claude Code, Codex and Gemini CLI is not available on this server yet.")),
@@ -125,11 +154,16 @@ function renderChrome() {
     }, r.title));
   nav.replaceChildren(...links);
   who.replaceChildren(...(currentUser
-    ? [el("span", { class: "muted" }, currentUser.email), el("button", { id: "logout", class: "link", onclick: logOut }, "Log out")]
+    ? [
+      el("span", { class: "muted" }, currentUser.email),
+      session.isUnlocked() ? el("button", { id: "lock", class: "link", onclick: () => { session.lock(); go("/unlock"); } }, "Lock") : null,
+      el("button", { id: "logout", class: "link", onclick: logOut }, "Log out"),
+    ].filter(Boolean)
     : []));
 }
 
 async function logOut() {
+  session.lock();
   try {
     await api.logOut();
   } catch (e) {
@@ -163,6 +197,14 @@ async function render() {
       return;
     }
   }
+  if (!route.public && location.pathname !== "/unlock" && !session.isUnlocked()) {
+    go("/unlock");
+    return;
+  }
+  if (location.pathname === "/unlock" && session.isUnlocked()) {
+    go("/");
+    return;
+  }
   if (route.admin && currentUser.role !== "admin") {
     renderChrome();
     show(errorBox("This page is for admins."));
@@ -181,4 +223,7 @@ document.addEventListener("click", (event) => {
   }
 });
 window.addEventListener("popstate", render);
+session.armAutoLock(() => {
+  if (currentUser) go("/unlock");
+});
 render();

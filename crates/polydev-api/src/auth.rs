@@ -170,6 +170,22 @@ impl LoginLimiter {
         Ok(())
     }
 
+    /// Counts one attempt against an account only (for signed-in actions
+    /// such as a password change, where the address says nothing).
+    pub fn check_account(&self, account: &str) -> Result<(), ApiError> {
+        let clock = governor::clock::DefaultClock::default();
+        self.per_account
+            .check_key(&account.to_owned())
+            .map_err(|n| {
+                ApiError::too_many_requests(
+                    "too many attempts for this account; wait and try again",
+                    n.wait_time_from(governor::clock::Clock::now(&clock))
+                        .as_secs()
+                        + 1,
+                )
+            })
+    }
+
     /// Forgets keys whose limits have fully recovered (bounds memory).
     pub fn sweep(&self) {
         self.per_ip.retain_recent();

@@ -54,6 +54,8 @@ pub struct ApiConfig {
     pub ready_timeout: Duration,
     /// URLs the network-health check probes (GET, 2 s deadline each).
     pub health_upstreams: Vec<String>,
+    /// The web UI locks the vault (wipes keys) after this much idle time.
+    pub vault_autolock: Duration,
 }
 
 impl Default for ApiConfig {
@@ -68,6 +70,7 @@ impl Default for ApiConfig {
             login_per_account_per_minute: 10,
             ready_timeout: Duration::from_secs(2),
             health_upstreams: Vec::new(),
+            vault_autolock: Duration::from_secs(15 * 60),
         }
     }
 }

@@ -14,10 +14,13 @@ use crate::routes::{admin, egress, health, health_admin, session, users, vault};
     paths(
         health::health,
         health::ready,
+        health::client_config,
         users::create,
         users::get,
         users::me,
         session::login,
+        session::prelogin,
+        session::change_password,
         session::logout,
         session::start,
         admin::list_users,

@@ -59,6 +59,18 @@ impl StoreError {
         Self::internal(err)
     }
 
+    /// Maps an insert into `users`: which uniqueness rule broke.
+    pub(crate) fn on_user_insert(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err {
+            if db.is_unique_violation() {
+                let email = db.constraint() == Some("users_email_key")
+                    || db.message().contains("users.email");
+                return StoreError::Conflict(if email { "email" } else { "user id" });
+            }
+        }
+        Self::on_write(err, "email")
+    }
+
     /// True when retrying later may succeed (the store was unreachable).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))

@@ -112,6 +112,23 @@ impl Store {
         Ok(())
     }
 
+    /// Signs a user out everywhere but `keep_hash` (after a password change).
+    pub async fn delete_other_sessions(
+        &self,
+        user: UserId,
+        keep_hash: &str,
+    ) -> Result<u64, StoreError> {
+        sqlx::query(
+            "DELETE FROM api_tokens WHERE user_id = $1 AND kind = 'session' AND token_hash <> $2",
+        )
+        .bind(user.to_string())
+        .bind(keep_hash.to_owned())
+        .execute(self.pool())
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(StoreError::internal)
+    }
+
     /// Removes expired tokens; returns how many.
     pub async fn delete_expired_tokens(&self, now_ms: i64) -> Result<u64, StoreError> {
         sqlx::query("DELETE FROM api_tokens WHERE expires_at IS NOT NULL AND expires_at <= $1")

@@ -60,7 +60,7 @@ impl Store {
         .bind(new.created_at_ms)
         .execute(self.pool())
         .await
-        .map_err(|e| StoreError::on_write(e, "email"))?;
+        .map_err(StoreError::on_user_insert)?;
         Ok(User {
             id: new.id,
             email: new.email.clone(),

@@ -50,14 +50,12 @@ fn keys_from_row(r: &AnyRow) -> Result<VaultKeys, StoreError> {
 }
 
 impl Store {
-    /// Sets (or, on password change, replaces) a user's key material.
+    /// Sets up a vault for a user who has none (`Conflict` otherwise; a
+    /// password change replaces keys through `change_password`).
     pub async fn put_vault_keys(&self, user: UserId, keys: &VaultKeys) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO vault_keys (user_id, kdf, kdf_salt, wrapped_vault_key, public_key, wrapped_private_key, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (user_id) DO UPDATE SET kdf = excluded.kdf, kdf_salt = excluded.kdf_salt, \
-               wrapped_vault_key = excluded.wrapped_vault_key, public_key = excluded.public_key, \
-               wrapped_private_key = excluded.wrapped_private_key, updated_at = excluded.updated_at",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(user.to_string())
         .bind(keys.kdf.clone())
@@ -195,5 +193,104 @@ impl Store {
                 })
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// A setting's value, creating it with `make()` the first time (the
+    /// first writer wins when two race).
+    pub async fn setting_or_insert(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
+        if let Some(v) =
+            sqlx::query_scalar::<_, String>("SELECT value FROM server_settings WHERE name = $1")
+                .bind(name.to_owned())
+                .fetch_optional(self.pool())
+                .await
+                .map_err(StoreError::internal)?
+        {
+            return Ok(v);
+        }
+        sqlx::query("INSERT INTO server_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name.to_owned())
+            .bind(make())
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::internal)?;
+        sqlx::query_scalar("SELECT value FROM server_settings WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_one(self.pool())
+            .await
+            .map_err(StoreError::internal)
+    }
+
+    /// Creates a user and their vault key material in one transaction.
+    pub async fn create_user_with_vault(
+        &self,
+        new: &crate::NewUser,
+        keys: &VaultKeys,
+    ) -> Result<crate::User, StoreError> {
+        let mut tx = self.pool().begin().await.map_err(StoreError::internal)?;
+        sqlx::query("INSERT INTO users (id, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(new.id.to_string())
+            .bind(new.email.as_str().to_owned())
+            .bind(new.password_hash.clone())
+            .bind(new.role.as_str())
+            .bind(new.created_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::on_user_insert)?;
+        sqlx::query(
+            "INSERT INTO vault_keys (user_id, kdf, kdf_salt, wrapped_vault_key, public_key, wrapped_private_key, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(new.id.to_string())
+        .bind(keys.kdf.clone())
+        .bind(keys.kdf_salt.clone())
+        .bind(keys.wrapped_vault_key.clone())
+        .bind(keys.public_key.clone())
+        .bind(keys.wrapped_private_key.clone())
+        .bind(keys.updated_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| StoreError::on_write(e, "vault keys"))?;
+        tx.commit().await.map_err(StoreError::internal)?;
+        Ok(crate::User {
+            id: new.id,
+            email: new.email.clone(),
+            role: new.role,
+            created_at_ms: new.created_at_ms,
+        })
+    }
+
+    /// Replaces the password hash and the key material together (password change).
+    pub async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+        keys: &VaultKeys,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await.map_err(StoreError::internal)?;
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(password_hash.to_owned())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::internal)?;
+        sqlx::query(
+            "UPDATE vault_keys SET kdf = $1, kdf_salt = $2, wrapped_vault_key = $3, public_key = $4, wrapped_private_key = $5, updated_at = $6 WHERE user_id = $7",
+        )
+        .bind(keys.kdf.clone())
+        .bind(keys.kdf_salt.clone())
+        .bind(keys.wrapped_vault_key.clone())
+        .bind(keys.public_key.clone())
+        .bind(keys.wrapped_private_key.clone())
+        .bind(keys.updated_at_ms)
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::internal)?;
+        tx.commit().await.map_err(StoreError::internal)
     }
 }

@@ -15,11 +15,13 @@
 //! key is zeroized on drop; every ciphertext is bound by its AAD to the user,
 //! the item and its version, so it cannot be moved or replayed elsewhere.
 
+mod enroll;
 mod envelope;
 mod kdf;
 mod keys;
 mod seal;
 
+pub use enroll::Enrollment;
 pub use envelope::{ItemContext, Kind, FORMAT_VERSION, MAGIC};
 pub use kdf::{KdfParams, KdfSpec, MIN_PBKDF2_ITERATIONS};
 pub use keys::{LoginCredential, MasterKey, VaultKey, WrappingKey};

@@ -24,6 +24,14 @@ pub enum Command {
     User(UserCommand),
     /// Apply pending database migrations and exit.
     Migrate(StoreArgs),
+    /// Log in to a polydev server: reads the password from stdin, derives
+    /// the login credential here, prints `{"token","user"}`.
+    Login {
+        #[arg(long, env = "POLYDEV_SERVER", default_value = "http://127.0.0.1:4000")]
+        server: String,
+        #[arg(long)]
+        email: String,
+    },
     /// Use your zero-knowledge vault on a polydev server (crypto runs here).
     #[command(subcommand)]
     Vault(VaultCommand),
@@ -143,6 +151,9 @@ pub struct ServeArgs {
     /// Slack- or Discord-compatible webhook for alerts (rules: the [alerts] TOML section)
     #[arg(long, env = "POLYDEV_ALERT_WEBHOOK_URL", value_name = "URL")]
     pub alert_webhook_url: Option<String>,
+    /// Idle seconds after which the web UI locks the vault [default: 900]
+    #[arg(long, env = "POLYDEV_VAULT_AUTOLOCK_SECS", value_name = "SECS")]
+    pub vault_autolock_secs: Option<u64>,
     #[command(flatten)]
     pub egress: EgressArgs,
 }
@@ -228,7 +239,8 @@ pub struct UserAddArgs {
     /// Make the user an admin.
     #[arg(long)]
     pub admin: bool,
-    /// Read a password for web sign-in from standard input (first line).
+    /// Read a password for web sign-in from standard input (first line);
+    /// the vault is set up with it (the server keeps only wrapped keys).
     #[arg(long)]
     pub password_stdin: bool,
 }

@@ -39,6 +39,7 @@ pub struct FileConfig {
     health_upstreams: Option<Vec<String>>,
     alerts: Option<AlertsConfig>,
     egress: Option<EgressConfig>,
+    vault_autolock_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -215,6 +216,12 @@ impl ServeConfig {
                 .unwrap_or(defaults.login_per_account_per_minute),
             ready_timeout: defaults.ready_timeout,
             health_upstreams: file.health_upstreams.clone().unwrap_or_default(),
+            vault_autolock: Duration::from_secs(
+                args.vault_autolock_secs
+                    .or(file.vault_autolock_secs)
+                    .unwrap_or(900)
+                    .max(1),
+            ),
         };
         for url in &api.health_upstreams {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

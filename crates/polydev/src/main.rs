@@ -50,6 +50,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&store, Some("warn"))?;
             user::add(&store, &args).await
         }
+        Command::Login { server, email } => {
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            vault_cli::login(&server, &email).await
+        }
         Command::Vault(command) => {
             polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
             vault_cli::run(command).await

@@ -3,9 +3,12 @@
 use std::io::BufRead;
 
 use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use polydev_api::PasswordHasherPool;
 use polydev_domain::{Email, PasswordPolicy, Role, UserId};
-use polydev_store::{now_ms, NewToken, NewUser, StoreError, TokenKind};
+use polydev_store::{now_ms, NewToken, NewUser, StoreError, TokenKind, VaultKeys};
+use polydev_vault::Enrollment;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::cli::UserAddArgs;
@@ -14,7 +17,10 @@ use crate::serve::open_store;
 
 pub async fn add(config: &StoreConfig, args: &UserAddArgs) -> anyhow::Result<()> {
     let email = Email::parse(&args.email).context("--email")?;
-    let password_hash = if args.password_stdin {
+    let id = UserId::new();
+    // With a password, the vault is enrolled here, as a browser would at
+    // sign-up: the store gets the login credential's hash and wrapped keys.
+    let enrollment = if args.password_stdin {
         let mut line = String::new();
         std::io::stdin()
             .lock()
@@ -22,29 +28,51 @@ pub async fn add(config: &StoreConfig, args: &UserAddArgs) -> anyhow::Result<()>
             .context("cannot read the password from standard input")?;
         let password = SecretString::from(line.trim_end_matches(['\r', '\n']).to_owned());
         PasswordPolicy::check(password.expose_secret())?;
-        let hasher = PasswordHasherPool::new(1, std::time::Duration::from_secs(30));
-        Some(
-            hasher
-                .hash(password)
-                .await
-                .map_err(|e| anyhow::anyhow!(e.message))?,
-        )
+        Some(Enrollment::new(&password, &id.to_string())?)
     } else {
         None
     };
     let store = open_store(config).await?;
     let role = if args.admin { Role::Admin } else { Role::User };
     let now = now_ms();
-    let user = match store
-        .create_user(&NewUser {
-            id: UserId::new(),
-            email,
-            password_hash,
-            role,
-            created_at_ms: now,
-        })
-        .await
-    {
+    let created = match &enrollment {
+        Some(e) => {
+            let hasher = PasswordHasherPool::new(1, std::time::Duration::from_secs(30));
+            let credential = SecretString::from(B64.encode(e.login_credential.as_bytes()));
+            let hash = hasher
+                .hash(credential)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            let keys = VaultKeys {
+                kdf: crate::vault_cli::kdf_text(&e.spec.params),
+                kdf_salt: e.spec.salt.to_vec(),
+                wrapped_vault_key: e.wrapped_vault_key.clone(),
+                public_key: e.public_key.clone(),
+                wrapped_private_key: e.wrapped_private_key.clone(),
+                updated_at_ms: now,
+            };
+            let new = NewUser {
+                id,
+                email,
+                password_hash: Some(hash),
+                role,
+                created_at_ms: now,
+            };
+            store.create_user_with_vault(&new, &keys).await
+        }
+        None => {
+            store
+                .create_user(&NewUser {
+                    id,
+                    email,
+                    password_hash: None,
+                    role,
+                    created_at_ms: now,
+                })
+                .await
+        }
+    };
+    let user = match created {
         Ok(user) => user,
         Err(StoreError::Conflict(_)) => {
             bail!("a user with email {} already exists", args.email.trim())

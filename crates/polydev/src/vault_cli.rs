@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use polydev_vault::{ItemContext, KdfParams, KdfSpec, SealingKeyPair, VaultKey};
+use polydev_vault::{Enrollment, ItemContext, KdfParams, KdfSpec, VaultKey};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
@@ -113,6 +113,86 @@ fn kdf_from(value: &Value) -> anyhow::Result<KdfParams> {
     }
 }
 
+/// The stored form of KDF parameters (see the API's `KdfView`).
+pub fn kdf_text(params: &KdfParams) -> String {
+    match *params {
+        KdfParams::Pbkdf2Sha256 { iterations } => format!("pbkdf2-sha256:{iterations}"),
+        KdfParams::Argon2id {
+            memory_kib,
+            iterations,
+            parallelism,
+        } => format!("argon2id:{memory_kib}:{iterations}:{parallelism}"),
+    }
+}
+
+fn kdf_json(params: &KdfParams) -> Value {
+    match *params {
+        KdfParams::Pbkdf2Sha256 { iterations } => {
+            json!({"algorithm": "pbkdf2-sha256", "iterations": iterations})
+        }
+        KdfParams::Argon2id {
+            memory_kib,
+            iterations,
+            parallelism,
+        } => {
+            json!({"algorithm": "argon2id", "memoryKib": memory_kib, "iterations": iterations, "parallelism": parallelism})
+        }
+    }
+}
+
+/// The `vault` object of sign-up, `PUT /api/vault/keys` and password change.
+fn vault_json(e: &Enrollment) -> Value {
+    json!({
+        "kdf": kdf_json(&e.spec.params),
+        "salt": B64.encode(e.spec.salt),
+        "wrappedVaultKey": B64.encode(&e.wrapped_vault_key),
+        "publicKey": B64.encode(&e.public_key),
+        "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
+    })
+}
+
+/// `polydev login`: derives the login credential here and prints a token.
+pub async fn login(server: &str, email: &str) -> anyhow::Result<()> {
+    let password = read_password()?;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let base = server.trim_end_matches('/');
+    let pre: Value = http
+        .get(format!("{base}/api/auth/prelogin"))
+        .query(&[("email", email)])
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?
+        .json()
+        .await?;
+    let salt: [u8; 16] = b64("salt", &pre)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("salt is not 16 bytes"))?;
+    let (_, login) = KdfSpec {
+        params: kdf_from(&pre["kdf"])?,
+        salt,
+    }
+    .derive(&password)?
+    .split();
+    let resp = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({"email": email, "loginCredential": B64.encode(login.as_bytes())}))
+        .send()
+        .await?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "the server answered {}: {}",
+            status.as_u16(),
+            body["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    println!("{}", json!({"token": body["token"], "user": body["user"]}));
+    Ok(())
+}
+
 fn session_key(session: &str) -> anyhow::Result<VaultKey> {
     let bytes = B64
         .decode(session.trim())
@@ -129,24 +209,12 @@ pub async fn run(command: VaultCommand) -> anyhow::Result<()> {
             let client = Client::new(&args)?;
             let password = read_password()?;
             let user = client.user_id().await?;
-            let spec = KdfSpec::generate();
-            let (wrapping, _login) = spec.derive(&password)?.split();
-            let vault_key = VaultKey::generate();
-            let sealing = SealingKeyPair::generate();
-            let KdfParams::Pbkdf2Sha256 { iterations } = spec.params else {
-                bail!("unexpected default KDF");
-            };
+            let e = Enrollment::new(&password, &user)?;
             client
                 .ok(
                     reqwest::Method::PUT,
                     "/api/vault/keys",
-                    Some(json!({
-                        "kdf": {"algorithm": "pbkdf2-sha256", "iterations": iterations},
-                        "salt": B64.encode(spec.salt),
-                        "wrappedVaultKey": B64.encode(vault_key.wrap(&wrapping, &user)),
-                        "publicKey": B64.encode(sealing.public().to_bytes()),
-                        "wrappedPrivateKey": B64.encode(sealing.wrap(&vault_key, &user)),
-                    })),
+                    Some(vault_json(&e)),
                 )
                 .await?;
             eprintln!("vault created; remember the password: it cannot be recovered");

@@ -74,3 +74,19 @@ pub(crate) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Re
         }),
     )
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ClientConfig {
+    /// Idle seconds after which the web UI locks the vault.
+    vault_autolock_secs: u64,
+}
+
+/// Settings the web UI needs before sign-in (nothing secret).
+#[utoipa::path(get, path = "/api/client-config", tag = "health",
+    responses((status = 200, body = ClientConfig)))]
+pub(crate) async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
+    Json(ClientConfig {
+        vault_autolock_secs: state.config.vault_autolock.as_secs(),
+    })
+}

@@ -6,22 +6,25 @@ use polydev_domain::{Email, Provider, UserId};
 use polydev_store::{now_ms, NewToken, StoreError, TokenKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use sha2::Digest;
+use utoipa::{IntoParams, ToSchema};
 
 use super::UserView;
 use crate::auth::{client_ip, CurrentUser, SESSION_COOKIE};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiQuery};
 use crate::routes::users::ensure_self_or_admin;
+use crate::routes::vault::{login_credential, validate_keys, KdfView, VaultKeysView};
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Login {
     #[schema(example = "ada@example.com")]
     email: String,
+    /// Base64 of the 32-byte login credential derived on the client.
     #[schema(value_type = String, format = Password)]
-    password: SecretString,
+    login_credential: SecretString,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -66,7 +69,8 @@ pub(crate) async fn login(
         Err(StoreError::NotFound) => (None, None),
         Err(e) => return Err(e.into()),
     };
-    let ok = state.auth.hasher.verify(body.password, hash).await?;
+    let credential = login_credential(&body.login_credential)?;
+    let ok = state.auth.hasher.verify(credential, hash).await?;
     let Some(user) = user.filter(|_| ok) else {
         tracing::info!("login failed");
         return Err(ApiError::new(
@@ -167,4 +171,111 @@ pub(crate) async fn start(
         "not_implemented",
         format!("login sessions ({provider}) are not available on this server yet"),
     ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PreloginQuery {
+    email: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Prelogin {
+    kdf: KdfView,
+    /// 16 bytes, standard base64.
+    salt: String,
+}
+
+/// The KDF parameters and salt to derive the login credential with. For
+/// an email without an account the answer is made up, but stable, so it
+/// does not reveal which accounts exist.
+#[utoipa::path(get, path = "/api/auth/prelogin", tag = "auth", params(PreloginQuery),
+    responses((status = 200, body = Prelogin), (status = 400, body = ErrorBody)))]
+pub(crate) async fn prelogin(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<PreloginQuery>,
+) -> ApiResult<Json<Prelogin>> {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    let email = Email::parse(&q.email)?;
+    if let Ok((user, _)) = state.store.user_with_password(&email).await {
+        if let Ok(keys) = state.store.vault_keys(user.id).await {
+            if let Some(kdf) = KdfView::decode(&keys.kdf) {
+                return Ok(Json(Prelogin {
+                    kdf,
+                    salt: B64.encode(&keys.kdf_salt),
+                }));
+            }
+        }
+    }
+    let secret = state
+        .store
+        .setting_or_insert("prelogin_key", || {
+            let mut k = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut k);
+            B64.encode(k)
+        })
+        .await?;
+    let digest =
+        sha2::Sha256::digest(format!("polydev prelogin\0{secret}\0{}", email.as_str()).as_bytes());
+    Ok(Json(Prelogin {
+        kdf: KdfView::default_view(),
+        salt: B64.encode(&digest[..16]),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ChangePassword {
+    #[schema(value_type = String, format = Password)]
+    current_login_credential: SecretString,
+    #[schema(value_type = String, format = Password)]
+    new_login_credential: SecretString,
+    /// The vault key re-wrapped under the new password (items are not re-encrypted).
+    vault: VaultKeysView,
+}
+
+/// Change your password: proves the current one, stores the new login
+/// credential's hash and the re-wrapped keys together, and signs out every
+/// other session.
+#[utoipa::path(post, path = "/api/auth/password", tag = "auth", request_body = ChangePassword,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 400, body = ErrorBody),
+        (status = 401, description = "Not signed in, or the current password is wrong", body = ErrorBody)))]
+pub(crate) async fn change_password(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    ApiJson(body): ApiJson<ChangePassword>,
+) -> ApiResult<StatusCode> {
+    let current = login_credential(&body.current_login_credential)?;
+    let new = login_credential(&body.new_login_credential)?;
+    let keys = validate_keys(&body.vault)?;
+    state
+        .auth
+        .limiter
+        .check_account(principal.user.email.as_str())?;
+    let (_, hash) = state
+        .store
+        .user_with_password(&principal.user.email)
+        .await?;
+    if !state.auth.hasher.verify(current, hash).await? {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "the current password is wrong",
+        ));
+    }
+    let new_hash = state.auth.hasher.hash(new).await?;
+    state
+        .store
+        .change_password(principal.user.id, &new_hash, &keys)
+        .await?;
+    let _ = state
+        .store
+        .delete_other_sessions(principal.user.id, &principal.token_hash)
+        .await;
+    tracing::info!(user_id = %principal.user.id, "password changed");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -2,9 +2,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use polydev_domain::{Email, PasswordPolicy, Role, UserId};
+use polydev_domain::{Email, Role, UserId};
 use polydev_store::{now_ms, NewUser, StoreError};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -12,25 +12,33 @@ use super::UserView;
 use crate::auth::{CurrentUser, Principal};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiJson;
+use crate::routes::vault::{login_credential, validate_keys, VaultKeysView};
 use crate::AppState;
 
-/// Sign-up request. The password never leaves the request handler except
-/// as an Argon2id hash.
+/// Sign-up request. The password never reaches the server: the client
+/// derives the login credential and the wrapped keys from it
+/// (docs/VAULT.md).
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SignUp {
     #[schema(example = "ada@example.com")]
     email: String,
-    /// At least 8 characters.
+    /// The new account's id (a UUID the client generates: its wrapped keys
+    /// are bound to it).
+    #[schema(value_type = String, format = Uuid)]
+    user_id: String,
+    /// Base64 of the 32-byte login credential (HKDF of the master key).
     #[schema(value_type = String, format = Password)]
-    password: SecretString,
+    login_credential: SecretString,
+    /// The new vault's key material.
+    vault: VaultKeysView,
 }
 
 /// Create an account (role `user`).
 #[utoipa::path(post, path = "/api/users", tag = "users", request_body = SignUp,
     responses(
         (status = 201, description = "Created", body = UserView),
-        (status = 400, description = "Invalid email or password", body = ErrorBody),
+        (status = 400, description = "Invalid email, login credential or key material", body = ErrorBody),
         (status = 403, description = "Sign-up is disabled", body = ErrorBody),
         (status = 409, description = "Email already registered", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -47,23 +55,34 @@ pub(crate) async fn create(
         ));
     }
     let email = Email::parse(&body.email)?;
-    PasswordPolicy::check(body.password.expose_secret())?;
-    let hash = state.auth.hasher.hash(body.password).await?;
+    let id = UserId::parse("userId", &body.user_id)?;
+    let credential = login_credential(&body.login_credential)?;
+    let keys = validate_keys(&body.vault)?;
+    let hash = state.auth.hasher.hash(credential).await?;
     let new = NewUser {
-        id: UserId::new(),
+        id,
         email,
         password_hash: Some(hash),
         role: Role::User,
         created_at_ms: now_ms(),
     };
-    let user = state.store.create_user(&new).await.map_err(|e| match e {
-        StoreError::Conflict(_) => ApiError::new(
-            StatusCode::CONFLICT,
-            "email_taken",
-            "an account with this email already exists",
-        ),
-        other => other.into(),
-    })?;
+    let user = state
+        .store
+        .create_user_with_vault(&new, &keys)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict("user id") => ApiError::new(
+                StatusCode::CONFLICT,
+                "user_id_taken",
+                "that user id is taken; generate another",
+            ),
+            StoreError::Conflict(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "email_taken",
+                "an account with this email already exists",
+            ),
+            other => other.into(),
+        })?;
     tracing::info!(user_id = %user.id, "user signed up");
     Ok((
         StatusCode::CREATED,

@@ -36,6 +36,21 @@ pub(crate) enum KdfView {
 }
 
 impl KdfView {
+    pub(crate) fn default_view() -> Self {
+        match KdfParams::default() {
+            KdfParams::Pbkdf2Sha256 { iterations } => KdfView::Pbkdf2Sha256 { iterations },
+            KdfParams::Argon2id {
+                memory_kib,
+                iterations,
+                parallelism,
+            } => KdfView::Argon2id {
+                memory_kib,
+                iterations,
+                parallelism,
+            },
+        }
+    }
+
     fn params(&self) -> KdfParams {
         match *self {
             KdfView::Pbkdf2Sha256 { iterations } => KdfParams::Pbkdf2Sha256 { iterations },
@@ -63,7 +78,7 @@ impl KdfView {
         }
     }
 
-    fn decode(stored: &str) -> Option<Self> {
+    pub(crate) fn decode(stored: &str) -> Option<Self> {
         let parts: Vec<&str> = stored.split(':').collect();
         match parts.as_slice() {
             ["pbkdf2-sha256", i] => Some(KdfView::Pbkdf2Sha256 {
@@ -83,9 +98,9 @@ impl KdfView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct VaultKeysView {
-    kdf: KdfView,
+    pub(crate) kdf: KdfView,
     /// 16 bytes.
-    salt: String,
+    pub(crate) salt: String,
     /// The vault key wrapped by the key-wrapping key (envelope kind 2).
     wrapped_vault_key: String,
     /// The sealing public key, 65-byte uncompressed P-256.
@@ -128,17 +143,9 @@ fn check_envelope(
     }
 }
 
-/// Set up or replace (password change) your vault key material.
-#[utoipa::path(put, path = "/api/vault/keys", tag = "vault", request_body = VaultKeysView, security(("bearer" = [])),
-    responses(
-        (status = 204, description = "Stored"),
-        (status = 400, description = "Malformed or weak key material", body = ErrorBody),
-        (status = 401, body = ErrorBody)))]
-pub(crate) async fn put_keys(
-    State(state): State<AppState>,
-    CurrentUser(principal): CurrentUser,
-    ApiJson(body): ApiJson<VaultKeysView>,
-) -> ApiResult<StatusCode> {
+/// Checks key material's shape (never its content) and converts it for
+/// the store.
+pub(crate) fn validate_keys(body: &VaultKeysView) -> ApiResult<VaultKeys> {
     body.kdf
         .params()
         .check()
@@ -171,20 +178,55 @@ pub(crate) async fn put_keys(
             "publicKey must be a 65-byte uncompressed P-256 point",
         )
     })?;
+    Ok(VaultKeys {
+        kdf: body.kdf.encode(),
+        kdf_salt: salt,
+        wrapped_vault_key,
+        public_key,
+        wrapped_private_key,
+        updated_at_ms: now_ms(),
+    })
+}
+
+/// Decodes a login credential (base64 of 32 bytes) into its canonical
+/// base64 text, which is what the server hashes.
+pub(crate) fn login_credential(value: &secrecy::SecretString) -> ApiResult<secrecy::SecretString> {
+    use secrecy::ExposeSecret;
+    let bytes =
+        zeroize::Zeroizing::new(B64.decode(value.expose_secret().trim()).unwrap_or_default());
+    if bytes.len() != 32 {
+        return Err(ApiError::bad_request(
+            "invalid_login_credential",
+            "loginCredential must be the base64 of the 32-byte login credential derived on the client (see docs/VAULT.md)",
+        ));
+    }
+    Ok(secrecy::SecretString::from(B64.encode(&*bytes)))
+}
+
+/// Set up or replace (password change) your vault key material.
+#[utoipa::path(put, path = "/api/vault/keys", tag = "vault", request_body = VaultKeysView, security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed or weak key material", body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
+pub(crate) async fn put_keys(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    ApiJson(body): ApiJson<VaultKeysView>,
+) -> ApiResult<StatusCode> {
+    let keys = validate_keys(&body)?;
     state
         .store
-        .put_vault_keys(
-            principal.user.id,
-            &VaultKeys {
-                kdf: body.kdf.encode(),
-                kdf_salt: salt,
-                wrapped_vault_key,
-                public_key,
-                wrapped_private_key,
-                updated_at_ms: now_ms(),
-            },
-        )
-        .await?;
+        .put_vault_keys(principal.user.id, &keys)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "vault_exists",
+                "this account's vault is already set up; a password change re-wraps it",
+            ),
+            other => other.into(),
+        })?;
     tracing::info!(user_id = %principal.user.id, "vault keys stored");
     Ok(StatusCode::NO_CONTENT)
 }

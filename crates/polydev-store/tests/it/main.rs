@@ -31,7 +31,7 @@ on_both_backends!(
     proxy_ports_are_assigned_lowest_free_and_kept,
     egress_usage_adds_up,
     vault_items_use_optimistic_concurrency_and_stay_per_user,
-    vault_keys_round_trip_and_are_replaced_on_password_change,
+    vault_keys_are_set_once_and_replaced_by_a_password_change,
 );
 
 fn new_user(email: &str, role: Role, at: i64) -> NewUser {
@@ -406,7 +406,7 @@ async fn vault_items_use_optimistic_concurrency_and_stay_per_user(backend: Backe
     ));
 }
 
-async fn vault_keys_round_trip_and_are_replaced_on_password_change(backend: Backend) {
+async fn vault_keys_are_set_once_and_replaced_by_a_password_change(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = db.store().await;
     let ada = store
@@ -434,6 +434,18 @@ async fn vault_keys_round_trip_and_are_replaced_on_password_change(backend: Back
         updated_at_ms: 6,
         ..keys
     };
-    store.put_vault_keys(ada, &changed).await.unwrap();
+    assert!(matches!(
+        store.put_vault_keys(ada, &changed).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .change_password(ada, "$argon2id$new", &changed)
+        .await
+        .unwrap();
     assert_eq!(store.vault_keys(ada).await.unwrap(), changed);
+    let (_, hash) = store
+        .user_with_password(&Email::parse("ada@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(hash.as_deref(), Some("$argon2id$new"));
 }

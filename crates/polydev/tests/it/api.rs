@@ -4,7 +4,7 @@ use polydev_store::Backend;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::app::{read, TestApp};
+use crate::app::{login_body, read, signup, wrong_login_body, TestApp};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -18,13 +18,8 @@ on_both_backends!(
 
 async fn sign_up_log_in_and_use_the_token(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let r = app
-        .post(
-            "/api/users",
-            None,
-            json!({"email": "Ada@Example.com", "password": "correct horse"}),
-        )
-        .await;
+    let (ada_signup, ada) = signup("Ada@Example.com", "correct horse");
+    let r = app.post("/api/users", None, ada_signup.clone()).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(r.body["email"], "ada@example.com");
     assert_eq!(r.body["role"], "user");
@@ -35,7 +30,7 @@ async fn sign_up_log_in_and_use_the_token(backend: Backend) {
     let resp = app
         .client
         .post(app.url("/api/auth/login"))
-        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .json(&login_body("ada@example.com", &ada))
         .send()
         .await
         .unwrap();
@@ -65,18 +60,10 @@ async fn sign_up_log_in_and_use_the_token(backend: Backend) {
 
     // Wrong password and unknown account look the same.
     let wrong = app
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "ada@example.com", "password": "wrong horse"}),
-        )
+        .post("/api/auth/login", None, wrong_login_body("ada@example.com"))
         .await;
     let unknown = app
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "bob@example.com", "password": "wrong horse"}),
-        )
+        .post("/api/auth/login", None, wrong_login_body("bob@example.com"))
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
@@ -174,7 +161,7 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
         .post(
             "/api/users",
             None,
-            json!({"email": "ADA@example.com", "password": "another one"}),
+            signup("ADA@example.com", "another one").0,
         )
         .await;
     assert_eq!(
@@ -182,26 +169,22 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
         (StatusCode::CONFLICT, "email_taken")
     );
     let r = app
-        .post(
-            "/api/users",
-            None,
-            json!({"email": "ada", "password": "correct horse"}),
-        )
+        .post("/api/users", None, signup("ada", "correct horse").0)
         .await;
     assert_eq!(
         (r.status, r.error_code()),
         (StatusCode::BAD_REQUEST, "invalid_email")
     );
     let r = app
-        .post(
-            "/api/users",
-            None,
-            json!({"email": "bo@example.com", "password": "short"}),
-        )
+        .post("/api/users", None, {
+            let mut body = signup("bo@example.com", "correct horse").0;
+            body["loginCredential"] = json!("c2hvcnQ=");
+            body
+        })
         .await;
     assert_eq!(
         (r.status, r.error_code()),
-        (StatusCode::BAD_REQUEST, "invalid_password")
+        (StatusCode::BAD_REQUEST, "invalid_login_credential")
     );
     let r = app
         .post("/api/users", None, json!({"email": "bo@example.com"}))
@@ -210,7 +193,7 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
         (r.status, r.error_code()),
         (StatusCode::BAD_REQUEST, "invalid_body")
     );
-    assert!(r.message().contains("password"), "{}", r.message());
+    assert!(r.message().contains("missing field"), "{}", r.message());
 
     let raw = |body: &'static str, content_type: &'static str| {
         app.client
@@ -348,14 +331,16 @@ async fn auth_start_validates_its_input(backend: Backend) {
 
 async fn logins_are_rate_limited_per_account(backend: Backend) {
     let app = TestApp::spawn_with(backend, &["--login-per-account-per-minute", "3"]).await;
-    app.user("ada@example.com").await; // one login used
-    let attempt = || {
-        app.post(
-            "/api/auth/login",
-            None,
-            json!({"email": "ada@example.com", "password": "nope nope"}),
-        )
-    };
+    let (body, ada) = signup("ada@example.com", "correct horse");
+    assert_eq!(
+        app.post("/api/users", None, body).await.status,
+        StatusCode::CREATED
+    );
+    let first = app
+        .post("/api/auth/login", None, login_body("ada@example.com", &ada))
+        .await;
+    assert_eq!(first.status, StatusCode::OK); // one login used
+    let attempt = || app.post("/api/auth/login", None, wrong_login_body("ada@example.com"));
     assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(attempt().await.status, StatusCode::UNAUTHORIZED);
     let limited = attempt().await;
@@ -371,11 +356,7 @@ async fn logins_are_rate_limited_per_account(backend: Backend) {
     assert!((1..=60).contains(&retry), "{retry}");
     // The right password does not get through either while limited.
     let r = app
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "ada@example.com", "password": "correct horse"}),
-        )
+        .post("/api/auth/login", None, login_body("ada@example.com", &ada))
         .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
 }

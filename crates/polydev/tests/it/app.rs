@@ -52,6 +52,44 @@ impl Reply {
     }
 }
 
+/// What a client sends at sign-up for `email` and `password` (deriving
+/// keys as the browser does), and the enrollment it keeps.
+pub fn signup(email: &str, password: &str) -> (Value, polydev_vault::Enrollment) {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    let user_id = uuid::Uuid::new_v4().to_string();
+    let e =
+        polydev_vault::Enrollment::new(&secrecy::SecretString::from(password.to_owned()), &user_id)
+            .unwrap();
+    let body = json!({
+        "email": email,
+        "userId": user_id,
+        "loginCredential": B64.encode(e.login_credential.as_bytes()),
+        "vault": {
+            "kdf": {"algorithm": "pbkdf2-sha256", "iterations": 600000},
+            "salt": B64.encode(e.spec.salt),
+            "wrappedVaultKey": B64.encode(&e.wrapped_vault_key),
+            "publicKey": B64.encode(&e.public_key),
+            "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
+        },
+    });
+    (body, e)
+}
+
+/// A login body with the credential an enrollment derived.
+pub fn login_body(email: &str, e: &polydev_vault::Enrollment) -> Value {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    json!({"email": email, "loginCredential": B64.encode(e.login_credential.as_bytes())})
+}
+
+/// A login body with a credential that matches no account.
+pub fn wrong_login_body(email: &str) -> Value {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    json!({"email": email, "loginCredential": B64.encode([0x77u8; 32])})
+}
+
 /// Store flags for a database: `--data-dir` for SQLite, `--database-url` for PostgreSQL.
 pub fn store_args(db: &TestDatabase) -> Vec<String> {
     match db.backend() {
@@ -217,21 +255,12 @@ impl TestApp {
 
     /// Signs up and logs in; returns (user id, session token).
     pub async fn user(&self, email: &str) -> (String, String) {
-        let r = self
-            .post(
-                "/api/users",
-                None,
-                json!({"email": email, "password": "correct horse"}),
-            )
-            .await;
+        let (body, e) = signup(email, "correct horse");
+        let r = self.post("/api/users", None, body).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         let id = r.body["id"].as_str().expect("id").to_owned();
         let r = self
-            .post(
-                "/api/auth/login",
-                None,
-                json!({"email": email, "password": "correct horse"}),
-            )
+            .post("/api/auth/login", None, login_body(email, &e))
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         (id, r.body["token"].as_str().expect("token").to_owned())

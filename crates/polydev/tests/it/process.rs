@@ -9,7 +9,7 @@ use polydev_store::Backend;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::app::{TestApp, BIN};
+use crate::app::{login_body, signup, wrong_login_body, TestApp, BIN};
 
 #[tokio::test]
 async fn a_port_in_use_is_a_clear_start_up_error() {
@@ -35,14 +35,16 @@ async fn a_port_in_use_is_a_clear_start_up_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
     let mut app = TestApp::spawn(Backend::Sqlite).await;
-    // Sign-ups hash passwords (tens of ms each, four at a time), so twenty
-    // of them are still in flight when the signal lands.
+    // Sign-ups hash login credentials (tens of ms each, four at a time), so
+    // twenty of them are still in flight when the signal lands. (One set of
+    // derived keys serves every body: the server checks shapes only.)
+    let (template, _) = signup("u@example.com", "correct horse");
     let requests: Vec<_> = (0..20)
         .map(|i| {
-            app.client
-                .post(app.url("/api/users"))
-                .json(&json!({"email": format!("u{i}@example.com"), "password": "correct horse"}))
-                .send()
+            let mut body = template.clone();
+            body["email"] = json!(format!("u{i}@example.com"));
+            body["userId"] = json!(uuid::Uuid::new_v4().to_string());
+            app.client.post(app.url("/api/users")).json(&body).send()
         })
         .collect();
     let all = tokio::spawn(futures_join_all(requests));
@@ -123,42 +125,42 @@ async fn user_add_and_migrate_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_never_reach_the_logs_or_the_store_in_plaintext() {
+    use base64::Engine;
     let app = TestApp::spawn(Backend::Sqlite).await; // logs at debug
     let password = "canary-pw-5d81c7e2f0";
-    let r = app
-        .post(
-            "/api/users",
-            None,
-            json!({"email": "ada@example.com", "password": password}),
-        )
-        .await;
+    let (body, e) = signup("ada@example.com", password);
+    assert!(
+        !body.to_string().contains(password),
+        "the password itself is never sent"
+    );
+    let credential =
+        base64::engine::general_purpose::STANDARD.encode(e.login_credential.as_bytes());
+    let r = app.post("/api/users", None, body).await;
     assert_eq!(r.status, StatusCode::CREATED);
     let r = app
-        .post(
-            "/api/auth/login",
-            None,
-            json!({"email": "ada@example.com", "password": password}),
-        )
+        .post("/api/auth/login", None, login_body("ada@example.com", &e))
         .await;
     let token = r.body["token"].as_str().unwrap().to_owned();
     assert_eq!(
         app.get("/api/me", Some(&token)).await.status,
         StatusCode::OK
     );
-    // A failed login with a different canary must not be logged either.
-    app.post(
-        "/api/auth/login",
-        None,
-        json!({"email": "ada@example.com", "password": "canary-wrong-91aa"}),
-    )
-    .await;
+    // A failed login must not be logged with its credential either.
+    let wrong = wrong_login_body("ada@example.com");
+    app.post("/api/auth/login", None, wrong.clone()).await;
+    let wrong_credential = wrong["loginCredential"].as_str().unwrap().to_owned();
 
     let logs = app.settled_logs().await;
     assert!(
         logs.contains("user signed in"),
         "logs were not captured:\n{logs}"
     );
-    for secret in [password, "canary-wrong-91aa", token.as_str()] {
+    for secret in [
+        password,
+        credential.as_str(),
+        wrong_credential.as_str(),
+        token.as_str(),
+    ] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
     let mut at_rest = Vec::new();
@@ -170,7 +172,7 @@ async fn secrets_never_reach_the_logs_or_the_store_in_plaintext() {
         at_rest.contains("ada@example.com"),
         "store files were not read"
     );
-    for secret in [password, token.as_str()] {
+    for secret in [password, credential.as_str(), token.as_str()] {
         assert!(!at_rest.contains(secret), "a secret is stored in plaintext");
     }
 }

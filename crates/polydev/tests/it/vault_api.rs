@@ -41,7 +41,21 @@ fn keys_body(user_id: &str) -> serde_json::Value {
 
 async fn vault_storage_checks_shapes_versions_and_owners(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let (ada_id, ada) = app.user("ada@example.com").await;
+    // Sign-up sets up a vault; an account made without a password has none.
+    let (_, signed_up) = app.user("carol@example.com").await;
+    assert_eq!(
+        app.get("/api/vault/keys", Some(&signed_up)).await.status,
+        StatusCode::OK
+    );
+    let made: serde_json::Value = serde_json::from_slice(
+        &app.cli(&["user", "add", "--email", "ada@example.com"])
+            .stdout,
+    )
+    .unwrap();
+    let (ada_id, ada) = (
+        made["id"].as_str().unwrap().to_owned(),
+        made["token"].as_str().unwrap().to_owned(),
+    );
     let (_, bob) = app.user("bob@example.com").await;
 
     let r = app.get("/api/vault/keys", Some(&ada)).await;
@@ -82,6 +96,18 @@ async fn vault_storage_checks_shapes_versions_and_owners(backend: Backend) {
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
     assert_eq!(app.get("/api/vault/keys", Some(&ada)).await.body, good);
+    let again = app
+        .send(
+            Method::PUT,
+            "/api/vault/keys",
+            Some(&ada),
+            Some(keys_body(&ada_id)),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.error_code()),
+        (StatusCode::CONFLICT, "vault_exists")
+    );
 
     let key = VaultKey::generate();
     let envelope = |version: u64, text: &[u8]| {
@@ -228,7 +254,13 @@ fn vault_cli(
 
 async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let (_, token) = app.user("ada@example.com").await;
+    // An account made without a password sets its vault up from the CLI.
+    let made: serde_json::Value = serde_json::from_slice(
+        &app.cli(&["user", "add", "--email", "ada@example.com"])
+            .stdout,
+    )
+    .unwrap();
+    let token = made["token"].as_str().unwrap().to_owned();
     let canary = format!("canary-credential-{}", uuid::Uuid::new_v4().simple());
     let password = "vault password 1";
 

@@ -1,0 +1,131 @@
+// The signed-in user's vault session: keys derived from the password stay
+// in this module only while the vault is unlocked, and are wiped (zeroed
+// and dropped) when it locks: explicitly, on logout, or after idle time.
+// The password itself never leaves the page (docs/VAULT.md).
+
+import { api, ApiError } from "/api.js";
+import * as v from "/vault.js";
+
+const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
+const unb64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+
+let keys = null; // { userId, vaultKey, privateKey, publicKey }
+let idleTimer = null;
+let idleSecs = 900;
+let onLock = () => {};
+
+export const isUnlocked = () => keys !== null;
+
+export function lock() {
+  if (keys) v.wipe(keys.vaultKey, keys.privateKey);
+  keys = null;
+  clearTimeout(idleTimer);
+  idleTimer = null;
+}
+
+function touch() {
+  if (!keys) return;
+  clearTimeout(idleTimer);
+  idleTimer = setTimeout(() => {
+    lock();
+    onLock();
+  }, idleSecs * 1000);
+}
+
+/// Locks after the server's configured idle time; `then` runs on auto-lock.
+export async function armAutoLock(then) {
+  onLock = then;
+  try {
+    idleSecs = (await api.clientConfig()).vaultAutolockSecs;
+  } catch {
+    // Keep the default.
+  }
+  for (const event of ["mousemove", "mousedown", "keydown", "scroll", "touchstart"]) {
+    window.addEventListener(event, touch, { passive: true });
+  }
+}
+
+function checkPassword(password) {
+  if (password.length < 8) throw new Error("password must be at least 8 characters");
+}
+
+async function open(userId, wrappingKey, stored) {
+  let vaultKey;
+  try {
+    vaultKey = await v.unwrapVaultKey(wrappingKey, userId, unb64(stored.wrappedVaultKey));
+  } catch (e) {
+    throw new Error(e.code === "undecryptable" ? "wrong password" : e.message);
+  }
+  const privateKey = await v.openEnvelope(vaultKey, v.KIND.sealingKey,
+    { userId, itemId: "sealing-key", version: 0 }, unb64(stored.wrappedPrivateKey));
+  keys = { userId, vaultKey, privateKey, publicKey: unb64(stored.publicKey) };
+  touch();
+}
+
+async function derive(password, kdf, salt) {
+  if (kdf.algorithm !== "pbkdf2-sha256") {
+    throw new Error(`this account uses ${kdf.algorithm}, which this browser page cannot run; use the polydev CLI`);
+  }
+  return v.split(await v.deriveMasterKey(password, kdf.iterations, salt));
+}
+
+/// Creates the account: derives keys here, sends only the login
+/// credential and wrapped keys, then signs in and leaves the vault unlocked.
+export async function signUp(email, password, acknowledged) {
+  checkPassword(password);
+  if (!acknowledged) throw new Error("confirm that you understand a lost password cannot be recovered");
+  const userId = crypto.randomUUID();
+  const salt = crypto.getRandomValues(new Uint8Array(16));
+  const master = await v.deriveMasterKey(password, v.MIN_PBKDF2_ITERATIONS, salt);
+  const { wrappingKey, loginCredential } = await v.split(master);
+  const vaultKey = crypto.getRandomValues(new Uint8Array(32));
+  const sealing = await v.generateSealingKeyPair();
+  const stored = {
+    kdf: { algorithm: "pbkdf2-sha256", iterations: v.MIN_PBKDF2_ITERATIONS },
+    salt: b64(salt),
+    wrappedVaultKey: b64(await v.wrapVaultKey(wrappingKey, userId, vaultKey)),
+    publicKey: b64(sealing.publicKey),
+    wrappedPrivateKey: b64(await v.sealEnvelope(vaultKey, v.KIND.sealingKey,
+      { userId, itemId: "sealing-key", version: 0 }, sealing.privateKey)),
+  };
+  try {
+    await api.signUp({ email, userId, loginCredential: b64(loginCredential), vault: stored });
+    const result = await api.logIn(email, b64(loginCredential));
+    await open(userId, wrappingKey, stored);
+    return result.user;
+  } finally {
+    v.wipe(master, wrappingKey, loginCredential, vaultKey, sealing.privateKey);
+  }
+}
+
+/// Signs in with the derived login credential and unlocks the vault.
+export async function logIn(email, password) {
+  const pre = await api.prelogin(email);
+  const { wrappingKey, loginCredential } = await derive(password, pre.kdf, unb64(pre.salt));
+  try {
+    const result = await api.logIn(email, b64(loginCredential));
+    await open(result.user.id, wrappingKey, await api.vaultKeys());
+    return result.user;
+  } finally {
+    v.wipe(wrappingKey, loginCredential);
+  }
+}
+
+/// Unlocks the vault of the signed-in user (after a reload or a lock).
+export async function unlock(user, password) {
+  let stored;
+  try {
+    stored = await api.vaultKeys();
+  } catch (e) {
+    if (e instanceof ApiError && e.code === "vault_not_set_up") {
+      throw new Error("this account has no vault yet; set it up with `polydev vault init`");
+    }
+    throw e;
+  }
+  const { wrappingKey, loginCredential } = await derive(password, stored.kdf, unb64(stored.salt));
+  try {
+    await open(user.id, wrappingKey, stored);
+  } finally {
+    v.wipe(wrappingKey, loginCredential);
+  }
+}
