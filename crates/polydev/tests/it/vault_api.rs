@@ -380,3 +380,175 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prelogin_login_cli_and_password_change() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (body, e) = crate::app::signup("ada@example.com", "first password 1");
+    assert_eq!(
+        app.post("/api/users", None, body.clone()).await.status,
+        StatusCode::CREATED
+    );
+    let user_id = body["userId"].as_str().unwrap().to_owned();
+
+    // Prelogin: the real salt for an account; stable made-up ones otherwise.
+    let pre = app
+        .get("/api/auth/prelogin?email=ada@example.com", None)
+        .await;
+    assert_eq!(pre.body["salt"], B64.encode(e.spec.salt));
+    assert_eq!(
+        pre.body["kdf"],
+        json!({"algorithm": "pbkdf2-sha256", "iterations": 600000})
+    );
+    let ghost = app
+        .get("/api/auth/prelogin?email=nobody@example.com", None)
+        .await;
+    assert_eq!(ghost.status, StatusCode::OK);
+    assert_eq!(
+        ghost.body["kdf"], pre.body["kdf"],
+        "unknown emails look like real ones"
+    );
+    assert_eq!(
+        B64.decode(ghost.body["salt"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        16
+    );
+    assert_eq!(
+        app.get("/api/auth/prelogin?email=nobody@example.com", None)
+            .await
+            .body,
+        ghost.body,
+        "stable"
+    );
+    assert_ne!(
+        app.get("/api/auth/prelogin?email=other@example.com", None)
+            .await
+            .body["salt"],
+        ghost.body["salt"]
+    );
+    assert_eq!(
+        app.get("/api/auth/prelogin?email=nope", None)
+            .await
+            .error_code(),
+        "invalid_email"
+    );
+
+    // `polydev login` derives on the client.
+    let login = |password: &str| {
+        let mut child = Command::new(BIN)
+            .args(["login", "--server", &app.base, "--email", "ada@example.com"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = tokio::task::block_in_place(|| login("first password 1"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other_session = app
+        .post(
+            "/api/auth/login",
+            None,
+            crate::app::login_body("ada@example.com", &e),
+        )
+        .await
+        .body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = tokio::task::block_in_place(|| login("wrong password 1"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("email or password is wrong"));
+
+    // Password change: the vault key is re-wrapped, items stay readable.
+    let item = e
+        .vault_key
+        .seal_item(&ItemContext::new(&user_id, "codex", 1), b"still mine");
+    let r = app
+        .send(
+            Method::PUT,
+            "/api/vault/items/codex",
+            Some(&token),
+            Some(json!({"version": 0, "envelope": B64.encode(&item)})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let spec = KdfSpec::generate();
+    let (new_wrapping, new_login) = spec
+        .derive(&secrecy::SecretString::from("second password 2"))
+        .unwrap()
+        .split();
+    let new_vault = json!({
+        "kdf": {"algorithm": "pbkdf2-sha256", "iterations": 600000},
+        "salt": B64.encode(spec.salt),
+        "wrappedVaultKey": B64.encode(e.vault_key.wrap(&new_wrapping, &user_id)),
+        "publicKey": B64.encode(&e.public_key),
+        "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
+    });
+    let change = |current: String| json!({"currentLoginCredential": current, "newLoginCredential": B64.encode(new_login.as_bytes()), "vault": new_vault.clone()});
+    let r = app
+        .post(
+            "/api/auth/password",
+            Some(&token),
+            change(B64.encode([9u8; 32])),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNAUTHORIZED, "invalid_credentials")
+    );
+    let r = app
+        .post(
+            "/api/auth/password",
+            Some(&token),
+            change(B64.encode(e.login_credential.as_bytes())),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    assert_eq!(
+        app.get("/api/me", Some(&other_session)).await.status,
+        StatusCode::UNAUTHORIZED,
+        "other sessions end"
+    );
+    assert_eq!(
+        app.get("/api/me", Some(&token)).await.status,
+        StatusCode::OK,
+        "this one stays"
+    );
+    let out = tokio::task::block_in_place(|| login("first password 1"));
+    assert!(!out.status.success(), "the old password no longer works");
+    let out = tokio::task::block_in_place(|| login("second password 2"));
+    assert!(out.status.success());
+    let keys = app.get("/api/vault/keys", Some(&token)).await;
+    let unwrapped = VaultKey::unwrap(
+        &B64.decode(keys.body["wrappedVaultKey"].as_str().unwrap())
+            .unwrap(),
+        &new_wrapping,
+        &user_id,
+    )
+    .unwrap();
+    let got = app.get("/api/vault/items/codex", Some(&token)).await;
+    let opened = unwrapped
+        .open_item(
+            &ItemContext::new(&user_id, "codex", 1),
+            &B64.decode(got.body["envelope"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(opened.as_slice(), b"still mine");
+}
