@@ -16,6 +16,7 @@ mod extract;
 mod metrics;
 mod middleware;
 mod openapi;
+pub mod relay;
 mod routes;
 mod web;
 
@@ -95,6 +96,8 @@ pub struct AppState {
     pub observability: Observability,
     /// The in-process egress proxy, when enabled.
     pub egress: Option<Egress>,
+    /// Sealed boxes waiting for their recipients.
+    pub relay: Arc<relay::Relay>,
 }
 
 impl AppState {
@@ -117,6 +120,7 @@ impl AppState {
             auth,
             observability,
             egress,
+            relay: Arc::new(relay::Relay::default()),
         }
     }
 

@@ -43,6 +43,7 @@ use crate::routes::{admin, egress, health, health_admin, session, users, vault};
         vault::get_item,
         vault::delete_item,
         vault::list_items,
+        vault::relay,
     ),
     modifiers(&BearerAuth),
     tags(

@@ -469,3 +469,58 @@ pub(crate) async fn list_items(
         .collect();
     Ok(Json(ItemList { items }))
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RelayPost {
+    /// A sealed box (kind 4: HPKE to the recipient's public key), standard base64.
+    sealed: String,
+}
+
+/// Leave a sealed box for a recipient (e.g. a sandbox's agent). The
+/// controller keeps the ciphertext in memory until the recipient takes it
+/// (or 10 minutes pass); it cannot open it.
+#[utoipa::path(post, path = "/api/vault/relay/{mailbox}", tag = "vault", request_body = RelayPost,
+    params(("mailbox" = String, Path, description = "The recipient's mailbox id, e.g. a sandbox id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Waiting for the recipient"),
+        (status = 400, description = "Not a sealed box", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 409, description = "A box is already waiting there", body = ErrorBody),
+        (status = 429, description = "Too many boxes waiting", body = ErrorBody)))]
+pub(crate) async fn relay(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    Path(mailbox): Path<String>,
+    ApiJson(body): ApiJson<RelayPost>,
+) -> ApiResult<StatusCode> {
+    check_item_id(&mailbox)?;
+    let sealed = decode_b64("sealed", &body.sealed)?;
+    if sealed.len() > MAX_ITEM_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "item_too_large",
+            "a sealed box may be at most 256 KiB",
+        ));
+    }
+    let shape_ok = sealed.len() >= 3 + 65 + 16
+        && sealed[..3] == [MAGIC, FORMAT_VERSION, 4]
+        && sealed[3] == 0x04;
+    if !shape_ok {
+        return Err(ApiError::bad_request(
+            "invalid_envelope",
+            "sealed must be a version-1 sealed box (see docs/VAULT.md)",
+        ));
+    }
+    state
+        .relay
+        .post(principal.user.id, &mailbox, sealed)
+        .map_err(|e| match e {
+            crate::relay::RelayError::Occupied => {
+                ApiError::new(StatusCode::CONFLICT, "mailbox_occupied", e.to_string())
+            }
+            crate::relay::RelayError::Full => ApiError::too_many_requests(e.to_string(), 60),
+        })?;
+    Ok(StatusCode::ACCEPTED)
+}

@@ -254,20 +254,20 @@ fn vault_cli(
 
 async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    // An account made without a password sets its vault up from the CLI.
-    let made: serde_json::Value = serde_json::from_slice(
-        &app.cli(&["user", "add", "--email", "ada@example.com"])
-            .stdout,
-    )
-    .unwrap();
-    let token = made["token"].as_str().unwrap().to_owned();
     let canary = format!("canary-credential-{}", uuid::Uuid::new_v4().simple());
     let password = "vault password 1";
 
+    // A password-less account sets its vault up with `polydev vault init`, once.
+    let made: serde_json::Value = serde_json::from_slice(
+        &app.cli(&["user", "add", "--email", "ops@example.com"])
+            .stdout,
+    )
+    .unwrap();
+    let ops = made["token"].as_str().unwrap().to_owned();
     let out = tokio::task::block_in_place(|| {
         vault_cli(
             &app,
-            &token,
+            &ops,
             None,
             &["init"],
             format!("{password}\n").as_bytes(),
@@ -278,6 +278,38 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let again = tokio::task::block_in_place(|| {
+        vault_cli(
+            &app,
+            &ops,
+            None,
+            &["init"],
+            format!("{password}\n").as_bytes(),
+        )
+    });
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("already set up")
+    );
+
+    // Sign-up (keys made on the client), then unlock, put, get from the CLI.
+    let (body, e) = crate::app::signup("ada@example.com", password);
+    assert_eq!(
+        app.post("/api/users", None, body.clone()).await.status,
+        StatusCode::CREATED
+    );
+    let user_id = body["userId"].as_str().unwrap().to_owned();
+    let token = app
+        .post(
+            "/api/auth/login",
+            None,
+            crate::app::login_body("ada@example.com", &e),
+        )
+        .await
+        .body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let wrong = tokio::task::block_in_place(|| {
         vault_cli(&app, &token, None, &["unlock"], b"not the password\n")
     });
@@ -298,36 +330,29 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
     let session = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        B64.decode(&session).unwrap(),
+        e.vault_key.as_bytes(),
+        "unlock recovers the sign-up vault key"
+    );
 
     let credential = format!("{{\"OPENAI_API_KEY\":\"{canary}\"}}");
-    let out = tokio::task::block_in_place(|| {
-        vault_cli(
-            &app,
-            &token,
-            Some(&session),
-            &["put", "codex"],
-            credential.as_bytes(),
-        )
-    });
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = tokio::task::block_in_place(|| {
-        vault_cli(
-            &app,
-            &token,
-            Some(&session),
-            &["put", "codex"],
-            credential.as_bytes(),
-        )
-    });
-    assert!(
-        out.status.success(),
-        "a second put updates: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for _ in 0..2 {
+        let out = tokio::task::block_in_place(|| {
+            vault_cli(
+                &app,
+                &token,
+                Some(&session),
+                &["put", "codex"],
+                credential.as_bytes(),
+            )
+        });
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = tokio::task::block_in_place(|| {
         vault_cli(&app, &token, Some(&session), &["get", "codex"], b"")
     });
@@ -337,6 +362,47 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
     assert_eq!(
         (list[0]["id"].clone(), list[0]["version"].clone()),
         (json!("codex"), json!(2))
+    );
+
+    // Seal the credential to a sandbox's key and relay it through the controller.
+    let sandbox = SealingKeyPair::generate();
+    let sealed = sandbox.public().seal(
+        "sandbox-credential",
+        user_id.as_bytes(),
+        credential.as_bytes(),
+    );
+    let relay = |body: serde_json::Value| {
+        let app = &app;
+        let token = token.clone();
+        async move {
+            app.post("/api/vault/relay/sandbox-1", Some(&token), body)
+                .await
+        }
+    };
+    assert_eq!(
+        relay(json!({"sealed": B64.encode(&sealed)})).await.status,
+        StatusCode::ACCEPTED
+    );
+    let r = relay(json!({"sealed": B64.encode(&sealed)})).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "mailbox_occupied")
+    );
+    let r = app
+        .post(
+            "/api/vault/relay/sandbox-2",
+            Some(&token),
+            json!({"sealed": B64.encode(credential.as_bytes())}),
+        )
+        .await;
+    assert_eq!(r.error_code(), "invalid_envelope", "plaintext is refused");
+    assert_eq!(
+        sandbox
+            .open("sandbox-credential", user_id.as_bytes(), &sealed)
+            .unwrap()
+            .as_slice(),
+        credential.as_bytes(),
+        "the recipient opens what was relayed"
     );
 
     // Nowhere in plaintext: the store (file or dump), the debug logs, /metrics.
@@ -378,6 +444,7 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
             !text.contains(&session),
             "the session key is in the {place}"
         );
+        assert!(!text.contains(password), "the password is in the {place}");
     }
 }
 
