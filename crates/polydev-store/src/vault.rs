@@ -37,6 +37,32 @@ pub struct VaultItemMeta {
     pub updated_at_ms: i64,
 }
 
+/// The one INSERT of key material, on the pool or inside a transaction.
+async fn insert_vault_keys<'e, E>(
+    executor: E,
+    user: UserId,
+    keys: &VaultKeys,
+) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(
+        "INSERT INTO vault_keys (user_id, kdf, kdf_salt, wrapped_vault_key, public_key, wrapped_private_key, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(user.to_string())
+    .bind(keys.kdf.clone())
+    .bind(keys.kdf_salt.clone())
+    .bind(keys.wrapped_vault_key.clone())
+    .bind(keys.public_key.clone())
+    .bind(keys.wrapped_private_key.clone())
+    .bind(keys.updated_at_ms)
+    .execute(executor)
+    .await
+    .map_err(|e| StoreError::on_write(e, "vault keys"))?;
+    Ok(())
+}
+
 fn keys_from_row(r: &AnyRow) -> Result<VaultKeys, StoreError> {
     let b = |c: &str| r.try_get::<Vec<u8>, _>(c).map_err(StoreError::internal);
     Ok(VaultKeys {
@@ -53,21 +79,7 @@ impl Store {
     /// Sets up a vault for a user who has none (`Conflict` otherwise; a
     /// password change replaces keys through `change_password`).
     pub async fn put_vault_keys(&self, user: UserId, keys: &VaultKeys) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO vault_keys (user_id, kdf, kdf_salt, wrapped_vault_key, public_key, wrapped_private_key, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(user.to_string())
-        .bind(keys.kdf.clone())
-        .bind(keys.kdf_salt.clone())
-        .bind(keys.wrapped_vault_key.clone())
-        .bind(keys.public_key.clone())
-        .bind(keys.wrapped_private_key.clone())
-        .bind(keys.updated_at_ms)
-        .execute(self.pool())
-        .await
-        .map_err(|e| StoreError::on_write(e, "vault keys"))?;
-        Ok(())
+        insert_vault_keys(self.pool(), user, keys).await
     }
 
     /// `NotFound` when the user has not set up a vault.
@@ -242,19 +254,7 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::on_user_insert)?;
-        sqlx::query(
-            "INSERT INTO vault_keys (user_id, kdf, kdf_salt, wrapped_vault_key, public_key, wrapped_private_key, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(new.id.to_string())
-        .bind(keys.kdf.clone())
-        .bind(keys.kdf_salt.clone())
-        .bind(keys.wrapped_vault_key.clone())
-        .bind(keys.public_key.clone())
-        .bind(keys.wrapped_private_key.clone())
-        .bind(keys.updated_at_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| StoreError::on_write(e, "vault keys"))?;
+        insert_vault_keys(&mut *tx, new.id, keys).await?;
         tx.commit().await.map_err(StoreError::internal)?;
         Ok(crate::User {
             id: new.id,

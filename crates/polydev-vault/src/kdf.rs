@@ -32,6 +32,36 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
+    /// The stored text form: `pbkdf2-sha256:600000` or `argon2id:19456:2:1`.
+    pub fn to_text(&self) -> String {
+        match *self {
+            KdfParams::Pbkdf2Sha256 { iterations } => format!("pbkdf2-sha256:{iterations}"),
+            KdfParams::Argon2id {
+                memory_kib,
+                iterations,
+                parallelism,
+            } => {
+                format!("argon2id:{memory_kib}:{iterations}:{parallelism}")
+            }
+        }
+    }
+
+    /// Parses `to_text`'s form.
+    pub fn from_text(text: &str) -> Option<Self> {
+        let parts: Vec<&str> = text.split(':').collect();
+        match parts.as_slice() {
+            ["pbkdf2-sha256", i] => Some(KdfParams::Pbkdf2Sha256 {
+                iterations: i.parse().ok()?,
+            }),
+            ["argon2id", m, t, p] => Some(KdfParams::Argon2id {
+                memory_kib: m.parse().ok()?,
+                iterations: t.parse().ok()?,
+                parallelism: p.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+
     /// Refuses parameter sets weaker than the floor.
     pub fn check(&self) -> Result<(), VaultError> {
         match *self {
@@ -107,6 +137,22 @@ mod tests {
             hex::encode(out),
             "120fb6cffcf8b32c43e7225256c4f837a86548c92ccc35480805987cb70be17b"
         );
+    }
+
+    #[test]
+    fn the_text_form_round_trips() {
+        for p in [
+            KdfParams::default(),
+            KdfParams::Argon2id {
+                memory_kib: 19456,
+                iterations: 2,
+                parallelism: 1,
+            },
+        ] {
+            assert_eq!(KdfParams::from_text(&p.to_text()), Some(p));
+        }
+        assert_eq!(KdfParams::default().to_text(), "pbkdf2-sha256:600000");
+        assert_eq!(KdfParams::from_text("scrypt:1"), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn add(config: &StoreConfig, args: &UserAddArgs) -> anyhow::Result<()>
                 .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
             let keys = VaultKeys {
-                kdf: crate::vault_cli::kdf_text(&e.spec.params),
+                kdf: e.spec.params.to_text(),
                 kdf_salt: e.spec.salt.to_vec(),
                 wrapped_vault_key: e.wrapped_vault_key.clone(),
                 public_key: e.public_key.clone(),

@@ -113,18 +113,6 @@ fn kdf_from(value: &Value) -> anyhow::Result<KdfParams> {
     }
 }
 
-/// The stored form of KDF parameters (see the API's `KdfView`).
-pub fn kdf_text(params: &KdfParams) -> String {
-    match *params {
-        KdfParams::Pbkdf2Sha256 { iterations } => format!("pbkdf2-sha256:{iterations}"),
-        KdfParams::Argon2id {
-            memory_kib,
-            iterations,
-            parallelism,
-        } => format!("argon2id:{memory_kib}:{iterations}:{parallelism}"),
-    }
-}
-
 fn kdf_json(params: &KdfParams) -> Value {
     match *params {
         KdfParams::Pbkdf2Sha256 { iterations } => {

@@ -219,7 +219,7 @@ pub(crate) async fn prelogin(
     let digest =
         sha2::Sha256::digest(format!("polydev prelogin\0{secret}\0{}", email.as_str()).as_bytes());
     Ok(Json(Prelogin {
-        kdf: KdfView::default_view(),
+        kdf: KdfView::from(polydev_vault::KdfParams::default()),
         salt: B64.encode(&digest[..16]),
     }))
 }

@@ -35,9 +35,9 @@ pub(crate) enum KdfView {
     },
 }
 
-impl KdfView {
-    pub(crate) fn default_view() -> Self {
-        match KdfParams::default() {
+impl From<KdfParams> for KdfView {
+    fn from(p: KdfParams) -> Self {
+        match p {
             KdfParams::Pbkdf2Sha256 { iterations } => KdfView::Pbkdf2Sha256 { iterations },
             KdfParams::Argon2id {
                 memory_kib,
@@ -50,7 +50,9 @@ impl KdfView {
             },
         }
     }
+}
 
+impl KdfView {
     fn params(&self) -> KdfParams {
         match *self {
             KdfView::Pbkdf2Sha256 { iterations } => KdfParams::Pbkdf2Sha256 { iterations },
@@ -66,31 +68,9 @@ impl KdfView {
         }
     }
 
-    /// The stored form, e.g. `pbkdf2-sha256:600000`.
-    fn encode(&self) -> String {
-        match *self {
-            KdfView::Pbkdf2Sha256 { iterations } => format!("pbkdf2-sha256:{iterations}"),
-            KdfView::Argon2id {
-                memory_kib,
-                iterations,
-                parallelism,
-            } => format!("argon2id:{memory_kib}:{iterations}:{parallelism}"),
-        }
-    }
-
+    /// From the stored text form (see `KdfParams::to_text`).
     pub(crate) fn decode(stored: &str) -> Option<Self> {
-        let parts: Vec<&str> = stored.split(':').collect();
-        match parts.as_slice() {
-            ["pbkdf2-sha256", i] => Some(KdfView::Pbkdf2Sha256 {
-                iterations: i.parse().ok()?,
-            }),
-            ["argon2id", m, t, p] => Some(KdfView::Argon2id {
-                memory_kib: m.parse().ok()?,
-                iterations: t.parse().ok()?,
-                parallelism: p.parse().ok()?,
-            }),
-            _ => None,
-        }
+        KdfParams::from_text(stored).map(Self::from)
     }
 }
 
@@ -179,7 +159,7 @@ pub(crate) fn validate_keys(body: &VaultKeysView) -> ApiResult<VaultKeys> {
         )
     })?;
     Ok(VaultKeys {
-        kdf: body.kdf.encode(),
+        kdf: body.kdf.params().to_text(),
         kdf_salt: salt,
         wrapped_vault_key,
         public_key,
