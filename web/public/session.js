@@ -45,6 +45,13 @@ export async function armAutoLock(then) {
   }
 }
 
+/// Web Crypto exists only in secure contexts (HTTPS, or localhost).
+function needSecureContext() {
+  if (!window.isSecureContext || !crypto.subtle) {
+    throw new Error("polydev's vault needs HTTPS (or localhost): browsers offer their cryptography only on secure pages");
+  }
+}
+
 function checkPassword(password) {
   if (password.length < 8) throw new Error("password must be at least 8 characters");
 }
@@ -72,6 +79,7 @@ async function derive(password, kdf, salt) {
 /// Creates the account: derives keys here, sends only the login
 /// credential and wrapped keys, then signs in and leaves the vault unlocked.
 export async function signUp(email, password, acknowledged) {
+  needSecureContext();
   checkPassword(password);
   if (!acknowledged) throw new Error("confirm that you understand a lost password cannot be recovered");
   const userId = crypto.randomUUID();
@@ -100,6 +108,7 @@ export async function signUp(email, password, acknowledged) {
 
 /// Signs in with the derived login credential and unlocks the vault.
 export async function logIn(email, password) {
+  needSecureContext();
   const pre = await api.prelogin(email);
   const { wrappingKey, loginCredential } = await derive(password, pre.kdf, unb64(pre.salt));
   try {
@@ -113,6 +122,7 @@ export async function logIn(email, password) {
 
 /// Unlocks the vault of the signed-in user (after a reload or a lock).
 export async function unlock(user, password) {
+  needSecureContext();
   let stored;
   try {
     stored = await api.vaultKeys();
