@@ -235,12 +235,35 @@ pub fn presented_token(parts: &Parts) -> Option<String> {
 }
 
 /// The client's address as seen by this server.
-pub fn client_ip(parts: &Parts) -> IpAddr {
-    parts
+///
+/// When the peer is a trusted proxy (e.g. the nginx in front), the client is
+/// the right-most `X-Forwarded-For` address that is not itself a trusted
+/// proxy; anything a client wrote further left is not believed. With no
+/// trusted proxies configured the header is ignored.
+pub fn client_ip(parts: &Parts, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|a| a.trim().parse::<IpAddr>())
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
 }
 
 async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<Principal, ApiError> {
@@ -356,6 +379,47 @@ mod tests {
             .verify(SecretString::from("polydev-dummy-password"), None)
             .await
             .unwrap());
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_trusted_proxies() {
+        let with = |peer: [u8; 4], xff: &str| {
+            let mut p = parts(&[("x-forwarded-for", xff)]);
+            p.extensions
+                .insert(ConnectInfo(SocketAddr::from((peer, 1234))));
+            p
+        };
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // From the proxy: the right-most address that is not a proxy.
+        assert_eq!(
+            client_ip(&with([127, 0, 0, 1], "203.0.113.9"), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_ip(
+                &with([127, 0, 0, 1], "6.6.6.6, 203.0.113.9, 10.1.1.1"),
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        // Straight from a client, or with no proxies configured: the header is ignored.
+        assert_eq!(
+            client_ip(&with([198, 51, 100, 7], "203.0.113.9"), &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(&with([127, 0, 0, 1], "203.0.113.9"), &[]),
+            ip("127.0.0.1")
+        );
+        // Garbage in the header: the peer.
+        assert_eq!(
+            client_ip(&with([127, 0, 0, 1], "not an ip"), &trusted),
+            ip("127.0.0.1")
+        );
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct ApiConfig {
     pub health_upstreams: Vec<String>,
     /// The web UI locks the vault (wipes keys) after this much idle time.
     pub vault_autolock: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for the
+    /// per-address login limit). Empty: the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ApiConfig {
@@ -72,6 +75,7 @@ impl Default for ApiConfig {
             ready_timeout: Duration::from_secs(2),
             health_upstreams: Vec::new(),
             vault_autolock: Duration::from_secs(15 * 60),
+            trusted_proxies: Vec::new(),
         }
     }
 }

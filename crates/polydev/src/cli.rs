@@ -151,6 +151,14 @@ pub struct ServeArgs {
     /// Slack- or Discord-compatible webhook for alerts (rules: the [alerts] TOML section)
     #[arg(long, env = "POLYDEV_ALERT_WEBHOOK_URL", value_name = "URL")]
     pub alert_webhook_url: Option<String>,
+    /// Reverse proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client
+    #[arg(
+        long,
+        env = "POLYDEV_TRUSTED_PROXIES",
+        value_name = "CIDRS",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
     /// Idle seconds after which the web UI locks the vault [default: 900]
     #[arg(long, env = "POLYDEV_VAULT_AUTOLOCK_SECS", value_name = "SECS")]
     pub vault_autolock_secs: Option<u64>,

@@ -40,6 +40,7 @@ pub struct FileConfig {
     alerts: Option<AlertsConfig>,
     egress: Option<EgressConfig>,
     vault_autolock_secs: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -216,6 +217,19 @@ impl ServeConfig {
                 .unwrap_or(defaults.login_per_account_per_minute),
             ready_timeout: defaults.ready_timeout,
             health_upstreams: file.health_upstreams.clone().unwrap_or_default(),
+            trusted_proxies: args
+                .trusted_proxies
+                .clone()
+                .or_else(|| file.trusted_proxies.clone())
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    let c = c.trim();
+                    c.parse::<ipnet::IpNet>()
+                        .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .with_context(|| format!("trusted proxy {c:?} is not a CIDR or IP address"))
+                })
+                .collect::<anyhow::Result<_>>()?,
             vault_autolock: Duration::from_secs(
                 args.vault_autolock_secs
                     .or(file.vault_autolock_secs)
@@ -342,6 +356,12 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_is_wrong() {
+        let err = ServeConfig::resolve(&serve_args(&["--trusted-proxies", "10.0.0.0/8,nope"]))
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("trusted proxy \"nope\""),
+            "{err:#}"
+        );
         let err = ServeConfig::resolve(&serve_args(&["--listen", "localhost"])).unwrap_err();
         assert!(format!("{err:#}").contains("listen address"), "{err:#}");
         let dir = tempfile::tempdir().unwrap();

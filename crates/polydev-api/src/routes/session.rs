@@ -60,10 +60,10 @@ pub(crate) async fn login(
     ApiJson(body): ApiJson<Login>,
 ) -> ApiResult<impl IntoResponse> {
     let email = Email::parse(&body.email)?;
-    state
-        .auth
-        .limiter
-        .check(client_ip(&parts), email.as_str())?;
+    state.auth.limiter.check(
+        client_ip(&parts, &state.config.trusted_proxies),
+        email.as_str(),
+    )?;
     let (user, hash) = match state.store.user_with_password(&email).await {
         Ok((user, hash)) => (Some(user), hash),
         Err(StoreError::NotFound) => (None, None),

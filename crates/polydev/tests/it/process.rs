@@ -219,3 +219,54 @@ async fn the_web_ui_and_the_openapi_document_are_served() {
     );
     assert!(doc.body["paths"]["/api/auth/start"]["post"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_the_login_limit_counts_forwarded_clients() {
+    let attempt = |app: &TestApp, forwarded: &str| {
+        app.client
+            .post(app.url("/api/auth/login"))
+            .header("x-forwarded-for", forwarded.to_owned())
+            .json(&wrong_login_body(&format!(
+                "{}@example.com",
+                forwarded.replace('.', "-")
+            )))
+            .send()
+    };
+    let limits = [
+        "--login-per-ip-per-minute",
+        "2",
+        "--login-per-account-per-minute",
+        "100",
+    ];
+    // Trusted: each forwarded client has its own budget.
+    let mut args = limits.to_vec();
+    args.extend(["--trusted-proxies", "127.0.0.1/32"]);
+    let app = TestApp::spawn_with(Backend::Sqlite, &args).await;
+    for client in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+        assert_eq!(
+            attempt(&app, client).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for expected in [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS] {
+        assert_eq!(
+            attempt(&app, "203.0.113.1").await.unwrap().status(),
+            expected
+        );
+    }
+    // Not trusted (the default): the header is ignored, so it cannot dodge the limit.
+    let app = TestApp::spawn_with(Backend::Sqlite, &limits).await;
+    let codes = [
+        attempt(&app, "203.0.113.1").await.unwrap().status(),
+        attempt(&app, "203.0.113.2").await.unwrap().status(),
+        attempt(&app, "203.0.113.3").await.unwrap().status(),
+    ];
+    assert_eq!(
+        codes,
+        [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+}
