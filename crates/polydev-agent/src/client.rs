@@ -1,0 +1,216 @@
+//! The controller's side: one connection to an agent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use tokio::net::UnixStream;
+
+use crate::protocol::{
+    read_frame, write_frame, Event, FrameError, Op, Request, Response, PROTOCOL_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent: {0}")]
+    Connect(std::io::Error),
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("agent protocol: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the agent refused: {code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("unexpected answer from the agent: {0:?}")]
+    Unexpected(Event),
+}
+
+/// What an exec produced.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub pid: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug)]
+pub struct AgentClient {
+    stream: UnixStream,
+    next_id: u64,
+    /// The agent's ephemeral sealing public key (65 bytes).
+    pub public_key: Vec<u8>,
+}
+
+impl AgentClient {
+    /// Connects and says hello, within `deadline`.
+    pub async fn connect(socket: &Path, deadline: Duration) -> Result<Self, ClientError> {
+        let work = async {
+            let mut stream = UnixStream::connect(socket)
+                .await
+                .map_err(ClientError::Connect)?;
+            write_frame(
+                &mut stream,
+                &Request {
+                    id: 0,
+                    op: Op::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                },
+            )
+            .await?;
+            match read_frame::<Response>(&mut stream).await?.event {
+                Event::Hello { public_key, .. } => {
+                    let public_key = B64
+                        .decode(public_key)
+                        .map_err(|e| FrameError::Invalid(e.to_string()))?;
+                    Ok(Self {
+                        stream,
+                        next_id: 1,
+                        public_key,
+                    })
+                }
+                Event::Error { code, message } => Err(ClientError::Refused { code, message }),
+                other => Err(ClientError::Unexpected(other)),
+            }
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| ClientError::Timeout(deadline))?
+    }
+
+    async fn send(&mut self, op: Op) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.stream, &Request { id, op }).await?;
+        Ok(id)
+    }
+
+    async fn one(&mut self, op: Op) -> Result<Event, ClientError> {
+        self.send(op).await?;
+        match read_frame::<Response>(&mut self.stream).await?.event {
+            Event::Error { code, message } => Err(ClientError::Refused { code, message }),
+            event => Ok(event),
+        }
+    }
+
+    /// `Ready{status: "ready"}`.
+    pub async fn health(&mut self) -> Result<String, ClientError> {
+        match self.one(Op::Health).await? {
+            Event::Ready { status } => Ok(status),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Runs a command, calling `on_event` for each streamed event, and
+    /// returns everything it produced.
+    pub async fn exec(
+        &mut self,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        mut on_event: impl FnMut(&Event),
+    ) -> Result<ExecOutput, ClientError> {
+        self.send(Op::Exec {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
+            cwd: None,
+            stdin: stdin.map(|b| B64.encode(b)),
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await?;
+        let mut out = ExecOutput::default();
+        loop {
+            let event = read_frame::<Response>(&mut self.stream).await?.event;
+            on_event(&event);
+            let decode = |d: &str| {
+                B64.decode(d)
+                    .map_err(|e| FrameError::Invalid(e.to_string()))
+            };
+            match event {
+                Event::Started { pid } => out.pid = pid,
+                Event::Stdout { data } => out.stdout.extend(decode(&data)?),
+                Event::Stderr { data } => out.stderr.extend(decode(&data)?),
+                Event::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                } => {
+                    out.code = code;
+                    out.signal = signal;
+                    out.timed_out = timed_out;
+                    return Ok(out);
+                }
+                Event::Error { code, message } => {
+                    return Err(ClientError::Refused { code, message })
+                }
+                other => return Err(ClientError::Unexpected(other)),
+            }
+        }
+    }
+
+    pub async fn put_file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        match self
+            .one(Op::PutFile {
+                path: path.to_owned(),
+                mode,
+                data: B64.encode(data),
+            })
+            .await?
+        {
+            Event::Done { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    pub async fn get_file(&mut self, path: &str) -> Result<Vec<u8>, ClientError> {
+        match self
+            .one(Op::GetFile {
+                path: path.to_owned(),
+            })
+            .await?
+        {
+            Event::File { data } => Ok(B64
+                .decode(data)
+                .map_err(|e| FrameError::Invalid(e.to_string()))?),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    pub async fn signal(&mut self, pid: u32, signal: i32) -> Result<(), ClientError> {
+        match self.one(Op::Signal { pid, signal }).await? {
+            Event::Done { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Hands over a box sealed to this agent; it writes the plaintext to
+    /// `path` inside the sandbox and answers only the byte count.
+    pub async fn unseal(
+        &mut self,
+        purpose: &str,
+        aad: &[u8],
+        sealed: &[u8],
+        path: &str,
+        mode: u32,
+    ) -> Result<u64, ClientError> {
+        let op = Op::Unseal {
+            purpose: purpose.to_owned(),
+            aad: B64.encode(aad),
+            sealed: B64.encode(sealed),
+            path: path.to_owned(),
+            mode,
+        };
+        match self.one(op).await? {
+            Event::Done { bytes } => Ok(bytes),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The agent: serves the protocol on a Unix socket inside the sandbox.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_vault::SealingKeyPair;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::protocol::{
+    read_frame, write_frame, Event, FrameError, Op, Request, Response, PROTOCOL_VERSION,
+};
+
+/// The agent's state: its ephemeral sealing key (made at start, never
+/// written anywhere) and the processes it started.
+pub struct Agent {
+    sealing: SealingKeyPair,
+    children: Mutex<HashSet<u32>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("public_key", self.sealing.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            sealing: SealingKeyPair::generate(),
+            children: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> Event {
+    Event::Error {
+        code: code.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl Agent {
+    /// Serves connections on `socket` until the listener fails.
+    pub async fn serve(self: Arc<Self>, socket: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let agent = self.clone();
+            tokio::spawn(async move { agent.connection(stream).await });
+        }
+    }
+
+    async fn connection(&self, mut stream: UnixStream) {
+        // The first frame must agree on the version.
+        match read_frame::<Request>(&mut stream).await {
+            Ok(Request {
+                id,
+                op: Op::Hello { version },
+            }) if version == PROTOCOL_VERSION => {
+                let hello = Event::Hello {
+                    version,
+                    public_key: B64.encode(self.sealing.public().to_bytes()),
+                };
+                if write_frame(&mut stream, &Response { id, event: hello })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(Request { id, .. }) => {
+                let event = error(
+                    "version",
+                    format!(
+                        "this agent speaks protocol version {PROTOCOL_VERSION}; say hello first"
+                    ),
+                );
+                let _ = write_frame(&mut stream, &Response { id, event }).await;
+                return;
+            }
+            Err(_) => return,
+        }
+        loop {
+            let request: Request = match read_frame(&mut stream).await {
+                Ok(r) => r,
+                Err(FrameError::Closed) => return,
+                Err(e) => {
+                    let _ = write_frame(
+                        &mut stream,
+                        &Response {
+                            id: 0,
+                            event: error("bad_frame", e.to_string()),
+                        },
+                    )
+                    .await;
+                    return;
+                }
+            };
+            if self.handle(request, &mut stream).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request, out: &mut UnixStream) -> Result<(), FrameError> {
+        let id = req.id;
+        let reply = |event| Response { id, event };
+        let event = match req.op {
+            Op::Hello { .. } => error("bad_request", "already said hello"),
+            Op::Health => Event::Ready {
+                status: "ready".into(),
+            },
+            Op::Exec {
+                argv,
+                env,
+                cwd,
+                stdin,
+                timeout_ms,
+            } => return self.exec(id, argv, env, cwd, stdin, timeout_ms, out).await,
+            Op::PutFile { path, mode, data } => match B64.decode(data) {
+                Ok(bytes) => match write_file(Path::new(&path), mode, &bytes).await {
+                    Ok(()) => Event::Done {
+                        bytes: bytes.len() as u64,
+                    },
+                    Err(e) => error("io", format!("cannot write {path}: {e}")),
+                },
+                Err(_) => error("bad_request", "data must be base64"),
+            },
+            Op::GetFile { path } => match tokio::fs::read(&path).await {
+                Ok(bytes) if bytes.len() <= crate::protocol::MAX_FRAME / 2 => Event::File {
+                    data: B64.encode(bytes),
+                },
+                Ok(_) => error(
+                    "too_large",
+                    format!("{path} is too large to fetch in one frame"),
+                ),
+                Err(e) => error("io", format!("cannot read {path}: {e}")),
+            },
+            Op::Signal { pid, signal } => self.signal(pid, signal),
+            Op::Unseal {
+                purpose,
+                aad,
+                sealed,
+                path,
+                mode,
+            } => {
+                let (Ok(aad), Ok(sealed)) = (B64.decode(aad), B64.decode(sealed)) else {
+                    return write_frame(
+                        out,
+                        &reply(error("bad_request", "aad and sealed must be base64")),
+                    )
+                    .await;
+                };
+                match self.sealing.open(&purpose, &aad, &sealed) {
+                    Ok(plaintext) => match write_file(Path::new(&path), mode, &plaintext).await {
+                        Ok(()) => Event::Done {
+                            bytes: plaintext.len() as u64,
+                        },
+                        Err(e) => error("io", format!("cannot write {path}: {e}")),
+                    },
+                    Err(e) => error("unseal", e.to_string()),
+                }
+            }
+        };
+        write_frame(out, &reply(event)).await
+    }
+
+    fn signal(&self, pid: u32, signal: i32) -> Event {
+        let ours = self
+            .children
+            .lock()
+            .map(|c| c.contains(&pid))
+            .unwrap_or(false);
+        if !ours {
+            return error(
+                "not_found",
+                format!("process {pid} was not started by this agent"),
+            );
+        }
+        let Ok(sig) = nix::sys::signal::Signal::try_from(signal) else {
+            return error("bad_request", format!("{signal} is not a signal"));
+        };
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig) {
+            Ok(()) => Event::Done { bytes: 0 },
+            Err(e) => error("io", e.to_string()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn exec(
+        &self,
+        id: u64,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: Option<String>,
+        timeout_ms: u64,
+        out: &mut UnixStream,
+    ) -> Result<(), FrameError> {
+        let reply = |event| Response { id, event };
+        let Some((program, args)) = argv.split_first() else {
+            return write_frame(out, &reply(error("bad_request", "argv is empty"))).await;
+        };
+        let stdin_bytes = match stdin.map(|s| B64.decode(s)).transpose() {
+            Ok(b) => b,
+            Err(_) => {
+                return write_frame(out, &reply(error("bad_request", "stdin must be base64"))).await
+            }
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .envs(env)
+            .stdin(if stdin_bytes.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = cwd {
+            cmd.current_dir(PathBuf::from(dir));
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return write_frame(
+                    out,
+                    &reply(error("spawn", format!("cannot run {program}: {e}"))),
+                )
+                .await
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        if let Ok(mut c) = self.children.lock() {
+            c.insert(pid);
+        }
+        write_frame(out, &reply(Event::Started { pid })).await?;
+        if let (Some(bytes), Some(mut input)) = (stdin_bytes, child.stdin.take()) {
+            tokio::spawn(async move {
+                let _ = input.write_all(&bytes).await;
+            });
+        }
+        let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+        let mut obuf = vec![0u8; 32 * 1024];
+        let mut ebuf = vec![0u8; 32 * 1024];
+        let deadline = tokio::time::sleep(Duration::from_millis(timeout_ms));
+        tokio::pin!(deadline);
+        let mut timed_out = false;
+        while stdout.is_some() || stderr.is_some() {
+            tokio::select! {
+                n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => match n {
+                    Ok(0) | Err(_) => stdout = None,
+                    Ok(n) => write_frame(out, &reply(Event::Stdout { data: B64.encode(&obuf[..n]) })).await?,
+                },
+                n = async { stderr.as_mut().expect("checked").read(&mut ebuf).await }, if stderr.is_some() => match n {
+                    Ok(0) | Err(_) => stderr = None,
+                    Ok(n) => write_frame(out, &reply(Event::Stderr { data: B64.encode(&ebuf[..n]) })).await?,
+                },
+                _ = &mut deadline, if !timed_out => {
+                    timed_out = true;
+                    let _ = child.start_kill();
+                }
+            }
+        }
+        let status = tokio::select! {
+            s = child.wait() => s.ok(),
+            _ = &mut deadline, if !timed_out => {
+                timed_out = true;
+                let _ = child.start_kill();
+                child.wait().await.ok()
+            }
+        };
+        if let Ok(mut c) = self.children.lock() {
+            c.remove(&pid);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let event = Event::Exit {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            timed_out,
+        };
+        write_frame(out, &reply(event)).await
+    }
+}
+
+async fn write_file(path: &Path, mode: u32, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let path = path.to_owned();
+    let bytes = zeroize::Zeroizing::new(bytes.to_vec());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

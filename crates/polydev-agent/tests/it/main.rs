@@ -1,0 +1,243 @@
+//! The real `polydev-agent` binary on a temporary socket, driven by the
+//! controller's client.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use polydev_agent::protocol::{read_frame, write_frame, Event, Op, Request, Response};
+use polydev_agent::{AgentClient, ClientError};
+use polydev_vault::SealingPublicKey;
+
+struct Running {
+    child: Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn agent() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_polydev-agent"))
+        .arg("--socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Running { child, socket, dir }
+}
+
+#[tokio::test]
+async fn health_exec_streaming_stdin_and_exit_codes() {
+    let a = agent().await;
+    let mut c = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(c.public_key.len(), 65);
+    assert_eq!(c.health().await.unwrap(), "ready");
+
+    let mut events = Vec::new();
+    let out = c
+        .exec(
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            None,
+            Duration::from_secs(10),
+            |e| events.push(e.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            out.stdout.as_slice(),
+            out.stderr.as_slice(),
+            out.code,
+            out.timed_out
+        ),
+        (&b"out\n"[..], &b"err\n"[..], Some(3), false)
+    );
+    assert!(matches!(events.first(), Some(Event::Started { .. })));
+    assert!(matches!(events.last(), Some(Event::Exit { .. })));
+
+    let out = c
+        .exec(
+            &["cat"],
+            Some(b"piped through stdin"),
+            Duration::from_secs(10),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.code),
+        (&b"piped through stdin"[..], Some(0))
+    );
+    let err = c
+        .exec(&["/no/such/program"], None, Duration::from_secs(10), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { ref code, .. } if code == "spawn"),
+        "{err}"
+    );
+    // The same connection keeps working after a refusal.
+    assert_eq!(c.health().await.unwrap(), "ready");
+}
+
+#[tokio::test]
+async fn a_command_past_its_deadline_is_killed() {
+    let a = agent().await;
+    let mut c = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let out = c
+        .exec(&["sleep", "30"], None, Duration::from_millis(300), |_| {})
+        .await
+        .unwrap();
+    assert!(out.timed_out && out.signal == Some(9), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn files_signals_and_versions() {
+    let a = agent().await;
+    let mut c = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let path = a.dir.path().join("sub/dir/file.txt");
+    c.put_file(path.to_str().unwrap(), 0o640, b"hello file")
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    assert_eq!(
+        c.get_file(path.to_str().unwrap()).await.unwrap(),
+        b"hello file"
+    );
+    assert!(matches!(
+        c.get_file("/no/such/file").await,
+        Err(ClientError::Refused { .. })
+    ));
+    // Only processes the agent started can be signalled.
+    assert!(
+        matches!(c.signal(1, 15).await, Err(ClientError::Refused { ref code, .. }) if code == "not_found")
+    );
+
+    // A second connection runs a long command; the first signals it.
+    let mut c2 = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let mut pid_tx = Some(pid_tx);
+    let long = tokio::spawn(async move {
+        c2.exec(&["sleep", "30"], None, Duration::from_secs(60), move |e| {
+            if let Event::Started { pid } = e {
+                if let Some(tx) = pid_tx.take() {
+                    let _ = tx.send(*pid);
+                }
+            }
+        })
+        .await
+    });
+    let pid = pid_rx.await.unwrap();
+    c.signal(pid, 15).await.unwrap();
+    let out = long.await.unwrap().unwrap();
+    assert_eq!((out.signal, out.timed_out), (Some(15), false));
+
+    // Another protocol version is refused with a clear error.
+    let mut raw = tokio::net::UnixStream::connect(&a.socket).await.unwrap();
+    write_frame(
+        &mut raw,
+        &Request {
+            id: 9,
+            op: Op::Hello { version: 99 },
+        },
+    )
+    .await
+    .unwrap();
+    let answer: Response = read_frame(&mut raw).await.unwrap();
+    assert!(
+        matches!(answer.event, Event::Error { ref code, .. } if code == "version"),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_credential_sealed_to_the_agent_is_opened_inside_and_never_sent_back() {
+    let a = agent().await;
+    let mut c = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let key = SealingPublicKey::from_bytes(&c.public_key).unwrap();
+    let sealed = key.seal(
+        "sandbox-credential",
+        b"run-1",
+        b"{\"token\":\"canary-abc\"}",
+    );
+    let target = a.dir.path().join("home/.codex/auth.json");
+    let bytes = c
+        .unseal(
+            "sandbox-credential",
+            b"run-1",
+            &sealed,
+            target.to_str().unwrap(),
+            0o600,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bytes, 22);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"{\"token\":\"canary-abc\"}"
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let wrong = c
+        .unseal(
+            "other-purpose",
+            b"run-1",
+            &sealed,
+            target.to_str().unwrap(),
+            0o600,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong, ClientError::Refused { ref code, .. } if code == "unseal"),
+        "{wrong}"
+    );
+    // Each agent has its own key: another agent cannot open this box.
+    let b = agent().await;
+    let mut other = AgentClient::connect(&b.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_ne!(other.public_key, c.public_key);
+    assert!(other
+        .unseal(
+            "sandbox-credential",
+            b"run-1",
+            &sealed,
+            b.dir.path().join("x").to_str().unwrap(),
+            0o600
+        )
+        .await
+        .is_err());
+}
