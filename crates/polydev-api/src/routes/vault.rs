@@ -294,7 +294,14 @@ fn item_not_found() -> ApiError {
     )
 }
 
-fn version_conflict(current: Option<i64>) -> ApiError {
+/// A 409 naming the item's current version, so the client can refetch.
+async fn version_conflict(state: &AppState, user: polydev_domain::UserId, id: &str) -> ApiError {
+    let current = state
+        .store
+        .vault_item(user, id)
+        .await
+        .ok()
+        .map(|i| i.version);
     let message = match current {
         Some(v) => format!("the item changed meanwhile: it is at version {v}; fetch it and retry"),
         None => "the item does not exist at that version".to_owned(),
@@ -347,15 +354,7 @@ pub(crate) async fn put_item(
             size: envelope.len() as i64,
             updated_at: now,
         })),
-        Err(StoreError::Conflict(_)) => {
-            let current = state
-                .store
-                .vault_item(user, &id)
-                .await
-                .ok()
-                .map(|i| i.version);
-            Err(version_conflict(current))
-        }
+        Err(StoreError::Conflict(_)) => Err(version_conflict(&state, user, &id).await),
         Err(e) => Err(e.into()),
     }
 }
@@ -409,15 +408,7 @@ pub(crate) async fn delete_item(
     match state.store.delete_vault_item(user, &id, q.version).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(StoreError::NotFound) => Err(item_not_found()),
-        Err(StoreError::Conflict(_)) => {
-            let current = state
-                .store
-                .vault_item(user, &id)
-                .await
-                .ok()
-                .map(|i| i.version);
-            Err(version_conflict(current))
-        }
+        Err(StoreError::Conflict(_)) => Err(version_conflict(&state, user, &id).await),
         Err(e) => Err(e.into()),
     }
 }
