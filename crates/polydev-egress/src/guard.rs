@@ -99,13 +99,7 @@ impl Guard {
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let target = format!("{host}:{port}");
         let work = async {
-            let addrs: Vec<SocketAddr> = match parse_ip_literal(host) {
-                Some(ip) => vec![SocketAddr::new(ip, port)],
-                None => tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|_| ConnectError::Resolve(host.to_owned()))?
-                    .collect(),
-            };
+            let addrs = resolve(host, port).await?;
             if addrs.is_empty() {
                 return Err(ConnectError::Resolve(host.to_owned()));
             }
@@ -146,13 +140,7 @@ impl Guard {
         deadline: Duration,
     ) -> Result<SocketAddr, ConnectError> {
         let work = async {
-            let addrs: Vec<SocketAddr> = match parse_ip_literal(host) {
-                Some(ip) => vec![SocketAddr::new(ip, port)],
-                None => tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|_| ConnectError::Resolve(host.to_owned()))?
-                    .collect(),
-            };
+            let addrs = resolve(host, port).await?;
             let first_denied = addrs.first().map(|a| a.ip());
             match addrs.into_iter().find(|a| !self.is_denied(a.ip())) {
                 Some(addr) => Ok(addr),
@@ -164,6 +152,17 @@ impl Guard {
         tokio::time::timeout(deadline, work)
             .await
             .map_err(|_| ConnectError::Timeout(format!("{host}:{port}")))?
+    }
+}
+
+/// Every address `host` stands for (an IP literal is itself).
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+    match parse_ip_literal(host) {
+        Some(ip) => Ok(vec![SocketAddr::new(ip, port)]),
+        None => tokio::net::lookup_host((host, port))
+            .await
+            .map(|a| a.collect())
+            .map_err(|_| ConnectError::Resolve(host.to_owned())),
     }
 }
 

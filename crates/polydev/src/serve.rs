@@ -51,13 +51,9 @@ pub async fn migrate_only(config: &StoreConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Assembles the metrics registry, the host monitor and (when enabled) the
-/// egress proxy, whose metrics join the registry; returns them with the
-/// host source the sampler will read.
-fn assemble(
-    config: &ServeConfig,
-    store: &Store,
-) -> anyhow::Result<(Observability, Box<dyn HostSource>, Option<Egress>)> {
+/// A registry with what every polydev process exports: build info and
+/// process metrics.
+fn base_registry() -> MetricsRegistry {
     let mut registry = MetricsRegistry::default();
     metrics::register_build_info(
         &mut registry,
@@ -65,6 +61,17 @@ fn assemble(
         env!("POLYDEV_GIT_SHA"),
     );
     registry.register_collector(Box::new(metrics::ProcessCollector));
+    registry
+}
+
+/// Assembles the metrics registry, the host monitor and (when enabled) the
+/// egress proxy, whose metrics join the registry; returns them with the
+/// host source the sampler will read.
+fn assemble(
+    config: &ServeConfig,
+    store: &Store,
+) -> anyhow::Result<(Observability, Box<dyn HostSource>, Option<Egress>)> {
+    let mut registry = base_registry();
     let http = config
         .http_metrics
         .then(|| HttpMetrics::register(&mut registry));
@@ -222,13 +229,7 @@ pub async fn egress_only(
     metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let store = open_store(store_config).await?;
-    let mut registry = MetricsRegistry::default();
-    metrics::register_build_info(
-        &mut registry,
-        env!("CARGO_PKG_VERSION"),
-        env!("POLYDEV_GIT_SHA"),
-    );
-    registry.register_collector(Box::new(metrics::ProcessCollector));
+    let mut registry = base_registry();
     let egress = Egress::new(config, store.clone(), &mut registry)?;
     let listener = egress.bind().await?;
     let registry = Arc::new(registry);
