@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use polydev_domain::UserId;
 use polydev_store::{now_ms, Store, UsageDelta};
@@ -185,17 +185,69 @@ impl Accounting {
     }
 }
 
-/// The destination side of a connection: counts bytes into the usage cell
-/// and the metrics, shapes them to the user's bandwidth, and notes activity
-/// for the idle timeout.
-pub(crate) struct Metered<S> {
-    inner: S,
+/// Counts a connection's bytes into its usage cell and the metrics, notes
+/// activity for the idle timeout, and applies the user's bandwidth. Shared
+/// by the hyper path (`Metered`) and the splice path (`raw.rs`).
+pub(crate) struct Meter {
     cell: Arc<UsageCell>,
     up: Counter,
     down: Counter,
     bandwidth: Option<Arc<Bandwidth>>,
-    delay: Option<Pin<Box<tokio::time::Sleep>>>,
     pub(crate) activity: Arc<Activity>,
+}
+
+impl Meter {
+    pub(crate) fn new(
+        cell: Arc<UsageCell>,
+        metrics: &EgressMetrics,
+        bandwidth: Option<Arc<Bandwidth>>,
+    ) -> Self {
+        let counter = |direction| {
+            metrics
+                .bytes
+                .get_or_create(&DirectionLabels { direction })
+                .clone()
+        };
+        Self {
+            cell,
+            up: counter("up"),
+            down: counter("down"),
+            bandwidth,
+            activity: Activity::new(),
+        }
+    }
+
+    /// Counts `n` bytes (`up`: towards the destination); returns how long
+    /// to wait before moving more.
+    pub(crate) fn count(&self, n: usize, up: bool) -> Duration {
+        if up {
+            self.cell.add_up(n);
+            self.up.inc_by(n as u64);
+        } else {
+            self.cell.add_down(n);
+            self.down.inc_by(n as u64);
+        }
+        self.activity.touch_now();
+        self.bandwidth
+            .as_ref()
+            .map(|bw| bw.take(n))
+            .unwrap_or_default()
+    }
+
+    /// `count`, then waits out the bandwidth delay.
+    pub(crate) async fn moved(&self, n: usize, up: bool) {
+        let wait = self.count(n, up);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The destination side of a connection on the hyper path, metered.
+pub(crate) struct Metered<S> {
+    inner: S,
+    pub(crate) meter: Meter,
+    delay: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Last time bytes moved, as ms since `start`.
@@ -223,26 +275,11 @@ impl Activity {
 }
 
 impl<S> Metered<S> {
-    pub(crate) fn new(
-        inner: S,
-        cell: Arc<UsageCell>,
-        metrics: &EgressMetrics,
-        bandwidth: Option<Arc<Bandwidth>>,
-    ) -> Self {
+    pub(crate) fn new(inner: S, meter: Meter) -> Self {
         Self {
             inner,
-            cell,
-            up: metrics
-                .bytes
-                .get_or_create(&DirectionLabels { direction: "up" })
-                .clone(),
-            down: metrics
-                .bytes
-                .get_or_create(&DirectionLabels { direction: "down" })
-                .clone(),
-            bandwidth,
+            meter,
             delay: None,
-            activity: Activity::new(),
         }
     }
 
@@ -255,13 +292,10 @@ impl<S> Metered<S> {
         Poll::Ready(())
     }
 
-    fn moved(&mut self, n: usize) {
-        self.activity.touch_now();
-        if let Some(bw) = &self.bandwidth {
-            let wait = bw.take(n);
-            if !wait.is_zero() {
-                self.delay = Some(Box::pin(tokio::time::sleep(wait)));
-            }
+    fn moved(&mut self, n: usize, up: bool) {
+        let wait = self.meter.count(n, up);
+        if !wait.is_zero() {
+            self.delay = Some(Box::pin(tokio::time::sleep(wait)));
         }
     }
 }
@@ -277,9 +311,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.cell.down.fetch_add(n as i64, Ordering::Relaxed);
-            self.down.inc_by(n as u64);
-            self.moved(n);
+            self.moved(n, false);
         }
         Poll::Ready(Ok(()))
     }
@@ -294,9 +326,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         ready!(self.poll_delay(cx));
         let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
         if n > 0 {
-            self.cell.up.fetch_add(n as i64, Ordering::Relaxed);
-            self.up.inc_by(n as u64);
-            self.moved(n);
+            self.moved(n, true);
         }
         Poll::Ready(Ok(n))
     }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::accounting::{Activity, Metered};
+use crate::accounting::{Activity, Meter, Metered};
 use crate::credentials::{parse_basic, Identity};
 use crate::guard::{host_allowed, ConnectError};
 use crate::Inner;
@@ -372,9 +372,7 @@ async fn tunnel(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) -
     metrics.tunnels.inc();
     let origin = Metered::new(
         origin,
-        cell,
-        &metrics,
-        inner.limits.bandwidth(identity.user_id),
+        Meter::new(cell, &metrics, inner.limits.bandwidth(identity.user_id)),
     );
     let idle_limit = inner.config.idle_timeout();
     let sandbox = identity.sandbox_id.clone();
@@ -388,7 +386,7 @@ async fn tunnel(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) -
             }
         };
         metrics.tunnels_active.inc();
-        let activity = origin.activity.clone();
+        let activity = origin.meter.activity.clone();
         let mut client = TokioIo::new(upgraded);
         let mut origin = origin;
         tokio::select! {
@@ -466,11 +464,9 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) 
     metrics.requests.inc();
     let origin = Metered::new(
         origin,
-        cell,
-        &metrics,
-        inner.limits.bandwidth(identity.user_id),
+        Meter::new(cell, &metrics, inner.limits.bandwidth(identity.user_id)),
     );
-    let activity = origin.activity.clone();
+    let activity = origin.meter.activity.clone();
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(origin)).await
     {
         Ok(pair) => pair,

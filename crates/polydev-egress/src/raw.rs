@@ -13,12 +13,10 @@ use std::task::{Context, Poll};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use polydev_domain::UserId;
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::accounting::{Activity, DirectionLabels, UsageCell};
-use crate::limits::Bandwidth;
+use crate::accounting::Meter;
 use crate::proxy::{self, Refusal};
 use crate::Inner;
 
@@ -160,19 +158,7 @@ async fn connect(
         .cell(identity.user_id, &identity.sandbox_id);
     cell.tunnel();
     metrics.tunnels.inc();
-    let meter = Meter {
-        cell,
-        up: metrics
-            .bytes
-            .get_or_create(&DirectionLabels { direction: "up" })
-            .clone(),
-        down: metrics
-            .bytes
-            .get_or_create(&DirectionLabels { direction: "down" })
-            .clone(),
-        bandwidth: inner.limits.bandwidth(identity.user_id),
-        activity: Activity::new(),
-    };
+    let meter = Meter::new(cell, &metrics, inner.limits.bandwidth(identity.user_id));
     if !leftover.is_empty() {
         if origin.write_all(&leftover).await.is_err() {
             return;
@@ -197,33 +183,6 @@ async fn connect(
         }
     }
     metrics.tunnels_active.dec();
-}
-
-struct Meter {
-    cell: Arc<UsageCell>,
-    up: Counter,
-    down: Counter,
-    bandwidth: Option<Arc<Bandwidth>>,
-    activity: Arc<Activity>,
-}
-
-impl Meter {
-    async fn moved(&self, n: usize, up: bool) {
-        if up {
-            self.cell.add_up(n);
-            self.up.inc_by(n as u64);
-        } else {
-            self.cell.add_down(n);
-            self.down.inc_by(n as u64);
-        }
-        self.activity.touch_now();
-        if let Some(bw) = &self.bandwidth {
-            let wait = bw.take(n);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
 }
 
 /// Bytes read through user space per call while traffic is small.
