@@ -111,12 +111,28 @@ impl AgentClient {
         argv: &[&str],
         stdin: Option<&[u8]>,
         timeout: Duration,
+        on_event: impl FnMut(&Event),
+    ) -> Result<ExecOutput, ClientError> {
+        let argv = argv.iter().map(|s| (*s).to_owned()).collect();
+        self.exec_with(argv, Vec::new(), None, stdin, timeout, on_event)
+            .await
+    }
+
+    /// `exec` with an environment (on top of the configured one) and a
+    /// working directory.
+    pub async fn exec_with(
+        &mut self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
         mut on_event: impl FnMut(&Event),
     ) -> Result<ExecOutput, ClientError> {
         self.send(Op::Exec {
-            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
-            env: Vec::new(),
-            cwd: None,
+            argv,
+            env,
+            cwd,
             stdin: stdin.map(|b| B64.encode(b)),
             timeout_ms: timeout.as_millis() as u64,
         })
@@ -180,6 +196,14 @@ impl AgentClient {
             Event::File { data } => Ok(B64
                 .decode(data)
                 .map_err(|e| FrameError::Invalid(e.to_string()))?),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Sets the environment every later exec starts from.
+    pub async fn configure(&mut self, env: Vec<(String, String)>) -> Result<(), ClientError> {
+        match self.one(Op::Configure { env }).await? {
+            Event::Done { .. } => Ok(()),
             other => Err(ClientError::Unexpected(other)),
         }
     }

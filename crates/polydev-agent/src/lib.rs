@@ -5,7 +5,9 @@
 //! here, inside the sandbox (docs/VAULT.md).
 
 pub mod client;
+pub mod launch;
 pub mod protocol;
+pub mod seccomp;
 pub mod server;
 
 pub use client::{AgentClient, ClientError, ExecOutput};

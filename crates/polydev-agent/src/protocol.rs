@@ -51,6 +51,11 @@ pub enum Op {
         pid: u32,
         signal: i32,
     },
+    /// Sets the environment every later exec starts from (hand-out).
+    Configure {
+        #[serde(default)]
+        env: Vec<(String, String)>,
+    },
     /// Opens a box sealed to this agent's public key and writes the
     /// plaintext to `path` (mode `mode`); the plaintext never goes back.
     Unseal {

@@ -21,6 +21,8 @@ use crate::protocol::{
 pub struct Agent {
     sealing: SealingKeyPair,
     children: Mutex<HashSet<u32>>,
+    /// Environment every exec starts from (set at hand-out by `Configure`).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -36,6 +38,7 @@ impl Default for Agent {
         Self {
             sealing: SealingKeyPair::generate(),
             children: Mutex::new(HashSet::new()),
+            env: Mutex::new(Vec::new()),
         }
     }
 }
@@ -52,6 +55,14 @@ impl Agent {
     pub async fn serve(self: Arc<Self>, socket: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
+        // The driver waits for this line: it is the ready handshake's
+        // first half (the second is `Hello` on the socket).
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(b"polydev-agent ready\n");
+            let _ = out.flush();
+        }
         loop {
             let (stream, _) = listener.accept().await?;
             let agent = self.clone();
@@ -146,6 +157,13 @@ impl Agent {
                 Err(e) => error("io", format!("cannot read {path}: {e}")),
             },
             Op::Signal { pid, signal } => self.signal(pid, signal),
+            Op::Configure { env } => match self.env.lock() {
+                Ok(mut current) => {
+                    *current = env;
+                    Event::Done { bytes: 0 }
+                }
+                Err(_) => error("internal", "state is poisoned"),
+            },
             Op::Unseal {
                 purpose,
                 aad,
@@ -216,10 +234,13 @@ impl Agent {
                 return write_frame(out, &reply(error("bad_request", "stdin must be base64"))).await
             }
         };
+        let base = self.env.lock().map(|e| e.clone()).unwrap_or_default();
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/home/sandbox")
+            .envs(base)
             .envs(env)
             .stdin(if stdin_bytes.is_some() {
                 Stdio::piped()

@@ -1,16 +1,45 @@
-//! `polydev-agent --socket PATH`: serves the agent protocol on PATH.
+//! `polydev-agent --socket PATH`: serves the agent protocol on PATH (inside
+//! a sandbox; prints `polydev-agent ready` on stdout once it listens).
+//! `polydev-agent launch SPEC.json`: the host-side privileged steps that
+//! start a sandbox (see `polydev_agent::launch`).
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
-fn main() -> std::process::ExitCode {
-    let mut args = std::env::args().skip(1);
-    let socket = match (args.next().as_deref(), args.next()) {
-        (Some("--socket"), Some(path)) => path,
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--socket", path] => serve(path),
+        ["launch", spec] => launch(spec),
         _ => {
-            eprintln!("usage: polydev-agent --socket PATH");
-            return std::process::ExitCode::from(2);
+            eprintln!("usage: polydev-agent --socket PATH | polydev-agent launch SPEC.json");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn launch(path: &str) -> ExitCode {
+    let spec: polydev_agent::launch::LaunchSpec = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("polydev-agent launch: cannot read {path}: {e}");
+            return ExitCode::from(2);
         }
     };
+    let err = polydev_agent::launch::launch(&spec);
+    eprintln!("polydev-agent launch: {err}");
+    ExitCode::FAILURE
+}
+
+fn serve(socket: &str) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -18,16 +47,16 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("polydev-agent: cannot start: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime
-        .block_on(Arc::new(polydev_agent::Agent::default()).serve(std::path::Path::new(&socket)))
+        .block_on(Arc::new(polydev_agent::Agent::default()).serve(std::path::Path::new(socket)))
     {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("polydev-agent: cannot serve on {socket}: {e}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,279 @@
+//! Per-sandbox cgroups on either hierarchy: v1 (one directory per
+//! controller: memory, pids, cpu) or v2 (one unified directory). Every
+//! sandbox gets `<root>/<ctrl>/<parent>/<id>`; `parent` names this
+//! controller instance, so a listing shows exactly our sandboxes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::spec::{Limits, SandboxId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+const CPU_PERIOD_US: u64 = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    root: PathBuf,
+    parent: String,
+    version: Version,
+    /// v1 controllers we make groups in (cpuacct too when it is mounted
+    /// apart from cpu).
+    v1: Vec<&'static str>,
+}
+
+/// What the kernel counts for one sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub cpu_usec: u64,
+    pub oom_kills: u64,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (memory.events, cpu.stat, memory.oom_control).
+fn read_keyed(path: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+impl Cgroups {
+    /// Detects the hierarchy under `root` (normally `/sys/fs/cgroup`).
+    pub fn detect(root: &Path, parent: &str) -> std::io::Result<Self> {
+        let version = if root.join("cgroup.controllers").exists() {
+            Version::V2
+        } else if V1_CONTROLLERS.iter().all(|c| root.join(c).is_dir()) {
+            Version::V1
+        } else {
+            return Err(std::io::Error::other(format!(
+                "no usable cgroup hierarchy under {} (need v2, or v1 with memory, pids and cpu)",
+                root.display()
+            )));
+        };
+        let mut v1 = V1_CONTROLLERS.to_vec();
+        let canon = |c: &str| std::fs::canonicalize(root.join(c)).ok();
+        if version == Version::V1
+            && root.join("cpuacct").is_dir()
+            && canon("cpuacct") != canon("cpu")
+        {
+            v1.push("cpuacct");
+        }
+        let me = Self {
+            root: root.to_owned(),
+            parent: parent.to_owned(),
+            version,
+            v1,
+        };
+        me.prepare_parent()?;
+        Ok(me)
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    fn prepare_parent(&self) -> std::io::Result<()> {
+        match self.version {
+            Version::V1 => {
+                for c in &self.v1 {
+                    std::fs::create_dir_all(self.root.join(c).join(&self.parent))?;
+                }
+            }
+            Version::V2 => {
+                let parent = self.root.join(&self.parent);
+                std::fs::create_dir_all(&parent)?;
+                // Delegate the controllers down to the sandboxes' groups.
+                for dir in [&self.root, &parent] {
+                    for c in ["+memory", "+pids", "+cpu"] {
+                        let _ = write(&dir.join("cgroup.subtree_control"), c);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir(&self, controller: &str, id: &str) -> PathBuf {
+        match self.version {
+            Version::V1 => self.root.join(controller).join(&self.parent).join(id),
+            Version::V2 => self.root.join(&self.parent).join(id),
+        }
+    }
+
+    fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        match self.version {
+            Version::V1 => self.v1.iter().map(|c| self.dir(c, id)).collect(),
+            Version::V2 => vec![self.dir("", id)],
+        }
+    }
+
+    /// Makes the groups and writes the limits; returns the `cgroup.procs`
+    /// files the launcher joins.
+    pub fn create(&self, id: &SandboxId, limits: &Limits) -> std::io::Result<Vec<PathBuf>> {
+        let id = id.as_str();
+        let dirs = self.dirs(id);
+        for d in &dirs {
+            std::fs::create_dir(d)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+        }
+        let quota = u64::from(limits.cpu_millis) * CPU_PERIOD_US / 1000;
+        match self.version {
+            Version::V1 => {
+                let mem = self.dir("memory", id);
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &limits.memory_bytes.to_string(),
+                )?;
+                // With swap accounting on, swap counts against the limit too.
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &limits.memory_bytes.to_string())?;
+                }
+                let _ = write(&mem.join("memory.swappiness"), "0");
+                write(
+                    &self.dir("pids", id).join("pids.max"),
+                    &limits.pids.to_string(),
+                )?;
+                let cpu = self.dir("cpu", id);
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+            Version::V2 => {
+                let d = self.dir("", id);
+                write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let _ = write(&d.join("memory.swap.max"), "0");
+                write(&d.join("pids.max"), &limits.pids.to_string())?;
+                write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+        }
+        Ok(dirs.iter().map(|d| d.join("cgroup.procs")).collect())
+    }
+
+    fn procs(&self, id: &str) -> Vec<i32> {
+        let file = self.dir("pids", id).join("cgroup.procs");
+        std::fs::read_to_string(file)
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether any process is still in the sandbox's groups.
+    pub fn is_populated(&self, id: &SandboxId) -> bool {
+        !self.procs(id.as_str()).is_empty()
+    }
+
+    /// SIGKILLs everything in the groups until they are empty, then removes
+    /// them. Idempotent; a group that never existed is fine.
+    pub fn destroy(&self, id: &SandboxId, deadline: Duration) -> std::io::Result<()> {
+        let id = id.as_str();
+        let until = Instant::now() + deadline;
+        let kill_file = self.dir("", id).join("cgroup.kill");
+        loop {
+            let procs = self.procs(id);
+            if procs.is_empty() {
+                break;
+            }
+            if self.version == Version::V2 && kill_file.exists() {
+                let _ = write(&kill_file, "1");
+            } else {
+                for pid in procs {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if Instant::now() > until {
+                return Err(std::io::Error::other(format!(
+                    "processes of {id} still alive after {deadline:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for d in self.dirs(id) {
+            // An exiting process can keep the group busy for a moment.
+            loop {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() > until => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", d.display()),
+                        ))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the groups under our parent (on v1, any controller's).
+    pub fn list(&self) -> Vec<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let parents: Vec<PathBuf> = match self.version {
+            Version::V1 => self
+                .v1
+                .iter()
+                .map(|c| self.root.join(c).join(&self.parent))
+                .collect(),
+            Version::V2 => vec![self.root.join(&self.parent)],
+        };
+        for p in parents {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        names.insert(e.file_name().to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    pub fn usage(&self, id: &SandboxId) -> Usage {
+        let id = id.as_str();
+        match self.version {
+            Version::V1 => {
+                let mem = self.dir("memory", id);
+                let cpu = self.dir("cpu", id);
+                let cpuacct = self.root.join("cpuacct").join(&self.parent).join(id);
+                Usage {
+                    memory_bytes: read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0),
+                    pids: read_u64(&self.dir("pids", id).join("pids.current")).unwrap_or(0),
+                    cpu_usec: read_u64(&cpu.join("cpuacct.usage"))
+                        .or_else(|| read_u64(&cpuacct.join("cpuacct.usage")))
+                        .unwrap_or(0)
+                        / 1000,
+                    oom_kills: read_keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+                }
+            }
+            Version::V2 => {
+                let d = self.dir("", id);
+                Usage {
+                    memory_bytes: read_u64(&d.join("memory.current")).unwrap_or(0),
+                    pids: read_u64(&d.join("pids.current")).unwrap_or(0),
+                    cpu_usec: read_keyed(&d.join("cpu.stat"), "usage_usec").unwrap_or(0),
+                    oom_kills: read_keyed(&d.join("memory.events"), "oom_kill").unwrap_or(0),
+                }
+            }
+        }
+    }
+}

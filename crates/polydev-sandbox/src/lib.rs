@@ -1,0 +1,15 @@
+//! Sandboxes: the `Driver` interface every backend implements, the local
+//! driver (Linux namespaces through bubblewrap, cgroups, overlay over a
+//! golden image), the image store, and — above the drivers — the pools
+//! and the reaper that keep what runs equal to what the store says.
+
+pub mod cgroup;
+pub mod driver;
+pub mod image;
+pub mod local;
+pub mod spec;
+
+pub use driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
+pub use image::{Image, ImageError, ImageStore};
+pub use local::{LocalConfig, LocalDriver};
+pub use spec::{Limits, Network, SandboxId, SandboxSpec};
