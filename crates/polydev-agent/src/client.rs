@@ -200,6 +200,30 @@ impl AgentClient {
         }
     }
 
+    /// Starts a command; read its events with `next_event` until `Exit`
+    /// (or `Error`). For callers that forward the stream as it comes.
+    pub async fn start_exec(
+        &mut self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        self.send(Op::Exec {
+            argv,
+            env,
+            cwd: None,
+            stdin: stdin.map(|b| B64.encode(b)),
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        Ok(read_frame::<Response>(&mut self.stream).await?.event)
+    }
+
     /// Sets the environment every later exec starts from.
     pub async fn configure(&mut self, env: Vec<(String, String)>) -> Result<(), ClientError> {
         match self.one(Op::Configure { env }).await? {

@@ -17,6 +17,9 @@ pub struct ApiError {
     pub message: String,
     /// Seconds after which a retry may succeed (429, 503).
     pub retry_after: Option<u64>,
+    /// Structured context a client can act on (e.g. a failed boot's stage
+    /// and log tail).
+    pub details: Option<serde_json::Value>,
 }
 
 /// The JSON body of every error response.
@@ -33,6 +36,10 @@ pub struct ErrorDetail {
     /// For people; may change between versions.
     #[schema(example = "userId must be a UUID, got \"abc\"")]
     pub message: String,
+    /// Structured context, for some errors (e.g. `sandbox_boot_failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -42,6 +49,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            details: None,
         }
     }
 
@@ -112,6 +120,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_owned(),
                 message: self.message,
+                details: self.details,
             },
         };
         let mut response = (self.status, Json(body)).into_response();

@@ -102,6 +102,8 @@ pub struct AppState {
     pub egress: Option<Egress>,
     /// Sealed boxes waiting for their recipients.
     pub relay: Arc<relay::Relay>,
+    /// The sandbox manager, or why this controller has none.
+    pub sandboxes: Result<Arc<polydev_sandbox::Manager>, Arc<str>>,
 }
 
 impl AppState {
@@ -125,7 +127,16 @@ impl AppState {
             observability,
             egress,
             relay: Arc::new(relay::Relay::default()),
+            sandboxes: Err("sandboxes are not enabled on this controller".into()),
         }
+    }
+
+    pub fn with_sandboxes(
+        mut self,
+        sandboxes: Result<Arc<polydev_sandbox::Manager>, String>,
+    ) -> Self {
+        self.sandboxes = sandboxes.map_err(Arc::from);
+        self
     }
 
     /// Periodic upkeep: forget recovered rate-limit keys, delete expired

@@ -7,9 +7,11 @@ pub mod cgroup;
 pub mod driver;
 pub mod image;
 pub mod local;
+pub mod manager;
 pub mod spec;
 
 pub use driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
 pub use image::{Image, ImageError, ImageStore};
 pub use local::{LocalConfig, LocalDriver};
+pub use manager::{CreateRequest, Manager, ManagerConfig, ManagerError, SandboxView};
 pub use spec::{Limits, Network, SandboxId, SandboxSpec};

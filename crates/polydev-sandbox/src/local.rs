@@ -12,7 +12,7 @@
 //! the agent's socket) and `fs/` (the private tmpfs's mount point; nothing
 //! is mounted there in the host's namespace).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -415,7 +415,7 @@ impl Driver for LocalDriver {
                         .ok()
                         .and_then(|b| serde_json::from_slice::<SandboxSpec>(&b).ok())
                         .map(|s| s.labels)
-                        .unwrap_or_else(BTreeMap::new);
+                        .unwrap_or_default();
                     let alive = SandboxId::parse(&name)
                         .map(|id| cgroups.is_populated(&id))
                         .unwrap_or(false);

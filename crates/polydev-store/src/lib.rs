@@ -15,6 +15,7 @@
 
 mod egress;
 mod error;
+mod sandboxes;
 #[cfg(feature = "test-support")]
 pub mod testing;
 mod tokens;
@@ -31,6 +32,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use egress::{EgressCredential, Usage, UsageDelta};
 pub use error::StoreError;
+pub use sandboxes::{SandboxRecord, LIVE_STATUSES};
 pub use tokens::{NewToken, TokenKind, TokenOwner};
 pub use users::{NewUser, User};
 pub use vault::{VaultItem, VaultItemMeta, VaultKeys};

@@ -15,6 +15,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Http => http(&args).await,
         BenchArea::Egress => crate::bench_egress::run(&args).await,
         BenchArea::Vault => vault(&args),
+        BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
     }
 }
 

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller: HTTP API and web UI.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -39,6 +39,49 @@ pub enum Command {
     Egress(EgressCommandArgs),
     /// Measure performance against the real binary (see docs/PERFORMANCE.md).
     Bench(BenchArgs),
+    /// Golden images for sandboxes: build, list, activate, roll back.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Build a template's root filesystem, boot one sandbox from it to
+    /// validate it, and activate it (the previous image is kept).
+    Build {
+        /// `minimal` (host binaries, no network), `base` (Debian minbase),
+        /// `runtime` (+ Node.js and the three CLIs) or `browser` (+ Xvfb,
+        /// Chromium, a VNC server).
+        template: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Debian mirror for debootstrap.
+        #[arg(
+            long,
+            env = "POLYDEV_DEBIAN_MIRROR",
+            default_value = "http://deb.debian.org/debian"
+        )]
+        mirror: String,
+    },
+    /// A template's images, the current one marked.
+    List {
+        template: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Make an image current.
+    Activate {
+        template: String,
+        hash: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Go back to the previous image.
+    Rollback {
+        template: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -52,6 +95,9 @@ pub enum BenchArea {
     /// Vault crypto: KDF time at the default parameters, item and sealing
     /// throughput, in Rust and (through web/tests/vault-interop.mjs) in Chromium.
     Vault,
+    /// Sandboxes on the local driver: cold create, concurrent creates, warm
+    /// hand-out, exec round trip, idle density and memory.
+    Sandboxes,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -71,6 +117,9 @@ pub struct BenchArgs {
     /// egress: bytes for the throughput transfer.
     #[arg(long, default_value_t = 1 << 30)]
     pub transfer_bytes: u64,
+    /// sandboxes: idle sandboxes to hold for the density figure.
+    #[arg(long, default_value_t = 2000)]
+    pub idle_target: usize,
     /// egress: tunnels held open for the latency and memory figures.
     #[arg(long, default_value_t = 1000)]
     pub tunnels: usize,
@@ -164,6 +213,52 @@ pub struct ServeArgs {
     pub vault_autolock_secs: Option<u64>,
     #[command(flatten)]
     pub egress: EgressArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// The sandbox runtime's flags; the [sandbox] TOML section has the same keys.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Run sandboxes on this controller (local driver) [default: true]
+    #[arg(long = "sandboxes", env = "POLYDEV_SANDBOXES", value_name = "BOOL")]
+    pub enabled: Option<bool>,
+    /// Warm sandboxes per template, TEMPLATE=N, comma-separated [default: runtime=10,browser=10]
+    #[arg(
+        long = "sandbox-pools",
+        env = "POLYDEV_SANDBOX_POOLS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub pools: Option<Vec<String>>,
+    /// Live sandboxes one user may hold [default: 10]
+    #[arg(
+        long = "sandbox-per-user-max",
+        env = "POLYDEV_SANDBOX_PER_USER_MAX",
+        value_name = "N"
+    )]
+    pub per_user_max: Option<u32>,
+    /// Live sandboxes on this host, pools included [default: 2000]
+    #[arg(
+        long = "sandbox-host-max",
+        env = "POLYDEV_SANDBOX_HOST_MAX",
+        value_name = "N"
+    )]
+    pub host_max: Option<u32>,
+    /// Boot deadline, ms [default: 10000]
+    #[arg(
+        long = "sandbox-boot-deadline-ms",
+        env = "POLYDEV_SANDBOX_BOOT_DEADLINE_MS",
+        value_name = "MS"
+    )]
+    pub boot_deadline_ms: Option<u64>,
+    /// Debug switch: keep failed sandboxes' state for inspection [default: false]
+    #[arg(
+        long = "sandbox-keep-failed",
+        env = "POLYDEV_SANDBOX_KEEP_FAILED",
+        value_name = "BOOL"
+    )]
+    pub keep_failed: Option<bool>,
 }
 
 /// The egress proxy's flags; everything else is the [egress] TOML section.

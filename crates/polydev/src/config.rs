@@ -13,7 +13,87 @@ use polydev_telemetry::alerts::AlertsConfig;
 use polydev_telemetry::LogFormat;
 use serde::Deserialize;
 
-use crate::cli::{EgressArgs, ServeArgs, StoreArgs};
+use crate::cli::{EgressArgs, SandboxArgs, ServeArgs, StoreArgs};
+
+/// The [sandbox] TOML section.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxFile {
+    enabled: Option<bool>,
+    /// Template → warm sandboxes kept.
+    pools: Option<std::collections::BTreeMap<String, usize>>,
+    per_user_max: Option<u32>,
+    host_max: Option<u32>,
+    boot_deadline_ms: Option<u64>,
+    keep_failed: Option<bool>,
+    default_ttl_secs: Option<u64>,
+    memory_mb: Option<u64>,
+    pids: Option<u32>,
+    cpu_millis: Option<u32>,
+    disk_mb: Option<u64>,
+}
+
+/// The sandbox runtime's settings, layered.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    pub enabled: bool,
+    pub keep_failed: bool,
+    pub manager: polydev_sandbox::ManagerConfig,
+}
+
+pub fn sandbox_config(
+    args: &SandboxArgs,
+    file: Option<&SandboxFile>,
+) -> anyhow::Result<SandboxSettings> {
+    let f = file.cloned().unwrap_or_default();
+    let mut m = polydev_sandbox::ManagerConfig {
+        pools: [("runtime".to_owned(), 10), ("browser".to_owned(), 10)].into(),
+        ..Default::default()
+    };
+    if let Some(p) = f.pools {
+        m.pools = p;
+    }
+    if let Some(list) = &args.pools {
+        m.pools.clear();
+        for item in list.iter().filter(|i| !i.trim().is_empty()) {
+            let (t, n) = item
+                .split_once('=')
+                .and_then(|(t, n)| Some((t.trim(), n.trim().parse::<usize>().ok()?)))
+                .with_context(|| format!("sandbox pool {item:?} is not TEMPLATE=N"))?;
+            m.pools.insert(t.to_owned(), n);
+        }
+    }
+    if let Some(n) = args.per_user_max.or(f.per_user_max) {
+        m.per_user_max = n;
+    }
+    if let Some(n) = args.host_max.or(f.host_max) {
+        m.host_max = n;
+    }
+    if let Some(ms) = args.boot_deadline_ms.or(f.boot_deadline_ms) {
+        m.boot_deadline = Duration::from_millis(ms.max(1));
+    }
+    if let Some(s) = f.default_ttl_secs {
+        m.default_ttl = Duration::from_secs(s.max(1));
+    }
+    let d = &mut m.default_limits;
+    if let Some(v) = f.memory_mb {
+        d.memory_bytes = v << 20;
+    }
+    if let Some(v) = f.pids {
+        d.pids = v;
+    }
+    if let Some(v) = f.cpu_millis {
+        d.cpu_millis = v;
+    }
+    if let Some(v) = f.disk_mb {
+        d.disk_bytes = v << 20;
+    }
+    Ok(SandboxSettings {
+        enabled: args.enabled.or(f.enabled).unwrap_or(true),
+        keep_failed: args.keep_failed.or(f.keep_failed).unwrap_or(false),
+        manager: m,
+    })
+}
 
 /// The TOML file: the same keys as the long flags, with `_`.
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +119,7 @@ pub struct FileConfig {
     health_upstreams: Option<Vec<String>>,
     alerts: Option<AlertsConfig>,
     egress: Option<EgressConfig>,
+    sandbox: Option<SandboxFile>,
     vault_autolock_secs: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
 }
@@ -155,6 +236,7 @@ pub struct ServeConfig {
     pub health_override_file: Option<PathBuf>,
     pub alerts: AlertsConfig,
     pub egress: EgressConfig,
+    pub sandbox: SandboxSettings,
 }
 
 /// The egress section with its flags applied.
@@ -274,6 +356,7 @@ impl ServeConfig {
                 .or_else(|| file.health_override_file.clone()),
             alerts,
             egress: egress_config(&args.egress, &file)?,
+            sandbox: sandbox_config(&args.sandbox, file.sandbox.as_ref())?,
         })
     }
 }
@@ -289,7 +372,7 @@ mod tests {
         let mut full = vec!["polydev", "serve"];
         full.extend_from_slice(argv);
         match Cli::try_parse_from(full).expect("args parse").command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
         }
     }

@@ -3,8 +3,10 @@
 
 mod bench;
 mod bench_egress;
+mod bench_sandbox;
 mod cli;
 mod config;
+mod sandbox_cli;
 mod serve;
 mod user;
 mod vault_cli;
@@ -76,6 +78,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => {
             polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
             bench::run(args).await
+        }
+        Command::Image(cmd) => {
+            use cli::ImageCommand as I;
+            let (store_args, template) = match &cmd {
+                I::Build {
+                    store, template, ..
+                }
+                | I::List { store, template }
+                | I::Activate {
+                    store, template, ..
+                }
+                | I::Rollback { store, template } => (store, template.clone()),
+            };
+            let file = FileConfig::load(store_args.config.as_deref())?;
+            let store = StoreConfig::resolve(store_args, &file)?;
+            init_logging(&store, None)?;
+            match cmd {
+                I::Build { mirror, .. } => {
+                    sandbox_cli::build(&store.data_dir, &template, &mirror).await
+                }
+                I::List { .. } => sandbox_cli::list(&store.data_dir, &template),
+                I::Activate { hash, .. } => {
+                    sandbox_cli::activate(&store.data_dir, &template, &hash)
+                }
+                I::Rollback { .. } => sandbox_cli::rollback(&store.data_dir, &template),
+            }
         }
         Command::Migrate(args) => {
             let file = FileConfig::load(args.config.as_deref())?;

@@ -67,16 +67,22 @@ fn base_registry() -> MetricsRegistry {
 /// Assembles the metrics registry, the host monitor and (when enabled) the
 /// egress proxy, whose metrics join the registry; returns them with the
 /// host source the sampler will read.
-fn assemble(
-    config: &ServeConfig,
-    store: &Store,
-) -> anyhow::Result<(Observability, Box<dyn HostSource>, Option<Egress>)> {
+/// The parts `assemble` makes: observability, the host source, the egress
+/// proxy (when on) and the sandbox metrics.
+type Assembled = (
+    Observability,
+    Box<dyn HostSource>,
+    Option<Egress>,
+    metrics::SandboxMetrics,
+);
+
+fn assemble(config: &ServeConfig, store: &Store) -> anyhow::Result<Assembled> {
     let mut registry = base_registry();
     let http = config
         .http_metrics
         .then(|| HttpMetrics::register(&mut registry));
     // Registered now so their series exist; fed by the parts as they land.
-    metrics::SandboxMetrics::register(&mut registry);
+    let sandbox_metrics = metrics::SandboxMetrics::register(&mut registry);
     metrics::LoginMetrics::register(&mut registry);
     let alerts = Arc::new(AlertEngine::new(&config.alerts, &mut registry));
     let egress = if config.egress.enabled {
@@ -103,13 +109,27 @@ fn assemble(
         },
         source,
         egress,
+        sandbox_metrics,
     ))
 }
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = bind(config.listen).await?;
     let store = open_store(&config.store).await?;
-    let (observability, host_source, egress) = assemble(&config, &store)?;
+    let (observability, host_source, egress, sandbox_metrics) = assemble(&config, &store)?;
+    let sandboxes = crate::sandbox_cli::manager(
+        &config.store.data_dir,
+        &config.sandbox,
+        &store,
+        sandbox_metrics,
+    )
+    .await;
+    match &sandboxes {
+        Ok(m) => {
+            tracing::info!(driver = m.driver().name(), templates = ?m.images().templates(), "sandboxes enabled")
+        }
+        Err(why) => tracing::warn!(reason = %why, "sandboxes unavailable"),
+    }
     let egress_listener = match &egress {
         Some(e) => {
             let listener = e.bind().await?;
@@ -124,7 +144,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.api.clone(),
         observability.clone(),
         egress.clone(),
-    );
+    )
+    .with_sandboxes(sandboxes.clone());
     let app = polydev_api::router(state.clone());
     let addr = listener
         .local_addr()
@@ -134,6 +155,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(housekeeping(state, stop_rx.clone()));
+    if let Ok(manager) = sandboxes {
+        tasks.spawn(manager.run(stop_rx.clone()));
+    }
     if let (Some(egress), Some(listener)) = (egress, egress_listener) {
         tasks.spawn(egress.run(listener, stop_rx.clone()));
     }

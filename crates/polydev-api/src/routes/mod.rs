@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub(crate) mod egress;
 pub(crate) mod health;
 pub(crate) mod health_admin;
+pub(crate) mod sandboxes;
 pub(crate) mod session;
 pub(crate) mod users;
 pub(crate) mod vault;
@@ -67,6 +68,21 @@ pub(crate) fn api_routes() -> Router<AppState> {
                 .put(vault::put_item)
                 .delete(vault::delete_item),
         )
+        .route(
+            "/api/sandboxes",
+            get(sandboxes::list).post(sandboxes::create),
+        )
+        .route(
+            "/api/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/api/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/api/sandboxes/{id}/files",
+            get(sandboxes::get_file).put(sandboxes::put_file),
+        )
+        .route("/api/vms/create", post(sandboxes::vm_create))
+        .route("/api/vms/{id}", axum::routing::delete(sandboxes::vm_delete))
         .route_layer(axum::middleware::from_fn(record_route))
 }
 

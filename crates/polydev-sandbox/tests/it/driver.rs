@@ -1,5 +1,5 @@
-use std::time::Duration;
 use polydev_sandbox::Driver;
+use std::time::Duration;
 
 use crate::Host;
 
@@ -32,11 +32,17 @@ async fn cannot_see_the_host_or_other_sandboxes() {
     // Files: no controller data dir, no other sandbox's home, no host root's home.
     let data = host.dir.path().display().to_string();
     let (code, _, _) = host
-        .sh(&b, &format!("ls {data}/canary.db || ls /root/. || cat ~/a-only"))
+        .sh(
+            &b,
+            &format!("ls {data}/canary.db || ls /root/. || cat ~/a-only"),
+        )
         .await;
     assert_ne!(code, Some(0));
     let (_, out, _) = host.sh(&b, "ls / | tr '\\n' ' '").await;
-    assert!(!out.contains("work") && !out.contains("var"), "root has {out}");
+    assert!(
+        !out.contains("work") && !out.contains("var"),
+        "root has {out}"
+    );
     // Sockets: the other sandbox's agent socket directory is not there.
     let (_, out, _) = host.sh(&b, "ls /run/polydev").await;
     assert_eq!(out.trim(), "agent.sock");
@@ -44,7 +50,12 @@ async fn cannot_see_the_host_or_other_sandboxes() {
     // Network: loopback only; a host listener is unreachable.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (_, out, _) = host.sh(&b, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '").await;
+    let (_, out, _) = host
+        .sh(
+            &b,
+            "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+        )
+        .await;
     assert_eq!(out.trim(), "lo");
     let (code, _, _) = host
         .sh(&b, &format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
@@ -64,7 +75,9 @@ async fn seccomp_and_dropped_capabilities_refuse_privileged_calls() {
     assert!(err.contains("Operation not permitted"), "{err}");
     let (code, _, _) = host.sh(&id, "mount -t tmpfs x /tmp").await;
     assert_ne!(code, Some(0));
-    let (_, out, _) = host.sh(&id, "grep -E '^(CapEff|Seccomp):' /proc/self/status").await;
+    let (_, out, _) = host
+        .sh(&id, "grep -E '^(CapEff|Seccomp):' /proc/self/status")
+        .await;
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
     host.driver.destroy(&id).await.unwrap();
@@ -80,7 +93,11 @@ async fn limits_stop_fork_bombs_and_memory_hogs_while_neighbours_work() {
     let neighbour = host.boot(&host.spec()).await;
 
     // Fork bomb: stopped at pids.max, the sandbox survives and is reclaimed.
-    let mut agent = host.driver.agent(&hog, Duration::from_secs(5)).await.unwrap();
+    let mut agent = host
+        .driver
+        .agent(&hog, Duration::from_secs(5))
+        .await
+        .unwrap();
     let bomb = agent.exec(
         &["/bin/sh", "-c", "b() { b | b & }; b; sleep 2"],
         None,
@@ -129,7 +146,11 @@ async fn the_writable_layer_has_a_quota_and_the_image_stays_untouched() {
 async fn an_agent_that_never_starts_fails_at_the_deadline_with_its_log() {
     let host = Host::new();
     let fake = host.dir.path().join("fake-agent");
-    std::fs::write(&fake, "#!/bin/sh\necho 'fake agent: waiting forever' >&2\nexec sleep 600\n").unwrap();
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake agent: waiting forever' >&2\nexec sleep 600\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let broken = host.images.build_minimal(&fake).unwrap();
     let id = polydev_sandbox::SandboxId::generate();
@@ -142,9 +163,14 @@ async fn an_agent_that_never_starts_fails_at_the_deadline_with_its_log() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
     match err {
-        polydev_sandbox::DriverError::Boot { stage, log_tail, .. } => {
+        polydev_sandbox::DriverError::Boot {
+            stage, log_tail, ..
+        } => {
             assert_eq!(stage, "started");
-            assert!(log_tail.iter().any(|l| l.contains("waiting forever")), "{log_tail:?}");
+            assert!(
+                log_tail.iter().any(|l| l.contains("waiting forever")),
+                "{log_tail:?}"
+            );
         }
         other => panic!("{other}"),
     }

@@ -1,0 +1,578 @@
+//! Sandboxes: create (warm pool first, cold start as the fallback), read,
+//! exec with streamed output (SSE, or one JSON answer), files, delete; and
+//! v1's `/api/vms` shape. Users see their own; admins everyone's.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_agent::protocol::Event as AgentEvent;
+use polydev_domain::{Role, UserId};
+use polydev_sandbox::{
+    CreateRequest, DriverError, Limits, Manager, ManagerError, Network, SandboxId, SandboxView,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::CurrentUser;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::AppState;
+
+fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
+    state.sandboxes.as_ref().map_err(|why| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sandboxes_unavailable",
+            why.to_string(),
+        )
+    })
+}
+
+pub(crate) fn manager_error(e: ManagerError) -> ApiError {
+    match e {
+        ManagerError::Invalid(m) => ApiError::bad_request("invalid_sandbox_request", m),
+        ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
+        e @ ManagerError::UserQuota(_) => ApiError {
+            retry_after: None,
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "sandbox_quota",
+                e.to_string(),
+            )
+        },
+        e @ ManagerError::HostCapacity(_) => ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "host_at_capacity",
+                e.to_string(),
+            )
+        },
+        ManagerError::NotFound(id) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+            format!("no sandbox {id}"),
+        ),
+        ManagerError::Gone(id) => ApiError::new(
+            StatusCode::GONE,
+            "sandbox_gone",
+            format!("sandbox {id} has ended"),
+        ),
+        ManagerError::Driver(DriverError::Boot {
+            stage,
+            message,
+            stages,
+            log_tail,
+        }) => ApiError {
+            details: Some(
+                serde_json::json!({"stage": stage, "stages": stages, "logTail": log_tail}),
+            ),
+            ..ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "sandbox_boot_failed",
+                format!("the sandbox failed to boot after stage `{stage}`: {message}"),
+            )
+        },
+        ManagerError::Driver(DriverError::Unavailable(m)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandboxes_unavailable", m)
+        }
+        ManagerError::Driver(DriverError::NotFound(id)) => ApiError::new(
+            StatusCode::GONE,
+            "sandbox_gone",
+            format!("sandbox {id} is no longer running"),
+        ),
+        ManagerError::Store(s) => s.into(),
+        other => ApiError::internal("sandbox error", &other),
+    }
+}
+
+fn parse_id(raw: &str) -> ApiResult<SandboxId> {
+    SandboxId::parse(raw).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+            format!("no sandbox {raw:?}"),
+        )
+    })
+}
+
+/// Whose sandboxes the caller may touch: `None` for admins (all).
+fn scope(user: &CurrentUser) -> Option<UserId> {
+    (user.0.user.role != Role::Admin).then_some(user.0.user.id)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct CreateBody {
+    /// `minimal`, `runtime`, `browser`, … (a template with a built image).
+    #[schema(example = "runtime")]
+    template: String,
+    memory_mb: Option<u64>,
+    pids: Option<u32>,
+    /// Thousandths of a core.
+    cpu_millis: Option<u32>,
+    disk_mb: Option<u64>,
+    /// `none` (loopback only; the default).
+    network: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    ttl_secs: Option<u64>,
+}
+
+fn create_request(state: &AppState, m: &Manager, body: CreateBody) -> ApiResult<CreateRequest> {
+    let _ = state;
+    let network = match body.network.as_deref() {
+        None | Some("none") => Network::None,
+        Some("egress") => {
+            return Err(ApiError::bad_request(
+                "invalid_sandbox_request",
+                "network `egress` is not available on this controller yet; use `none`",
+            ))
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_sandbox_request",
+                format!("network must be `none`, got {other:?}"),
+            ))
+        }
+    };
+    let custom = body.memory_mb.is_some()
+        || body.pids.is_some()
+        || body.cpu_millis.is_some()
+        || body.disk_mb.is_some();
+    let d: Limits = m.config().default_limits;
+    let limits = custom.then(|| Limits {
+        cpu_millis: body.cpu_millis.unwrap_or(d.cpu_millis),
+        memory_bytes: body
+            .memory_mb
+            .map_or(d.memory_bytes, |mb| mb.saturating_mul(1 << 20)),
+        pids: body.pids.unwrap_or(d.pids),
+        disk_bytes: body
+            .disk_mb
+            .map_or(d.disk_bytes, |mb| mb.saturating_mul(1 << 20)),
+    });
+    for k in body.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::bad_request(
+                "invalid_sandbox_request",
+                format!("env name {k:?} is not valid"),
+            ));
+        }
+    }
+    if body.labels.len() > 16
+        || body
+            .labels
+            .iter()
+            .any(|(k, v)| k.len() > 64 || v.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_sandbox_request",
+            "labels: at most 16, keys ≤ 64 and values ≤ 256 bytes",
+        ));
+    }
+    Ok(CreateRequest {
+        template: body.template,
+        limits,
+        network,
+        env: body.env.into_iter().collect(),
+        labels: body.labels,
+        ttl: body.ttl_secs.map(Duration::from_secs),
+    })
+}
+
+/// Create a sandbox; answers once its agent is ready (or its boot failed).
+#[utoipa::path(post, path = "/api/sandboxes", tag = "sandboxes", request_body = CreateBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = Object, description = "The sandbox: id, status, stages, …"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, description = "Per-user quota reached", body = ErrorBody),
+        (status = 502, description = "Boot failed: stage reached and log tail in details", body = ErrorBody),
+        (status = 503, description = "Host at capacity (Retry-After) or no driver", body = ErrorBody)))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> ApiResult<(StatusCode, Json<SandboxView>)> {
+    let m = manager(&state)?;
+    let req = create_request(&state, m, body)?;
+    let view = m.create(user.0.user.id, req).await.map_err(manager_error)?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SandboxList {
+    #[schema(value_type = Vec<Object>)]
+    sandboxes: Vec<SandboxView>,
+}
+
+/// Your sandboxes, newest first (admins: everyone's).
+#[utoipa::path(get, path = "/api/sandboxes", tag = "sandboxes", security(("bearer" = [])),
+    responses((status = 200, body = SandboxList), (status = 401, body = ErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> ApiResult<Json<SandboxList>> {
+    let sandboxes = manager(&state)?
+        .list(scope(&user))
+        .await
+        .map_err(manager_error)?;
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxDetail {
+    #[serde(flatten)]
+    sandbox: SandboxView,
+    /// Live usage from the kernel (running sandboxes only).
+    stats: Option<polydev_sandbox::Stats>,
+}
+
+/// One sandbox, with live usage while it runs.
+#[utoipa::path(get, path = "/api/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxDetail>> {
+    let m = manager(&state)?;
+    let id = parse_id(&id)?;
+    let sandbox = m.get(&id, scope(&user)).await.map_err(manager_error)?;
+    let stats = if sandbox.status == "ready" {
+        m.driver().stats(&id).await.ok()
+    } else {
+        None
+    };
+    Ok(Json(SandboxDetail { sandbox, stats }))
+}
+
+/// Destroy a sandbox now.
+#[utoipa::path(delete, path = "/api/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let m = manager(&state)?;
+    m.delete(&parse_id(&id)?, scope(&user))
+        .await
+        .map_err(manager_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ExecBody {
+    /// Program and arguments.
+    #[schema(example = json!(["sh", "-c", "echo hi"]))]
+    cmd: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Text written to stdin (then closed).
+    stdin: Option<String>,
+    /// Killed after this (default 60 000, at most 3 600 000).
+    timeout_ms: Option<u64>,
+}
+
+/// One streamed exec event (SSE `event:` names: started, stdout, stderr, exit, error).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExecAnswer {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn text(data: &str) -> String {
+    B64.decode(data)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Run a command in a sandbox. With `Accept: text/event-stream` the output
+/// streams as events (`started`, `stdout`, `stderr`, `exit`, `error`);
+/// otherwise one JSON answer when it ends.
+#[utoipa::path(post, path = "/api/sandboxes/{id}/exec", tag = "sandboxes", request_body = ExecBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses(
+        (status = 200, body = ExecAnswer, description = "JSON, or an SSE stream when asked"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn exec(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> ApiResult<Response> {
+    let m = manager(&state)?;
+    let id = parse_id(&id)?;
+    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
+    if body.cmd.is_empty() || body.cmd[0].is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_exec",
+            "cmd must name a program",
+        ));
+    }
+    let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000).clamp(1, 3_600_000));
+    let mut agent = m
+        .driver()
+        .agent(&id, Duration::from_secs(5))
+        .await
+        .map_err(|e| manager_error(e.into()))?;
+    agent
+        .start_exec(
+            body.cmd,
+            body.env.into_iter().collect(),
+            body.stdin.as_deref().map(str::as_bytes),
+            timeout,
+        )
+        .await
+        .map_err(|e| manager_error(DriverError::from(e).into()))?;
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_sse {
+        let mut answer = ExecAnswer {
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        loop {
+            match agent.next_event().await {
+                Ok(AgentEvent::Stdout { data }) => answer.stdout.push_str(&text(&data)),
+                Ok(AgentEvent::Stderr { data }) => answer.stderr.push_str(&text(&data)),
+                Ok(AgentEvent::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                }) => {
+                    answer.exit_code = code;
+                    answer.signal = signal;
+                    answer.timed_out = timed_out;
+                    return Ok(Json(answer).into_response());
+                }
+                Ok(AgentEvent::Error { code, message }) => {
+                    return Err(ApiError::bad_request(
+                        "exec_failed",
+                        format!("{code}: {message}"),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(manager_error(DriverError::from(e).into())),
+            }
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (name, payload, last) = match agent.next_event().await {
+                Ok(AgentEvent::Started { pid }) => {
+                    ("started", serde_json::json!({"pid": pid}), false)
+                }
+                Ok(AgentEvent::Stdout { data }) => {
+                    ("stdout", serde_json::json!({"data": text(&data)}), false)
+                }
+                Ok(AgentEvent::Stderr { data }) => {
+                    ("stderr", serde_json::json!({"data": text(&data)}), false)
+                }
+                Ok(AgentEvent::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                }) => (
+                    "exit",
+                    serde_json::json!({"exitCode": code, "signal": signal, "timedOut": timed_out}),
+                    true,
+                ),
+                Ok(AgentEvent::Error { code, message }) => (
+                    "error",
+                    serde_json::json!({"code": code, "message": message}),
+                    true,
+                ),
+                Ok(_) => continue,
+                Err(e) => (
+                    "error",
+                    serde_json::json!({"code": "agent", "message": e.to_string()}),
+                    true,
+                ),
+            };
+            let event = SseEvent::default().event(name).data(payload.to_string());
+            // A client that went away drops the agent connection, and the
+            // agent kills the process.
+            if tx.send(Ok(event)).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+}
+
+fn check_path(p: &str) -> ApiResult<()> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "path must be absolute",
+        ));
+    }
+    Ok(())
+}
+
+/// Write a file into a sandbox (the body is the content).
+#[utoipa::path(put, path = "/api/sandboxes/{id}/files", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path), FileQuery),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn put_file(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let m = manager(&state)?;
+    let id = parse_id(&id)?;
+    check_path(&q.path)?;
+    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
+    let mut agent = m
+        .driver()
+        .agent(&id, Duration::from_secs(5))
+        .await
+        .map_err(|e| manager_error(e.into()))?;
+    agent
+        .put_file(&q.path, 0o644, &body)
+        .await
+        .map_err(|e| match e {
+            polydev_agent::ClientError::Refused { message, .. } => {
+                ApiError::bad_request("file_error", message)
+            }
+            other => manager_error(DriverError::from(other).into()),
+        })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Read a file from a sandbox.
+#[utoipa::path(get, path = "/api/sandboxes/{id}/files", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path), FileQuery),
+    responses((status = 200, description = "The bytes"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_file(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+) -> ApiResult<Response> {
+    let m = manager(&state)?;
+    let id = parse_id(&id)?;
+    check_path(&q.path)?;
+    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
+    let mut agent = m
+        .driver()
+        .agent(&id, Duration::from_secs(5))
+        .await
+        .map_err(|e| manager_error(e.into()))?;
+    let bytes = agent.get_file(&q.path).await.map_err(|e| match e {
+        polydev_agent::ClientError::Refused { message, .. } => {
+            ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message)
+        }
+        other => manager_error(DriverError::from(other).into()),
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct VmCreate {
+    #[schema(value_type = String, format = Uuid)]
+    user_id: String,
+    /// `cli` (the runtime template) or `browser`.
+    vm_type: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct VmView {
+    vm_id: String,
+    /// Sandboxes have no address of their own (loopback only); kept for v1 clients.
+    ip_address: Option<String>,
+    status: String,
+}
+
+/// v1: create a VM (a sandbox of the `runtime` or `browser` template).
+#[utoipa::path(post, path = "/api/vms/create", tag = "sandboxes", request_body = VmCreate,
+    security(("bearer" = [])),
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub(crate) async fn vm_create(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(body): ApiJson<VmCreate>,
+) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let m = manager(&state)?;
+    let owner = UserId::parse("userId", &body.user_id)?;
+    if owner != user.0.user.id && user.0.user.role != Role::Admin {
+        return Err(ApiError::forbidden("you can create VMs only for yourself"));
+    }
+    let template = match body.vm_type.as_str() {
+        "cli" => "runtime",
+        "browser" => "browser",
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_vm_type",
+                format!("vmType must be `cli` or `browser`, got {other:?}"),
+            ))
+        }
+    };
+    let req = CreateRequest {
+        template: template.into(),
+        ..Default::default()
+    };
+    let v = m.create(owner, req).await.map_err(manager_error)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(VmView {
+            vm_id: v.id,
+            ip_address: None,
+            status: v.status,
+        }),
+    ))
+}
+
+/// v1: destroy a VM.
+#[utoipa::path(delete, path = "/api/vms/{id}", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub(crate) async fn vm_delete(
+    state: State<AppState>,
+    user: CurrentUser,
+    id: Path<String>,
+) -> ApiResult<StatusCode> {
+    delete(state, user, id).await
+}

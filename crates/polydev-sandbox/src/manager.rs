@@ -1,0 +1,736 @@
+//! Above the driver: the store is the source of truth. The manager
+//! records every sandbox before it exists, enforces quotas, keeps warm
+//! pools, and runs the reaper (TTL) and the reconciler (driver vs store).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use polydev_domain::UserId;
+use polydev_store::{SandboxRecord, Store, StoreError};
+use polydev_telemetry::metrics::{
+    SandboxMetrics, TemplateDriverLabels, TemplateLabels, TemplateStageLabels,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Driver, DriverError, Stage};
+use crate::image::{ImageError, ImageStore};
+use crate::spec::{Limits, Network, SandboxId, SandboxSpec};
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub boot_deadline: Duration,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub default_limits: Limits,
+    /// Live sandboxes one user may hold (429 beyond).
+    pub per_user_max: u32,
+    /// Live sandboxes on this host, pools included (503 beyond).
+    pub host_max: u32,
+    /// Warm sandboxes kept per template.
+    pub pools: BTreeMap<String, usize>,
+    /// Pool sandboxes older than this are replaced.
+    pub pool_refresh: Duration,
+    pub reap_interval: Duration,
+    pub reconcile_interval: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            boot_deadline: Duration::from_secs(10),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+            default_limits: Limits::default(),
+            per_user_max: 10,
+            host_max: 2000,
+            pools: BTreeMap::new(),
+            pool_refresh: Duration::from_secs(1800),
+            reap_interval: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a caller asks for; unset fields take the configured defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub template: String,
+    pub limits: Option<Limits>,
+    pub network: Network,
+    pub env: Vec<(String, String)>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("you already have {0} live sandboxes, the most allowed; delete one first")]
+    UserQuota(u32),
+    #[error("this host runs its maximum of {0} sandboxes; try again shortly")]
+    HostCapacity(u32),
+    #[error("no sandbox {0}")]
+    NotFound(String),
+    #[error("sandbox {0} has ended")]
+    Gone(String),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A sandbox as callers see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxView {
+    pub id: String,
+    pub user_id: Option<String>,
+    pub template: String,
+    pub image: String,
+    pub driver: String,
+    pub status: String,
+    pub stages: Vec<Stage>,
+    pub error: Option<serde_json::Value>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SandboxView {
+    fn from_record(r: &SandboxRecord) -> Self {
+        let spec: Option<SandboxSpec> = serde_json::from_str(&r.spec).ok();
+        Self {
+            id: r.id.clone(),
+            user_id: r.user_id.map(|u| u.to_string()),
+            template: r.template.clone(),
+            image: r.image.clone(),
+            driver: r.driver.clone(),
+            status: r.status.clone(),
+            stages: serde_json::from_str(&r.stages).unwrap_or_default(),
+            error: r
+                .error
+                .as_deref()
+                .and_then(|e| serde_json::from_str(e).ok()),
+            created_at_ms: r.created_at_ms,
+            expires_at_ms: r.expires_at_ms,
+            ended_at_ms: r.ended_at_ms,
+            labels: spec.map(|s| s.labels).unwrap_or_default(),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[derive(Debug)]
+struct Warm {
+    id: SandboxId,
+    born: Instant,
+}
+
+#[derive(Debug)]
+pub struct Manager {
+    driver: Arc<dyn Driver>,
+    store: Store,
+    images: ImageStore,
+    cfg: ManagerConfig,
+    metrics: SandboxMetrics,
+    pools: Mutex<HashMap<String, VecDeque<Warm>>>,
+    /// Sandboxes this process holds (creating, pooled or ready).
+    live: AtomicUsize,
+    refill: tokio::sync::Notify,
+}
+
+impl Manager {
+    pub fn new(
+        driver: Arc<dyn Driver>,
+        store: Store,
+        images: ImageStore,
+        cfg: ManagerConfig,
+        metrics: SandboxMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            driver,
+            store,
+            images,
+            cfg,
+            metrics,
+            pools: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
+            refill: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    fn labels(&self, template: &str) -> TemplateLabels {
+        TemplateLabels {
+            template: template.to_owned(),
+        }
+    }
+
+    fn gauge_active(&self, template: &str, delta: i64) {
+        self.metrics
+            .active
+            .get_or_create(&TemplateDriverLabels {
+                template: template.to_owned(),
+                driver: self.driver.name().to_owned(),
+            })
+            .inc_by(delta);
+        self.metrics.containers_active.inc_by(delta);
+    }
+
+    fn spec_for(&self, req: &CreateRequest) -> Result<SandboxSpec, ManagerError> {
+        let ttl = req.ttl.unwrap_or(self.cfg.default_ttl);
+        if ttl.is_zero() || ttl > self.cfg.max_ttl {
+            return Err(ManagerError::Invalid(format!(
+                "ttlSecs must be between 1 and {}",
+                self.cfg.max_ttl.as_secs()
+            )));
+        }
+        let limits = req.limits.unwrap_or(self.cfg.default_limits);
+        if limits.memory_bytes < 16 << 20
+            || limits.pids < 8
+            || limits.cpu_millis < 10
+            || limits.disk_bytes < 1 << 20
+        {
+            return Err(ManagerError::Invalid(
+                "limits too small: memory ≥ 16 MiB, pids ≥ 8, cpu ≥ 10 millicores, disk ≥ 1 MiB"
+                    .into(),
+            ));
+        }
+        Ok(SandboxSpec {
+            template: req.template.clone(),
+            limits,
+            network: req.network,
+            env: req.env.clone(),
+            labels: req.labels.clone(),
+            ttl,
+        })
+    }
+
+    /// Claims one slot of host capacity.
+    fn claim(&self) -> Result<(), ManagerError> {
+        let max = self.cfg.host_max as usize;
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| ManagerError::HostCapacity(self.cfg.host_max))
+    }
+
+    fn release(&self) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// A sandbox for `user`: from the warm pool when one fits, else cold.
+    pub async fn create(
+        &self,
+        user: UserId,
+        req: CreateRequest,
+    ) -> Result<SandboxView, ManagerError> {
+        let spec = self.spec_for(&req)?;
+        let image = self.images.current(&req.template)?;
+        let held = self.store.count_live_sandboxes(user).await?;
+        if held >= i64::from(self.cfg.per_user_max) {
+            return Err(ManagerError::UserQuota(self.cfg.per_user_max));
+        }
+        let poolable = req.limits.is_none() && req.network == Network::None;
+        if self.cfg.pools.get(&req.template).copied().unwrap_or(0) > 0 {
+            if poolable {
+                if let Some(view) = self.hand_out(user, &spec).await? {
+                    self.metrics
+                        .pool_hits
+                        .get_or_create(&self.labels(&req.template))
+                        .inc();
+                    return Ok(view);
+                }
+            }
+            self.metrics
+                .pool_misses
+                .get_or_create(&self.labels(&req.template))
+                .inc();
+        }
+        self.claim()?;
+        let id = SandboxId::generate();
+        let result = self.boot(&id, Some(user), &spec, &image, "ready").await;
+        if result.is_err() {
+            self.release();
+        }
+        result?;
+        if !spec.env.is_empty() {
+            let mut agent = self.driver.agent(&id, Duration::from_secs(5)).await?;
+            agent
+                .configure(spec.env.clone())
+                .await
+                .map_err(DriverError::from)?;
+        }
+        self.get(&id, None).await
+    }
+
+    /// Records, boots and marks the sandbox (`status` once ready).
+    async fn boot(
+        &self,
+        id: &SandboxId,
+        user: Option<UserId>,
+        spec: &SandboxSpec,
+        image: &crate::image::Image,
+        status: &str,
+    ) -> Result<(), ManagerError> {
+        let created = now_ms();
+        let spec_json =
+            serde_json::to_string(spec).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        self.store
+            .insert_sandbox(&SandboxRecord {
+                id: id.to_string(),
+                user_id: user,
+                template: spec.template.clone(),
+                image: image.manifest.hash.clone(),
+                driver: self.driver.name().to_owned(),
+                status: "creating".into(),
+                stages: "[]".into(),
+                spec: spec_json,
+                error: None,
+                created_at_ms: created,
+                expires_at_ms: created + spec.ttl.as_millis() as i64,
+                ended_at_ms: None,
+            })
+            .await?;
+        let started = Instant::now();
+        match self
+            .driver
+            .create(id, spec, image, self.cfg.boot_deadline)
+            .await
+        {
+            Ok(booted) => {
+                let stages = serde_json::to_string(&booted.stages).unwrap_or_else(|_| "[]".into());
+                for s in booted.stages.iter().skip(1) {
+                    let since = (s.at_ms - booted.stages[0].at_ms).max(0) as f64 / 1000.0;
+                    self.metrics
+                        .boot_duration
+                        .get_or_create(&TemplateStageLabels {
+                            template: spec.template.clone(),
+                            stage: s.name.clone(),
+                        })
+                        .observe(since);
+                }
+                if !self
+                    .store
+                    .set_sandbox_status(id.as_str(), status, Some(&stages), None, None)
+                    .await?
+                {
+                    // Deleted while booting.
+                    let _ = self.driver.destroy(id).await;
+                    return Err(ManagerError::Gone(id.to_string()));
+                }
+                self.gauge_active(&spec.template, 1);
+                tracing::debug!(sandbox = %id, template = %spec.template, ms = started.elapsed().as_millis() as u64, "sandbox ready");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .boot_failures
+                    .get_or_create(&self.labels(&spec.template))
+                    .inc();
+                let (stages, error) = match &e {
+                    DriverError::Boot {
+                        stage,
+                        message,
+                        stages,
+                        log_tail,
+                    } => (
+                        serde_json::to_string(stages).ok(),
+                        serde_json::json!({"stage": stage, "message": message, "logTail": log_tail}),
+                    ),
+                    other => (
+                        None,
+                        serde_json::json!({"stage": "created", "message": other.to_string()}),
+                    ),
+                };
+                tracing::warn!(sandbox = %id, template = %spec.template, error = %e, "sandbox failed to boot");
+                let _ = self
+                    .store
+                    .set_sandbox_status(
+                        id.as_str(),
+                        "failed",
+                        stages.as_deref(),
+                        Some(&error.to_string()),
+                        Some(now_ms()),
+                    )
+                    .await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn hand_out(
+        &self,
+        user: UserId,
+        spec: &SandboxSpec,
+    ) -> Result<Option<SandboxView>, ManagerError> {
+        let spec_json =
+            serde_json::to_string(spec).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        loop {
+            let warm = {
+                let mut pools = self
+                    .pools
+                    .lock()
+                    .map_err(|_| ManagerError::Invalid("pool lock poisoned".into()))?;
+                pools.get_mut(&spec.template).and_then(VecDeque::pop_front)
+            };
+            self.refill.notify_one();
+            let Some(warm) = warm else { return Ok(None) };
+            self.metrics
+                .pool_size
+                .get_or_create(&self.labels(&spec.template))
+                .dec();
+            let expires = now_ms() + spec.ttl.as_millis() as i64;
+            if !self
+                .store
+                .assign_sandbox(warm.id.as_str(), user, &spec_json, expires)
+                .await?
+            {
+                continue; // reaped meanwhile
+            }
+            if !spec.env.is_empty() {
+                let configured = match self.driver.agent(&warm.id, Duration::from_secs(2)).await {
+                    Ok(mut agent) => agent.configure(spec.env.clone()).await.is_ok(),
+                    Err(_) => false,
+                };
+                if !configured {
+                    let _ = self.destroy(&warm.id, "lost").await;
+                    continue;
+                }
+            }
+            return self.get(&warm.id, None).await.map(Some);
+        }
+    }
+
+    /// The record, if `user` may see it (`None` = any, for admins).
+    pub async fn get(
+        &self,
+        id: &SandboxId,
+        user: Option<UserId>,
+    ) -> Result<SandboxView, ManagerError> {
+        let r = match self.store.sandbox(id.as_str()).await {
+            Err(StoreError::NotFound) => return Err(ManagerError::NotFound(id.to_string())),
+            other => other?,
+        };
+        if user.is_some() && r.user_id != user {
+            return Err(ManagerError::NotFound(id.to_string()));
+        }
+        Ok(SandboxView::from_record(&r))
+    }
+
+    /// Like `get`, but only for a live sandbox (410 otherwise).
+    pub async fn live_for(
+        &self,
+        id: &SandboxId,
+        user: Option<UserId>,
+    ) -> Result<SandboxView, ManagerError> {
+        let v = self.get(id, user).await?;
+        if v.status != "ready" {
+            return Err(ManagerError::Gone(id.to_string()));
+        }
+        Ok(v)
+    }
+
+    pub async fn list(&self, user: Option<UserId>) -> Result<Vec<SandboxView>, ManagerError> {
+        Ok(self
+            .store
+            .list_sandboxes(user, 500)
+            .await?
+            .iter()
+            .map(SandboxView::from_record)
+            .collect())
+    }
+
+    /// Destroys and records the end (`ended`, or `lost`/`failed`).
+    pub async fn destroy(&self, id: &SandboxId, status: &str) -> Result<(), ManagerError> {
+        let record = self.store.sandbox(id.as_str()).await.ok();
+        self.driver.destroy(id).await?;
+        if self
+            .store
+            .set_sandbox_status(id.as_str(), status, None, None, Some(now_ms()))
+            .await?
+        {
+            self.release();
+            if let Some(r) = record {
+                if r.status == "ready" || r.status == "pooled" {
+                    self.gauge_active(&r.template, -1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a user's sandbox (`None` = admin).
+    pub async fn delete(&self, id: &SandboxId, user: Option<UserId>) -> Result<(), ManagerError> {
+        let v = self.get(id, user).await?;
+        if !["creating", "ready", "pooled"].contains(&v.status.as_str()) {
+            return Err(ManagerError::Gone(id.to_string()));
+        }
+        self.destroy(id, "ended").await
+    }
+
+    /// Destroys every live sandbox whose TTL has passed.
+    pub async fn reap(&self) -> Result<usize, ManagerError> {
+        let now = now_ms();
+        let mut n = 0;
+        for r in self.store.live_sandboxes().await? {
+            if r.expires_at_ms <= now && r.status != "creating" {
+                if let Some(id) = SandboxId::parse(&r.id) {
+                    tracing::info!(sandbox = %r.id, "TTL passed; destroying");
+                    if self.destroy(&id, "ended").await.is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes the driver and the store agree. Sandboxes the store does not
+    /// hold as live are destroyed; live records whose sandbox is gone are
+    /// marked `lost`. With `startup`, nothing of a previous process is
+    /// trusted: creating and pooled records (the pool lived in its memory)
+    /// end too.
+    pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport, ManagerError> {
+        let existing = self.driver.list().await?;
+        let live = self.store.live_sandboxes().await?;
+        let mut report = ReconcileReport::default();
+        let known: HashMap<&str, &SandboxRecord> =
+            live.iter().map(|r| (r.id.as_str(), r)).collect();
+        let in_pool: std::collections::HashSet<String> = self
+            .pools
+            .lock()
+            .map(|p| p.values().flatten().map(|w| w.id.to_string()).collect())
+            .unwrap_or_default();
+        for e in &existing {
+            let keep = match known.get(e.id.as_str()) {
+                None => false,
+                Some(r) if startup => r.status == "ready" && e.alive,
+                Some(r) => r.status != "pooled" || in_pool.contains(&r.id) || !e.alive,
+            };
+            if !keep {
+                if let Some(id) = SandboxId::parse(&e.id) {
+                    let status = if known.contains_key(e.id.as_str()) {
+                        "lost"
+                    } else {
+                        "ended"
+                    };
+                    let _ = self.driver.destroy(&id).await;
+                    if known.contains_key(e.id.as_str()) {
+                        let _ = self
+                            .store
+                            .set_sandbox_status(&e.id, status, None, None, Some(now_ms()))
+                            .await;
+                        report.lost += 1;
+                    } else {
+                        report.orphans_destroyed += 1;
+                    }
+                }
+            }
+        }
+        let alive: HashMap<&str, bool> =
+            existing.iter().map(|e| (e.id.as_str(), e.alive)).collect();
+        for r in &live {
+            let gone = !alive.get(r.id.as_str()).copied().unwrap_or(false);
+            // A sandbox still being created by this process is not lost.
+            if gone && (startup || r.status != "creating") {
+                if let Some(id) = SandboxId::parse(&r.id) {
+                    let _ = self.driver.destroy(&id).await;
+                }
+                if self
+                    .store
+                    .set_sandbox_status(&r.id, "lost", None, None, Some(now_ms()))
+                    .await?
+                {
+                    report.lost += 1;
+                    if !startup {
+                        self.release();
+                    }
+                }
+            }
+        }
+        if startup {
+            let adopted = self.store.live_sandboxes().await?.len();
+            self.live.store(adopted, Ordering::Relaxed);
+            report.adopted = adopted;
+        }
+        Ok(report)
+    }
+
+    /// Tops the pools up to their sizes and replaces stale members.
+    pub async fn refill_pools(&self) -> Result<usize, ManagerError> {
+        let mut made = 0;
+        for (template, &size) in &self.cfg.pools {
+            if size == 0 {
+                continue;
+            }
+            let Ok(image) = self.images.current(template) else {
+                continue;
+            };
+            // Stale members out.
+            let stale: Vec<SandboxId> = {
+                let mut pools = self
+                    .pools
+                    .lock()
+                    .map_err(|_| ManagerError::Invalid("pool lock poisoned".into()))?;
+                let q = pools.entry(template.clone()).or_default();
+                let mut out = Vec::new();
+                while q
+                    .front()
+                    .is_some_and(|w| w.born.elapsed() > self.cfg.pool_refresh)
+                {
+                    if let Some(w) = q.pop_front() {
+                        out.push(w.id);
+                    }
+                }
+                out
+            };
+            for id in stale {
+                self.metrics
+                    .pool_size
+                    .get_or_create(&self.labels(template))
+                    .dec();
+                let _ = self.destroy(&id, "ended").await;
+            }
+            loop {
+                let have = self
+                    .pools
+                    .lock()
+                    .map(|p| p.get(template).map_or(0, VecDeque::len))
+                    .unwrap_or(size);
+                if have >= size || self.claim().is_err() {
+                    break;
+                }
+                let spec = SandboxSpec {
+                    template: template.clone(),
+                    limits: self.cfg.default_limits,
+                    network: Network::None,
+                    env: Vec::new(),
+                    labels: [("pool".to_owned(), template.clone())].into(),
+                    ttl: self.cfg.pool_refresh + Duration::from_secs(60),
+                };
+                let id = SandboxId::generate();
+                match self.boot(&id, None, &spec, &image, "pooled").await {
+                    Ok(()) => {
+                        made += 1;
+                        self.metrics
+                            .pool_size
+                            .get_or_create(&self.labels(template))
+                            .inc();
+                        if let Ok(mut p) = self.pools.lock() {
+                            p.entry(template.clone()).or_default().push_back(Warm {
+                                id,
+                                born: Instant::now(),
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        self.release();
+                        tracing::warn!(template = %template, error = %e, "pool refill failed; retrying later");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    /// Warm sandboxes ready for a template now.
+    pub fn pool_len(&self, template: &str) -> usize {
+        self.pools
+            .lock()
+            .map(|p| p.get(template).map_or(0, VecDeque::len))
+            .unwrap_or(0)
+    }
+
+    /// Reconciles once at start, then runs reaper, refill and periodic
+    /// reconciliation until `shutdown` fires; then destroys what it holds.
+    pub async fn run(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        match self.reconcile(true).await {
+            Ok(r) => tracing::info!(
+                lost = r.lost,
+                orphans = r.orphans_destroyed,
+                adopted = r.adopted,
+                "sandboxes reconciled at start"
+            ),
+            Err(e) => tracing::error!(error = %e, "reconciliation at start failed"),
+        }
+        let mut shutdown = shutdown;
+        let mut reap = tokio::time::interval(self.cfg.reap_interval);
+        let mut reconcile = tokio::time::interval(self.cfg.reconcile_interval);
+        reconcile.tick().await;
+        loop {
+            tokio::select! {
+                _ = reap.tick() => {
+                    if let Err(e) = self.reap().await {
+                        tracing::warn!(error = %e, "reaper pass failed");
+                    }
+                    if let Err(e) = self.refill_pools().await {
+                        tracing::warn!(error = %e, "pool refill failed");
+                    }
+                }
+                _ = self.refill.notified() => {
+                    let _ = self.refill_pools().await;
+                }
+                _ = reconcile.tick() => {
+                    if let Err(e) = self.reconcile(false).await {
+                        tracing::warn!(error = %e, "reconciliation failed");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Destroys every live sandbox (a clean stop leaves nothing running).
+    pub async fn shutdown(&self) {
+        if let Ok(mut p) = self.pools.lock() {
+            p.clear();
+        }
+        if let Ok(live) = self.store.live_sandboxes().await {
+            for r in live {
+                if let Some(id) = SandboxId::parse(&r.id) {
+                    let _ = self.destroy(&id, "ended").await;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub lost: usize,
+    pub orphans_destroyed: usize,
+    pub adopted: usize,
+}
