@@ -248,6 +248,31 @@ impl Cgroups {
         names.into_iter().collect()
     }
 
+    /// Destroys every sandbox group of this instance and the parent groups
+    /// themselves (for tests and uninstall; the controller keeps its parent).
+    pub fn remove_all(&self, deadline: Duration) -> std::io::Result<()> {
+        for name in self.list() {
+            if let Some(id) = SandboxId::parse(&name) {
+                self.destroy(&id, deadline)?;
+            }
+        }
+        let parents: Vec<PathBuf> = match self.version {
+            Version::V1 => self
+                .v1
+                .iter()
+                .map(|c| self.root.join(c).join(&self.parent))
+                .collect(),
+            Version::V2 => vec![self.root.join(&self.parent)],
+        };
+        for p in parents {
+            match std::fs::remove_dir(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn usage(&self, id: &SandboxId) -> Usage {
         let id = id.as_str();
         match self.version {

@@ -47,6 +47,7 @@ pub struct Existing {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub memory_bytes: u64,
     pub pids: u64,

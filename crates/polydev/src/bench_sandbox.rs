@@ -232,6 +232,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     put("idle_teardown_secs", json!(t.elapsed().as_secs_f64()));
     store.close().await;
+    driver.cgroups().remove_all(Duration::from_secs(10))?;
 
     if args.json {
         println!("{}", Value::Object(figures));

@@ -137,16 +137,11 @@ pub struct StoreArgs {
     /// TOML config file; its keys are the long flag names with `_`.
     #[arg(long, env = "POLYDEV_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Directory for the embedded database and other state [default: ./.polydev]
+    /// Directory for the embedded database (SQLite) and local state: sandboxes, images [default: ./.polydev]
     #[arg(long, env = "POLYDEV_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// `postgres://…` for PostgreSQL; default is SQLite inside the data dir.
-    #[arg(
-        long,
-        env = "POLYDEV_DATABASE_URL",
-        value_name = "URL",
-        conflicts_with = "data_dir"
-    )]
+    #[arg(long, env = "POLYDEV_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
     /// `human` or `json` [default: human]
     #[arg(long, env = "POLYDEV_LOG_FORMAT", value_name = "FORMAT")]

@@ -5,7 +5,7 @@ use crate::Host;
 
 #[tokio::test]
 async fn boots_runs_and_leaves_nothing() {
-    let host = Host::new();
+    let host = Host::start();
     let id = host.boot(&host.spec()).await;
     let (code, out, err) = host
         .sh(&id, "id -u; hostname; echo hi > ~/f; cat ~/f")
@@ -18,7 +18,7 @@ async fn boots_runs_and_leaves_nothing() {
 
 #[tokio::test]
 async fn cannot_see_the_host_or_other_sandboxes() {
-    let host = Host::new();
+    let host = Host::start();
     // A canary beside the controller's data (the database lives here too).
     std::fs::write(host.dir.path().join("canary.db"), "secret").unwrap();
     let a = host.boot(&host.spec()).await;
@@ -67,7 +67,7 @@ async fn cannot_see_the_host_or_other_sandboxes() {
 
 #[tokio::test]
 async fn seccomp_and_dropped_capabilities_refuse_privileged_calls() {
-    let host = Host::new();
+    let host = Host::start();
     let id = host.boot(&host.spec()).await;
     // New namespaces (a nested sandbox's first step) and mounts are refused.
     let (code, _, err) = host.sh(&id, "unshare -U true").await;
@@ -85,7 +85,7 @@ async fn seccomp_and_dropped_capabilities_refuse_privileged_calls() {
 
 #[tokio::test]
 async fn limits_stop_fork_bombs_and_memory_hogs_while_neighbours_work() {
-    let host = Host::new();
+    let host = Host::start();
     let mut spec = host.spec();
     spec.limits.pids = 64;
     spec.limits.memory_bytes = 64 << 20;
@@ -124,7 +124,7 @@ async fn limits_stop_fork_bombs_and_memory_hogs_while_neighbours_work() {
 
 #[tokio::test]
 async fn the_writable_layer_has_a_quota_and_the_image_stays_untouched() {
-    let host = Host::new();
+    let host = Host::start();
     let mut spec = host.spec();
     spec.limits.disk_bytes = 8 << 20;
     let id = host.boot(&spec).await;
@@ -144,7 +144,7 @@ async fn the_writable_layer_has_a_quota_and_the_image_stays_untouched() {
 
 #[tokio::test]
 async fn an_agent_that_never_starts_fails_at_the_deadline_with_its_log() {
-    let host = Host::new();
+    let host = Host::start();
     let fake = host.dir.path().join("fake-agent");
     std::fs::write(
         &fake,

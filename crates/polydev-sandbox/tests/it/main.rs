@@ -4,7 +4,6 @@
 
 mod driver;
 
-use std::path::Path;
 use std::time::Duration;
 
 use polydev_sandbox::{
@@ -20,7 +19,7 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new() -> Self {
+    pub fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("pd").tempdir().unwrap();
         let cfg = LocalConfig::for_data_dir(dir.path());
         let driver = LocalDriver::new(cfg).unwrap();
@@ -76,15 +75,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // Whatever a failed test left: kill and remove it.
-        for name in self.driver.cgroups().list() {
-            if let Some(id) = SandboxId::parse(&name) {
-                let _ = self.driver.cgroups().destroy(&id, Duration::from_secs(5));
-            }
-        }
+        // Whatever a failed test left: kill and remove it, and our parents.
+        let _ = self.driver.cgroups().remove_all(Duration::from_secs(5));
     }
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }

@@ -22,6 +22,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
+    extra: Vec<String>,
 }
 
 /// A response, read whole.
@@ -94,8 +95,71 @@ pub fn wrong_login_body(email: &str) -> Value {
 pub fn store_args(db: &TestDatabase) -> Vec<String> {
     match db.backend() {
         Backend::Sqlite => vec!["--data-dir".into(), db.dir().display().to_string()],
-        Backend::Postgres => vec!["--database-url".into(), db.url().to_owned()],
+        // The data dir still holds per-instance state (sandboxes, images).
+        Backend::Postgres => vec![
+            "--database-url".into(),
+            db.url().to_owned(),
+            "--data-dir".into(),
+            db.dir().display().to_string(),
+        ],
     }
+}
+
+type Started = (Child, String, Option<String>, Arc<Mutex<Vec<String>>>);
+
+/// Spawns `polydev serve` and waits for its "listening" line.
+fn start(db: &TestDatabase, extra: &[String]) -> Started {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--egress-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ])
+        .args(store_args(&db))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start polydev serve");
+    let stderr = child.stderr.take().expect("stderr pipe");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (egress_tx, egress_rx) = mpsc::channel();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["fields"]["message"] == "egress proxy listening" {
+                    let _ = egress_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
+                }
+                if v["fields"]["message"] == "listening" {
+                    let _ = addr_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
+                }
+            }
+            sink.lock().expect("log lock").push(line);
+        }
+    });
+    let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "polydev did not start within 30 s:\n{}",
+                logs.lock().expect("log lock").join("\n")
+            );
+        }
+    };
+    // Logged before the API's "listening" line when the proxy is on.
+    let egress = egress_rx.try_recv().ok();
+    (child, format!("http://{addr}"), egress, logs)
 }
 
 impl TestApp {
@@ -105,68 +169,34 @@ impl TestApp {
 
     pub async fn spawn_with(backend: Backend, extra: &[&str]) -> Self {
         let db = TestDatabase::new(backend).await;
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--egress-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-            ])
-            .args(store_args(&db))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start polydev serve");
-        let stderr = child.stderr.take().expect("stderr pipe");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = mpsc::channel();
-        let (egress_tx, egress_rx) = mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["fields"]["message"] == "egress proxy listening" {
-                        let _ =
-                            egress_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
-                    }
-                    if v["fields"]["message"] == "listening" {
-                        let _ = addr_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
-                    }
-                }
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "polydev did not start within 30 s:\n{}",
-                    logs.lock().expect("log lock").join("\n")
-                );
-            }
-        };
-        // Logged before the API's "listening" line when the proxy is on.
-        let egress = egress_rx.try_recv().ok();
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let (child, base, egress, logs) = start(&db, &extra);
         Self {
             db,
             egress,
-            base: format!("http://{addr}"),
+            base,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
                 .expect("http client"),
             child: Some(child),
             logs,
+            extra,
         }
+    }
+
+    /// Starts the controller again on the same store and data dir (after
+    /// it exited or was killed).
+    pub async fn restart(&mut self) {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let (child, base, egress, logs) = start(&self.db, &self.extra);
+        self.child = Some(child);
+        self.base = base;
+        self.egress = egress;
+        self.logs = logs;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -303,11 +333,23 @@ pub async fn read(resp: reqwest::Response) -> Reply {
     }
 }
 
+impl TestApp {
+    /// This controller's sandbox cgroups (named after its data dir).
+    pub fn cgroups(&self) -> Option<polydev_sandbox::cgroup::Cgroups> {
+        let cfg = polydev_sandbox::LocalConfig::for_data_dir(self.db.dir());
+        polydev_sandbox::cgroup::Cgroups::detect(&cfg.cgroup_root, &cfg.instance).ok()
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A killed controller leaves empty groups (its sandboxes died with it).
+        if let Some(cg) = self.cgroups() {
+            let _ = cg.remove_all(Duration::from_secs(5));
         }
     }
 }

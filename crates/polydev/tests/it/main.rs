@@ -8,6 +8,7 @@ mod egress;
 mod egress_standalone;
 mod observability;
 mod process;
+mod sandboxes;
 mod vault_api;
 mod vault_browser;
 

@@ -1,0 +1,439 @@
+//! Sandboxes through the API of the real binary, on the real local driver.
+
+use std::time::Duration;
+
+use polydev_store::Backend;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::app::TestApp;
+use crate::on_both_backends;
+
+on_both_backends!(lifecycle_exec_files_and_delete);
+
+async fn lifecycle_exec_files_and_delete(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (_, token) = app.user("sb@example.com").await;
+    let t = Some(token.as_str());
+    let r = app
+        .post(
+            "/api/sandboxes",
+            t,
+            json!({"template": "minimal", "env": {"GREETING": "hi"}, "labels": {"run": "r1"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["status"], "ready");
+    let stages: Vec<&str> = r.body["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["created", "started", "agent_ready"]);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+
+    // Exec, one JSON answer; the configured env is there.
+    let r = app
+        .post(
+            &format!("/api/sandboxes/{id}/exec"),
+            t,
+            json!({"cmd": ["/bin/sh", "-c", "echo $GREETING; echo oops >&2; exit 3"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"exitCode": 3, "signal": null, "timedOut": false, "stdout": "hi\n", "stderr": "oops\n"})
+    );
+
+    // Exec streamed over SSE, with stdin.
+    let resp = app
+        .client
+        .post(app.url(&format!("/api/sandboxes/{id}/exec")))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"cmd": ["/bin/sh", "-c", "cat; echo done"], "stdin": "piped\n"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let body = resp.text().await.unwrap();
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"started"));
+    assert_eq!(events.last(), Some(&"exit"));
+    assert!(
+        body.contains(r#"{"data":"piped\n"}"#) || body.contains("piped"),
+        "{body}"
+    );
+    assert!(body.contains(r#""exitCode":0"#), "{body}");
+
+    // Files in and out.
+    let resp = app
+        .client
+        .put(app.url(&format!(
+            "/api/sandboxes/{id}/files?path=/home/sandbox/in.txt"
+        )))
+        .bearer_auth(&token)
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = app
+        .client
+        .get(app.url(&format!(
+            "/api/sandboxes/{id}/files?path=/home/sandbox/in.txt"
+        )))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "payload");
+    let r = app
+        .get(&format!("/api/sandboxes/{id}/files?path=/nope"), t)
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "file_not_found")
+    );
+
+    // Read: live usage; another user sees nothing.
+    let r = app.get(&format!("/api/sandboxes/{id}"), t).await;
+    assert!(
+        r.body["stats"]["memoryBytes"].as_u64().unwrap() > 0,
+        "{}",
+        r.text
+    );
+    assert!(r.body["stats"]["pids"].as_u64().unwrap() >= 2, "{}", r.text);
+    assert_eq!(r.body["labels"]["run"], "r1");
+    let (_, other) = app.user("other@example.com").await;
+    let r = app.get(&format!("/api/sandboxes/{id}"), Some(&other)).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "sandbox_not_found")
+    );
+    let r = app.get("/api/sandboxes", Some(&other)).await;
+    assert_eq!(r.body["sandboxes"], json!([]));
+
+    // Delete: gone for good, and nothing left on the host.
+    let r = app
+        .send(Method::DELETE, &format!("/api/sandboxes/{id}"), t, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.get(&format!("/api/sandboxes/{id}"), t).await;
+    assert_eq!(r.body["status"], "ended");
+    let r = app
+        .post(
+            &format!("/api/sandboxes/{id}/exec"),
+            t,
+            json!({"cmd": ["true"]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::GONE, "sandbox_gone")
+    );
+    let r = app
+        .send(Method::DELETE, &format!("/api/sandboxes/{id}"), t, None)
+        .await;
+    assert_eq!(r.status, StatusCode::GONE);
+    let cg = app.cgroups().unwrap();
+    assert!(cg.list().is_empty(), "{:?}", cg.list());
+    assert!(!app.db.dir().join("sandboxes").join(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_errors() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (uid, token) = app.user("bad@example.com").await;
+    let t = Some(token.as_str());
+    let cases = [
+        (
+            json!({"template": "nope"}),
+            StatusCode::BAD_REQUEST,
+            "unknown_template",
+        ),
+        (
+            json!({"template": "runtime"}),
+            StatusCode::BAD_REQUEST,
+            "unknown_template",
+        ),
+        (
+            json!({"template": "minimal", "network": "egress"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_sandbox_request",
+        ),
+        (
+            json!({"template": "minimal", "memoryMb": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_sandbox_request",
+        ),
+        (
+            json!({"template": "minimal", "ttlSecs": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_sandbox_request",
+        ),
+        (
+            json!({"template": "minimal", "colour": "red"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let r = app.post("/api/sandboxes", t, body.clone()).await;
+        assert_eq!(r.status.as_u16() / 100, 4, "{body}: {}", r.text);
+        if !code.is_empty() {
+            assert_eq!(
+                (r.status, r.error_code()),
+                (status, code),
+                "{body}: {}",
+                r.text
+            );
+        } else {
+            r.error_code();
+        }
+    }
+    let r = app.get("/api/sandboxes/sb-zz", t).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "sandbox_not_found")
+    );
+    let r = app
+        .post("/api/sandboxes", None, json!({"template": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // v1: the runtime template has no image here; a bad vmType is named.
+    let r = app
+        .post(
+            "/api/vms/create",
+            t,
+            json!({"userId": uid, "vmType": "gpu"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_vm_type")
+    );
+    let r = app
+        .post(
+            "/api/vms/create",
+            t,
+            json!({"userId": uid, "vmType": "cli"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "unknown_template")
+    );
+    assert!(
+        r.message().contains("polydev image build runtime"),
+        "{}",
+        r.message()
+    );
+    let id = app
+        .post("/api/sandboxes", t, json!({"template": "minimal"}))
+        .await
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .post(&format!("/api/sandboxes/{id}/exec"), t, json!({"cmd": []}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_exec")
+    );
+    let r = app
+        .post(
+            &format!("/api/sandboxes/{id}/exec"),
+            t,
+            json!({"cmd": ["/no/such"]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "exec_failed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotas_ttl_and_warm_pool() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            "--sandbox-per-user-max",
+            "2",
+            "--sandbox-host-max",
+            "4",
+            "--sandbox-pools",
+            "minimal=1",
+        ],
+    )
+    .await;
+    let (_, a) = app.user("qa@example.com").await;
+    let (_, b) = app.user("qb@example.com").await;
+    let create = |token: String, ttl: u64| {
+        let app = &app;
+        async move {
+            app.post(
+                "/api/sandboxes",
+                Some(&token),
+                json!({"template": "minimal", "ttlSecs": ttl}),
+            )
+            .await
+        }
+    };
+    // The pool fills in the background; the first create takes from it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !app.settled_logs().await.contains("sandbox ready")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = create(a.clone(), 1).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    let metrics = app.get("/metrics", None).await.text;
+    assert!(
+        metrics.contains(r#"polydev_pool_hits_total{template="minimal"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(create(a.clone(), 600).await.status, StatusCode::CREATED);
+    let r = create(a.clone(), 600).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "sandbox_quota")
+    );
+    // Host: 2 of a + the refilled pool member + 1 of b = 4; the next is 503.
+    assert_eq!(create(b.clone(), 600).await.status, StatusCode::CREATED);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut r = create(b.clone(), 600).await;
+    while r.status == StatusCode::CREATED && std::time::Instant::now() < deadline {
+        r = create(b.clone(), 600).await;
+    }
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity"),
+        "{}",
+        r.text
+    );
+    assert!(r.headers.contains_key("retry-after"));
+
+    // TTL: the first sandbox (1 s) is reaped.
+    let id = first.body["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.get(&format!("/api/sandboxes/{id}"), Some(&a)).await;
+        if r.body["status"] == "ended" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reaped: {}",
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!app.cgroups().unwrap().list().contains(&id.to_owned()));
+}
+
+/// SIGKILL the controller while sandboxes run and more are being created;
+/// a restart leaves no process, cgroup or directory behind and every record
+/// final or live-and-real.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_controller_leaks_nothing_after_restart() {
+    let mut app = TestApp::spawn(Backend::Sqlite).await;
+    let (_, token) = app.user("crash@example.com").await;
+    for _ in 0..3 {
+        let r = app
+            .post(
+                "/api/sandboxes",
+                Some(&token),
+                json!({"template": "minimal"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    // Creates in flight at the kill.
+    let mut inflight = Vec::new();
+    for _ in 0..4 {
+        let (client, url, token) = (app.client.clone(), app.url("/api/sandboxes"), token.clone());
+        inflight.push(tokio::spawn(async move {
+            let _ = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"template": "minimal"}))
+                .send()
+                .await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(app.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = app.wait_exit(Duration::from_secs(10));
+    for t in inflight {
+        let _ = t.await;
+    }
+
+    app.restart().await;
+    let again = &app;
+    assert!(again.wait_for_log("sandboxes reconciled at start").await);
+    let cg = again.cgroups().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cg.list().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cg.list().is_empty(), "cgroups left: {:?}", cg.list());
+    let dirs: Vec<_> = std::fs::read_dir(again.db.dir().join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(dirs.is_empty(), "state left: {dirs:?}");
+    // No process of any sandbox uid is left (they run as uid_base + n).
+    let base = polydev_sandbox::LocalConfig::for_data_dir(again.db.dir()).uid_base;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(status) = std::fs::read_to_string(e.path().join("status")) {
+            if let Some(uid) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+            {
+                assert!(
+                    !(base..base + 65_536).contains(&uid) || !is_ours(&e.path(), again.db.dir()),
+                    "sandbox process {:?} survived",
+                    e.path()
+                );
+            }
+        }
+    }
+    let r = again.get("/api/sandboxes", Some(&token)).await;
+    let list = r.body["sandboxes"].as_array().unwrap();
+    assert!(list.len() >= 3, "{}", r.text);
+    for s in list {
+        assert!(
+            ["lost", "ended", "failed"].contains(&s["status"].as_str().unwrap()),
+            "{s}"
+        );
+    }
+    let v: Value = again.get("/api/sandboxes", Some(&token)).await.body;
+    assert!(v["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["status"] == "lost"));
+}
+
+/// Whether a process belongs to a sandbox of this data dir (its bwrap binds
+/// that dir's run directory).
+fn is_ours(proc_dir: &std::path::Path, data_dir: &std::path::Path) -> bool {
+    std::fs::read(proc_dir.join("cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&data_dir.display().to_string()))
+        .unwrap_or(false)
+}
