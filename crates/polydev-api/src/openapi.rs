@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, egress, health, health_admin, session, users, vault};
+use crate::routes::{admin, egress, health, health_admin, sandboxes, session, users, vault};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,6 +44,15 @@ use crate::routes::{admin, egress, health, health_admin, session, users, vault};
         vault::delete_item,
         vault::list_items,
         vault::relay,
+        sandboxes::create,
+        sandboxes::list,
+        sandboxes::get,
+        sandboxes::delete,
+        sandboxes::exec,
+        sandboxes::put_file,
+        sandboxes::get_file,
+        sandboxes::vm_create,
+        sandboxes::vm_delete,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -52,6 +61,7 @@ use crate::routes::{admin, egress, health, health_admin, session, users, vault};
         (name = "auth", description = "Sign-in and provider login sessions"),
         (name = "admin", description = "Operators only"),
         (name = "egress", description = "The per-user egress proxy"),
+        (name = "sandboxes", description = "Isolated, throw-away sandboxes: create, exec (streamed), files, delete; v1's /api/vms"),
         (name = "vault", description = "Encrypted items and wrapped keys (zero-knowledge: see docs/VAULT.md)"),
         (name = "observability", description = "Metrics, host health and alerts (admins only, except /metrics)"),
     )

@@ -121,7 +121,7 @@ fn start(db: &TestDatabase, extra: &[String]) -> Started {
             "--log-level",
             "debug",
         ])
-        .args(store_args(&db))
+        .args(store_args(db))
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
