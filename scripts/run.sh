@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
-need_packages node nodejs npm npm
+need_packages node nodejs npm npm bwrap bubblewrap debootstrap debootstrap
 ./scripts/build-web.sh
-cargo build --release --locked -p polydev
+cargo build --release --locked -p polydev -p polydev-agent
 exec target/release/polydev serve "$@"

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh Debian machine: installs and starts what the
-# tests need (PostgreSQL, Chromium, promtool, curl, the web UI's npm packages), then
-# runs the repository rules (fmt, clippy), the browser tests and the Rust
-# suite (unit, store on SQLite and PostgreSQL, the binary end to end).
+# tests need (PostgreSQL, Chromium, promtool, curl, bubblewrap, debootstrap,
+# the web UI's npm packages), then runs the repository rules (fmt, clippy),
+# the browser tests, the Rust suite (unit, store on SQLite and PostgreSQL,
+# sandboxes on the real kernel, the binary end to end), and builds and boots
+# the real golden images (base, runtime, browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
 
 # --- what the tests need -----------------------------------------------------
-need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl
+need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl \
+  bwrap bubblewrap debootstrap debootstrap
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # PostgreSQL: start the Debian cluster when nothing answers, and make a
@@ -48,10 +51,19 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # --- tests -------------------------------------------------------------------
 echo "==> browser tests (headless Chromium)"
-cargo build --locked -p polydev
+cargo build --locked -p polydev -p polydev-agent
 node --test --test-concurrency=1 web/tests/
 
 echo "==> Rust tests"
 profile=default
 [ -n "${CI:-}" ] && profile=ci
 cargo nextest run --locked --workspace --profile "$profile"
+
+echo "==> golden images: build, boot and check the real templates"
+images=$(mktemp -d)
+trap 'rm -rf "$images"' EXIT
+cargo build --locked -p polydev -p polydev-agent
+# One debootstrap base, cached in the image store, serves all three.
+for template in base runtime browser; do
+  target/debug/polydev image build "$template" --data-dir "$images"
+done
