@@ -198,16 +198,31 @@ impl StoreConfig {
     }
 }
 
+/// The data dir is traversable but not listable by others (0711): the
+/// sandboxes' own uids must reach their state directories inside it. The
+/// database file is made owner-only (0600) before SQLite opens it, and
+/// SQLite gives its WAL and shared-memory files the same mode.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot set the mode of data dir {}", dir.display()))?;
+    let db = dir.join("polydev.db");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db)
+        .with_context(|| format!("cannot create {}", db.display()))?;
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot set the mode of {}", db.display()))?;
+    Ok(())
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.

@@ -19,6 +19,23 @@ pub fn images(data_dir: &Path) -> ImageStore {
 }
 
 pub fn local_driver(data_dir: &Path, keep_failed: bool) -> Result<LocalDriver, String> {
+    // The sandboxes' uids must traverse the data dir to their state
+    // directories (not list it): add o+x when it is missing.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+        let mode = std::fs::metadata(data_dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(
+                data_dir,
+                std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
+            )
+            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+        }
+    }
     let mut cfg = LocalConfig::for_data_dir(data_dir);
     cfg.keep_failed = keep_failed;
     LocalDriver::new(cfg).map_err(|e| e.to_string())
