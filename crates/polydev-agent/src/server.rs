@@ -50,6 +50,28 @@ fn error(code: &str, message: impl Into<String>) -> Event {
     }
 }
 
+/// Network mode `egress`: relays TCP connections made inside the sandbox to
+/// `listen` (loopback) over the Unix socket `to`, whose other end the
+/// controller connects to the user's egress proxy. The sandbox has no other
+/// way out. Binds before returning; relays in the background.
+pub async fn relay_egress(listen: std::net::SocketAddr, to: PathBuf) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = UnixStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 impl Agent {
     /// Serves connections on `socket` until the listener fails.
     pub async fn serve(self: Arc<Self>, socket: &Path) -> std::io::Result<()> {

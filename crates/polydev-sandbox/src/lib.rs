@@ -13,5 +13,7 @@ pub mod spec;
 pub use driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
 pub use image::{Image, ImageError, ImageStore};
 pub use local::{LocalConfig, LocalDriver};
-pub use manager::{CreateRequest, Manager, ManagerConfig, ManagerError, SandboxView};
+pub use manager::{
+    CreateRequest, EgressGate, EgressGrant, Manager, ManagerConfig, ManagerError, SandboxView,
+};
 pub use spec::{Limits, Network, SandboxId, SandboxSpec};

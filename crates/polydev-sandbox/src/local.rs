@@ -100,6 +100,8 @@ pub struct LocalDriver {
     /// Sandboxes started by this process: their launcher's child handle
     /// is reaped by a task; here only to know they are ours.
     started: Mutex<HashMap<SandboxId, u32>>,
+    /// Egress relays (network mode `egress`), stopped on destroy.
+    relays: Mutex<HashMap<SandboxId, tokio::task::AbortHandle>>,
 }
 
 fn io(context: &str) -> impl Fn(std::io::Error) -> DriverError + '_ {
@@ -151,6 +153,7 @@ impl LocalDriver {
             cfg,
             cgroups,
             started: Mutex::new(HashMap::new()),
+            relays: Mutex::new(HashMap::new()),
         })
     }
 
@@ -176,7 +179,7 @@ impl LocalDriver {
         self.cfg.uid_base + (n % 65_536) as u32
     }
 
-    fn bwrap_args(&self, spec: &SandboxSpec, image: &Image, run: &Path) -> Vec<String> {
+    fn bwrap_args(&self, image: &Image, run: &Path) -> Vec<String> {
         let mut a: Vec<String> = [
             "--unshare-all",
             "--uid",
@@ -197,10 +200,6 @@ impl LocalDriver {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-        if spec.network == Network::Egress {
-            // The proxy is reached through the agent's loopback relay; the
-            // namespace still has no route out.
-        }
         for b in &image.manifest.host_binds {
             a.extend(["--ro-bind".into(), b.clone(), b.clone()]);
         }
@@ -225,6 +224,40 @@ impl LocalDriver {
             .map(|s| (*s).to_owned()),
         );
         a
+    }
+
+    /// The controller's end of the egress relay: each connection the agent
+    /// makes on the sandbox's behalf goes on to the egress proxy.
+    fn start_relay(
+        &self,
+        id: &SandboxId,
+        path: &Path,
+        target: std::net::SocketAddr,
+        uid: u32,
+    ) -> std::io::Result<()> {
+        let listener = tokio::net::UnixListener::bind(path)?;
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(uid)),
+        )?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inside, _)) = listener.accept().await else {
+                    break;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut proxy) = tokio::net::TcpStream::connect(target).await {
+                        let _ = proxy.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut proxy).await;
+                    }
+                });
+            }
+        });
+        if let Ok(mut r) = self.relays.lock() {
+            r.insert(id.clone(), task.abort_handle());
+        }
+        Ok(())
     }
 
     async fn fail(
@@ -283,6 +316,24 @@ impl Driver for LocalDriver {
                 return Err(DriverError::Io(format!("cgroups: {e}")));
             }
         };
+        let mut command = vec![AGENT_PATH.into(), "--socket".into(), SOCKET_INSIDE.into()];
+        if spec.network == Network::Egress {
+            let Some(target) = spec.egress else {
+                let _ = self.destroy(id).await;
+                return Err(DriverError::Io(
+                    "network egress without a proxy address".into(),
+                ));
+            };
+            match self.start_relay(id, &run.join("egress.sock"), target, uid) {
+                Ok(()) => {
+                    command.extend(["--egress-relay".into(), crate::spec::EGRESS_INSIDE.into()])
+                }
+                Err(e) => {
+                    let _ = self.destroy(id).await;
+                    return Err(DriverError::Io(format!("egress relay: {e}")));
+                }
+            }
+        }
         let mut stages = vec![Stage::now("created")];
 
         let launch = LaunchSpec {
@@ -293,9 +344,9 @@ impl Driver for LocalDriver {
             uid,
             gid: uid,
             bwrap: self.cfg.bwrap.clone(),
-            args: self.bwrap_args(spec, image, &run),
+            args: self.bwrap_args(image, &run),
             seccomp: self.cfg.seccomp,
-            command: vec![AGENT_PATH.into(), "--socket".into(), SOCKET_INSIDE.into()],
+            command,
         };
         let launch_path = dir.join("launch.json");
         let bytes = serde_json::to_vec(&launch).map_err(|e| DriverError::Io(e.to_string()))?;
@@ -380,6 +431,9 @@ impl Driver for LocalDriver {
     async fn destroy(&self, id: &SandboxId) -> Result<(), DriverError> {
         if let Ok(mut s) = self.started.lock() {
             s.remove(id);
+        }
+        if let Some(relay) = self.relays.lock().ok().and_then(|mut r| r.remove(id)) {
+            relay.abort();
         }
         let cgroups = self.cgroups.clone();
         let dir = self.dir(id);

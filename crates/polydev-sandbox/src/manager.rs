@@ -18,6 +18,47 @@ use crate::driver::{Driver, DriverError, Stage};
 use crate::image::{ImageError, ImageStore};
 use crate::spec::{Limits, Network, SandboxId, SandboxSpec};
 
+/// What a sandbox in network mode `egress` gets from the egress proxy.
+#[derive(Clone)]
+pub struct EgressGrant {
+    /// The proxy's address on the host (the relay's target).
+    pub target: std::net::SocketAddr,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EgressGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressGrant")
+            .field("target", &self.target)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The egress proxy as the manager sees it: a credential per sandbox,
+/// revoked when the sandbox ends.
+#[async_trait::async_trait]
+pub trait EgressGate: Send + Sync + std::fmt::Debug {
+    async fn open(
+        &self,
+        user: UserId,
+        sandbox: &str,
+        template: &str,
+    ) -> Result<EgressGrant, String>;
+    async fn close(&self, sandbox: &str);
+}
+
+/// The spec as stored: environment values are left out (they may be
+/// secrets); their names are kept.
+fn stored_spec(spec: &SandboxSpec) -> Result<String, ManagerError> {
+    let mut s = spec.clone();
+    for (_, v) in &mut s.env {
+        v.clear();
+    }
+    serde_json::to_string(&s).map_err(|e| ManagerError::Invalid(e.to_string()))
+}
+
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     pub boot_deadline: Duration,
@@ -146,6 +187,7 @@ pub struct Manager {
     /// Sandboxes this process holds (creating, pooled or ready).
     live: AtomicUsize,
     refill: tokio::sync::Notify,
+    egress: std::sync::OnceLock<Arc<dyn EgressGate>>,
 }
 
 impl Manager {
@@ -165,7 +207,13 @@ impl Manager {
             pools: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             refill: tokio::sync::Notify::new(),
+            egress: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Enables network mode `egress` (once; later calls are ignored).
+    pub fn set_egress(&self, gate: Arc<dyn EgressGate>) {
+        let _ = self.egress.set(gate);
     }
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
@@ -227,6 +275,7 @@ impl Manager {
             env: req.env.clone(),
             labels: req.labels.clone(),
             ttl,
+            egress: None,
         })
     }
 
@@ -277,21 +326,70 @@ impl Manager {
                 .get_or_create(&self.labels(&req.template))
                 .inc();
         }
-        self.claim()?;
+        let mut spec = spec;
         let id = SandboxId::generate();
+        let mut env = spec.env.clone();
+        if spec.network == Network::Egress {
+            let gate = self.egress.get().ok_or_else(|| {
+                ManagerError::Invalid(
+                    "network `egress` needs the egress proxy, which is off on this controller"
+                        .into(),
+                )
+            })?;
+            let grant = gate
+                .open(user, id.as_str(), &spec.template)
+                .await
+                .map_err(ManagerError::Invalid)?;
+            spec.egress = Some(grant.target);
+            let url = format!(
+                "http://{}:{}@{}",
+                grant.username,
+                grant.password,
+                crate::spec::EGRESS_INSIDE
+            );
+            for k in [
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "http_proxy",
+                "https_proxy",
+                "ALL_PROXY",
+            ] {
+                env.push((k.to_owned(), url.clone()));
+            }
+            for k in ["NO_PROXY", "no_proxy"] {
+                env.push((k.to_owned(), "localhost,127.0.0.1,::1".to_owned()));
+            }
+        }
+        if let Err(e) = self.claim() {
+            self.close_egress(&id, &spec).await;
+            return Err(e);
+        }
         let result = self.boot(&id, Some(user), &spec, &image, "ready").await;
         if result.is_err() {
             self.release();
+            self.close_egress(&id, &spec).await;
         }
         result?;
-        if !spec.env.is_empty() {
-            let mut agent = self.driver.agent(&id, Duration::from_secs(5)).await?;
-            agent
-                .configure(spec.env.clone())
-                .await
-                .map_err(DriverError::from)?;
+        if !env.is_empty() {
+            let configured = async {
+                let mut agent = self.driver.agent(&id, Duration::from_secs(5)).await?;
+                agent.configure(env).await.map_err(DriverError::from)
+            }
+            .await;
+            if let Err(e) = configured {
+                let _ = self.destroy(&id, "failed").await;
+                return Err(e.into());
+            }
         }
         self.get(&id, None).await
+    }
+
+    async fn close_egress(&self, id: &SandboxId, spec: &SandboxSpec) {
+        if spec.network == Network::Egress {
+            if let Some(gate) = self.egress.get() {
+                gate.close(id.as_str()).await;
+            }
+        }
     }
 
     /// Records, boots and marks the sandbox (`status` once ready).
@@ -304,8 +402,7 @@ impl Manager {
         status: &str,
     ) -> Result<(), ManagerError> {
         let created = now_ms();
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        let spec_json = stored_spec(spec)?;
         self.store
             .insert_sandbox(&SandboxRecord {
                 id: id.to_string(),
@@ -394,8 +491,7 @@ impl Manager {
         user: UserId,
         spec: &SandboxSpec,
     ) -> Result<Option<SandboxView>, ManagerError> {
-        let spec_json =
-            serde_json::to_string(spec).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        let spec_json = stored_spec(spec)?;
         loop {
             let warm = {
                 let mut pools = self
@@ -475,6 +571,12 @@ impl Manager {
     pub async fn destroy(&self, id: &SandboxId, status: &str) -> Result<(), ManagerError> {
         let record = self.store.sandbox(id.as_str()).await.ok();
         self.driver.destroy(id).await?;
+        if let Some(spec) = record
+            .as_ref()
+            .and_then(|r| serde_json::from_str::<SandboxSpec>(&r.spec).ok())
+        {
+            self.close_egress(id, &spec).await;
+        }
         if self
             .store
             .set_sandbox_status(id.as_str(), status, None, None, Some(now_ms()))
@@ -638,6 +740,7 @@ impl Manager {
                     env: Vec::new(),
                     labels: [("pool".to_owned(), template.clone())].into(),
                     ttl: self.cfg.pool_refresh + Duration::from_secs(60),
+                    egress: None,
                 };
                 let id = SandboxId::generate();
                 match self.boot(&id, None, &spec, &image, "pooled").await {

@@ -83,7 +83,14 @@ pub struct SandboxSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(with = "secs")]
     pub ttl: Duration,
+    /// Network `egress`: the egress proxy's address on the host, which the
+    /// sandbox reaches as 127.0.0.1:3128 through its agent's relay.
+    #[serde(default)]
+    pub egress: Option<std::net::SocketAddr>,
 }
+
+/// Where a sandbox in network mode `egress` finds its proxy.
+pub const EGRESS_INSIDE: &str = "127.0.0.1:3128";
 
 mod secs {
     use serde::{Deserialize, Deserializer, Serializer};

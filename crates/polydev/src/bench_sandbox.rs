@@ -34,6 +34,7 @@ fn spec() -> SandboxSpec {
         env: vec![],
         labels: [("purpose".to_owned(), "bench".to_owned())].into(),
         ttl: Duration::from_secs(3600),
+        egress: None,
     }
 }
 

@@ -88,6 +88,7 @@ pub async fn validate(
         env: vec![],
         labels: [("purpose".to_owned(), "image-validation".to_owned())].into(),
         ttl: Duration::from_secs(120),
+        egress: None,
     };
     let result = async {
         driver
@@ -393,4 +394,47 @@ pub fn rollback(data_dir: &Path, template: &str) -> anyhow::Result<()> {
     let image = images(data_dir).rollback(template)?;
     println!("{template} {} active (rolled back)", image.manifest.hash);
     Ok(())
+}
+
+/// The in-process egress proxy as the sandboxes' gate: a credential per
+/// sandbox (on the user's own port when per-user ports are on), revoked
+/// when the sandbox ends.
+#[derive(Debug)]
+pub struct EgressGateway(pub polydev_egress::Egress);
+
+#[async_trait::async_trait]
+impl polydev_sandbox::EgressGate for EgressGateway {
+    async fn open(
+        &self,
+        user: polydev_domain::UserId,
+        sandbox: &str,
+        template: &str,
+    ) -> Result<polydev_sandbox::EgressGrant, String> {
+        let access = self
+            .0
+            .mint(user, sandbox, template)
+            .await
+            .map_err(|e| format!("cannot get an egress credential: {e}"))?;
+        let listen = self.0.config().listen;
+        let ip = if listen.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            listen.ip()
+        };
+        let port = access
+            .user_port
+            .or_else(|| self.0.port())
+            .unwrap_or(listen.port());
+        Ok(polydev_sandbox::EgressGrant {
+            target: std::net::SocketAddr::new(ip, port),
+            username: access.credential.username.clone(),
+            password: access.credential.secret.clone(),
+        })
+    }
+
+    async fn close(&self, sandbox: &str) {
+        if let Err(e) = self.0.revoke_sandbox(sandbox).await {
+            tracing::warn!(sandbox, error = %e, "cannot revoke the sandbox's egress credential");
+        }
+    }
 }

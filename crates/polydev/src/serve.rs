@@ -124,6 +124,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         sandbox_metrics,
     )
     .await;
+    if let (Ok(m), Some(e)) = (&sandboxes, &egress) {
+        m.set_egress(Arc::new(crate::sandbox_cli::EgressGateway(e.clone())));
+    }
     match &sandboxes {
         Ok(m) => {
             tracing::info!(driver = m.driver().name(), templates = ?m.images().templates(), "sandboxes enabled")

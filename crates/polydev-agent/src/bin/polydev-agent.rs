@@ -14,10 +14,17 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["--socket", path] => serve(path),
+        ["--socket", path] => serve(path, None),
+        ["--socket", path, "--egress-relay", addr] => match addr.parse() {
+            Ok(a) => serve(path, Some(a)),
+            Err(_) => {
+                eprintln!("polydev-agent: --egress-relay needs IP:PORT, got {addr:?}");
+                ExitCode::from(2)
+            }
+        },
         ["launch", spec] => launch(spec),
         _ => {
-            eprintln!("usage: polydev-agent --socket PATH | polydev-agent launch SPEC.json");
+            eprintln!("usage: polydev-agent --socket PATH [--egress-relay IP:PORT] | polydev-agent launch SPEC.json");
             ExitCode::from(2)
         }
     }
@@ -39,7 +46,7 @@ fn launch(path: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(socket: &str) -> ExitCode {
+fn serve(socket: &str, relay: Option<std::net::SocketAddr>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -50,9 +57,16 @@ fn serve(socket: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime
-        .block_on(Arc::new(polydev_agent::Agent::default()).serve(std::path::Path::new(socket)))
-    {
+    let path = std::path::Path::new(socket);
+    let work = async {
+        if let Some(listen) = relay {
+            // The controller's end sits beside the agent's socket.
+            let to = path.with_file_name("egress.sock");
+            polydev_agent::server::relay_egress(listen, to).await?;
+        }
+        Arc::new(polydev_agent::Agent::default()).serve(path).await
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("polydev-agent: cannot serve on {socket}: {e}");

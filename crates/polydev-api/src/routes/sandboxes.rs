@@ -122,7 +122,8 @@ pub(crate) struct CreateBody {
     /// Thousandths of a core.
     cpu_millis: Option<u32>,
     disk_mb: Option<u64>,
-    /// `none` (loopback only; the default).
+    /// `none` (loopback only; the default) or `egress` (plus the user's
+    /// egress proxy at 127.0.0.1:3128 inside, set in HTTP(S)_PROXY).
     network: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -135,16 +136,11 @@ fn create_request(state: &AppState, m: &Manager, body: CreateBody) -> ApiResult<
     let _ = state;
     let network = match body.network.as_deref() {
         None | Some("none") => Network::None,
-        Some("egress") => {
-            return Err(ApiError::bad_request(
-                "invalid_sandbox_request",
-                "network `egress` is not available on this controller yet; use `none`",
-            ))
-        }
+        Some("egress") => Network::Egress,
         Some(other) => {
             return Err(ApiError::bad_request(
                 "invalid_sandbox_request",
-                format!("network must be `none`, got {other:?}"),
+                format!("network must be `none` or `egress`, got {other:?}"),
             ))
         }
     };

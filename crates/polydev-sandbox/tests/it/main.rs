@@ -41,6 +41,7 @@ impl Host {
             env: vec![],
             labels: [("user".to_owned(), "test".to_owned())].into(),
             ttl: Duration::from_secs(60),
+            egress: None,
         }
     }
 

@@ -163,7 +163,7 @@ async fn bad_requests_get_clear_errors() {
             "unknown_template",
         ),
         (
-            json!({"template": "minimal", "network": "egress"}),
+            json!({"template": "minimal", "network": "wifi"}),
             StatusCode::BAD_REQUEST,
             "invalid_sandbox_request",
         ),
@@ -436,4 +436,121 @@ fn is_ours(proc_dir: &std::path::Path, data_dir: &std::path::Path) -> bool {
     std::fs::read(proc_dir.join("cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(&data_dir.display().to_string()))
         .unwrap_or(false)
+}
+
+/// Network mode `egress`: the sandbox reaches the outside only through the
+/// user's egress proxy (127.0.0.1:3128 inside, relayed by the agent and the
+/// controller); direct connections fail; the proxy credential and env
+/// values never reach the logs or the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_mode_goes_through_the_proxy_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n",
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("net@example.com").await;
+    let t = Some(token.as_str());
+
+    // A stub "outside" server on the host's loopback.
+    let stub = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = stub.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = stub.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\noutside",
+                    )
+                    .await;
+            });
+        }
+    });
+
+    let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    let r = app
+        .post(
+            "/api/sandboxes",
+            t,
+            json!({"template": "minimal", "network": "egress", "env": {"API_KEY": canary}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let exec = |line: String, env: Value| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            app.post(
+                &format!("/api/sandboxes/{id}/exec"),
+                t,
+                json!({"cmd": ["/bin/sh", "-c", line], "env": env}),
+            )
+            .await
+        }
+    };
+    // Through the proxy (NO_PROXY lists loopback, so clear it for this call).
+    let r = exec(
+        format!("curl -s --max-time 5 http://127.0.0.1:{port}/"),
+        json!({"NO_PROXY": "", "no_proxy": ""}),
+    )
+    .await;
+    assert_eq!(r.body["stdout"], "outside", "{}", r.text);
+    // Directly: there is no route.
+    let r = exec(
+        format!("curl -s --max-time 5 --noproxy '*' http://127.0.0.1:{port}/"),
+        json!({}),
+    )
+    .await;
+    assert_ne!(r.body["exitCode"], 0, "{}", r.text);
+    // Without the credential the proxy refuses.
+    let r = exec(format!("curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -x http://127.0.0.1:3128 http://127.0.0.1:{port}/"), json!({"NO_PROXY": "", "no_proxy": ""})).await;
+    assert_eq!(r.body["stdout"], "407", "{}", r.text);
+
+    let proxy = exec("echo $HTTP_PROXY".into(), json!({})).await.body["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let password = proxy
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('@').next())
+        .unwrap()
+        .to_owned();
+    assert!(password.len() >= 16, "{proxy}");
+    assert_eq!(
+        exec("echo $API_KEY".into(), json!({})).await.body["stdout"],
+        format!("{canary}\n")
+    );
+
+    // Ending the sandbox revokes the credential.
+    let r = app
+        .send(Method::DELETE, &format!("/api/sandboxes/{id}"), t, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let logs = app.settled_logs().await;
+    let mut at_rest = Vec::new();
+    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            at_rest.extend(std::fs::read(path).unwrap());
+        }
+    }
+    let at_rest = String::from_utf8_lossy(&at_rest);
+    for secret in [&canary, &password] {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
+        assert!(
+            !at_rest.contains(secret.as_str()),
+            "a secret reached the store"
+        );
+    }
+    let metrics = app.get("/metrics", None).await.text;
+    assert!(!metrics.contains(&canary) && !metrics.contains(&password));
 }
