@@ -188,6 +188,8 @@ pub struct Manager {
     live: AtomicUsize,
     refill: tokio::sync::Notify,
     egress: std::sync::OnceLock<Arc<dyn EgressGate>>,
+    /// Creates admitted but not finished, per user (for the quota).
+    creating: Mutex<HashMap<UserId, u32>>,
 }
 
 impl Manager {
@@ -208,6 +210,7 @@ impl Manager {
             live: AtomicUsize::new(0),
             refill: tokio::sync::Notify::new(),
             egress: std::sync::OnceLock::new(),
+            creating: Mutex::new(HashMap::new()),
         })
     }
 
@@ -307,9 +310,38 @@ impl Manager {
         let spec = self.spec_for(&req)?;
         let image = self.images.current(&req.template)?;
         let held = self.store.count_live_sandboxes(user).await?;
-        if held >= i64::from(self.cfg.per_user_max) {
-            return Err(ManagerError::UserQuota(self.cfg.per_user_max));
+        // Creates of this user still in flight count too (their records may
+        // or may not be in `held` yet: conservative, never over the quota).
+        {
+            let mut creating = self
+                .creating
+                .lock()
+                .map_err(|_| ManagerError::Invalid("quota lock poisoned".into()))?;
+            let n = creating.entry(user).or_insert(0);
+            if held + i64::from(*n) >= i64::from(self.cfg.per_user_max) {
+                return Err(ManagerError::UserQuota(self.cfg.per_user_max));
+            }
+            *n += 1;
         }
+        let result = self.create_admitted(user, req, spec, image).await;
+        if let Ok(mut creating) = self.creating.lock() {
+            if let Some(n) = creating.get_mut(&user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    creating.remove(&user);
+                }
+            }
+        }
+        result
+    }
+
+    async fn create_admitted(
+        &self,
+        user: UserId,
+        req: CreateRequest,
+        spec: SandboxSpec,
+        image: crate::image::Image,
+    ) -> Result<SandboxView, ManagerError> {
         let poolable = req.limits.is_none() && req.network == Network::None;
         if self.cfg.pools.get(&req.template).copied().unwrap_or(0) > 0 {
             if poolable {

@@ -554,3 +554,43 @@ async fn egress_mode_goes_through_the_proxy_only() {
     let metrics = app.get("/metrics", None).await.text;
     assert!(!metrics.contains(&canary) && !metrics.contains(&password));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_creates_never_exceed_the_user_quota() {
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--sandbox-per-user-max", "2"]).await;
+    let (_, token) = app.user("race@example.com").await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url, token) = (app.client.clone(), app.url("/api/sandboxes"), token.clone());
+        set.spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"template": "minimal"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+    }
+    let mut created = 0;
+    while let Some(status) = set.join_next().await {
+        match status.unwrap() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        (1..=2).contains(&created),
+        "{created} created with a quota of 2"
+    );
+    let r = app.get("/api/sandboxes", Some(&token)).await;
+    let live = r.body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "ready")
+        .count();
+    assert!(live <= 2, "{}", r.text);
+}
