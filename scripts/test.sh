@@ -12,7 +12,7 @@ need_rust
 
 # --- what the tests need -----------------------------------------------------
 need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl \
-  bwrap bubblewrap debootstrap debootstrap
+  bwrap bubblewrap debootstrap debootstrap /usr/sbin/sshd openssh-server ssh-keygen openssh-client
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # PostgreSQL: start the Debian cluster when nothing answers, and make a

@@ -60,6 +60,16 @@ pub struct ApiConfig {
     /// Reverse proxies whose `X-Forwarded-For` names the client (for the
     /// per-address login limit). Empty: the header is ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// What `/api/auth/health` reports about this build.
+    pub build: BuildInfo,
+}
+
+/// Version, git sha and the deployment id this process runs from.
+#[derive(Debug, Clone, Default)]
+pub struct BuildInfo {
+    pub version: String,
+    pub git_sha: String,
+    pub release: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -76,6 +86,7 @@ impl Default for ApiConfig {
             health_upstreams: Vec::new(),
             vault_autolock: Duration::from_secs(15 * 60),
             trusted_proxies: Vec::new(),
+            build: BuildInfo::default(),
         }
     }
 }

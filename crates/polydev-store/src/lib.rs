@@ -164,6 +164,31 @@ impl Store {
         Ok(applied)
     }
 
+    /// Applies the migrations in `dir` (one backend's directory, e.g. a
+    /// release bundle's). Each runs in its own transaction, so a failing one
+    /// leaves the schema at the version before it.
+    pub async fn migrate_dir(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Vec<MigrationInfo>, StoreError> {
+        let before = self.applied_versions().await?;
+        let migrator = sqlx::migrate::Migrator::new(dir.to_owned())
+            .await
+            .map_err(StoreError::Migration)?;
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::Migration)?;
+        Ok(migrator
+            .iter()
+            .filter(|m| !before.contains(&m.version))
+            .map(|m| MigrationInfo {
+                version: m.version,
+                description: m.description.to_string(),
+            })
+            .collect())
+    }
+
     /// Versions recorded as applied (empty on a fresh database).
     pub async fn applied_versions(&self) -> Result<Vec<i64>, StoreError> {
         let exists: Option<i64> = match self.backend {

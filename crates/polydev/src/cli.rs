@@ -23,7 +23,7 @@ pub enum Command {
     #[command(subcommand)]
     User(UserCommand),
     /// Apply pending database migrations and exit.
-    Migrate(StoreArgs),
+    Migrate(MigrateArgs),
     /// Log in to a polydev server: reads the password from stdin, derives
     /// the login credential here, prints `{"token","user"}`.
     Login {
@@ -42,6 +42,126 @@ pub enum Command {
     /// Golden images for sandboxes: build, list, activate, roll back.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Ship this build to a host over SSH and switch to it behind a health
+    /// gate (automatic rollback on failure).
+    Deploy(DeployArgs),
+    /// Switch a host back to an earlier release (default: the previous one).
+    Rollback {
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// Release directory on the host.
+        #[arg(long, default_value = "/opt/polydev")]
+        root: PathBuf,
+        /// A deployment id or a git sha (prefix).
+        to: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        health_timeout_secs: u64,
+    },
+    /// A host's deployments and which one is current.
+    Deployments {
+        #[command(flatten)]
+        ssh: SshArgs,
+        #[arg(long, default_value = "/opt/polydev")]
+        root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the controller for a release directory, owning its listening
+    /// socket so new releases take over without dropping requests.
+    Supervise {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:4000")]
+        listen: String,
+        /// Arguments for `polydev serve`.
+        #[arg(last = true)]
+        serve_args: Vec<String>,
+    },
+    /// Host side of deploys (run over SSH by deploy/rollback/deployments).
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SshArgs {
+    /// `[user@]host` to deploy to (key authentication, via the system ssh).
+    #[arg(long)]
+    pub host: String,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Private key for ssh (`-i`).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Extra `ssh -o` options, e.g. UserKnownHostsFile=…
+    #[arg(long)]
+    pub ssh_option: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub ssh: SshArgs,
+    /// Release directory on the host.
+    #[arg(long, default_value = "/opt/polydev")]
+    pub root: PathBuf,
+    /// all, controller, web, agent, migrations (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub target: Vec<String>,
+    /// First install: start the supervisor, skip the health gate.
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Only with --bootstrap: where the controller listens.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// The new version must pass the health gate within this.
+    #[arg(long, default_value_t = 30)]
+    pub health_timeout_secs: u64,
+    /// Releases kept on the host.
+    #[arg(long, default_value_t = 5)]
+    pub keep: usize,
+    /// Ship this controller binary instead of the running one.
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Ship these migrations (a directory with sqlite/ and postgres/) and
+    /// apply them instead of the built-in ones.
+    #[arg(long)]
+    pub migrations_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReleaseCommand {
+    Activate {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        targets: Vec<String>,
+        #[arg(long)]
+        bootstrap: bool,
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        health_timeout_secs: u64,
+        #[arg(long, default_value_t = 5)]
+        keep: usize,
+        #[arg(long, default_value = "unknown")]
+        who: String,
+    },
+    Rollback {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        health_timeout_secs: u64,
+        #[arg(long, default_value = "unknown")]
+        who: String,
+    },
+    List {
+        #[arg(long)]
+        root: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -152,6 +272,16 @@ pub struct StoreArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Apply the migrations in this directory (a backend's directory, as a
+    /// release bundle ships it) instead of the ones built in.
+    #[arg(long, value_name = "DIR")]
+    pub migrations_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub store: StoreArgs,
@@ -210,6 +340,9 @@ pub struct ServeArgs {
     pub egress: EgressArgs,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// Serve on the listening socket given as stdin (used by `polydev supervise`)
+    #[arg(long, hide = true)]
+    pub listen_stdin: bool,
 }
 
 /// The sandbox runtime's flags; the [sandbox] TOML section has the same keys.

@@ -252,6 +252,8 @@ pub struct ServeConfig {
     pub alerts: AlertsConfig,
     pub egress: EgressConfig,
     pub sandbox: SandboxSettings,
+    /// Serve on the listening socket passed as stdin (from `polydev supervise`).
+    pub listen_stdin: bool,
 }
 
 /// The egress section with its flags applied.
@@ -327,6 +329,14 @@ impl ServeConfig {
                         .with_context(|| format!("trusted proxy {c:?} is not a CIDR or IP address"))
                 })
                 .collect::<anyhow::Result<_>>()?,
+            build: polydev_api::BuildInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                git_sha: env!("POLYDEV_GIT_SHA").to_owned(),
+                // Set by `polydev supervise` from the release it starts.
+                release: std::env::var("POLYDEV_RELEASE_ID")
+                    .ok()
+                    .filter(|r| !r.is_empty()),
+            },
             vault_autolock: Duration::from_secs(
                 args.vault_autolock_secs
                     .or(file.vault_autolock_secs)
@@ -372,6 +382,7 @@ impl ServeConfig {
             alerts,
             egress: egress_config(&args.egress, &file)?,
             sandbox: sandbox_config(&args.sandbox, file.sandbox.as_ref())?,
+            listen_stdin: args.listen_stdin,
         })
     }
 }

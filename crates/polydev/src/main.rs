@@ -6,8 +6,11 @@ mod bench_egress;
 mod bench_sandbox;
 mod cli;
 mod config;
+mod deploy;
+mod release;
 mod sandbox_cli;
 mod serve;
+mod supervise;
 mod user;
 mod vault_cli;
 
@@ -105,11 +108,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 I::Rollback { .. } => sandbox_cli::rollback(&store.data_dir, &template),
             }
         }
+        Command::Deploy(args) => {
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            deploy::deploy(args).await
+        }
+        Command::Rollback {
+            ssh,
+            root,
+            to,
+            health_timeout_secs,
+        } => {
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            deploy::rollback(&ssh, &root, to, health_timeout_secs).await
+        }
+        Command::Deployments { ssh, root, json } => deploy::deployments(&ssh, &root, json).await,
+        Command::Supervise {
+            root,
+            listen,
+            serve_args,
+        } => {
+            let listen = listen
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--listen {listen:?} is not IP:PORT"))?;
+            supervise::run(root, listen, serve_args).await
+        }
+        Command::Release(cmd) => {
+            use cli::ReleaseCommand as R;
+            match cmd {
+                R::Activate {
+                    root,
+                    id,
+                    targets,
+                    bootstrap,
+                    listen,
+                    health_timeout_secs,
+                    keep,
+                    who,
+                } => {
+                    release::activate(release::Activate {
+                        root,
+                        id,
+                        targets,
+                        bootstrap,
+                        health_timeout: std::time::Duration::from_secs(health_timeout_secs),
+                        who,
+                        keep,
+                        listen,
+                    })
+                    .await
+                }
+                R::Rollback {
+                    root,
+                    to,
+                    health_timeout_secs,
+                    who,
+                } => {
+                    release::rollback(
+                        root,
+                        to,
+                        std::time::Duration::from_secs(health_timeout_secs),
+                        who,
+                    )
+                    .await
+                }
+                R::List { root } => release::list(&root),
+            }
+        }
         Command::Migrate(args) => {
-            let file = FileConfig::load(args.config.as_deref())?;
-            let store = StoreConfig::resolve(&args, &file)?;
+            let file = FileConfig::load(args.store.config.as_deref())?;
+            let store = StoreConfig::resolve(&args.store, &file)?;
             init_logging(&store, None)?;
-            serve::migrate_only(&store).await
+            serve::migrate_only(&store, args.migrations_dir.as_deref()).await
         }
     }
 }

@@ -38,8 +38,32 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-pub async fn migrate_only(config: &StoreConfig) -> anyhow::Result<()> {
-    let store = open_store(config).await?;
+pub async fn migrate_only(
+    config: &StoreConfig,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let store = match dir {
+        None => open_store(config).await?,
+        Some(dir) => {
+            let url = config.database_url()?;
+            let store = Store::connect(&url, &StoreOptions::default())
+                .await
+                .with_context(|| format!("cannot open the store ({})", config.describe()))?;
+            let sub = dir.join(store.backend().as_str());
+            let dir = if sub.is_dir() { sub } else { dir.to_owned() };
+            let applied = store.migrate_dir(&dir).await.with_context(|| {
+                format!(
+                    "cannot migrate the store ({}) from {}",
+                    config.describe(),
+                    dir.display()
+                )
+            })?;
+            for m in &applied {
+                tracing::info!(version = m.version, description = %m.description, "applied migration");
+            }
+            store
+        }
+    };
     let versions = store.applied_versions().await?;
     let report = serde_json::json!({
         "store": config.describe(),
@@ -114,7 +138,11 @@ fn assemble(config: &ServeConfig, store: &Store) -> anyhow::Result<Assembled> {
 }
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let listener = bind(config.listen).await?;
+    let listener = if config.listen_stdin {
+        inherited_listener()?
+    } else {
+        bind(config.listen).await?
+    };
     let store = open_store(&config.store).await?;
     let (observability, host_source, egress, sandbox_metrics) = assemble(&config, &store)?;
     let sandboxes = crate::sandbox_cli::manager(
@@ -149,7 +177,25 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         egress.clone(),
     )
     .with_sandboxes(sandboxes.clone());
-    let app = polydev_api::router(state.clone());
+    // While handing over to a new release (supervised), every response says
+    // `Connection: close`, so keep-alive clients reconnect — to the shared
+    // socket, where the new process accepts — instead of racing our close.
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = draining.clone();
+    let app = polydev_api::router(state.clone()).layer(axum::middleware::map_response(
+        move |mut resp: axum::response::Response| {
+            let flag = flag.clone();
+            async move {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                resp
+            }
+        },
+    ));
     let addr = listener
         .local_addr()
         .context("cannot read the listening address")?;
@@ -187,13 +233,24 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         result = &mut server => result.context("the HTTP server failed"),
         signal = shutdown_signal() => {
             tracing::info!(signal, drain_secs = config.shutdown_timeout.as_secs(), "shutting down; finishing in-flight requests");
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
-                Ok(result) => result.context("the HTTP server failed while draining"),
-                Err(_) => {
-                    tracing::warn!("drain deadline passed; closing the remaining connections");
-                    Ok(())
+            let mut ended = None;
+            if config.listen_stdin {
+                draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(HANDOVER_GRACE) => {}
+                    result = &mut server => ended = Some(result),
                 }
+            }
+            let _ = stop_tx.send(true);
+            match ended {
+                Some(result) => result.context("the HTTP server failed"),
+                None => match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
+                    Ok(result) => result.context("the HTTP server failed while draining"),
+                    Err(_) => {
+                        tracing::warn!("drain deadline passed; closing the remaining connections");
+                        Ok(())
+                    }
+                },
             }
         }
     };
@@ -202,6 +259,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     result
+}
+
+/// How long a supervised controller keeps answering (with `Connection:
+/// close`) after SIGTERM before it stops accepting and closes idle
+/// connections.
+const HANDOVER_GRACE: Duration = Duration::from_secs(1);
+
+/// The listening socket a supervisor passed as stdin: shared with the
+/// process being replaced, so no connection is refused during a handover.
+fn inherited_listener() -> anyhow::Result<TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot take the listening socket from stdin")?;
+    let std_listener = std::net::TcpListener::from(fd);
+    std_listener
+        .local_addr()
+        .context("stdin is not a listening TCP socket")?;
+    std_listener.set_nonblocking(true)?;
+    TcpListener::from_std(std_listener).context("cannot use the inherited listening socket")
 }
 
 /// Binds the listening socket, with a one-line reason when it cannot.

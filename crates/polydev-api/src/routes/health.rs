@@ -9,16 +9,29 @@ use utoipa::ToSchema;
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct Health {
     #[schema(example = "healthy")]
     status: &'static str,
+    #[schema(example = "0.1.0")]
+    version: String,
+    git_sha: String,
+    /// The deployment this process was started from (`polydev deploy`), if any.
+    #[schema(example = "20261122_093000-ab12cd3")]
+    release: Option<String>,
 }
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/api/auth/health", tag = "health",
     responses((status = 200, description = "The controller is up", body = Health)))]
-pub(crate) async fn health() -> Json<Health> {
-    Json(Health { status: "healthy" })
+pub(crate) async fn health(State(state): State<AppState>) -> Json<Health> {
+    let b = &state.config.build;
+    Json(Health {
+        status: "healthy",
+        version: b.version.clone(),
+        git_sha: b.git_sha.clone(),
+        release: b.release.clone(),
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
