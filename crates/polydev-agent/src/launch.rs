@@ -136,6 +136,18 @@ fn prepare(spec: &LaunchSpec) -> Result<std::process::Command, LaunchError> {
     nix::unistd::setresgid(gid, gid, gid).map_err(at("set gid"))?;
     let uid = nix::unistd::Uid::from_raw(spec.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(at("set uid"))?;
+    // Root loses its capabilities with the uid change; a non-root service
+    // user (ambient capabilities) does not, so drop them all explicitly:
+    // bubblewrap must start unprivileged.
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set)
+            .map_err(|e| at("drop capabilities")(std::io::Error::other(e.to_string())))?;
+    }
     Ok(cmd)
 }
 

@@ -248,6 +248,22 @@ impl Cgroups {
         names.into_iter().collect()
     }
 
+    /// Removes the parent groups if no sandbox group is left in them (when
+    /// a driver goes away); busy parents stay.
+    pub fn remove_parent_if_empty(&self) {
+        let parents: Vec<PathBuf> = match self.version {
+            Version::V1 => self
+                .v1
+                .iter()
+                .map(|c| self.root.join(c).join(&self.parent))
+                .collect(),
+            Version::V2 => vec![self.root.join(&self.parent)],
+        };
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+
     /// Destroys every sandbox group of this instance and the parent groups
     /// themselves (for tests and uninstall; the controller keeps its parent).
     pub fn remove_all(&self, deadline: Duration) -> std::io::Result<()> {

@@ -93,6 +93,35 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// Capabilities the driver uses, by bit number: chown (0), dac_override (1),
+/// kill (5), setgid (6), setuid (7), sys_admin (21). Root has them all; a
+/// service user gets them as ambient capabilities (deploy/systemd).
+const NEEDED_CAPS: [(u32, &str); 6] = [
+    (0, "CAP_CHOWN"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (5, "CAP_KILL"),
+    (6, "CAP_SETGID"),
+    (7, "CAP_SETUID"),
+    (21, "CAP_SYS_ADMIN"),
+];
+
+/// The needed capabilities this process lacks (from /proc/self/status), or
+/// `None` when it has them all.
+fn missing_capabilities() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
 #[derive(Debug)]
 pub struct LocalDriver {
     cfg: LocalConfig,
@@ -102,6 +131,13 @@ pub struct LocalDriver {
     started: Mutex<HashMap<SandboxId, u32>>,
     /// Egress relays (network mode `egress`), stopped on destroy.
     relays: Mutex<HashMap<SandboxId, tokio::task::AbortHandle>>,
+}
+
+impl Drop for LocalDriver {
+    fn drop(&mut self) {
+        // Our parent cgroups go with us when no sandbox is left in them.
+        self.cgroups.remove_parent_if_empty();
+    }
 }
 
 fn io(context: &str) -> impl Fn(std::io::Error) -> DriverError + '_ {
@@ -124,10 +160,10 @@ impl LocalDriver {
                 cfg.launcher.display()
             )));
         }
-        if !nix::unistd::Uid::effective().is_root() {
-            return Err(DriverError::Unavailable(
-                "the local driver needs root for cgroups and mounts (sandboxes themselves run unprivileged)".into(),
-            ));
+        if let Some(missing) = missing_capabilities() {
+            return Err(DriverError::Unavailable(format!(
+                "the local driver needs root or these capabilities for cgroups, mounts and sandbox uids: {missing} (sandboxes themselves run unprivileged)"
+            )));
         }
         let cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.instance)
             .map_err(|e| DriverError::Unavailable(format!("cgroups: {e}")))?;

@@ -365,9 +365,13 @@ async fn health_and_readiness(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let r = app.get("/api/auth/health", None).await;
     assert_eq!(
-        (r.status, r.body.clone()),
-        (StatusCode::OK, json!({"status": "healthy"}))
+        (r.status, &r.body["status"]),
+        (StatusCode::OK, &json!("healthy"))
     );
+    assert_eq!(r.body["version"], env!("CARGO_PKG_VERSION"));
+    assert!(r.body["gitSha"].is_string());
+    // Not started from a release directory.
+    assert_eq!(r.body["release"], serde_json::Value::Null);
     let r = app.get("/readyz", None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["status"], "ready");
