@@ -16,6 +16,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Egress => crate::bench_egress::run(&args).await,
         BenchArea::Vault => vault(&args),
         BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
+        BenchArea::Deploy => crate::bench_deploy::run(&args).await,
     }
 }
 

@@ -218,6 +218,9 @@ pub enum BenchArea {
     /// Sandboxes on the local driver: cold create, concurrent creates, warm
     /// hand-out, exec round trip, idle density and memory.
     Sandboxes,
+    /// Deploys to a throw-away sshd on loopback under request load: time per
+    /// step, rollback time, failed requests.
+    Deploy,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -2,6 +2,7 @@
 //! and hands off to the command. Errors end here as one line and exit 1.
 
 mod bench;
+mod bench_deploy;
 mod bench_egress;
 mod bench_sandbox;
 mod cli;
