@@ -43,6 +43,15 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 
 ./scripts/build-web.sh
 
+# The three AI CLIs at the pinned versions (crates/polydev/cli-packages.txt),
+# for the end-to-end test that runs them in a sandbox against local stubs.
+# POLYDEV_CLI_VERSION=latest tries the newest releases instead.
+pin='s/@[^@]*$/&/'
+[ "${POLYDEV_CLI_VERSION:-}" = latest ] && pin='s/@[^@]*$/@latest/'
+mapfile -t clis < <(grep -v '^#' crates/polydev/cli-packages.txt | sed "/^$/d; $pin")
+echo "==> AI CLIs: ${clis[*]}"
+as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${clis[@]}"
+
 # --- repository rules --------------------------------------------------------
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

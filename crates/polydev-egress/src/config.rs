@@ -25,6 +25,11 @@ pub struct EgressConfig {
     /// CIDRs exempt from the built-in deny of loopback/private/link-local
     /// ranges. Empty by default; tests use it for their loopback stubs.
     pub allow_private: Vec<String>,
+    /// Names the proxy resolves itself, before DNS: `name = "IP"`. For
+    /// hosts only the proxy should know (tests give their stub provider
+    /// servers such names, so a client that bypasses the proxy cannot reach
+    /// them). The deny ranges still apply to the address.
+    pub hosts: BTreeMap<String, std::net::IpAddr>,
     /// Per sandbox template: which destination hosts are allowed. A
     /// template without a policy may reach any public host.
     pub policies: BTreeMap<String, PolicyConfig>,
@@ -60,6 +65,7 @@ impl Default for EgressConfig {
                 last: 10999,
             },
             allow_private: Vec::new(),
+            hosts: BTreeMap::new(),
             policies: BTreeMap::new(),
             max_tunnels_per_user: 256,
             requests_per_sec_per_user: 200,

@@ -53,6 +53,8 @@ pub enum ConnectError {
 pub struct Guard {
     denied: Vec<IpNet>,
     exceptions: Vec<IpNet>,
+    /// Names resolved here before DNS (lower case).
+    hosts: std::collections::HashMap<String, IpAddr>,
 }
 
 impl Guard {
@@ -70,7 +72,27 @@ impl Guard {
                     .map_err(|_| format!("allow_private entry {c:?} is not a CIDR or IP address"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { denied, exceptions })
+        Ok(Self {
+            denied,
+            exceptions,
+            hosts: Default::default(),
+        })
+    }
+
+    /// Adds names the guard resolves itself (`[egress] hosts`).
+    pub fn with_hosts(mut self, hosts: &std::collections::BTreeMap<String, IpAddr>) -> Self {
+        self.hosts = hosts
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), *v))
+            .collect();
+        self
+    }
+
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        match self.hosts.get(&host.to_ascii_lowercase()) {
+            Some(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
+            None => resolve(host, port).await,
+        }
     }
 
     /// True when `ip` may not be reached.
@@ -99,7 +121,7 @@ impl Guard {
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let target = format!("{host}:{port}");
         let work = async {
-            let addrs = resolve(host, port).await?;
+            let addrs = self.resolve(host, port).await?;
             if addrs.is_empty() {
                 return Err(ConnectError::Resolve(host.to_owned()));
             }
@@ -140,7 +162,7 @@ impl Guard {
         deadline: Duration,
     ) -> Result<SocketAddr, ConnectError> {
         let work = async {
-            let addrs = resolve(host, port).await?;
+            let addrs = self.resolve(host, port).await?;
             let first_denied = addrs.first().map(|a| a.ip());
             match addrs.into_iter().find(|a| !self.is_denied(a.ip())) {
                 Some(addr) => Ok(addr),
@@ -301,6 +323,26 @@ mod tests {
             }),
             "x.test"
         ));
+    }
+
+    #[tokio::test]
+    async fn configured_hosts_resolve_before_dns_and_stay_guarded() {
+        let hosts = [("Stub.Test".to_owned(), "127.0.0.1".parse().unwrap())].into();
+        // Without an exception, the configured address is still denied.
+        let guard = Guard::new(&[]).unwrap().with_hosts(&hosts);
+        let err = guard
+            .resolve_allowed("stub.test", 80, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Denied(_)), "{err:?}");
+        let guard = Guard::new(&["127.0.0.0/8".into()])
+            .unwrap()
+            .with_hosts(&hosts);
+        let addr = guard
+            .resolve_allowed("STUB.test", 8080, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(addr, "127.0.0.1:8080".parse().unwrap());
     }
 
     #[tokio::test]

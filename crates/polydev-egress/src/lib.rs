@@ -229,7 +229,9 @@ impl Egress {
         store: Store,
         registry: &mut Registry,
     ) -> Result<Self, EgressError> {
-        let guard = Guard::new(&config.allow_private).map_err(EgressError::Config)?;
+        let guard = Guard::new(&config.allow_private)
+            .map_err(EgressError::Config)?
+            .with_hosts(&config.hosts);
         if let Some(r) = config.user_port_range() {
             if r.first == 0 || r.first > r.last {
                 return Err(EgressError::Config(format!(

@@ -133,12 +133,18 @@ pub async fn validate(
     Ok(())
 }
 
-/// Pinned versions of what the real templates install, in one place.
-pub const CLI_PACKAGES: &[&str] = &[
-    "@anthropic-ai/claude-code@2.1.197",
-    "@openai/codex@0.169.0",
-    "@google/gemini-cli@0.61.0",
-];
+/// The three CLIs at pinned versions, in one place
+/// (`crates/polydev/cli-packages.txt`, also read by scripts/test.sh;
+/// `POLYDEV_CLI_VERSION=latest` there overrides them for a test matrix).
+const CLI_PACKAGES_FILE: &str = include_str!("../cli-packages.txt");
+
+fn cli_packages() -> Vec<&'static str> {
+    CLI_PACKAGES_FILE
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
 const BROWSER_PACKAGES: &[&str] = &["xvfb", "x11vnc", "chromium", "fonts-dejavu-core"];
 const RUNTIME_PACKAGES: &[&str] = &["ca-certificates", "git"];
 
@@ -288,7 +294,7 @@ fn add_node_and_clis(root: &Path) -> anyhow::Result<()> {
         std::process::Command::new("npm")
             .args(["install", "--global", "--no-audit", "--no-fund", "--prefix"])
             .arg(root.join("usr/local"))
-            .args(CLI_PACKAGES),
+            .args(cli_packages()),
         "npm install of the CLIs",
     )
 }

@@ -4,6 +4,7 @@
 
 mod api;
 mod app;
+mod clis;
 mod deploy;
 mod egress;
 mod egress_standalone;

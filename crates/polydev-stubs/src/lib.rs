@@ -1,0 +1,253 @@
+//! Stub provider servers on loopback: each answers the real CLI's requests
+//! with a canned reply, over the provider's own streaming wire format
+//! (see the CLI notes this project keeps). Every request is recorded so
+//! tests can check what arrived (paths, API-key headers).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+/// One request as the stub saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+#[derive(Debug, Clone)]
+struct Stub {
+    answer: String,
+    /// Answer every model call with this HTTP status instead (a failing provider).
+    fail: Option<u16>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A running stub; dropping it stops the server.
+#[derive(Debug)]
+pub struct StubServer {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StubServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StubServer {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Anthropic,
+    OpenAi,
+    Gemini,
+}
+
+/// Starts a stub for `provider` on 127.0.0.1, answering `answer`, or
+/// failing every model call with `fail` (e.g. 500).
+pub async fn start(
+    provider: Provider,
+    answer: &str,
+    fail: Option<u16>,
+) -> std::io::Result<StubServer> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stub = Stub {
+        answer: answer.to_owned(),
+        fail,
+        seen: seen.clone(),
+    };
+    let app = match provider {
+        Provider::Anthropic => Router::new()
+            .route("/v1/messages", post(anthropic_messages))
+            .route("/v1/messages/count_tokens", post(anthropic_count)),
+        Provider::OpenAi => Router::new().route("/v1/responses", any(openai_responses)),
+        Provider::Gemini => Router::new().route("/v1beta/models/{call}", post(gemini)),
+    }
+    .fallback(fallback)
+    .layer(axum::middleware::from_fn_with_state(stub.clone(), record))
+    .with_state(stub);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(StubServer { addr, seen, task })
+}
+
+async fn record(
+    State(stub): State<Stub>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    if let Ok(mut s) = stub.seen.lock() {
+        s.push(Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+    }
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Pre-connect probes (`HEAD /`, `HEAD /api/hello`) and anything else.
+async fn fallback(method: Method, _uri: Uri) -> Response {
+    if method == Method::HEAD || method == Method::GET {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+fn sse(events: Vec<(Option<&str>, Value)>) -> Response {
+    let mut out = String::new();
+    for (name, data) in events {
+        if let Some(n) = name {
+            out.push_str(&format!("event: {n}\n"));
+        }
+        out.push_str(&format!("data: {data}\n\n"));
+    }
+    (
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
+        Bytes::from(out),
+    )
+        .into_response()
+}
+
+fn failure(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        axum::Json(json!({"type": "error", "error": {"type": "api_error", "message": message}})),
+    )
+        .into_response()
+}
+
+async fn anthropic_messages(State(stub): State<Stub>, body: Bytes) -> Response {
+    if let Some(s) = stub.fail {
+        return failure(s, "stub provider failure");
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let model = req["model"].as_str().unwrap_or("claude-stub").to_owned();
+    let usage = json!({"input_tokens": 10, "output_tokens": 5});
+    if req["stream"] != true {
+        return axum::Json(json!({
+            "id": "msg_stub", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": stub.answer}],
+            "stop_reason": "end_turn", "stop_sequence": null, "usage": usage,
+        }))
+        .into_response();
+    }
+    sse(vec![
+        (
+            Some("message_start"),
+            json!({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ),
+        (
+            Some("content_block_start"),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            Some("content_block_delta"),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": stub.answer}}),
+        ),
+        (
+            Some("content_block_stop"),
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            Some("message_delta"),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}}),
+        ),
+        (Some("message_stop"), json!({"type": "message_stop"})),
+    ])
+}
+
+async fn anthropic_count(State(_stub): State<Stub>) -> Response {
+    axum::Json(json!({"input_tokens": 10})).into_response()
+}
+
+async fn openai_responses(
+    State(stub): State<Stub>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // Codex tries a WebSocket first when pointed at a base URL: say no.
+    if method == Method::GET || headers.contains_key("upgrade") {
+        return StatusCode::UPGRADE_REQUIRED.into_response();
+    }
+    if let Some(s) = stub.fail {
+        return failure(s, "stub provider failure");
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let model = req["model"].as_str().unwrap_or("gpt-stub").to_owned();
+    let item = json!({"type": "message", "id": "msg_stub", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": stub.answer, "annotations": []}]});
+    let response = |status: &str, output: Value| {
+        json!({"id": "resp_stub", "object": "response", "created_at": 0, "status": status, "model": model, "output": output,
+        "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}})
+    };
+    sse(vec![
+        (
+            Some("response.created"),
+            json!({"type": "response.created", "response": response("in_progress", json!([]))}),
+        ),
+        (
+            Some("response.output_item.done"),
+            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        ),
+        (
+            Some("response.completed"),
+            json!({"type": "response.completed", "response": response("completed", json!([item]))}),
+        ),
+    ])
+}
+
+async fn gemini(State(stub): State<Stub>, Path(call): Path<String>, body: Bytes) -> Response {
+    if let Some(s) = stub.fail {
+        return failure(s, "stub provider failure");
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let usage = json!({"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15});
+    let candidate = |text: &str| json!({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage});
+    if call.ends_with(":streamGenerateContent") {
+        return sse(vec![(None, candidate(&stub.answer))]);
+    }
+    // generateContent: the CLI's "complexity router" asks for JSON that fits
+    // its schema; anything else gets the answer.
+    let wants_json = req["generationConfig"]["responseMimeType"] == "application/json";
+    let text = if wants_json {
+        json!({"complexity_reasoning": "a short prompt", "complexity_score": 1}).to_string()
+    } else {
+        stub.answer.clone()
+    };
+    axum::Json(candidate(&text)).into_response()
+}
