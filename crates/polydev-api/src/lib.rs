@@ -115,6 +115,8 @@ pub struct AppState {
     pub relay: Arc<relay::Relay>,
     /// The sandbox manager, or why this controller has none.
     pub sandboxes: Result<Arc<polydev_sandbox::Manager>, Arc<str>>,
+    /// Runs (needs sandboxes and the egress proxy).
+    pub runs: Option<Arc<polydev_sandbox::runs::Runs>>,
 }
 
 impl AppState {
@@ -139,7 +141,13 @@ impl AppState {
             egress,
             relay: Arc::new(relay::Relay::default()),
             sandboxes: Err("sandboxes are not enabled on this controller".into()),
+            runs: None,
         }
+    }
+
+    pub fn with_runs(mut self, runs: Option<Arc<polydev_sandbox::runs::Runs>>) -> Self {
+        self.runs = runs;
+        self
     }
 
     pub fn with_sandboxes(

@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, egress, health, health_admin, sandboxes, session, users, vault};
+use crate::routes::{admin, egress, health, health_admin, runs, sandboxes, session, users, vault};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +53,11 @@ use crate::routes::{admin, egress, health, health_admin, sandboxes, session, use
         sandboxes::get_file,
         sandboxes::vm_create,
         sandboxes::vm_delete,
+        runs::start,
+        runs::credentials,
+        runs::get,
+        runs::cancel,
+        runs::events,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -62,6 +67,7 @@ use crate::routes::{admin, egress, health, health_admin, sandboxes, session, use
         (name = "admin", description = "Operators only"),
         (name = "egress", description = "The per-user egress proxy"),
         (name = "sandboxes", description = "Isolated, throw-away sandboxes: create, exec (streamed), files, delete; v1's /api/vms"),
+        (name = "runs", description = "One prompt across the provider CLIs, each in its own sandbox, streamed back"),
         (name = "vault", description = "Encrypted items and wrapped keys (zero-knowledge: see docs/VAULT.md)"),
         (name = "observability", description = "Metrics, host health and alerts (admins only, except /metrics)"),
     )

@@ -196,7 +196,7 @@ impl fmt::Display for Role {
 }
 
 /// An AI coding CLI polydev can run for a user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
     ClaudeCode,

@@ -8,6 +8,7 @@ pub mod driver;
 pub mod image;
 pub mod local;
 pub mod manager;
+pub mod runs;
 pub mod spec;
 
 pub use driver::{Booted, Driver, DriverError, Existing, Stage, Stats};

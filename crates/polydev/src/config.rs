@@ -33,6 +33,40 @@ pub struct SandboxFile {
     disk_mb: Option<u64>,
 }
 
+/// The [runs] TOML section.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsFile {
+    /// Sandbox template for runs [default: runtime].
+    template: Option<String>,
+    /// Per-provider deadline [default: 300].
+    deadline_secs: Option<u64>,
+    /// How long a run waits for its sealed credentials [default: 120].
+    credential_wait_secs: Option<u64>,
+    /// Provider API base URLs (default: each CLI's own).
+    anthropic_base_url: Option<String>,
+    openai_base_url: Option<String>,
+    gemini_base_url: Option<String>,
+}
+
+pub fn runs_config(file: Option<&RunsFile>) -> polydev_sandbox::runs::RunsConfig {
+    let f = file.cloned().unwrap_or_default();
+    let mut c = polydev_sandbox::runs::RunsConfig::default();
+    if let Some(t) = f.template {
+        c.template = t;
+    }
+    if let Some(s) = f.deadline_secs {
+        c.deadline = Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = f.credential_wait_secs {
+        c.credential_wait = Duration::from_secs(s.max(1));
+    }
+    c.anthropic_base_url = f.anthropic_base_url;
+    c.openai_base_url = f.openai_base_url;
+    c.gemini_base_url = f.gemini_base_url;
+    c
+}
+
 /// The sandbox runtime's settings, layered.
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
@@ -120,6 +154,7 @@ pub struct FileConfig {
     alerts: Option<AlertsConfig>,
     egress: Option<EgressConfig>,
     sandbox: Option<SandboxFile>,
+    runs: Option<RunsFile>,
     vault_autolock_secs: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
 }
@@ -252,6 +287,7 @@ pub struct ServeConfig {
     pub alerts: AlertsConfig,
     pub egress: EgressConfig,
     pub sandbox: SandboxSettings,
+    pub runs: polydev_sandbox::runs::RunsConfig,
     /// Serve on the listening socket passed as stdin (from `polydev supervise`).
     pub listen_stdin: bool,
 }
@@ -382,6 +418,7 @@ impl ServeConfig {
             alerts,
             egress: egress_config(&args.egress, &file)?,
             sandbox: sandbox_config(&args.sandbox, file.sandbox.as_ref())?,
+            runs: runs_config(file.runs.as_ref()),
             listen_stdin: args.listen_stdin,
         })
     }

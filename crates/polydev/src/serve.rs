@@ -176,7 +176,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         observability.clone(),
         egress.clone(),
     )
-    .with_sandboxes(sandboxes.clone());
+    .with_sandboxes(sandboxes.clone())
+    .with_runs(match (&sandboxes, &egress) {
+        (Ok(m), Some(_)) => Some(polydev_sandbox::runs::Runs::new(
+            m.clone(),
+            config.runs.clone(),
+        )),
+        _ => None,
+    });
     // While handing over to a new release (supervised), every response says
     // `Connection: close`, so keep-alive clients reconnect — to the shared
     // socket, where the new process accepts — instead of racing our close.

@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub(crate) mod egress;
 pub(crate) mod health;
 pub(crate) mod health_admin;
+pub(crate) mod runs;
 pub(crate) mod sandboxes;
 pub(crate) mod session;
 pub(crate) mod users;
@@ -81,6 +82,10 @@ pub(crate) fn api_routes() -> Router<AppState> {
             "/api/sandboxes/{id}/files",
             get(sandboxes::get_file).put(sandboxes::put_file),
         )
+        .route("/api/runs", post(runs::start))
+        .route("/api/runs/{id}", get(runs::get).delete(runs::cancel))
+        .route("/api/runs/{id}/credentials", post(runs::credentials))
+        .route("/api/runs/{id}/events", get(runs::events))
         .route("/api/vms/create", post(sandboxes::vm_create))
         .route("/api/vms/{id}", axum::routing::delete(sandboxes::vm_delete))
         .route_layer(axum::middleware::from_fn(record_route))

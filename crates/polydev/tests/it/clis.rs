@@ -161,3 +161,202 @@ async fn each_cli_answers_from_its_stub_through_the_proxy_only() {
         }
     }
 }
+
+fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16) -> std::path::PathBuf {
+    let config = dir.join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 60\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{a}\"\nopenai_base_url = \"http://openai.stub.test:{o}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{g}\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Reads an SSE body to its end: (event, data) pairs.
+async fn sse_events(app: &TestApp, path: &str, token: &str) -> Vec<(String, Value)> {
+    let resp = app
+        .client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .timeout(std::time::Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.text().await.unwrap();
+    let mut out = Vec::new();
+    let mut event = String::new();
+    for line in body.lines() {
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            out.push((event.clone(), serde_json::from_str(d).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "perspective of claude", None)
+        .await
+        .unwrap();
+    let openai = polydev_stubs::start(Provider::OpenAi, "perspective of codex", None)
+        .await
+        .unwrap();
+    let gemini = polydev_stubs::start(Provider::Gemini, "never seen", Some(400))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(
+        dir.path(),
+        anthropic.addr.port(),
+        openai.addr.port(),
+        gemini.addr.port(),
+    );
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("run@example.com").await;
+    let t = Some(token.as_str());
+    let r = app
+        .post("/api/runs", t, json!({"prompt": "what do you think?"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+
+    // The client seals the key to each sandbox's agent; the server relays it.
+    let mut creds = serde_json::Map::new();
+    for (provider, sb) in r.body["sandboxes"].as_object().unwrap() {
+        use base64::Engine;
+        let pk = base64::engine::general_purpose::STANDARD
+            .decode(sb["publicKey"].as_str().unwrap())
+            .unwrap();
+        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+            .unwrap()
+            .seal(
+                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                format!("{run}/{provider}").as_bytes(),
+                key.as_bytes(),
+            );
+        creds.insert(
+            provider.clone(),
+            json!(base64::engine::general_purpose::STANDARD.encode(sealed)),
+        );
+    }
+    let r = app
+        .post(
+            &format!("/api/runs/{run}/credentials"),
+            t,
+            json!({"credentials": creds}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    let of = |p: &str| {
+        events
+            .iter()
+            .filter(|(_, d)| d["provider"] == p)
+            .map(|(e, d)| (e.as_str(), d))
+            .collect::<Vec<_>>()
+    };
+    for (p, answer) in [
+        ("claude_code", "perspective of claude"),
+        ("codex", "perspective of codex"),
+    ] {
+        let evs = of(p);
+        assert_eq!(evs.first().map(|e| e.0), Some("started"), "{p}: {evs:?}");
+        assert!(
+            evs.iter()
+                .any(|(e, d)| *e == "delta" && d["text"] == answer),
+            "{p}: {evs:?}"
+        );
+        assert_eq!(evs.last().map(|e| e.0), Some("done"), "{p}: {evs:?}");
+    }
+    let g = of("gemini_cli");
+    assert_eq!(g.last().map(|e| e.0), Some("error"), "{g:?}");
+    assert!(!g.iter().any(|(e, _)| *e == "done"));
+
+    // Every sandbox of the run is gone; the key reached no log, metric or store.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = app.get("/api/sandboxes", t).await;
+        if r.body["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] != "ready")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", r.text);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!app.settled_logs().await.contains(&key));
+    assert!(!app.get("/metrics", None).await.text.contains(&key));
+    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert!(!String::from_utf8_lossy(&std::fs::read(path).unwrap()).contains(&key));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), 1, 1, 1);
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("cancel@example.com").await;
+    let t = Some(token.as_str());
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "x", "providers": ["codex", "claude_code"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/runs/{run}"),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["state"], "cancelled");
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events
+        .iter()
+        .all(|(e, d)| e == "error" && d["stage"] == "cancelled"));
+    let r = app.get("/api/sandboxes", t).await;
+    assert!(
+        r.body["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "ended"),
+        "{}",
+        r.text
+    );
+    assert!(app.cgroups().unwrap().list().is_empty());
+    // Bad input: unknown provider, unknown run.
+    let r = app
+        .post("/api/runs", t, json!({"prompt": "x", "providers": ["gpt"]}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_provider")
+    );
+    let r = app.get("/api/runs/run-nope", t).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "run_not_found")
+    );
+}

@@ -1,0 +1,208 @@
+//! Runs: one prompt across the provider CLIs, each in its own sandbox,
+//! streamed back as normalised events (SSE). Credentials arrive sealed to
+//! each sandbox's agent; the controller relays ciphertext only.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_domain::Provider;
+use polydev_sandbox::runs::{RunError, RunView, Runs};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::auth::CurrentUser;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::ApiJson;
+use crate::routes::sandboxes::manager_error;
+use crate::AppState;
+
+fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
+    state.runs.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "runs_unavailable",
+            "runs need sandboxes and the egress proxy, which are not both on here",
+        )
+    })
+}
+
+fn run_error(e: RunError) -> ApiError {
+    match e {
+        RunError::Invalid(m) => ApiError::bad_request("invalid_run_request", m),
+        RunError::NotFound(id) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+            format!("no run {id}"),
+        ),
+        RunError::Sandbox(e) => manager_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct StartBody {
+    prompt: String,
+    /// `claude_code`, `codex`, `gemini_cli` (default: all three).
+    #[serde(default)]
+    providers: Vec<String>,
+}
+
+/// Start a run: one sandbox per provider, each with a key to seal that
+/// provider's credential to.
+#[utoipa::path(post, path = "/api/runs", tag = "runs", request_body = StartBody, security(("bearer" = [])),
+    responses((status = 201, body = Object, description = "{runId, state, sandboxes: {provider: {sandboxId, publicKey, state}}}"),
+        (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(body): ApiJson<StartBody>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    let runs = runs(&state)?;
+    let providers = if body.providers.is_empty() {
+        Provider::ALL.to_vec()
+    } else {
+        body.providers
+            .iter()
+            .map(|p| p.parse::<Provider>())
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let view = runs
+        .start(user.0.user.id, body.prompt, providers)
+        .await
+        .map_err(run_error)?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct CredentialsBody {
+    /// Provider → base64 HPKE box of its API key, sealed to that sandbox's
+    /// `publicKey` with info `polydev/run-credential/v1` and aad `<runId>/<provider>`.
+    credentials: BTreeMap<String, String>,
+}
+
+/// Hand the run its sealed credentials; each provider's CLI starts when its
+/// credential is open inside its sandbox.
+#[utoipa::path(post, path = "/api/runs/{id}/credentials", tag = "runs", request_body = CredentialsBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 202, body = Object), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn credentials(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CredentialsBody>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    let runs = runs(&state)?;
+    let mut sealed = BTreeMap::new();
+    for (p, b) in body.credentials {
+        let provider: Provider = p.parse()?;
+        let bytes = B64.decode(b).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_run_request",
+                format!("{p}: the sealed credential must be base64"),
+            )
+        })?;
+        sealed.insert(provider, bytes);
+    }
+    let view = runs
+        .credentials(&id, user.0.user.id, sealed)
+        .await
+        .map_err(run_error)?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// A run's state.
+#[utoipa::path(get, path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunView>> {
+    Ok(Json(
+        runs(&state)?.view(&id, user.0.user.id).map_err(run_error)?,
+    ))
+}
+
+/// Cancel a run: every provider still going ends with `error{stage: cancelled}`.
+#[utoipa::path(delete, path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunView>> {
+    Ok(Json(
+        runs(&state)?
+            .cancel(&id, user.0.user.id)
+            .await
+            .map_err(run_error)?,
+    ))
+}
+
+/// The run's events as SSE (`event:` started | delta | done | error; `data`
+/// carries `provider`): everything so far, then live until every provider
+/// has finished.
+#[utoipa::path(get, path = "/api/runs/{id}/events", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let runs = runs(&state)?.clone();
+    let uid = user.0.user.id;
+    let (past, rx) = runs.subscribe(&id, uid).map_err(run_error)?;
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let to_sse = |e: &polydev_sandbox::runs::RunEvent| {
+        let mut data = e.data.clone();
+        data["provider"] = serde_json::Value::String(e.provider.clone());
+        SseEvent::default()
+            .event(e.kind.clone())
+            .data(data.to_string())
+    };
+    tokio::spawn(async move {
+        for e in &past {
+            if tx.send(Ok(to_sse(e))).await.is_err() {
+                return;
+            }
+        }
+        let Some(mut rx) = rx else { return };
+        let mut seen = past.len();
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    // The history may already hold the first few.
+                    if seen > 0 {
+                        seen -= 1;
+                        if past.iter().any(|p| {
+                            p.kind == e.kind && p.provider == e.provider && p.data == e.data
+                        }) {
+                            continue;
+                        }
+                    }
+                    if tx.send(Ok(to_sse(&e))).await.is_err() {
+                        return;
+                    }
+                    if runs.is_finished(&id, uid) && (e.kind == "done" || e.kind == "error") {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}

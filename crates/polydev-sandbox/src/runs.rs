@@ -1,0 +1,589 @@
+//! Runs ("perspectives"): one prompt, one sandbox per provider CLI, output
+//! normalised into one event stream. The controller never holds a
+//! plaintext credential: the client seals each provider's API key to that
+//! sandbox's agent key; the agent opens it into a file only the CLI's
+//! wrapper reads (and deletes) inside the sandbox.
+//!
+//! Events (per provider): `started`, `delta{text}`, `done{exitCode, usage}`,
+//! `error{stage, message}`. A provider failing, timing out or being
+//! cancelled ends only its own stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use polydev_agent::protocol::Event as AgentEvent;
+use polydev_domain::{Provider, UserId};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::manager::{CreateRequest, Manager, ManagerError};
+use crate::spec::{Limits, Network, SandboxId};
+
+/// HPKE `info` for run credentials; the AAD is `<run id>/<provider>`.
+pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
+const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
+
+#[derive(Debug, Clone)]
+pub struct RunsConfig {
+    /// Template of the sandboxes (`runtime` in production).
+    pub template: String,
+    /// Per-provider deadline.
+    pub deadline: Duration,
+    /// How long a run waits for its credentials before giving up.
+    pub credential_wait: Duration,
+    /// Provider API base URLs (unset: each CLI's default).
+    pub anthropic_base_url: Option<String>,
+    pub openai_base_url: Option<String>,
+    pub gemini_base_url: Option<String>,
+    pub limits: Limits,
+}
+
+impl Default for RunsConfig {
+    fn default() -> Self {
+        Self {
+            template: "runtime".into(),
+            deadline: Duration::from_secs(300),
+            credential_wait: Duration::from_secs(120),
+            anthropic_base_url: None,
+            openai_base_url: None,
+            gemini_base_url: None,
+            limits: Limits {
+                cpu_millis: 2000,
+                memory_bytes: 2048 << 20,
+                pids: 1024,
+                disk_bytes: 1024 << 20,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunEvent {
+    pub provider: String,
+    pub kind: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderView {
+    pub sandbox_id: String,
+    /// The agent's key to seal this provider's credential to (base64).
+    pub public_key: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunView {
+    pub run_id: String,
+    pub state: String,
+    pub sandboxes: BTreeMap<String, ProviderView>,
+}
+
+#[derive(Debug)]
+struct ProviderRun {
+    provider: Provider,
+    sandbox: SandboxId,
+    public_key: Vec<u8>,
+    /// `awaiting_credentials | running | done | failed | cancelled`.
+    state: Mutex<String>,
+}
+
+#[derive(Debug)]
+struct Run {
+    id: String,
+    user: UserId,
+    providers: Vec<ProviderRun>,
+    events: Mutex<Vec<RunEvent>>,
+    tx: broadcast::Sender<RunEvent>,
+    cancelled: AtomicBool,
+}
+
+impl Run {
+    fn emit(&self, provider: Provider, kind: &str, data: Value) {
+        let e = RunEvent {
+            provider: provider.as_str().to_owned(),
+            kind: kind.to_owned(),
+            data,
+        };
+        if let Ok(mut ev) = self.events.lock() {
+            ev.push(e.clone());
+        }
+        let _ = self.tx.send(e);
+    }
+
+    fn set_state(&self, provider: Provider, state: &str) -> bool {
+        let Some(p) = self.providers.iter().find(|p| p.provider == provider) else {
+            return false;
+        };
+        let Ok(mut s) = p.state.lock() else {
+            return false;
+        };
+        if ["done", "failed", "cancelled"].contains(&s.as_str()) {
+            return false;
+        }
+        *s = state.to_owned();
+        true
+    }
+
+    fn finished(&self) -> bool {
+        self.providers.iter().all(|p| {
+            p.state
+                .lock()
+                .map(|s| ["done", "failed", "cancelled"].contains(&s.as_str()))
+                .unwrap_or(true)
+        })
+    }
+
+    fn view(&self) -> RunView {
+        let sandboxes = self
+            .providers
+            .iter()
+            .map(|p| {
+                (
+                    p.provider.as_str().to_owned(),
+                    ProviderView {
+                        sandbox_id: p.sandbox.to_string(),
+                        public_key: base64::engine::general_purpose::STANDARD.encode(&p.public_key),
+                        state: p.state.lock().map(|s| s.clone()).unwrap_or_default(),
+                    },
+                )
+            })
+            .collect();
+        RunView {
+            run_id: self.id.clone(),
+            state: if self.cancelled.load(Ordering::Relaxed) {
+                "cancelled".into()
+            } else if self.finished() {
+                "finished".into()
+            } else {
+                "running".into()
+            },
+            sandboxes,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no run {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Sandbox(#[from] ManagerError),
+}
+
+#[derive(Debug)]
+pub struct Runs {
+    manager: Arc<Manager>,
+    cfg: RunsConfig,
+    runs: Mutex<HashMap<String, Arc<Run>>>,
+}
+
+impl Runs {
+    pub fn new(manager: Arc<Manager>, cfg: RunsConfig) -> Arc<Self> {
+        Arc::new(Self {
+            manager,
+            cfg,
+            runs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn get(&self, id: &str, user: UserId) -> Result<Arc<Run>, RunError> {
+        self.runs
+            .lock()
+            .ok()
+            .and_then(|r| r.get(id).cloned())
+            .filter(|r| r.user == user)
+            .ok_or_else(|| RunError::NotFound(id.to_owned()))
+    }
+
+    /// One sandbox per provider (egress network), ready for credentials.
+    pub async fn start(
+        self: &Arc<Self>,
+        user: UserId,
+        prompt: String,
+        providers: Vec<Provider>,
+    ) -> Result<RunView, RunError> {
+        if prompt.trim().is_empty() || prompt.len() > 100_000 {
+            return Err(RunError::Invalid(
+                "prompt must be 1 to 100 000 bytes".into(),
+            ));
+        }
+        let mut providers = providers;
+        providers.sort_by_key(|p| p.as_str());
+        providers.dedup();
+        if providers.is_empty() {
+            return Err(RunError::Invalid(format!(
+                "providers: name at least one of {}",
+                Provider::VALID
+            )));
+        }
+        let id = format!("run-{:016x}", rand::random::<u64>());
+        let mut made: Vec<ProviderRun> = Vec::new();
+        for provider in &providers {
+            let req = CreateRequest {
+                template: self.cfg.template.clone(),
+                limits: Some(self.cfg.limits),
+                network: Network::Egress,
+                env: vec![("POLYDEV_PROMPT".into(), prompt.clone())],
+                labels: [
+                    ("run".to_owned(), id.clone()),
+                    ("provider".to_owned(), provider.as_str().to_owned()),
+                ]
+                .into(),
+                ttl: Some(self.cfg.deadline + self.cfg.credential_wait + Duration::from_secs(60)),
+            };
+            let created = match self.manager.create(user, req).await {
+                Ok(v) => v,
+                Err(e) => {
+                    for p in &made {
+                        let _ = self.manager.destroy(&p.sandbox, "ended").await;
+                    }
+                    return Err(e.into());
+                }
+            };
+            let sandbox = SandboxId::parse(&created.id)
+                .ok_or_else(|| RunError::Invalid("bad sandbox id".into()))?;
+            let agent = self
+                .manager
+                .driver()
+                .agent(&sandbox, Duration::from_secs(5))
+                .await
+                .map_err(ManagerError::from)?;
+            made.push(ProviderRun {
+                provider: *provider,
+                sandbox,
+                public_key: agent.public_key.clone(),
+                state: Mutex::new("awaiting_credentials".into()),
+            });
+        }
+        let (tx, _) = broadcast::channel(1024);
+        let run = Arc::new(Run {
+            id: id.clone(),
+            user,
+            providers: made,
+            events: Mutex::new(Vec::new()),
+            tx,
+            cancelled: AtomicBool::new(false),
+        });
+        if let Ok(mut r) = self.runs.lock() {
+            r.insert(id.clone(), run.clone());
+        }
+        // Providers never given credentials fail (and free their sandbox).
+        let (me, r) = (self.clone(), run.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(me.cfg.credential_wait).await;
+            for p in &r.providers {
+                let waiting = p
+                    .state
+                    .lock()
+                    .map(|s| *s == "awaiting_credentials")
+                    .unwrap_or(false);
+                if waiting && r.set_state(p.provider, "failed") {
+                    r.emit(
+                        p.provider,
+                        "error",
+                        json!({"stage": "credentials", "message": "no credential arrived in time"}),
+                    );
+                    let _ = me.manager.destroy(&p.sandbox, "ended").await;
+                }
+            }
+        });
+        Ok(run.view())
+    }
+
+    pub fn view(&self, id: &str, user: UserId) -> Result<RunView, RunError> {
+        Ok(self.get(id, user)?.view())
+    }
+
+    /// Hands each provider its sealed credential and starts its CLI.
+    pub async fn credentials(
+        self: &Arc<Self>,
+        id: &str,
+        user: UserId,
+        sealed: BTreeMap<Provider, Vec<u8>>,
+    ) -> Result<RunView, RunError> {
+        let run = self.get(id, user)?;
+        for (provider, box_) in &sealed {
+            let Some(p) = run.providers.iter().find(|p| p.provider == *provider) else {
+                return Err(RunError::Invalid(format!(
+                    "{} is not part of this run",
+                    provider.as_str()
+                )));
+            };
+            let waiting = p
+                .state
+                .lock()
+                .map(|s| *s == "awaiting_credentials")
+                .unwrap_or(false);
+            if !waiting {
+                return Err(RunError::Invalid(format!(
+                    "{} already has its credential",
+                    provider.as_str()
+                )));
+            }
+            let aad = format!("{id}/{}", provider.as_str());
+            let opened = async {
+                let mut agent = self
+                    .manager
+                    .driver()
+                    .agent(&p.sandbox, Duration::from_secs(5))
+                    .await?;
+                agent
+                    .unseal(
+                        CREDENTIAL_PURPOSE,
+                        aad.as_bytes(),
+                        box_,
+                        CREDENTIAL_FILE,
+                        0o600,
+                    )
+                    .await
+                    .map_err(crate::DriverError::from)
+            }
+            .await;
+            match opened {
+                Ok(_) => {
+                    run.set_state(*provider, "running");
+                    let (me, r, prov) = (self.clone(), run.clone(), *provider);
+                    tokio::spawn(async move { me.drive(r, prov).await });
+                }
+                Err(e) => {
+                    return Err(RunError::Invalid(format!(
+                        "the {} sandbox could not open its credential (seal it to that sandbox's publicKey with info {CREDENTIAL_PURPOSE:?} and aad \"{aad}\"): {e}",
+                        provider.as_str()
+                    )))
+                }
+            }
+        }
+        Ok(run.view())
+    }
+
+    fn command(&self, provider: Provider) -> (String, Vec<(String, String)>) {
+        let key = format!("KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}");
+        let mut env = Vec::new();
+        let line = match provider {
+            Provider::ClaudeCode => {
+                env.push((
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
+                    "1".into(),
+                ));
+                if let Some(u) = &self.cfg.anthropic_base_url {
+                    env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
+                }
+                format!("{key}; export ANTHROPIC_API_KEY=\"$KEY\"; exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
+            }
+            Provider::Codex => {
+                let provider_cfg = match &self.cfg.openai_base_url {
+                    Some(u) => format!(
+                        " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}'"
+                    ),
+                    None => String::new(),
+                };
+                format!("{key}; export OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"; exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file{provider_cfg} \"$POLYDEV_PROMPT\"")
+            }
+            Provider::GeminiCli => {
+                if let Some(u) = &self.cfg.gemini_base_url {
+                    env.push(("GOOGLE_GEMINI_BASE_URL".into(), u.clone()));
+                }
+                let settings = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#;
+                format!("{key}; export GEMINI_API_KEY=\"$KEY\"; mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+            }
+        };
+        (line, env)
+    }
+
+    /// Runs one provider's CLI and turns its output into events.
+    async fn drive(self: Arc<Self>, run: Arc<Run>, provider: Provider) {
+        let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
+            return;
+        };
+        run.emit(
+            provider,
+            "started",
+            json!({"sandboxId": p.sandbox.to_string()}),
+        );
+        let (line, env) = self.command(provider);
+        let result = async {
+            let mut agent = self
+                .manager
+                .driver()
+                .agent(&p.sandbox, Duration::from_secs(5))
+                .await?;
+            agent
+                .start_exec(
+                    vec!["/bin/sh".into(), "-c".into(), line],
+                    env,
+                    None,
+                    self.cfg.deadline,
+                )
+                .await?;
+            let mut buf = String::new();
+            let mut stderr = String::new();
+            let mut done = false;
+            loop {
+                match agent.next_event().await? {
+                    AgentEvent::Stdout { data } => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(data)
+                            .unwrap_or_default();
+                        buf.push_str(&String::from_utf8_lossy(&bytes));
+                        while let Some(nl) = buf.find('\n') {
+                            let l: String = buf.drain(..=nl).collect();
+                            if let Some((kind, data)) = normalise(provider, l.trim()) {
+                                done |= kind == "done";
+                                run.emit(provider, kind, data);
+                            }
+                        }
+                    }
+                    AgentEvent::Stderr { data } => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(data)
+                            .unwrap_or_default();
+                        stderr.push_str(&String::from_utf8_lossy(&bytes));
+                        if stderr.len() > 8192 {
+                            stderr.drain(..stderr.len() - 8192);
+                        }
+                    }
+                    AgentEvent::Exit {
+                        code, timed_out, ..
+                    } => return Ok::<_, crate::DriverError>((code, timed_out, done, stderr)),
+                    _ => {}
+                }
+            }
+        }
+        .await;
+        let cancelled = run.cancelled.load(Ordering::Relaxed);
+        match result {
+            _ if cancelled => {}
+            Ok((code, true, _, _)) => {
+                if run.set_state(provider, "failed") {
+                    run.emit(provider, "error", json!({"stage": "timeout", "message": format!("no answer within {} s", self.cfg.deadline.as_secs()), "exitCode": code}));
+                }
+            }
+            Ok((Some(0), false, true, _)) => {
+                run.set_state(provider, "done");
+            }
+            Ok((code, false, _, stderr)) => {
+                if run.set_state(provider, "failed") {
+                    let tail: Vec<&str> = stderr
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    run.emit(provider, "error", json!({"stage": "cli", "message": format!("the CLI exited with {code:?}: {}", tail.join(" | ")), "exitCode": code}));
+                }
+            }
+            Err(e) => {
+                if run.set_state(provider, "failed") {
+                    run.emit(
+                        provider,
+                        "error",
+                        json!({"stage": "sandbox", "message": e.to_string()}),
+                    );
+                }
+            }
+        }
+        let _ = self.manager.destroy(&p.sandbox, "ended").await;
+    }
+
+    /// Cancels the providers still going; their sandboxes are destroyed.
+    pub async fn cancel(&self, id: &str, user: UserId) -> Result<RunView, RunError> {
+        let run = self.get(id, user)?;
+        run.cancelled.store(true, Ordering::Relaxed);
+        for p in &run.providers {
+            if run.set_state(p.provider, "cancelled") {
+                run.emit(
+                    p.provider,
+                    "error",
+                    json!({"stage": "cancelled", "message": "the run was cancelled"}),
+                );
+            }
+            let _ = self.manager.destroy(&p.sandbox, "ended").await;
+        }
+        Ok(run.view())
+    }
+
+    /// Past events, and a receiver for the rest (None once all finished).
+    pub fn subscribe(
+        &self,
+        id: &str,
+        user: UserId,
+    ) -> Result<(Vec<RunEvent>, Option<broadcast::Receiver<RunEvent>>), RunError> {
+        let run = self.get(id, user)?;
+        // Subscribe before reading the history so nothing falls between.
+        let rx = run.tx.subscribe();
+        let past = run.events.lock().map(|e| e.clone()).unwrap_or_default();
+        Ok((past, (!run.finished()).then_some(rx)))
+    }
+
+    pub fn is_finished(&self, id: &str, user: UserId) -> bool {
+        self.get(id, user).map(|r| r.finished()).unwrap_or(true)
+    }
+}
+
+/// One line of a CLI's stream format → an event.
+pub fn normalise(provider: Provider, line: &str) -> Option<(&'static str, Value)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    match provider {
+        // `claude -p --output-format stream-json --verbose`
+        Provider::ClaudeCode => match v["type"].as_str()? {
+            "assistant" => {
+                let text: String = v["message"]["content"]
+                    .as_array()?
+                    .iter()
+                    .filter(|c| c["type"] == "text")
+                    .filter_map(|c| c["text"].as_str())
+                    .collect();
+                (!text.is_empty()).then(|| ("delta", json!({"text": text})))
+            }
+            "result" if v["is_error"] == true => Some((
+                "error",
+                json!({"stage": "provider", "message": v["result"]}),
+            )),
+            "result" => Some((
+                "done",
+                json!({"exitCode": 0, "usage": {"inputTokens": v["usage"]["input_tokens"], "outputTokens": v["usage"]["output_tokens"]}}),
+            )),
+            _ => None,
+        },
+        // `codex exec --json`
+        Provider::Codex => match v["type"].as_str()? {
+            "item.completed" if v["item"]["type"] == "agent_message" => {
+                Some(("delta", json!({"text": v["item"]["text"]})))
+            }
+            "turn.completed" => Some((
+                "done",
+                json!({"exitCode": 0, "usage": {"inputTokens": v["usage"]["input_tokens"], "outputTokens": v["usage"]["output_tokens"]}}),
+            )),
+            "turn.failed" => Some((
+                "error",
+                json!({"stage": "provider", "message": v["error"]["message"]}),
+            )),
+            "error" => Some((
+                "error",
+                json!({"stage": "provider", "message": v["message"]}),
+            )),
+            _ => None,
+        },
+        // `gemini -p -o stream-json`
+        Provider::GeminiCli => match v["type"].as_str()? {
+            "message" if v["role"] == "assistant" => Some(("delta", json!({"text": v["content"]}))),
+            "result" if v["status"] == "success" => Some((
+                "done",
+                json!({"exitCode": 0, "usage": {"inputTokens": v["stats"]["input_tokens"], "outputTokens": v["stats"]["output_tokens"]}}),
+            )),
+            "result" => Some(("error", json!({"stage": "provider", "message": v["error"]}))),
+            _ => None,
+        },
+    }
+}
