@@ -426,7 +426,7 @@ impl Runs {
                 .await?;
             let mut buf = String::new();
             let mut stderr = String::new();
-            let mut done = false;
+            let mut done: Option<Value> = None;
             loop {
                 match agent.next_event().await? {
                     AgentEvent::Stdout { data } => {
@@ -437,8 +437,13 @@ impl Runs {
                         while let Some(nl) = buf.find('\n') {
                             let l: String = buf.drain(..=nl).collect();
                             if let Some((kind, data)) = normalise(provider, l.trim()) {
-                                done |= kind == "done";
-                                run.emit(provider, kind, data);
+                                if kind == "done" {
+                                    // Sent once the provider's state says so,
+                                    // so "done" is always its last word.
+                                    done = Some(data);
+                                } else {
+                                    run.emit(provider, kind, data);
+                                }
                             }
                         }
                     }
@@ -467,8 +472,10 @@ impl Runs {
                     run.emit(provider, "error", json!({"stage": "timeout", "message": format!("no answer within {} s", self.cfg.deadline.as_secs()), "exitCode": code}));
                 }
             }
-            Ok((Some(0), false, true, _)) => {
-                run.set_state(provider, "done");
+            Ok((Some(0), false, Some(data), _)) => {
+                if run.set_state(provider, "done") {
+                    run.emit(provider, "done", data);
+                }
             }
             Ok((code, false, _, stderr)) => {
                 if run.set_state(provider, "failed") {

@@ -77,6 +77,15 @@ pub enum Command {
         #[arg(last = true)]
         serve_args: Vec<String>,
     },
+    /// An MCP server on stdio with the tool `get_perspectives`, against a
+    /// controller; provider API keys come from this process's environment.
+    Mcp {
+        #[arg(long, env = "POLYDEV_SERVER", default_value = "http://127.0.0.1:4000")]
+        server: String,
+        /// API token of the user the runs belong to.
+        #[arg(long, env = "POLYDEV_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Host side of deploys (run over SSH by deploy/rollback/deployments).
     #[command(subcommand)]
     Release(ReleaseCommand),

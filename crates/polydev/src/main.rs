@@ -8,6 +8,7 @@ mod bench_sandbox;
 mod cli;
 mod config;
 mod deploy;
+mod mcp;
 mod release;
 mod sandbox_cli;
 mod serve;
@@ -132,6 +133,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--listen {listen:?} is not IP:PORT"))?;
             supervise::run(root, listen, serve_args).await
+        }
+        Command::Mcp { server, token } => {
+            // stdout carries the protocol: logs go to stderr only.
+            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
+            mcp::serve_stdio(server, token).await
         }
         Command::Release(cmd) => {
             use cli::ReleaseCommand as R;

@@ -179,7 +179,17 @@ pub(crate) async fn events(
         let Some(mut rx) = rx else { return };
         let mut seen = past.len();
         loop {
-            match rx.recv().await {
+            // Also wake now and then: a run can finish between two events.
+            let next = tokio::select! {
+                e = rx.recv() => e,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if runs.is_finished(&id, uid) && rx.is_empty() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match next {
                 Ok(e) => {
                     // The history may already hold the first few.
                     if seen > 0 {

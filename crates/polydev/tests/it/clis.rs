@@ -360,3 +360,75 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
         (StatusCode::NOT_FOUND, "run_not_found")
     );
 }
+
+/// A real MCP client (rmcp) starts `polydev mcp`, lists its tool and calls
+/// `get_perspectives`: every provider's answer comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mcp_tool_returns_every_perspective() {
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    use rmcp::ServiceExt;
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "mcp heard claude", None)
+        .await
+        .unwrap();
+    let openai = polydev_stubs::start(Provider::OpenAi, "mcp heard codex", None)
+        .await
+        .unwrap();
+    let gemini = polydev_stubs::start(Provider::Gemini, "mcp heard gemini", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(
+        dir.path(),
+        anthropic.addr.port(),
+        openai.addr.port(),
+        gemini.addr.port(),
+    );
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("mcp@example.com").await;
+    let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    let transport = TokioChildProcess::new(
+        tokio::process::Command::new(crate::app::BIN).configure(|cmd| {
+            cmd.args(["mcp", "--server", &app.base])
+                .env("POLYDEV_TOKEN", &token)
+                .env("ANTHROPIC_API_KEY", &key)
+                .env("OPENAI_API_KEY", &key)
+                .env("GEMINI_API_KEY", &key);
+        }),
+    )
+    .unwrap();
+    let client = ().serve(transport).await.unwrap();
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(
+        tools.iter().any(|t| t.name == "get_perspectives"),
+        "{tools:?}"
+    );
+    let args = json!({"prompt": "three views please"})
+        .as_object()
+        .unwrap()
+        .clone();
+    let result = client
+        .call_tool(rmcp::model::CallToolRequestParams::new("get_perspectives").with_arguments(args))
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&result.content).unwrap();
+    for answer in ["mcp heard claude", "mcp heard codex", "mcp heard gemini"] {
+        assert!(text.contains(answer), "{text}");
+    }
+    // Bad input is an MCP error, not a hang.
+    let args = json!({"prompt": "x", "providers": ["gpt"]})
+        .as_object()
+        .unwrap()
+        .clone();
+    let err = client
+        .call_tool(rmcp::model::CallToolRequestParams::new("get_perspectives").with_arguments(args))
+        .await;
+    assert!(
+        err.is_err()
+            || serde_json::to_string(&err.as_ref().unwrap().content)
+                .unwrap()
+                .contains("gpt"),
+        "{err:?}"
+    );
+    client.cancel().await.unwrap();
+    assert!(!app.settled_logs().await.contains(&key));
+}

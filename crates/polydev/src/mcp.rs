@@ -1,0 +1,215 @@
+//! `polydev mcp`: an MCP server on stdio (the official Rust SDK, rmcp) with
+//! one tool, `get_perspectives(prompt, providers?)`, which runs the prompt
+//! through the provider CLIs on a polydev controller and returns every
+//! answer. This process holds the credentials (provider API keys from its
+//! environment) and seals each one to its run sandbox's agent key, so the
+//! controller only ever relays ciphertext.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_domain::Provider;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler, ServiceExt};
+use serde_json::{json, Value};
+
+/// Where each provider's API key comes from (this process's environment).
+pub fn key_env(provider: Provider) -> &'static [&'static str] {
+    match provider {
+        Provider::ClaudeCode => &["ANTHROPIC_API_KEY"],
+        Provider::Codex => &["OPENAI_API_KEY", "CODEX_API_KEY"],
+        Provider::GeminiCli => &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+    }
+}
+
+fn key_for(provider: Provider) -> Option<String> {
+    key_env(provider)
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|k| !k.is_empty()))
+}
+
+/// Runs `prompt` on the controller and collects each provider's answer.
+pub async fn perspectives(
+    server: &str,
+    token: &str,
+    prompt: &str,
+    providers: Option<Vec<Provider>>,
+) -> anyhow::Result<Value> {
+    let providers: Vec<Provider> = match providers {
+        Some(p) if !p.is_empty() => p,
+        _ => Provider::ALL
+            .into_iter()
+            .filter(|p| key_for(*p).is_some())
+            .collect(),
+    };
+    if providers.is_empty() {
+        bail!("no provider has an API key here (set ANTHROPIC_API_KEY, OPENAI_API_KEY or GEMINI_API_KEY)");
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let server = server.trim_end_matches('/');
+    let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
+    let r = http
+        .post(format!("{server}/api/runs"))
+        .bearer_auth(token)
+        .json(&json!({"prompt": prompt, "providers": names}))
+        .send()
+        .await
+        .context("cannot reach the polydev controller")?;
+    let status = r.status();
+    let run: Value = r.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "the controller refused the run ({status}): {}",
+            run["error"]["message"]
+        );
+    }
+    let id = run["runId"].as_str().context("no runId")?.to_owned();
+    let mut creds = serde_json::Map::new();
+    for p in &providers {
+        let key = key_for(*p).with_context(|| {
+            format!(
+                "no API key for {} here ({})",
+                p.as_str(),
+                key_env(*p).join(" or ")
+            )
+        })?;
+        let pk = run["sandboxes"][p.as_str()]["publicKey"]
+            .as_str()
+            .and_then(|k| B64.decode(k).ok())
+            .context("the controller sent no sandbox key")?;
+        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+            .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?
+            .seal(
+                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                format!("{id}/{}", p.as_str()).as_bytes(),
+                key.as_bytes(),
+            );
+        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+    }
+    let r = http
+        .post(format!("{server}/api/runs/{id}/credentials"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": creds}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        let v: Value = r.json().await.unwrap_or_default();
+        bail!(
+            "the controller refused the credentials: {}",
+            v["error"]["message"]
+        );
+    }
+    let events = reqwest::Client::builder()
+        .timeout(Duration::from_secs(900))
+        .build()?
+        .get(format!("{server}/api/runs/{id}/events"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut answers: BTreeMap<String, Value> = BTreeMap::new();
+    let mut event = String::new();
+    for line in events.lines() {
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            let d: Value = serde_json::from_str(d).unwrap_or_default();
+            let p = d["provider"].as_str().unwrap_or_default().to_owned();
+            let a = answers
+                .entry(p)
+                .or_insert_with(|| json!({"answer": "", "status": "running"}));
+            match event.as_str() {
+                "delta" => {
+                    let text = format!(
+                        "{}{}",
+                        a["answer"].as_str().unwrap_or(""),
+                        d["text"].as_str().unwrap_or("")
+                    );
+                    a["answer"] = json!(text);
+                }
+                "done" => {
+                    a["status"] = json!("done");
+                    a["usage"] = d["usage"].clone();
+                }
+                "error" => {
+                    a["status"] = json!("error");
+                    a["error"] = json!({"stage": d["stage"], "message": d["message"]});
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(json!({"runId": id, "perspectives": answers}))
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct GetPerspectives {
+    #[schemars(description = "The prompt every provider answers")]
+    prompt: String,
+    #[schemars(
+        description = "Any of claude_code, codex, gemini_cli (default: every provider with a key)"
+    )]
+    providers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct PerspectivesServer {
+    server: String,
+    token: String,
+    #[allow(dead_code)]
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl PerspectivesServer {
+    #[tool(
+        description = "Ask Claude Code, Codex and Gemini CLI the same prompt, each in its own polydev sandbox, and get every answer back"
+    )]
+    async fn get_perspectives(
+        &self,
+        Parameters(req): Parameters<GetPerspectives>,
+    ) -> Result<String, ErrorData> {
+        let providers = req
+            .providers
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| p.parse::<Provider>())
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()
+            .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
+        let out = perspectives(&self.server, &self.token, &req.prompt, providers)
+            .await
+            .map_err(|e| ErrorData::internal_error(format!("{e:#}"), None))?;
+        Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for PerspectivesServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+/// Serves MCP on stdin/stdout until the client goes away.
+pub async fn serve_stdio(server: String, token: String) -> anyhow::Result<()> {
+    let service = PerspectivesServer {
+        server,
+        token,
+        tool_router: PerspectivesServer::tool_router(),
+    }
+    .serve(rmcp::transport::stdio())
+    .await
+    .context("MCP handshake failed")?;
+    service.waiting().await.context("MCP session failed")?;
+    Ok(())
+}
