@@ -173,6 +173,10 @@ impl Run {
 pub enum RunError {
     #[error("{0}")]
     Invalid(String),
+    /// A run of this user already uses that provider's credential (Codex
+    /// and Claude rotate refresh tokens: two at once would break one).
+    #[error("your {0} credential is in use by run {1}; wait for it or cancel it")]
+    Busy(String, String),
     #[error("no run {0}")]
     NotFound(String),
     #[error(transparent)]
@@ -226,6 +230,28 @@ impl Runs {
             )));
         }
         let id = format!("run-{:016x}", rand::random::<u64>());
+        // Never two live runs on one credential of a user.
+        {
+            let runs = self
+                .runs
+                .lock()
+                .map_err(|_| RunError::Invalid("run table poisoned".into()))?;
+            for r in runs
+                .values()
+                .filter(|r| r.user == user && !r.cancelled.load(Ordering::Relaxed))
+            {
+                for p in &r.providers {
+                    let live = p
+                        .state
+                        .lock()
+                        .map(|s| !["done", "failed", "cancelled"].contains(&s.as_str()))
+                        .unwrap_or(false);
+                    if live && providers.contains(&p.provider) {
+                        return Err(RunError::Busy(p.provider.as_str().to_owned(), r.id.clone()));
+                    }
+                }
+            }
+        }
         let mut made: Vec<ProviderRun> = Vec::new();
         for provider in &providers {
             let req = CreateRequest {
@@ -386,7 +412,7 @@ impl Runs {
                     ),
                     None => String::new(),
                 };
-                format!("{key}; export OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"; exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file{provider_cfg} \"$POLYDEV_PROMPT\"")
+                format!("{key}; export OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"; exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access{provider_cfg} \"$POLYDEV_PROMPT\"")
             }
             Provider::GeminiCli => {
                 if let Some(u) = &self.cfg.gemini_base_url {

@@ -38,6 +38,9 @@ fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
 fn run_error(e: RunError) -> ApiError {
     match e {
         RunError::Invalid(m) => ApiError::bad_request("invalid_run_request", m),
+        e @ RunError::Busy(..) => {
+            ApiError::new(StatusCode::CONFLICT, "credential_busy", e.to_string())
+        }
         RunError::NotFound(id) => ApiError::new(
             StatusCode::NOT_FOUND,
             "run_not_found",

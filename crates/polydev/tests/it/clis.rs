@@ -320,6 +320,20 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let run = r.body["runId"].as_str().unwrap().to_owned();
+    // One live run per credential: a second run on codex waits its turn.
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "y", "providers": ["codex"]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "credential_busy"),
+        "{}",
+        r.text
+    );
     let r = app
         .send(
             reqwest::Method::DELETE,
@@ -359,6 +373,15 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
         (r.status, r.error_code()),
         (StatusCode::NOT_FOUND, "run_not_found")
     );
+    // After the cancel the credential is free again.
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "y", "providers": ["codex"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
 }
 
 /// A real MCP client (rmcp) starts `polydev mcp`, lists its tool and calls
