@@ -17,18 +17,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Vault => vault(&args),
         BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
         BenchArea::Deploy => crate::bench_deploy::run(&args).await,
+        BenchArea::Runs => crate::bench_runs::run(&args).await,
     }
 }
 
 /// A `polydev serve` started for the benchmark; killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl Server {
-    fn start(extra: &[&str]) -> anyhow::Result<Self> {
+    pub(crate) fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the polydev binary")?;
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(&exe)
@@ -79,17 +80,16 @@ impl Server {
         Ok(server)
     }
 
-    fn admin_token(&self) -> anyhow::Result<String> {
+    pub(crate) fn admin_token(&self) -> anyhow::Result<String> {
+        self.user_token("bench@example.com", true)
+    }
+
+    pub(crate) fn user_token(&self, email: &str, admin: bool) -> anyhow::Result<String> {
         let exe = std::env::current_exe()?;
         let out = Command::new(exe)
-            .args([
-                "user",
-                "add",
-                "--email",
-                "bench@example.com",
-                "--admin",
-                "--data-dir",
-            ])
+            .args(["user", "add", "--email", email])
+            .args(if admin { &["--admin"][..] } else { &[][..] })
+            .arg("--data-dir")
             .arg(self._dir.path())
             .output()?;
         if !out.status.success() {

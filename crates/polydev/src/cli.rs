@@ -230,6 +230,9 @@ pub enum BenchArea {
     /// Deploys to a throw-away sshd on loopback under request load: time per
     /// step, rollback time, failed requests.
     Deploy,
+    /// Runs against loopback stub providers: request → first delta through
+    /// polydev vs the same CLI run directly; 20 concurrent 3-provider runs.
+    Runs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_deploy;
 mod bench_egress;
+mod bench_runs;
 mod bench_sandbox;
 mod cli;
 mod config;

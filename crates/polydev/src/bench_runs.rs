@@ -1,0 +1,206 @@
+//! `polydev bench runs`: the whole chain (API → sandbox → agent → CLI →
+//! egress proxy → stub provider) against each CLI run directly on the host
+//! against the same stub, time to the first answer text; then 20
+//! concurrent three-provider runs. Needs the CLIs on PATH (scripts/test.sh
+//! installs the pinned versions) and root for the sandboxes.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_domain::Provider;
+use polydev_stubs::Provider as Stub;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::bench::Server;
+use crate::cli::BenchArgs;
+
+const ROUNDS: usize = 20;
+const CONCURRENT: usize = 20;
+
+fn p50(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The CLI run directly on the host, against the stub: ms to the first
+/// stdout line carrying the answer.
+async fn direct(provider: Provider, port: u16, answer: &str, home: &std::path::Path) -> anyhow::Result<f64> {
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cmd = tokio::process::Command::new(match provider {
+        Provider::ClaudeCode => "claude",
+        Provider::Codex => "codex",
+        Provider::GeminiCli => "gemini",
+    });
+    cmd.env("HOME", home).env("NO_PROXY", "*").kill_on_drop(true);
+    match provider {
+        Provider::ClaudeCode => {
+            cmd.args(["-p", "hi", "--output-format", "stream-json", "--verbose"])
+                .env("ANTHROPIC_BASE_URL", &base)
+                .env("ANTHROPIC_API_KEY", "bench")
+                .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1");
+        }
+        Provider::Codex => {
+            cmd.args(["exec", "--skip-git-repo-check", "--json", "-c", "analytics.enabled=false", "-c", "model_provider=stub", "-c"])
+                .arg(format!("model_providers.stub={{name=\"stub\",base_url=\"{base}/v1\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}"))
+                .arg("hi")
+                .env("OPENAI_API_KEY", "bench");
+        }
+        Provider::GeminiCli => {
+            std::fs::create_dir_all(home.join(".gemini"))?;
+            std::fs::write(
+                home.join(".gemini/settings.json"),
+                r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#,
+            )?;
+            cmd.args(["-p", "hi", "-o", "stream-json", "--skip-trust"])
+                .env("GOOGLE_GEMINI_BASE_URL", &base)
+                .env("GEMINI_API_KEY", "bench");
+        }
+    }
+    let t = Instant::now();
+    let mut child = cmd
+        .current_dir(home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run the {} CLI (install the pinned CLIs)", provider.as_str()))?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut first = None;
+    while let Some(l) = lines.next_line().await? {
+        if first.is_none() && l.contains(answer) {
+            first = Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let _ = child.wait().await;
+    first.with_context(|| format!("{} printed no answer", provider.as_str()))
+}
+
+/// One run through polydev: ms from the request to each provider's first
+/// delta, and to the end of the stream.
+async fn through(server: &str, token: &str, providers: &[Provider]) -> anyhow::Result<(Vec<(Provider, f64)>, f64)> {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
+    let r: Value = http
+        .post(format!("{server}/api/runs"))
+        .bearer_auth(token)
+        .json(&json!({"prompt": "hi", "providers": names}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = r["runId"].as_str().with_context(|| format!("run refused: {r}"))?.to_owned();
+    let mut creds = Map::new();
+    for p in providers {
+        let pk = B64.decode(r["sandboxes"][p.as_str()]["publicKey"].as_str().unwrap_or(""))?;
+        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .seal(polydev_sandbox::runs::CREDENTIAL_PURPOSE, format!("{id}/{}", p.as_str()).as_bytes(), b"bench");
+        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+    }
+    http.post(format!("{server}/api/runs/{id}/credentials"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": creds}))
+        .send()
+        .await?;
+    let mut resp = http.get(format!("{server}/api/runs/{id}/events")).bearer_auth(token).send().await?;
+    let mut firsts = Vec::new();
+    let mut buf = String::new();
+    let mut event = String::new();
+    while let Some(chunk) = resp.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(nl) = buf.find('\n') {
+            let line: String = buf.drain(..=nl).collect();
+            if let Some(e) = line.trim_end().strip_prefix("event: ") {
+                event = e.to_owned();
+            } else if let Some(d) = line.trim_end().strip_prefix("data: ") {
+                let d: Value = serde_json::from_str(d).unwrap_or_default();
+                let p: Option<Provider> = d["provider"].as_str().and_then(|p| p.parse().ok());
+                if let (Some(p), "delta") = (p, event.as_str()) {
+                    if !firsts.iter().any(|(q, _)| *q == p) {
+                        firsts.push((p, t.elapsed().as_secs_f64() * 1000.0));
+                    }
+                }
+                if event == "error" {
+                    bail!("a provider failed: {d}");
+                }
+            }
+        }
+    }
+    Ok((firsts, t.elapsed().as_secs_f64() * 1000.0))
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let answers = [
+        (Provider::ClaudeCode, Stub::Anthropic, "bench answer from claude"),
+        (Provider::Codex, Stub::OpenAi, "bench answer from codex"),
+        (Provider::GeminiCli, Stub::Gemini, "bench answer from gemini"),
+    ];
+    let mut stubs = Vec::new();
+    for (_, s, a) in answers {
+        stubs.push(polydev_stubs::start(s, a, None).await?);
+    }
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\nrequests_per_sec_per_user = 10000\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[sandbox]\nper_user_max = 100\nhost_max = 500\n[runs]\ntemplate = \"minimal\"\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
+            stubs[0].addr.port(),
+            stubs[1].addr.port(),
+            stubs[2].addr.port()
+        ),
+    )?;
+    let server = Server::start(&["--config", config.to_str().unwrap_or_default(), "--sandbox-pools", ""])?;
+    let base = format!("http://{}", server.addr);
+    let token = server.admin_token()?;
+    let mut figures = Map::new();
+    for (i, (provider, _, answer)) in answers.iter().enumerate() {
+        let home = dir.path().join(format!("home-{i}"));
+        std::fs::create_dir_all(&home)?;
+        let mut d = Vec::new();
+        let mut p = Vec::new();
+        for _ in 0..ROUNDS {
+            d.push(direct(*provider, stubs[i].addr.port(), answer, &home).await?);
+            let (firsts, _) = through(&base, &token, &[*provider]).await?;
+            p.push(firsts.first().map(|f| f.1).context("no delta")?);
+        }
+        let (d, p) = (p50(d), p50(p));
+        let name = provider.as_str();
+        figures.insert(format!("{name}_direct_p50_ms"), json!(d));
+        figures.insert(format!("{name}_polydev_p50_ms"), json!(p));
+        figures.insert(format!("{name}_added_p50_ms"), json!(p - d));
+    }
+
+    // Concurrent: one user each (a credential runs once at a time).
+    let mut tokens = Vec::new();
+    for i in 0..CONCURRENT {
+        tokens.push(server.user_token(&format!("bench{i}@example.com"), false)?);
+    }
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for tok in tokens {
+        let base = base.clone();
+        set.spawn(async move { through(&base, &tok, &Provider::ALL).await });
+    }
+    let mut totals = Vec::new();
+    while let Some(r) = set.join_next().await {
+        totals.push(r??.1);
+    }
+    let wall = t.elapsed().as_secs_f64();
+    figures.insert("concurrent_runs".into(), json!(CONCURRENT));
+    figures.insert("concurrent_wall_s".into(), json!(wall));
+    figures.insert("concurrent_run_p50_ms".into(), json!(p50(totals)));
+    figures.insert("concurrent_runs_per_min".into(), json!(CONCURRENT as f64 * 60.0 / wall));
+    if args.json {
+        println!("{}", Value::Object(figures));
+    } else {
+        for (k, v) in &figures {
+            println!("{k:>32}  {v}");
+        }
+    }
+    Ok(())
+}
