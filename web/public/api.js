@@ -52,4 +52,7 @@ export const api = {
   hostHealth: () => call("GET", "/api/admin/health/system"),
   hostHistory: (metric, range) => call("GET", `/api/admin/health/history?metric=${metric}&range=${range}`),
   alerts: () => call("GET", "/api/admin/alerts"),
+  startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
+  runCredentials: (id, credentials) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials }),
+  cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
 };

@@ -116,9 +116,16 @@ const routes = {
       el("p", { id: "welcome" }, `Signed in as ${currentUser.email}.`),
       el("p", { id: "vault-state", class: "muted" }, "Vault unlocked on this device."),
       el("section", { class: "card" },
-        el("h2", {}, "Providers"),
-        el("p", { class: "muted" }, "Connecting Claude Code, Codex and Gemini CLI is not available on this server yet.")),
+        el("h2", {}, "Runs"),
+        el("p", {}, "Ask Claude Code, Codex and Gemini CLI at once, each in its own sandbox: ",
+          el("a", { href: "/runs", "data-link": true }, "start a run"), "."),
+        el("p", { class: "muted" }, "Runs use your providers' API keys, sealed in this tab; signing in to the CLIs with a subscription is not available on this server yet.")),
     ),
+  },
+  "/runs": {
+    title: "Runs",
+    // The answers stream in side by side (web/public/runs.js).
+    render: async () => (await import("/runs.js")).renderRuns(view),
   },
   "/admin/health": {
     title: "Host health",

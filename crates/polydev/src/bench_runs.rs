@@ -27,14 +27,21 @@ fn p50(mut v: Vec<f64>) -> f64 {
 
 /// The CLI run directly on the host, against the stub: ms to the first
 /// stdout line carrying the answer.
-async fn direct(provider: Provider, port: u16, answer: &str, home: &std::path::Path) -> anyhow::Result<f64> {
+async fn direct(
+    provider: Provider,
+    port: u16,
+    answer: &str,
+    home: &std::path::Path,
+) -> anyhow::Result<f64> {
     let base = format!("http://127.0.0.1:{port}");
     let mut cmd = tokio::process::Command::new(match provider {
         Provider::ClaudeCode => "claude",
         Provider::Codex => "codex",
         Provider::GeminiCli => "gemini",
     });
-    cmd.env("HOME", home).env("NO_PROXY", "*").kill_on_drop(true);
+    cmd.env("HOME", home)
+        .env("NO_PROXY", "*")
+        .kill_on_drop(true);
     match provider {
         Provider::ClaudeCode => {
             cmd.args(["-p", "hi", "--output-format", "stream-json", "--verbose"])
@@ -66,7 +73,12 @@ async fn direct(provider: Provider, port: u16, answer: &str, home: &std::path::P
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot run the {} CLI (install the pinned CLIs)", provider.as_str()))?;
+        .with_context(|| {
+            format!(
+                "cannot run the {} CLI (install the pinned CLIs)",
+                provider.as_str()
+            )
+        })?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let mut first = None;
     while let Some(l) = lines.next_line().await? {
@@ -80,7 +92,11 @@ async fn direct(provider: Provider, port: u16, answer: &str, home: &std::path::P
 
 /// One run through polydev: ms from the request to each provider's first
 /// delta, and to the end of the stream.
-async fn through(server: &str, token: &str, providers: &[Provider]) -> anyhow::Result<(Vec<(Provider, f64)>, f64)> {
+async fn through(
+    server: &str,
+    token: &str,
+    providers: &[Provider],
+) -> anyhow::Result<(Vec<(Provider, f64)>, f64)> {
     let http = reqwest::Client::new();
     let t = Instant::now();
     let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
@@ -92,13 +108,24 @@ async fn through(server: &str, token: &str, providers: &[Provider]) -> anyhow::R
         .await?
         .json()
         .await?;
-    let id = r["runId"].as_str().with_context(|| format!("run refused: {r}"))?.to_owned();
+    let id = r["runId"]
+        .as_str()
+        .with_context(|| format!("run refused: {r}"))?
+        .to_owned();
     let mut creds = Map::new();
     for p in providers {
-        let pk = B64.decode(r["sandboxes"][p.as_str()]["publicKey"].as_str().unwrap_or(""))?;
+        let pk = B64.decode(
+            r["sandboxes"][p.as_str()]["publicKey"]
+                .as_str()
+                .unwrap_or(""),
+        )?;
         let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .seal(polydev_sandbox::runs::CREDENTIAL_PURPOSE, format!("{id}/{}", p.as_str()).as_bytes(), b"bench");
+            .seal(
+                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                format!("{id}/{}", p.as_str()).as_bytes(),
+                b"bench",
+            );
         creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
     }
     http.post(format!("{server}/api/runs/{id}/credentials"))
@@ -106,7 +133,11 @@ async fn through(server: &str, token: &str, providers: &[Provider]) -> anyhow::R
         .json(&json!({"credentials": creds}))
         .send()
         .await?;
-    let mut resp = http.get(format!("{server}/api/runs/{id}/events")).bearer_auth(token).send().await?;
+    let mut resp = http
+        .get(format!("{server}/api/runs/{id}/events"))
+        .bearer_auth(token)
+        .send()
+        .await?;
     let mut firsts = Vec::new();
     let mut buf = String::new();
     let mut event = String::new();
@@ -135,9 +166,17 @@ async fn through(server: &str, token: &str, providers: &[Provider]) -> anyhow::R
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let answers = [
-        (Provider::ClaudeCode, Stub::Anthropic, "bench answer from claude"),
+        (
+            Provider::ClaudeCode,
+            Stub::Anthropic,
+            "bench answer from claude",
+        ),
         (Provider::Codex, Stub::OpenAi, "bench answer from codex"),
-        (Provider::GeminiCli, Stub::Gemini, "bench answer from gemini"),
+        (
+            Provider::GeminiCli,
+            Stub::Gemini,
+            "bench answer from gemini",
+        ),
     ];
     let mut stubs = Vec::new();
     for (_, s, a) in answers {
@@ -154,7 +193,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             stubs[2].addr.port()
         ),
     )?;
-    let server = Server::start(&["--config", config.to_str().unwrap_or_default(), "--sandbox-pools", ""])?;
+    let server = Server::start(&[
+        "--config",
+        config.to_str().unwrap_or_default(),
+        "--sandbox-pools",
+        "",
+    ])?;
     let base = format!("http://{}", server.addr);
     let token = server.admin_token()?;
     let mut figures = Map::new();
@@ -194,7 +238,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     figures.insert("concurrent_runs".into(), json!(CONCURRENT));
     figures.insert("concurrent_wall_s".into(), json!(wall));
     figures.insert("concurrent_run_p50_ms".into(), json!(p50(totals)));
-    figures.insert("concurrent_runs_per_min".into(), json!(CONCURRENT as f64 * 60.0 / wall));
+    figures.insert(
+        "concurrent_runs_per_min".into(),
+        json!(CONCURRENT as f64 * 60.0 / wall),
+    );
     if args.json {
         println!("{}", Value::Object(figures));
     } else {

@@ -455,3 +455,68 @@ async fn the_mcp_tool_returns_every_perspective() {
     client.cancel().await.unwrap();
     assert!(!app.settled_logs().await.contains(&key));
 }
+
+/// The web run page in headless Chromium: keys typed in the page are sealed
+/// there; the three answers stream into their columns.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_page_streams_three_answers_side_by_side() {
+    use std::io::Write;
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "page view of claude", None)
+        .await
+        .unwrap();
+    let openai = polydev_stubs::start(Provider::OpenAi, "page view of codex", None)
+        .await
+        .unwrap();
+    let gemini = polydev_stubs::start(Provider::Gemini, "page view of gemini", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(
+        dir.path(),
+        anthropic.addr.port(),
+        openai.addr.port(),
+        gemini.addr.port(),
+    );
+    let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web/tests/run-page.mjs");
+    let mut child = std::process::Command::new("node")
+        .arg(script)
+        .env("POLYDEV_BIN", crate::app::BIN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("node and the web packages (scripts/test.sh)");
+    let request = json!({"config": config, "prompt": "what do you see?", "key": key});
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (p, answer) in [
+        ("claude_code", "page view of claude"),
+        ("codex", "page view of codex"),
+        ("gemini_cli", "page view of gemini"),
+    ] {
+        assert_eq!(v["states"][p], "done", "{v}");
+        assert!(v["answers"][p].as_str().unwrap().contains(answer), "{v}");
+    }
+    // The key typed in the page reached the stubs, never the server's logs.
+    assert!(!v["logs"].as_str().unwrap().contains(&key));
+    assert!(anthropic
+        .seen()
+        .iter()
+        .any(|s| s.headers.iter().any(|(_, h)| h.contains(&key))));
+}
