@@ -85,6 +85,9 @@ pub enum Command {
         /// API token of the user the runs belong to.
         #[arg(long, env = "POLYDEV_TOKEN", hide_env_values = true)]
         token: String,
+        /// Serve MCP over HTTP at http://ADDR/mcp (loopback only) instead of stdio.
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Host side of deploys (run over SSH by deploy/rollback/deployments).
     #[command(subcommand)]

@@ -135,10 +135,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("--listen {listen:?} is not IP:PORT"))?;
             supervise::run(root, listen, serve_args).await
         }
-        Command::Mcp { server, token } => {
+        Command::Mcp {
+            server,
+            token,
+            listen,
+        } => {
             // stdout carries the protocol: logs go to stderr only.
             polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
-            mcp::serve_stdio(server, token).await
+            match listen {
+                Some(l) => {
+                    let addr = l
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--listen {l:?} is not IP:PORT"))?;
+                    mcp::serve_http(server, token, addr).await
+                }
+                None => mcp::serve_stdio(server, token).await,
+            }
         }
         Command::Release(cmd) => {
             use cli::ReleaseCommand as R;

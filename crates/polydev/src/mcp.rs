@@ -213,3 +213,44 @@ pub async fn serve_stdio(server: String, token: String) -> anyhow::Result<()> {
     service.waiting().await.context("MCP session failed")?;
     Ok(())
 }
+
+/// Serves MCP over HTTP (streamable HTTP at `/mcp`) on a loopback address:
+/// the same tool, for clients that speak HTTP. It stays on this machine
+/// because the provider keys it seals are this user's.
+pub async fn serve_http(
+    server: String,
+    token: String,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    if !listen.ip().is_loopback() {
+        bail!("--listen must be a loopback address: this server seals your own provider keys");
+    }
+    let service: StreamableHttpService<PerspectivesServer, LocalSessionManager> =
+        StreamableHttpService::new(
+            move || {
+                Ok(PerspectivesServer {
+                    server: server.clone(),
+                    token: token.clone(),
+                    tool_router: PerspectivesServer::tool_router(),
+                })
+            },
+            Default::default(),
+            StreamableHttpServerConfig::default(),
+        );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    eprintln!("MCP over HTTP at http://{addr}/mcp");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("the MCP HTTP server failed")
+}

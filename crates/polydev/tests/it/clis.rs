@@ -520,3 +520,58 @@ async fn the_run_page_streams_three_answers_side_by_side() {
         .iter()
         .any(|s| s.headers.iter().any(|(_, h)| h.contains(&key))));
 }
+
+/// `polydev mcp --listen`: the same tool over streamable HTTP at /mcp,
+/// called by rmcp's HTTP client.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mcp_tool_over_http() {
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::ServiceExt;
+    use tokio::io::AsyncBufReadExt;
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "http mcp heard claude", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), anthropic.addr.port(), 1, 1);
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("mcphttp@example.com").await;
+    let mut mcp = tokio::process::Command::new(crate::app::BIN)
+        .args(["mcp", "--server", &app.base, "--listen", "127.0.0.1:0"])
+        .env("POLYDEV_TOKEN", &token)
+        .env("ANTHROPIC_API_KEY", "sk-http-canary")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(mcp.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(u) = l.strip_prefix("MCP over HTTP at ") {
+                return u.to_owned();
+            }
+        }
+        panic!("polydev mcp exited");
+    })
+    .await
+    .unwrap();
+    let client = ().serve(StreamableHttpClientTransport::from_uri(url)).await.unwrap();
+    let args = json!({"prompt": "over http", "providers": ["claude_code"]})
+        .as_object()
+        .unwrap()
+        .clone();
+    let result = client
+        .call_tool(rmcp::model::CallToolRequestParams::new("get_perspectives").with_arguments(args))
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&result.content).unwrap();
+    assert!(text.contains("http mcp heard claude"), "{text}");
+    client.cancel().await.unwrap();
+    // A non-loopback address is refused.
+    let out = std::process::Command::new(crate::app::BIN)
+        .args(["mcp", "--token", "x", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
