@@ -54,6 +54,7 @@ use crate::routes::{admin, egress, health, health_admin, runs, sandboxes, sessio
         sandboxes::vm_create,
         sandboxes::vm_delete,
         runs::start,
+        runs::history,
         runs::credentials,
         runs::get,
         runs::cancel,

@@ -219,6 +219,10 @@ impl Manager {
         let _ = self.egress.set(gate);
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn driver(&self) -> &Arc<dyn Driver> {
         &self.driver
     }

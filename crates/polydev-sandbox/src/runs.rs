@@ -25,6 +25,13 @@ use crate::spec::{Limits, Network, SandboxId};
 
 /// HPKE `info` for run credentials; the AAD is `<run id>/<provider>`.
 pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
+/// HPKE `info` for answers stored sealed to the user's vault public key;
+/// the AAD is `<run id>/<provider>` too.
+pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
 const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
 
 #[derive(Debug, Clone)]
@@ -92,6 +99,8 @@ struct ProviderRun {
     public_key: Vec<u8>,
     /// `awaiting_credentials | running | done | failed | cancelled`.
     state: Mutex<String>,
+    /// When its CLI started and when it finished (Unix ms).
+    times: Mutex<(Option<i64>, Option<i64>)>,
 }
 
 #[derive(Debug)]
@@ -102,6 +111,9 @@ struct Run {
     events: Mutex<Vec<RunEvent>>,
     tx: broadcast::Sender<RunEvent>,
     cancelled: AtomicBool,
+    created_ms: i64,
+    /// The stored answers were written (once, when every provider ended).
+    sealed: AtomicBool,
 }
 
 impl Run {
@@ -288,6 +300,7 @@ impl Runs {
                 sandbox,
                 public_key: agent.public_key.clone(),
                 state: Mutex::new("awaiting_credentials".into()),
+                times: Mutex::new((None, None)),
             });
         }
         let (tx, _) = broadcast::channel(1024);
@@ -298,10 +311,25 @@ impl Runs {
             events: Mutex::new(Vec::new()),
             tx,
             cancelled: AtomicBool::new(false),
+            created_ms: now_ms(),
+            sealed: AtomicBool::new(false),
         });
         if let Ok(mut r) = self.runs.lock() {
             r.insert(id.clone(), run.clone());
         }
+        self.manager
+            .store()
+            .insert_run(&polydev_store::RunRecord {
+                id: id.clone(),
+                user_id: user,
+                state: "running".into(),
+                providers: providers_json(&run),
+                answers: None,
+                created_at_ms: run.created_ms,
+                finished_at_ms: None,
+            })
+            .await
+            .map_err(ManagerError::from)?;
         // Providers never given credentials fail (and free their sandbox).
         let (me, r) = (self.clone(), run.clone());
         tokio::spawn(async move {
@@ -321,6 +349,7 @@ impl Runs {
                     let _ = me.manager.destroy(&p.sandbox, "ended").await;
                 }
             }
+            me.persist(&r).await;
         });
         Ok(run.view())
     }
@@ -527,6 +556,81 @@ impl Runs {
             }
         }
         let _ = self.manager.destroy(&p.sandbox, "ended").await;
+        self.persist(&run).await;
+    }
+
+    /// Writes the run's states and timings; once every provider has ended,
+    /// its answers, each sealed to the user's vault public key (a user
+    /// without vault keys gets states only).
+    async fn persist(&self, run: &Run) {
+        let store = self.manager.store();
+        let finished = run.finished();
+        let mut answers = None;
+        if finished && !run.sealed.swap(true, Ordering::AcqRel) {
+            if let Ok(keys) = store.vault_keys(run.user).await {
+                if let Ok(pk) = polydev_vault::SealingPublicKey::from_bytes(&keys.public_key) {
+                    let events = run.events.lock().map(|e| e.clone()).unwrap_or_default();
+                    let mut out = serde_json::Map::new();
+                    for p in &run.providers {
+                        let text: String = events
+                            .iter()
+                            .filter(|e| e.provider == p.provider.as_str() && e.kind == "delta")
+                            .filter_map(|e| e.data["text"].as_str())
+                            .collect();
+                        let aad = format!("{}/{}", run.id, p.provider.as_str());
+                        let sealed = pk.seal(ANSWER_PURPOSE, aad.as_bytes(), text.as_bytes());
+                        out.insert(
+                            p.provider.as_str().to_owned(),
+                            json!(base64::engine::general_purpose::STANDARD.encode(sealed)),
+                        );
+                    }
+                    answers = Some(Value::Object(out).to_string());
+                }
+            }
+        }
+        let state = if run.cancelled.load(Ordering::Relaxed) {
+            "cancelled"
+        } else if finished {
+            "finished"
+        } else {
+            "running"
+        };
+        if let Err(e) = store
+            .update_run(
+                &run.id,
+                state,
+                &providers_json(run),
+                answers.as_deref(),
+                finished.then(now_ms),
+            )
+            .await
+        {
+            tracing::warn!(run = %run.id, error = %e, "cannot record the run");
+        }
+    }
+
+    /// A user's runs from the store, newest first (answers sealed to them).
+    pub async fn history(&self, user: UserId) -> Result<Vec<Value>, RunError> {
+        let records = self
+            .manager
+            .store()
+            .list_runs(user, 100)
+            .await
+            .map_err(ManagerError::from)?;
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "runId": r.id,
+                    "state": r.state,
+                    "providers": serde_json::from_str::<Value>(&r.providers).unwrap_or_default(),
+                    "answers": r.answers.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()),
+                    "answerPurpose": ANSWER_PURPOSE,
+                    "createdAtMs": r.created_at_ms,
+                    "finishedAtMs": r.finished_at_ms,
+                })
+            })
+            .collect())
     }
 
     /// Cancels the providers still going; their sandboxes are destroyed.
@@ -543,6 +647,7 @@ impl Runs {
             }
             let _ = self.manager.destroy(&p.sandbox, "ended").await;
         }
+        self.persist(&run).await;
         Ok(run.view())
     }
 
@@ -562,6 +667,25 @@ impl Runs {
     pub fn is_finished(&self, id: &str, user: UserId) -> bool {
         self.get(id, user).map(|r| r.finished()).unwrap_or(true)
     }
+}
+
+/// States and timings per provider, for the store (no content).
+fn providers_json(run: &Run) -> String {
+    let list: Vec<Value> = run
+        .providers
+        .iter()
+        .map(|p| {
+            let (started, finished) = p.times.lock().map(|t| *t).unwrap_or_default();
+            json!({
+                "provider": p.provider.as_str(),
+                "sandboxId": p.sandbox.to_string(),
+                "state": p.state.lock().map(|s| s.clone()).unwrap_or_default(),
+                "startedAtMs": started,
+                "finishedAtMs": finished,
+            })
+        })
+        .collect();
+    Value::Array(list).to_string()
 }
 
 /// One line of a CLI's stream format → an event.

@@ -15,6 +15,7 @@
 
 mod egress;
 mod error;
+mod runs;
 mod sandboxes;
 #[cfg(feature = "test-support")]
 pub mod testing;
@@ -32,6 +33,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use egress::{EgressCredential, Usage, UsageDelta};
 pub use error::StoreError;
+pub use runs::RunRecord;
 pub use sandboxes::{SandboxRecord, LIVE_STATUSES};
 pub use tokens::{NewToken, TokenKind, TokenOwner};
 pub use users::{NewUser, User};

@@ -82,7 +82,7 @@ pub(crate) fn api_routes() -> Router<AppState> {
             "/api/sandboxes/{id}/files",
             get(sandboxes::get_file).put(sandboxes::put_file),
         )
-        .route("/api/runs", post(runs::start))
+        .route("/api/runs", get(runs::history).post(runs::start))
         .route("/api/runs/{id}", get(runs::get).delete(runs::cancel))
         .route("/api/runs/{id}/credentials", post(runs::credentials))
         .route("/api/runs/{id}/events", get(runs::events))

@@ -123,6 +123,28 @@ pub(crate) async fn credentials(
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub(crate) struct RunHistory {
+    #[schema(value_type = Vec<Object>)]
+    runs: Vec<serde_json::Value>,
+}
+
+/// Your runs, newest first: states and timings per provider, and each
+/// answer sealed to your vault public key (open it with your unlocked
+/// vault; the server cannot).
+#[utoipa::path(get, path = "/api/runs", tag = "runs", security(("bearer" = [])),
+    responses((status = 200, body = RunHistory), (status = 401, body = ErrorBody)))]
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> ApiResult<Json<RunHistory>> {
+    let runs = runs(&state)?
+        .history(user.0.user.id)
+        .await
+        .map_err(run_error)?;
+    Ok(Json(RunHistory { runs }))
+}
+
 /// A run's state.
 #[utoipa::path(get, path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]

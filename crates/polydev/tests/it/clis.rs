@@ -217,7 +217,21 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         gemini.addr.port(),
     );
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
-    let (_, token) = app.user("run@example.com").await;
+    // Signed up as the browser does, keeping the enrollment (its sealing
+    // key opens the stored answers).
+    let (body, enrollment) = crate::app::signup("run@example.com", "correct horse");
+    assert_eq!(
+        app.post("/api/users", None, body).await.status,
+        StatusCode::CREATED
+    );
+    let r = app
+        .post(
+            "/api/auth/login",
+            None,
+            crate::app::login_body("run@example.com", &enrollment),
+        )
+        .await;
+    let token = r.body["token"].as_str().unwrap().to_owned();
     let t = Some(token.as_str());
     let r = app
         .post("/api/runs", t, json!({"prompt": "what do you think?"}))
@@ -299,9 +313,52 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     for entry in std::fs::read_dir(app.db.dir()).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {
-            assert!(!String::from_utf8_lossy(&std::fs::read(path).unwrap()).contains(&key));
+            let bytes = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+            assert!(!bytes.contains(&key));
+            // The answers are stored sealed, never in the clear.
+            assert!(!bytes.contains("perspective of claude"));
         }
     }
+
+    // History: states and timings, answers sealed to the user's vault key.
+    let mut h = app.get("/api/runs", t).await;
+    for _ in 0..50 {
+        if h.body["runs"][0]["state"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        h = app.get("/api/runs", t).await;
+    }
+    let rec = &h.body["runs"][0];
+    assert_eq!(rec["runId"], run.as_str(), "{}", h.text);
+    assert_eq!(rec["state"], "finished");
+    let states: Vec<&str> = rec["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["claude_code", "codex", "gemini_cli"].map(|p| if p == "gemini_cli" {
+            "failed"
+        } else {
+            "done"
+        })
+    );
+    use base64::Engine;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(rec["answers"]["claude_code"].as_str().unwrap())
+        .unwrap();
+    let opened = enrollment
+        .sealing
+        .open(
+            polydev_sandbox::runs::ANSWER_PURPOSE,
+            format!("{run}/claude_code").as_bytes(),
+            &sealed,
+        )
+        .unwrap();
+    assert_eq!(&opened[..], b"perspective of claude");
 }
 
 #[tokio::test(flavor = "multi_thread")]

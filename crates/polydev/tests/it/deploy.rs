@@ -319,7 +319,22 @@ async fn deploy_switch_rollback_and_failed_migration() {
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["version"], 5, "{v}");
+    // The version before the broken migration: the newest shipped one.
+    let newest = std::fs::read_dir(mig.join("sqlite"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .split('_')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .filter(|v| *v != 99)
+        .max()
+        .unwrap();
+    assert_eq!(v["version"], newest, "{v}");
     let db = std::fs::read(root.join("shared/data/polydev.db")).unwrap();
     assert!(!String::from_utf8_lossy(&db).contains("half_done"));
     assert_eq!(host.deployments()["current"], v2.as_str());

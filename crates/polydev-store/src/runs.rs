@@ -1,0 +1,85 @@
+use polydev_domain::UserId;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use crate::{Store, StoreError};
+
+/// A run as stored. `providers` and `answers` are JSON kept opaque here;
+/// `answers` holds only boxes sealed to the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRecord {
+    pub id: String,
+    pub user_id: UserId,
+    pub state: String,
+    pub providers: String,
+    pub answers: Option<String>,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
+    let user: String = row.try_get("user_id").map_err(StoreError::internal)?;
+    Ok(RunRecord {
+        id: row.try_get("id").map_err(StoreError::internal)?,
+        user_id: UserId::parse("user_id", &user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        state: row.try_get("state").map_err(StoreError::internal)?,
+        providers: row.try_get("providers").map_err(StoreError::internal)?,
+        answers: row.try_get("answers").map_err(StoreError::internal)?,
+        created_at_ms: row.try_get("created_at").map_err(StoreError::internal)?,
+        finished_at_ms: row.try_get("finished_at").map_err(StoreError::internal)?,
+    })
+}
+
+impl Store {
+    pub async fn insert_run(&self, r: &RunRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO runs (id, user_id, state, providers, answers, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(r.id.clone())
+        .bind(r.user_id.to_string())
+        .bind(r.state.clone())
+        .bind(r.providers.clone())
+        .bind(r.answers.clone())
+        .bind(r.created_at_ms)
+        .bind(r.finished_at_ms)
+        .execute(self.pool())
+        .await
+        .map_err(|e| StoreError::on_write(e, "run"))?;
+        Ok(())
+    }
+
+    pub async fn update_run(
+        &self,
+        id: &str,
+        state: &str,
+        providers: &str,
+        answers: Option<&str>,
+        finished_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), finished_at = COALESCE($4, finished_at) WHERE id = $5",
+        )
+        .bind(state.to_owned())
+        .bind(providers.to_owned())
+        .bind(answers.map(str::to_owned))
+        .bind(finished_at_ms)
+        .bind(id.to_owned())
+        .execute(self.pool())
+        .await
+        .map_err(|e| StoreError::on_write(e, "run"))?;
+        Ok(())
+    }
+
+    /// A user's runs, newest first.
+    pub async fn list_runs(&self, user: UserId, limit: i64) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+        )
+        .bind(user.to_string())
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::internal)?;
+        rows.iter().map(record).collect()
+    }
+}
