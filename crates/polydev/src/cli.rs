@@ -96,9 +96,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct SshArgs {
-    /// `[user@]host` to deploy to (key authentication, via the system ssh).
-    #[arg(long)]
-    pub host: String,
+    /// `[user@]host` (key authentication, via the system ssh); repeat for
+    /// several hosts, taken in the order given.
+    #[arg(long = "host", required = true)]
+    pub hosts: Vec<String>,
     #[arg(long)]
     pub port: Option<u16>,
     /// Private key for ssh (`-i`).
@@ -122,6 +123,12 @@ pub struct DeployArgs {
     /// First install: start the supervisor, skip the health gate.
     #[arg(long)]
     pub bootstrap: bool,
+    /// `rolling`: ship and switch one host at a time, stopping at the first
+    /// that fails (it rolls itself back). `blue-green`: ship to every host
+    /// first, then switch them; if one fails, the ones already switched go
+    /// back, so all hosts stay on one version.
+    #[arg(long, value_enum, default_value = "rolling")]
+    pub strategy: Strategy,
     /// Only with --bootstrap: where the controller listens.
     #[arg(long)]
     pub listen: Option<String>,
@@ -138,6 +145,12 @@ pub struct DeployArgs {
     /// apply them instead of the built-in ones.
     #[arg(long)]
     pub migrations_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    Rolling,
+    BlueGreen,
 }
 
 #[derive(Debug, Clone, Subcommand)]

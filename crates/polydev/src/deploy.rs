@@ -10,8 +10,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::cli::{DeployArgs, SshArgs};
+use crate::cli::{DeployArgs, SshArgs, Strategy};
 use crate::release::{sha256_file, Manifest};
+
+/// The same connection settings for one host.
+fn on(s: &SshArgs, host: &str) -> SshArgs {
+    SshArgs {
+        hosts: vec![host.to_owned()],
+        ..s.clone()
+    }
+}
+
+fn host(s: &SshArgs) -> &str {
+    s.hosts.first().map(String::as_str).unwrap_or("")
+}
 
 fn ssh(s: &SshArgs) -> Command {
     let mut cmd = Command::new("ssh");
@@ -25,7 +37,7 @@ fn ssh(s: &SshArgs) -> Command {
     for o in &s.ssh_option {
         cmd.args(["-o", o]);
     }
-    cmd.arg(&s.host);
+    cmd.arg(host(s));
     cmd
 }
 
@@ -39,7 +51,7 @@ fn remote(s: &SshArgs, line: &str) -> anyhow::Result<std::process::Output> {
         .arg(line)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run ssh to {}", s.host))
+        .with_context(|| format!("cannot run ssh to {}", host(s)))
 }
 
 fn who() -> String {
@@ -101,76 +113,67 @@ fn bundle(args: &DeployArgs, id: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
-    let s = &args.ssh;
-    let root = args.root.display().to_string();
-    let started = Instant::now();
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let step = |msg: &str| {
-        bar.println(format!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64()));
-        bar.set_message(msg.to_owned());
-    };
+fn new_id() -> String {
+    format!(
+        "{}-{}",
+        time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]_[hour][minute][second]"
+            ))
+            .unwrap_or_default(),
+        short_sha()
+    )
+}
 
-    // A fresh id; if one with the same second exists on the host, wait.
-    step("reserving a release directory");
-    let mut id;
-    loop {
-        id = format!(
-            "{}-{}",
-            time::OffsetDateTime::now_utc()
-                .format(time::macros::format_description!(
-                    "[year][month][day]_[hour][minute][second]"
-                ))
-                .unwrap_or_default(),
-            short_sha()
-        );
-        let line = format!(
-            "mkdir -p {r}/releases && mkdir {r}/releases/{i}",
-            r = q(&root),
-            i = q(&id)
-        );
-        let out = remote(s, &line)?;
-        if out.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        if !err.contains("File exists") {
-            bail!("cannot prepare {root} on {}: {}", s.host, err.trim());
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+/// Creates `releases/<id>` on one host; false when it exists already.
+fn reserve(s: &SshArgs, root: &str, id: &str) -> anyhow::Result<bool> {
+    let line = format!(
+        "mkdir -p {r}/releases && mkdir {r}/releases/{i}",
+        r = q(root),
+        i = q(id)
+    );
+    let out = remote(s, &line)?;
+    if out.status.success() {
+        return Ok(true);
     }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File exists") {
+        return Ok(false);
+    }
+    bail!("cannot prepare {root} on {}: {}", host(s), err.trim())
+}
 
-    step(&format!("building bundle {id}"));
-    let local = tempfile::tempdir()?;
-    bundle(&args, &id, local.path())?;
-
-    step("shipping bundle");
+/// Streams the bundle into `releases/<id>` on one host.
+fn ship(s: &SshArgs, root: &str, id: &str, bundle: &Path) -> anyhow::Result<()> {
     let mut tar = Command::new("tar")
         .arg("-C")
-        .arg(local.path())
+        .arg(bundle)
         .args(["-cf", "-", "."])
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run tar")?;
     let tar_out = tar.stdout.take().context("tar stdout")?;
     let shipped = ssh(s)
-        .arg(format!("tar -C {}/releases/{} -xf -", q(&root), q(&id)))
+        .arg(format!("tar -C {}/releases/{} -xf -", q(root), q(id)))
         .stdin(Stdio::from(tar_out))
         .output()?;
     let _ = tar.wait();
     if !shipped.status.success() {
         bail!(
-            "shipping the bundle failed: {}",
+            "shipping the bundle to {} failed: {}",
+            host(s),
             String::from_utf8_lossy(&shipped.stderr).trim()
         );
     }
+    Ok(())
+}
 
-    step("activating on the host");
+/// Runs the host side; true when the new release went live.
+fn activate(s: &SshArgs, args: &DeployArgs, root: &str, id: &str) -> anyhow::Result<bool> {
     let mut line = format!(
         "{r}/releases/{i}/.deploy/polydev release activate --root {r} --id {i} --targets {t} --health-timeout-secs {h} --keep {k} --who {w}",
-        r = q(&root),
-        i = q(&id),
+        r = q(root),
+        i = q(id),
         t = q(&args.target.join(",")),
         h = args.health_timeout_secs,
         k = args.keep,
@@ -183,22 +186,113 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         line.push_str(&format!(" --listen {}", q(l)));
     }
     let out = remote(s, &line)?;
-    bar.finish_and_clear();
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        bail!("deployment {id} did not go live (see the record above)");
+    Ok(out.status.success())
+}
+
+pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
+    let root = args.root.display().to_string();
+    let started = Instant::now();
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let step = |msg: &str| {
+        bar.println(format!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64()));
+        bar.set_message(msg.to_owned());
+    };
+    let hosts: Vec<SshArgs> = args.ssh.hosts.iter().map(|h| on(&args.ssh, h)).collect();
+
+    // One id for every host; a second deploy in the same second waits.
+    step("reserving a release directory");
+    let mut id = new_id();
+    'reserve: loop {
+        for (n, h) in hosts.iter().enumerate() {
+            if !reserve(h, &root, &id)? {
+                if n > 0 {
+                    bail!("{} already has release {id}", host(h));
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                id = new_id();
+                continue 'reserve;
+            }
+        }
+        break;
     }
-    eprintln!("deployed {id} in {:.1}s", started.elapsed().as_secs_f64());
+
+    step(&format!("building bundle {id}"));
+    let local = tempfile::tempdir()?;
+    bundle(&args, &id, local.path())?;
+
+    let mut live: Vec<&SshArgs> = Vec::new();
+    match args.strategy {
+        Strategy::Rolling => {
+            for h in &hosts {
+                step(&format!("{}: shipping", host(h)));
+                ship(h, &root, &id, local.path())?;
+                step(&format!("{}: activating", host(h)));
+                if !activate(h, &args, &root, &id)? {
+                    bar.finish_and_clear();
+                    bail!(
+                        "deployment {id} did not go live on {} (it rolled itself back); {} host(s) before it run {id}, the rest are untouched",
+                        host(h),
+                        live.len()
+                    );
+                }
+                live.push(h);
+            }
+        }
+        Strategy::BlueGreen => {
+            for h in &hosts {
+                step(&format!("{}: shipping", host(h)));
+                ship(h, &root, &id, local.path())?;
+            }
+            for h in &hosts {
+                step(&format!("{}: activating", host(h)));
+                if !activate(h, &args, &root, &id)? {
+                    for done in &live {
+                        step(&format!("{}: switching back", host(done)));
+                        let back = remote(
+                            done,
+                            &format!(
+                                "{r}/current/.deploy/polydev release rollback --root {r} --health-timeout-secs {t} --who {w}",
+                                r = q(&root),
+                                t = args.health_timeout_secs,
+                                w = q(&who())
+                            ),
+                        )?;
+                        if !back.status.success() {
+                            eprint!("{}", String::from_utf8_lossy(&back.stderr));
+                        }
+                    }
+                    bar.finish_and_clear();
+                    bail!("deployment {id} did not go live on {}; every host is back on its previous release", host(h));
+                }
+                live.push(h);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "deployed {id} to {} host(s) in {:.1}s",
+        live.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 pub async fn rollback(
-    s: &SshArgs,
+    all: &SshArgs,
     root: &Path,
     to: Option<String>,
     timeout: u64,
 ) -> anyhow::Result<()> {
+    for h in &all.hosts {
+        rollback_one(&on(all, h), root, to.clone(), timeout)?;
+    }
+    Ok(())
+}
+
+fn rollback_one(s: &SshArgs, root: &Path, to: Option<String>, timeout: u64) -> anyhow::Result<()> {
     let root = root.display().to_string();
     let mut line = format!(
         "{r}/current/.deploy/polydev release rollback --root {r} --health-timeout-secs {timeout} --who {w}",
@@ -219,7 +313,17 @@ pub async fn rollback(
     Ok(())
 }
 
-pub async fn deployments(s: &SshArgs, root: &Path, json_out: bool) -> anyhow::Result<()> {
+pub async fn deployments(all: &SshArgs, root: &Path, json_out: bool) -> anyhow::Result<()> {
+    for h in &all.hosts {
+        if all.hosts.len() > 1 && !json_out {
+            println!("== {h}");
+        }
+        deployments_one(&on(all, h), root, json_out)?;
+    }
+    Ok(())
+}
+
+fn deployments_one(s: &SshArgs, root: &Path, json_out: bool) -> anyhow::Result<()> {
     let root = root.display().to_string();
     let out = remote(
         s,
@@ -231,7 +335,7 @@ pub async fn deployments(s: &SshArgs, root: &Path, json_out: bool) -> anyhow::Re
     if !out.status.success() {
         bail!(
             "cannot read deployments on {}: {}",
-            s.host,
+            host(s),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -265,6 +265,8 @@ async fn deploy_switch_rollback_and_failed_migration() {
             "3",
             "--target",
             "controller",
+            "--strategy",
+            "blue-green",
         ],
     );
     assert!(!out.status.success());
