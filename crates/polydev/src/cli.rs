@@ -141,6 +141,9 @@ pub struct DeployArgs {
     /// Ship this controller binary instead of the running one.
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Ship this sandbox agent instead of the one beside this binary.
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
     /// Ship these migrations (a directory with sqlite/ and postgres/) and
     /// apply them instead of the built-in ones.
     #[arg(long)]

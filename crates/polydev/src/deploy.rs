@@ -68,7 +68,10 @@ fn short_sha() -> String {
 /// `manifest.json`, in a fresh directory.
 fn bundle(args: &DeployArgs, id: &str, dir: &Path) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("cannot find this polydev binary")?;
-    let agent = me.with_file_name("polydev-agent");
+    let agent = args
+        .agent
+        .clone()
+        .unwrap_or_else(|| me.with_file_name("polydev-agent"));
     std::fs::create_dir_all(dir.join("bin"))?;
     std::fs::create_dir_all(dir.join(".deploy"))?;
     let controller = args.binary.clone().unwrap_or_else(|| me.clone());

@@ -365,6 +365,61 @@ pub async fn activate(a: Activate) -> anyhow::Result<()> {
             );
         }
     }
+    if wants("agent") && !a.bootstrap {
+        let agent_changed = previous
+            .as_ref()
+            .map(|p| {
+                let old =
+                    sha256_file(&root.join("releases").join(p).join("bin/polydev-agent")).ok();
+                old.as_deref() != manifest.files.get("bin/polydev-agent").map(String::as_str)
+            })
+            .unwrap_or(true);
+        if agent_changed {
+            let bin = dir.join("bin/polydev");
+            // Before the switch: a failed rebuild changes nothing (each
+            // image is boot-validated before it is activated).
+            let rebuilt = run
+                .step("rebuild images (agent changed)", async {
+                    let mut done = Vec::new();
+                    for template in ["minimal", "base", "runtime", "browser"] {
+                        let has = tokio::process::Command::new(&bin)
+                            .args(["image", "list", template])
+                            .args(config_args(&root))
+                            .output()
+                            .await?
+                            .status
+                            .success();
+                        if !has {
+                            continue;
+                        }
+                        let out = tokio::process::Command::new(&bin)
+                            .args(["image", "build", template])
+                            .args(config_args(&root))
+                            .output()
+                            .await?;
+                        if !out.status.success() {
+                            bail!(
+                                "{template}: {}",
+                                String::from_utf8_lossy(&out.stderr)
+                                    .lines()
+                                    .last()
+                                    .unwrap_or("image build failed")
+                            );
+                        }
+                        done.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+                    }
+                    Ok(((), done.join("; ")))
+                })
+                .await;
+            if let Err(e) = rebuilt {
+                run.finish("failed", Some(format!("{e:#}")))?;
+                bail!(
+                    "deployment {} failed before the switch (nothing changed): {e:#}",
+                    a.id
+                );
+            }
+        }
+    }
     run.step("switch current", async {
         switch(&root, &a.id)?;
         Ok((
@@ -394,37 +449,6 @@ pub async fn activate(a: Activate) -> anyhow::Result<()> {
                 bail!("bootstrap failed: {e:#}")
             }
         };
-    }
-    if wants("agent") {
-        let agent_changed = previous
-            .as_ref()
-            .map(|p| {
-                let old =
-                    sha256_file(&root.join("releases").join(p).join("bin/polydev-agent")).ok();
-                old.as_deref() != manifest.files.get("bin/polydev-agent").map(String::as_str)
-            })
-            .unwrap_or(true);
-        if agent_changed {
-            let bin = dir.join("bin/polydev");
-            run.step("rebuild images (agent changed)", async {
-                let out = tokio::process::Command::new(&bin)
-                    .args(["image", "build", "minimal"])
-                    .args(config_args(&root))
-                    .output()
-                    .await?;
-                if !out.status.success() {
-                    bail!(
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                            .lines()
-                            .last()
-                            .unwrap_or("image build failed")
-                    );
-                }
-                Ok(((), String::from_utf8_lossy(&out.stdout).trim().to_owned()))
-            })
-            .await?;
-        }
     }
     match handover(&mut run, &a.id, previous.as_deref(), a.health_timeout).await {
         Ok(()) => {

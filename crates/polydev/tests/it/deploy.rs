@@ -215,6 +215,21 @@ async fn deploy_switch_rollback_and_failed_migration() {
     assert!(!out.status.success());
     assert!(text(&out).contains("first install only"), "{}", text(&out));
 
+    // The host has a golden image; v2 ships a changed agent, so the deploy
+    // rebuilds (and boot-validates) that image before the switch.
+    let cfg = root.join("shared/polydev.toml");
+    let built = Command::new(BIN)
+        .args(["image", "build", "minimal", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built));
+    let agent = host.dir.path().join("polydev-agent-v2");
+    let mut bytes = std::fs::read(Path::new(BIN).with_file_name("polydev-agent")).unwrap();
+    bytes.extend_from_slice(b"v2");
+    std::fs::write(&agent, bytes).unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
     // v2 while a client keeps sending requests: none fails.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -234,7 +249,10 @@ async fn deploy_switch_rollback_and_failed_migration() {
             }
         })
     };
-    let out = host.polydev("deploy", &["--keep", "3"]);
+    let out = host.polydev(
+        "deploy",
+        &["--keep", "3", "--agent", agent.to_str().unwrap()],
+    );
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -245,6 +263,26 @@ async fn deploy_switch_rollback_and_failed_migration() {
         failed.load(Ordering::Relaxed),
         0,
         "requests failed during the deploy"
+    );
+    let rebuilt = last_record(&out)["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|st| {
+            st["name"] == "rebuild images (agent changed)"
+                && st["ok"] == true
+                && st["detail"].as_str().unwrap().contains("minimal")
+        });
+    assert!(rebuilt, "{}", last_record(&out));
+    let images = Command::new(BIN)
+        .args(["image", "list", "minimal", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&images.stdout).lines().count(),
+        2,
+        "the previous image is kept"
     );
     assert!(ok.load(Ordering::Relaxed) > 50);
 
