@@ -102,6 +102,18 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Graceful first: the controller destroys its sandboxes and removes
+        // its cgroups on the way out.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
