@@ -15,9 +15,12 @@ export const artifacts = join(here, "artifacts");
 export const bin = process.env.POLYDEV_BIN || join(repo, "target/debug/polydev");
 const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
 
-export async function startServer(extraArgs = []) {
+// Sandboxes are off unless a test needs them (they need root, and a
+// SIGKILLed server would leave its empty cgroups behind).
+export async function startServer(extraArgs = [], { sandboxes = false } = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), "polydev-web-"));
-  const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir, ...extraArgs], {
+  const sandboxArgs = sandboxes ? [] : ["--sandboxes", "false"];
+  const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir, ...sandboxArgs, ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   const logs = [];

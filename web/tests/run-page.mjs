@@ -12,7 +12,7 @@ const input = JSON.parse(await new Promise((resolve) => {
   process.stdin.on("end", () => resolve(data));
 }));
 
-const server = await startServer(["--config", input.config]);
+const server = await startServer(["--config", input.config], { sandboxes: true });
 const chrome = await startBrowser();
 const out = { answers: {}, states: {} };
 try {
