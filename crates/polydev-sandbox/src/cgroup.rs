@@ -90,15 +90,9 @@ impl Cgroups {
     }
 
     fn prepare_parent(&self) -> std::io::Result<()> {
-        match self.version {
-            Version::V1 => {
-                for c in &self.v1 {
-                    std::fs::create_dir_all(self.root.join(c).join(&self.parent))?;
-                }
-            }
-            Version::V2 => {
-                let parent = self.root.join(&self.parent);
-                std::fs::create_dir_all(&parent)?;
+        for parent in self.parents() {
+            std::fs::create_dir_all(&parent)?;
+            if self.version == Version::V2 {
                 // Delegate the controllers down to the sandboxes' groups.
                 for dir in [&self.root, &parent] {
                     for c in ["+memory", "+pids", "+cpu"] {
@@ -108,6 +102,18 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+
+    /// This instance's parent group (one per v1 controller).
+    fn parents(&self) -> Vec<PathBuf> {
+        match self.version {
+            Version::V1 => self
+                .v1
+                .iter()
+                .map(|c| self.root.join(c).join(&self.parent))
+                .collect(),
+            Version::V2 => vec![self.root.join(&self.parent)],
+        }
     }
 
     fn dir(&self, controller: &str, id: &str) -> PathBuf {
@@ -228,15 +234,7 @@ impl Cgroups {
     /// Names of the groups under our parent (on v1, any controller's).
     pub fn list(&self) -> Vec<String> {
         let mut names = std::collections::BTreeSet::new();
-        let parents: Vec<PathBuf> = match self.version {
-            Version::V1 => self
-                .v1
-                .iter()
-                .map(|c| self.root.join(c).join(&self.parent))
-                .collect(),
-            Version::V2 => vec![self.root.join(&self.parent)],
-        };
-        for p in parents {
+        for p in self.parents() {
             if let Ok(rd) = std::fs::read_dir(p) {
                 for e in rd.flatten() {
                     if e.path().is_dir() {
@@ -251,15 +249,7 @@ impl Cgroups {
     /// Removes the parent groups if no sandbox group is left in them (when
     /// a driver goes away); busy parents stay.
     pub fn remove_parent_if_empty(&self) {
-        let parents: Vec<PathBuf> = match self.version {
-            Version::V1 => self
-                .v1
-                .iter()
-                .map(|c| self.root.join(c).join(&self.parent))
-                .collect(),
-            Version::V2 => vec![self.root.join(&self.parent)],
-        };
-        for p in parents {
+        for p in self.parents() {
             let _ = std::fs::remove_dir(p);
         }
     }
@@ -272,15 +262,7 @@ impl Cgroups {
                 self.destroy(&id, deadline)?;
             }
         }
-        let parents: Vec<PathBuf> = match self.version {
-            Version::V1 => self
-                .v1
-                .iter()
-                .map(|c| self.root.join(c).join(&self.parent))
-                .collect(),
-            Version::V2 => vec![self.root.join(&self.parent)],
-        };
-        for p in parents {
+        for p in self.parents() {
             match std::fs::remove_dir(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -20,11 +20,16 @@ pub struct Stage {
     pub at_ms: i64,
 }
 
+/// The wall clock in Unix milliseconds (stages, records, timings).
+pub(crate) fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 impl Stage {
     pub fn now(name: &str) -> Self {
         Self {
             name: name.to_owned(),
-            at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            at_ms: now_ms(),
         }
     }
 }

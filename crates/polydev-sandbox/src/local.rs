@@ -85,7 +85,8 @@ pub fn default_launcher() -> PathBuf {
     which("polydev-agent").unwrap_or_else(|| PathBuf::from("polydev-agent"))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// The first `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(name))

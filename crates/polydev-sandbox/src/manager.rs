@@ -14,7 +14,7 @@ use polydev_telemetry::metrics::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{Driver, DriverError, Stage};
+use crate::driver::{now_ms, Driver, DriverError, Stage};
 use crate::image::{ImageError, ImageStore};
 use crate::spec::{Limits, Network, SandboxId, SandboxSpec};
 
@@ -164,10 +164,6 @@ impl SandboxView {
             labels: spec.map(|s| s.labels).unwrap_or_default(),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[derive(Debug)]

@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use crate::driver::now_ms;
 use crate::manager::{CreateRequest, Manager, ManagerError};
 use crate::spec::{Limits, Network, SandboxId};
 
@@ -29,9 +30,6 @@ pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
 /// the AAD is `<run id>/<provider>` too.
 pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
 
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
 const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
 
 #[derive(Debug, Clone)]
@@ -123,10 +121,12 @@ impl Run {
             kind: kind.to_owned(),
             data,
         };
+        // Recorded and broadcast under one lock, so a subscriber (which
+        // takes the same lock) sees each event exactly once.
         if let Ok(mut ev) = self.events.lock() {
             ev.push(e.clone());
+            let _ = self.tx.send(e);
         }
-        let _ = self.tx.send(e);
     }
 
     fn set_state(&self, provider: Provider, state: &str) -> bool {
@@ -658,9 +658,12 @@ impl Runs {
         user: UserId,
     ) -> Result<(Vec<RunEvent>, Option<broadcast::Receiver<RunEvent>>), RunError> {
         let run = self.get(id, user)?;
-        // Subscribe before reading the history so nothing falls between.
-        let rx = run.tx.subscribe();
-        let past = run.events.lock().map(|e| e.clone()).unwrap_or_default();
+        // Under the events lock: the history and the live feed neither
+        // overlap nor leave a gap.
+        let (past, rx) = match run.events.lock() {
+            Ok(ev) => (ev.clone(), run.tx.subscribe()),
+            Err(_) => return Err(RunError::Invalid("run events poisoned".into())),
+        };
         Ok((past, (!run.finished()).then_some(rx)))
     }
 

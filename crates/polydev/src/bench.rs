@@ -21,6 +21,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The `p` quantile (0..=1) of `v` (nearest rank); 0 for no samples.
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Prints a benchmark's figures: one flat JSON object with `--json`, else
+/// one aligned line each.
+pub(crate) fn report(json: bool, figures: Map<String, Value>) {
+    if json {
+        println!("{}", Value::Object(figures));
+    } else {
+        for (k, v) in &figures {
+            println!("{k:>36}  {v}");
+        }
+    }
+}
+
 /// A `polydev serve` started for the benchmark; killed on drop.
 pub(crate) struct Server {
     child: Child,

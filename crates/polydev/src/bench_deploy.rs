@@ -33,11 +33,6 @@ fn port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
@@ -202,12 +197,24 @@ async fn bench(args: &BenchArgs, d: &Path, ssh_port: u16) -> anyhow::Result<()> 
         }
     }
     let mut figures = Map::new();
-    figures.insert("deploy_wall_ms".into(), json!(median(deploy_ms)));
+    figures.insert(
+        "deploy_wall_ms".into(),
+        json!(crate::bench::percentile(deploy_ms, 0.5)),
+    );
     for (k, v) in steps {
-        figures.insert(format!("step_{k}_ms"), json!(median(v)));
+        figures.insert(
+            format!("step_{k}_ms"),
+            json!(crate::bench::percentile(v, 0.5)),
+        );
     }
-    figures.insert("rollback_wall_ms".into(), json!(median(rollback_ms)));
-    figures.insert("rollback_host_ms".into(), json!(median(rollback_host)));
+    figures.insert(
+        "rollback_wall_ms".into(),
+        json!(crate::bench::percentile(rollback_ms, 0.5)),
+    );
+    figures.insert(
+        "rollback_host_ms".into(),
+        json!(crate::bench::percentile(rollback_host, 0.5)),
+    );
     figures.insert(
         "requests_during".into(),
         json!(okn.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed)),
@@ -216,12 +223,6 @@ async fn bench(args: &BenchArgs, d: &Path, ssh_port: u16) -> anyhow::Result<()> 
         "failed_requests".into(),
         json!(failed.load(Ordering::Relaxed)),
     );
-    if args.json {
-        println!("{}", Value::Object(figures));
-    } else {
-        for (k, v) in &figures {
-            println!("{k:>36}  {v}");
-        }
-    }
+    crate::bench::report(args.json, figures);
     Ok(())
 }

@@ -15,15 +15,14 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::bench::Server;
+
+fn p50(v: Vec<f64>) -> f64 {
+    crate::bench::percentile(v, 0.5)
+}
 use crate::cli::BenchArgs;
 
 const ROUNDS: usize = 20;
 const CONCURRENT: usize = 20;
-
-fn p50(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
 
 /// The CLI run directly on the host, against the stub: ms to the first
 /// stdout line carrying the answer.
@@ -242,12 +241,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "concurrent_runs_per_min".into(),
         json!(CONCURRENT as f64 * 60.0 / wall),
     );
-    if args.json {
-        println!("{}", Value::Object(figures));
-    } else {
-        for (k, v) in &figures {
-            println!("{k:>32}  {v}");
-        }
-    }
+    crate::bench::report(args.json, figures);
     Ok(())
 }

@@ -11,19 +11,11 @@ use polydev_sandbox::{
 };
 use serde_json::{json, Map, Value};
 
+use crate::bench::percentile;
 use crate::cli::BenchArgs;
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn summary(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (pct(&v, 0.5), pct(&v, 0.99))
+fn summary(v: Vec<f64>) -> (f64, f64) {
+    (percentile(v.clone(), 0.5), percentile(v, 0.99))
 }
 
 fn spec() -> SandboxSpec {
@@ -235,12 +227,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     store.close().await;
     driver.cgroups().remove_all(Duration::from_secs(10))?;
 
-    if args.json {
-        println!("{}", Value::Object(figures));
-    } else {
-        for (k, v) in &figures {
-            println!("{k:>28}  {v}");
-        }
-    }
+    crate::bench::report(args.json, figures);
     Ok(())
 }

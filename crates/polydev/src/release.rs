@@ -106,6 +106,40 @@ struct Run {
 }
 
 impl Run {
+    /// A record in progress for deployment or rollback `id`.
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        root: &Path,
+        id: &str,
+        kind: &str,
+        who: String,
+        manifest: Option<&Manifest>,
+        targets: Vec<String>,
+        bootstrap: bool,
+        previous: Option<String>,
+    ) -> Self {
+        Self {
+            root: root.to_owned(),
+            started: Instant::now(),
+            record: Record {
+                id: id.to_owned(),
+                kind: kind.to_owned(),
+                who,
+                git_sha: manifest.map(|m| m.git_sha.clone()).unwrap_or_default(),
+                version: manifest.map(|m| m.version.clone()).unwrap_or_default(),
+                targets,
+                bootstrap,
+                previous,
+                started_at: now(),
+                steps: Vec::new(),
+                outcome: String::new(),
+                error: None,
+                log_tail: Vec::new(),
+                total_ms: 0,
+            },
+        }
+    }
+
     fn log(&self, line: &str) {
         use std::io::Write;
         eprintln!("{line}");
@@ -295,26 +329,16 @@ pub async fn activate(a: Activate) -> anyhow::Result<()> {
     )
     .context("the release's manifest is not valid")?;
     let previous = current(&root);
-    let mut run = Run {
-        root: root.clone(),
-        started: Instant::now(),
-        record: Record {
-            id: a.id.clone(),
-            kind: "deploy".into(),
-            who: a.who.clone(),
-            git_sha: manifest.git_sha.clone(),
-            version: manifest.version.clone(),
-            targets: a.targets.clone(),
-            bootstrap: a.bootstrap,
-            previous: previous.clone(),
-            started_at: now(),
-            steps: Vec::new(),
-            outcome: String::new(),
-            error: None,
-            log_tail: Vec::new(),
-            total_ms: 0,
-        },
-    };
+    let mut run = Run::begin(
+        &root,
+        &a.id,
+        "deploy",
+        a.who.clone(),
+        Some(&manifest),
+        a.targets.clone(),
+        a.bootstrap,
+        previous.clone(),
+    );
     let wants = |t: &str| a.targets.iter().any(|x| x == t || x == "all");
     let verified = run
         .step("verify bundle", async {
@@ -601,29 +625,16 @@ pub async fn rollback(
         std::fs::read(root.join("releases").join(&target).join("manifest.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-    let mut run = Run {
-        root: root.clone(),
-        started: Instant::now(),
-        record: Record {
-            id: target.clone(),
-            kind: "rollback".into(),
-            who,
-            git_sha: manifest
-                .as_ref()
-                .map(|m| m.git_sha.clone())
-                .unwrap_or_default(),
-            version: manifest.map(|m| m.version).unwrap_or_default(),
-            targets: vec!["controller".into()],
-            bootstrap: false,
-            previous: Some(cur.clone()),
-            started_at: now(),
-            steps: Vec::new(),
-            outcome: String::new(),
-            error: None,
-            log_tail: Vec::new(),
-            total_ms: 0,
-        },
-    };
+    let mut run = Run::begin(
+        &root,
+        &target,
+        "rollback",
+        who,
+        manifest.as_ref(),
+        vec!["controller".into()],
+        false,
+        Some(cur.clone()),
+    );
     run.log("rollback never runs down-migrations: the schema stays at its newest version");
     run.step("switch current", async {
         switch(&root, &target)?;

@@ -261,19 +261,11 @@ fn chroot_apt(root: &Path, packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
 /// Node.js from this host (Debian's is too old for Gemini CLI) and the
 /// three CLIs from npm at their pinned versions.
 fn add_node_and_clis(root: &Path) -> anyhow::Result<()> {
-    let node =
-        which("node").context("the runtime template needs Node.js ≥ 20 on the build host")?;
+    let node = polydev_sandbox::local::which("node")
+        .context("the runtime template needs Node.js ≥ 20 on the build host")?;
     let version = std::process::Command::new(&node)
         .arg("--version")
         .output()?;

@@ -202,7 +202,6 @@ pub(crate) async fn events(
             }
         }
         let Some(mut rx) = rx else { return };
-        let mut seen = past.len();
         loop {
             // Also wake now and then: a run can finish between two events.
             let next = tokio::select! {
@@ -216,15 +215,6 @@ pub(crate) async fn events(
             };
             match next {
                 Ok(e) => {
-                    // The history may already hold the first few.
-                    if seen > 0 {
-                        seen -= 1;
-                        if past.iter().any(|p| {
-                            p.kind == e.kind && p.provider == e.provider && p.data == e.data
-                        }) {
-                            continue;
-                        }
-                    }
                     if tx.send(Ok(to_sse(&e))).await.is_err() {
                         return;
                     }

@@ -319,9 +319,7 @@ pub(crate) async fn exec(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ExecBody>,
 ) -> ApiResult<Response> {
-    let m = manager(&state)?;
-    let id = parse_id(&id)?;
-    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
+    let mut agent = live_agent(&state, &user, &id).await?;
     if body.cmd.is_empty() || body.cmd[0].is_empty() {
         return Err(ApiError::bad_request(
             "invalid_exec",
@@ -329,11 +327,6 @@ pub(crate) async fn exec(
         ));
     }
     let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000).clamp(1, 3_600_000));
-    let mut agent = m
-        .driver()
-        .agent(&id, Duration::from_secs(5))
-        .await
-        .map_err(|e| manager_error(e.into()))?;
     agent
         .start_exec(
             body.cmd,
@@ -444,6 +437,22 @@ fn check_path(p: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// A connection to the agent of a live sandbox the caller may use (404 for
+/// others' or unknown ids, 410 once it has ended).
+async fn live_agent(
+    state: &AppState,
+    user: &CurrentUser,
+    raw_id: &str,
+) -> ApiResult<polydev_agent::AgentClient> {
+    let m = manager(state)?;
+    let id = parse_id(raw_id)?;
+    m.live_for(&id, scope(user)).await.map_err(manager_error)?;
+    m.driver()
+        .agent(&id, Duration::from_secs(5))
+        .await
+        .map_err(|e| manager_error(e.into()))
+}
+
 /// Write a file into a sandbox (the body is the content).
 #[utoipa::path(put, path = "/api/sandboxes/{id}/files", tag = "sandboxes", security(("bearer" = [])),
     params(("id" = String, Path), FileQuery),
@@ -455,15 +464,8 @@ pub(crate) async fn put_file(
     ApiQuery(q): ApiQuery<FileQuery>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    let m = manager(&state)?;
-    let id = parse_id(&id)?;
     check_path(&q.path)?;
-    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
-    let mut agent = m
-        .driver()
-        .agent(&id, Duration::from_secs(5))
-        .await
-        .map_err(|e| manager_error(e.into()))?;
+    let mut agent = live_agent(&state, &user, &id).await?;
     agent
         .put_file(&q.path, 0o644, &body)
         .await
@@ -486,15 +488,8 @@ pub(crate) async fn get_file(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<FileQuery>,
 ) -> ApiResult<Response> {
-    let m = manager(&state)?;
-    let id = parse_id(&id)?;
     check_path(&q.path)?;
-    m.live_for(&id, scope(&user)).await.map_err(manager_error)?;
-    let mut agent = m
-        .driver()
-        .agent(&id, Duration::from_secs(5))
-        .await
-        .map_err(|e| manager_error(e.into()))?;
+    let mut agent = live_agent(&state, &user, &id).await?;
     let bytes = agent.get_file(&q.path).await.map_err(|e| match e {
         polydev_agent::ClientError::Refused { message, .. } => {
             ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message)

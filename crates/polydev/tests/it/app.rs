@@ -334,6 +334,31 @@ pub async fn read(resp: reqwest::Response) -> Reply {
 }
 
 impl TestApp {
+    /// The store's files as text (on SQLite: everything at the data dir's
+    /// top level; the images and sandboxes directories hold none of it).
+    pub fn at_rest(&self) -> String {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(self.db.dir()).expect("data dir") {
+            let path = entry.expect("dir entry").path();
+            if path.is_file() {
+                all.extend(std::fs::read(path).expect("store file"));
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    /// Asserts that no needle reached the logs so far, /metrics or the store files.
+    pub async fn assert_nowhere(&self, needles: &[&str]) {
+        let logs = self.settled_logs().await;
+        let metrics = self.get("/metrics", None).await.text;
+        let at_rest = self.at_rest();
+        for n in needles {
+            assert!(!logs.contains(n), "a secret reached the logs");
+            assert!(!metrics.contains(n), "a secret reached /metrics");
+            assert!(!at_rest.contains(n), "a secret reached the store");
+        }
+    }
+
     /// This controller's sandbox cgroups (named after its data dir).
     pub fn cgroups(&self) -> Option<polydev_sandbox::cgroup::Cgroups> {
         let cfg = polydev_sandbox::LocalConfig::for_data_dir(self.db.dir());

@@ -151,15 +151,7 @@ async fn each_cli_answers_from_its_stub_through_the_proxy_only() {
     assert_ne!(r.body["exitCode"], 0, "{}", r.text);
 
     // The key reached no log line, metric or store file.
-    let logs = app.settled_logs().await;
-    assert!(!logs.contains(&key));
-    assert!(!app.get("/metrics", None).await.text.contains(&key));
-    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            assert!(!String::from_utf8_lossy(&std::fs::read(path).unwrap()).contains(&key));
-        }
-    }
+    app.assert_nowhere(&[&key]).await;
 }
 
 fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16) -> std::path::PathBuf {
@@ -308,17 +300,9 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         assert!(std::time::Instant::now() < deadline, "{}", r.text);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(!app.settled_logs().await.contains(&key));
-    assert!(!app.get("/metrics", None).await.text.contains(&key));
-    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            let bytes = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
-            assert!(!bytes.contains(&key));
-            // The answers are stored sealed, never in the clear.
-            assert!(!bytes.contains("perspective of claude"));
-        }
-    }
+    app.assert_nowhere(&[&key]).await;
+    // The answers are stored sealed, never in the clear.
+    assert!(!app.at_rest().contains("perspective of claude"));
 
     // History: states and timings, answers sealed to the user's vault key.
     let mut h = app.get("/api/runs", t).await;

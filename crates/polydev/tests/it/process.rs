@@ -163,15 +163,7 @@ async fn secrets_never_reach_the_logs_or_the_store_in_plaintext() {
     ] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
-    let mut at_rest = Vec::new();
-    // The store's files (the images and sandboxes directories hold none).
-    for entry in std::fs::read_dir(app.db.dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            at_rest.extend(std::fs::read(path).unwrap());
-        }
-    }
-    let at_rest = String::from_utf8_lossy(&at_rest);
+    let at_rest = app.at_rest();
     assert!(
         at_rest.contains("ada@example.com"),
         "store files were not read"

@@ -407,17 +407,7 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
 
     // Nowhere in plaintext: the store (file or dump), the debug logs, /metrics.
     let at_rest = match backend {
-        Backend::Sqlite => {
-            let mut all = Vec::new();
-            // The store's files (the images and sandboxes directories hold none).
-            for entry in std::fs::read_dir(app.db.dir()).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_file() {
-                    all.extend(std::fs::read(path).unwrap());
-                }
-            }
-            String::from_utf8_lossy(&all).into_owned()
-        }
+        Backend::Sqlite => app.at_rest(),
         Backend::Postgres => {
             let dump = Command::new("pg_dump")
                 .arg(app.db.url())
