@@ -134,6 +134,7 @@ impl AgentClient {
             env,
             cwd,
             stdin: stdin.map(|b| B64.encode(b)),
+            keep_stdin: false,
             timeout_ms: timeout.as_millis() as u64,
         })
         .await?;
@@ -214,10 +215,75 @@ impl AgentClient {
             env,
             cwd: None,
             stdin: stdin.map(|b| B64.encode(b)),
+            keep_stdin: false,
             timeout_ms: timeout.as_millis() as u64,
         })
         .await
         .map(|_| ())
+    }
+
+    /// `start_exec` whose stdin stays open for `write_stdin`.
+    pub async fn start_exec_interactive(
+        &mut self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        self.send(Op::Exec {
+            argv,
+            env,
+            cwd: None,
+            stdin: stdin.map(|b| B64.encode(b)),
+            keep_stdin: true,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Writes to a running interactive exec's stdin (on another connection
+    /// than the one streaming its output).
+    pub async fn write_stdin(
+        &mut self,
+        pid: u32,
+        data: &[u8],
+        close: bool,
+    ) -> Result<(), ClientError> {
+        match self
+            .one(Op::Stdin {
+                pid,
+                data: B64.encode(data),
+                close,
+            })
+            .await?
+        {
+            Event::Done { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Seals the file at `path` inside the sandbox to `recipient`; the
+    /// answer is the sealed box only.
+    pub async fn seal_file(
+        &mut self,
+        path: &str,
+        recipient: &[u8],
+        purpose: &str,
+        aad: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let op = Op::Seal {
+            path: path.to_owned(),
+            recipient: B64.encode(recipient),
+            purpose: purpose.to_owned(),
+            aad: B64.encode(aad),
+        };
+        match self.one(op).await? {
+            Event::Sealed { data } => Ok(B64
+                .decode(data)
+                .map_err(|e| FrameError::Invalid(e.to_string()))?),
+            other => Err(ClientError::Unexpected(other)),
+        }
     }
 
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {

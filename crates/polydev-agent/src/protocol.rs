@@ -32,11 +32,32 @@ pub enum Op {
         env: Vec<(String, String)>,
         #[serde(default)]
         cwd: Option<String>,
-        /// Base64 bytes written to stdin, which is then closed.
+        /// Base64 bytes written to stdin, which is then closed (unless
+        /// `keep_stdin`).
         #[serde(default)]
         stdin: Option<String>,
+        /// Keeps stdin open for later `Stdin` requests (e.g. a login code
+        /// the user pastes).
+        #[serde(default)]
+        keep_stdin: bool,
         /// Killed (SIGKILL) when still running after this.
         timeout_ms: u64,
+    },
+    /// Writes to the stdin of a running exec started with `keep_stdin`.
+    Stdin {
+        pid: u32,
+        data: String,
+        #[serde(default)]
+        close: bool,
+    },
+    /// Reads the file at `path` inside the sandbox and seals it to
+    /// `recipient` (a user's public key, base64); only the sealed box
+    /// goes back, never the plaintext. Answers `Sealed`.
+    Seal {
+        path: String,
+        recipient: String,
+        purpose: String,
+        aad: String,
     },
     PutFile {
         path: String,
@@ -101,6 +122,10 @@ pub enum Event {
         timed_out: bool,
     },
     File {
+        data: String,
+    },
+    /// A sealed box (base64), the answer to `Seal`.
+    Sealed {
         data: String,
     },
     /// The request finished (for requests without a richer answer).
@@ -182,6 +207,7 @@ mod tests {
                 env: vec![],
                 cwd: None,
                 stdin: None,
+                keep_stdin: false,
                 timeout_ms: 10,
             },
         };

@@ -1,6 +1,6 @@
 //! The agent: serves the protocol on a Unix socket inside the sandbox.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,8 @@ pub struct Agent {
     children: Mutex<HashSet<u32>>,
     /// Environment every exec starts from (set at hand-out by `Configure`).
     env: Mutex<Vec<(String, String)>>,
+    /// Open stdins of running execs started with `keep_stdin`.
+    stdins: tokio::sync::Mutex<HashMap<u32, tokio::process::ChildStdin>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -39,6 +41,7 @@ impl Default for Agent {
             sealing: SealingKeyPair::generate(),
             children: Mutex::new(HashSet::new()),
             env: Mutex::new(Vec::new()),
+            stdins: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -157,8 +160,23 @@ impl Agent {
                 env,
                 cwd,
                 stdin,
+                keep_stdin,
                 timeout_ms,
-            } => return self.exec(id, argv, env, cwd, stdin, timeout_ms, out).await,
+            } => {
+                return self
+                    .exec(id, argv, env, cwd, (stdin, keep_stdin), timeout_ms, out)
+                    .await
+            }
+            Op::Stdin { pid, data, close } => match B64.decode(data) {
+                Ok(bytes) => self.write_stdin(pid, &bytes, close).await,
+                Err(_) => error("bad_request", "data must be base64"),
+            },
+            Op::Seal {
+                path,
+                recipient,
+                purpose,
+                aad,
+            } => seal_file(&path, &recipient, &purpose, &aad).await,
             Op::PutFile { path, mode, data } => match B64.decode(data) {
                 Ok(bytes) => match write_file(Path::new(&path), mode, &bytes).await {
                     Ok(()) => Event::Done {
@@ -214,6 +232,30 @@ impl Agent {
         write_frame(out, &reply(event)).await
     }
 
+    async fn write_stdin(&self, pid: u32, bytes: &[u8], close: bool) -> Event {
+        let mut stdins = self.stdins.lock().await;
+        let Some(input) = stdins.get_mut(&pid) else {
+            return error(
+                "not_found",
+                format!("process {pid} has no open stdin (started without keep_stdin, or ended)"),
+            );
+        };
+        let written = async {
+            input.write_all(bytes).await?;
+            input.flush().await
+        }
+        .await;
+        if close || written.is_err() {
+            stdins.remove(&pid);
+        }
+        match written {
+            Ok(()) => Event::Done {
+                bytes: bytes.len() as u64,
+            },
+            Err(e) => error("io", format!("cannot write to process {pid}: {e}")),
+        }
+    }
+
     fn signal(&self, pid: u32, signal: i32) -> Event {
         let ours = self
             .children
@@ -242,7 +284,7 @@ impl Agent {
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: Option<String>,
-        stdin: Option<String>,
+        (stdin, keep_stdin): (Option<String>, bool),
         timeout_ms: u64,
         out: &mut UnixStream,
     ) -> Result<(), FrameError> {
@@ -264,7 +306,7 @@ impl Agent {
             .env("HOME", "/home/sandbox")
             .envs(base)
             .envs(env)
-            .stdin(if stdin_bytes.is_some() {
+            .stdin(if stdin_bytes.is_some() || keep_stdin {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -290,7 +332,14 @@ impl Agent {
             c.insert(pid);
         }
         write_frame(out, &reply(Event::Started { pid })).await?;
-        if let (Some(bytes), Some(mut input)) = (stdin_bytes, child.stdin.take()) {
+        if keep_stdin {
+            if let Some(mut input) = child.stdin.take() {
+                if let Some(bytes) = stdin_bytes {
+                    let _ = input.write_all(&bytes).await;
+                }
+                self.stdins.lock().await.insert(pid, input);
+            }
+        } else if let (Some(bytes), Some(mut input)) = (stdin_bytes, child.stdin.take()) {
             tokio::spawn(async move {
                 let _ = input.write_all(&bytes).await;
             });
@@ -328,6 +377,7 @@ impl Agent {
         if let Ok(mut c) = self.children.lock() {
             c.remove(&pid);
         }
+        self.stdins.lock().await.remove(&pid);
         use std::os::unix::process::ExitStatusExt;
         let event = Event::Exit {
             code: status.and_then(|s| s.code()),
@@ -335,6 +385,34 @@ impl Agent {
             timed_out,
         };
         write_frame(out, &reply(event)).await
+    }
+}
+
+/// Largest file `Seal` reads (credential files are a few KiB).
+const MAX_SEAL: u64 = 1 << 20;
+
+async fn seal_file(path: &str, recipient: &str, purpose: &str, aad: &str) -> Event {
+    let (Ok(recipient), Ok(aad)) = (B64.decode(recipient), B64.decode(aad)) else {
+        return error("bad_request", "recipient and aad must be base64");
+    };
+    let Ok(key) = polydev_vault::SealingPublicKey::from_bytes(&recipient) else {
+        return error("bad_request", "recipient is not a valid public key");
+    };
+    match tokio::fs::metadata(path).await {
+        Ok(m) if m.len() > MAX_SEAL => {
+            return error("too_large", format!("{path} is larger than {MAX_SEAL} bytes"))
+        }
+        Ok(_) => {}
+        Err(e) => return error("io", format!("cannot read {path}: {e}")),
+    }
+    match tokio::fs::read(path).await {
+        Ok(bytes) => {
+            let plaintext = zeroize::Zeroizing::new(bytes);
+            Event::Sealed {
+                data: B64.encode(key.seal(purpose, &aad, &plaintext)),
+            }
+        }
+        Err(e) => error("io", format!("cannot read {path}: {e}")),
     }
 }
 

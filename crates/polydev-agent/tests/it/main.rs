@@ -241,3 +241,72 @@ async fn a_credential_sealed_to_the_agent_is_opened_inside_and_never_sent_back()
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn a_file_is_sealed_inside_and_stdin_stays_open_for_a_pasted_code() {
+    let a = agent().await;
+    let mut c = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // A credential file written inside comes back sealed to the user only.
+    let user = polydev_vault::SealingKeyPair::generate();
+    let path = a.dir.path().join("creds.json");
+    let canary = b"{\"refresh_token\":\"canary-9f2c\"}";
+    std::fs::write(&path, canary).unwrap();
+    let sealed = c
+        .seal_file(
+            path.to_str().unwrap(),
+            &user.public().to_bytes(),
+            "test/v1",
+            b"item",
+        )
+        .await
+        .unwrap();
+    assert!(!sealed.windows(6).any(|w| w == b"canary"));
+    assert_eq!(user.open("test/v1", b"item", &sealed).unwrap().as_slice(), canary);
+    assert!(matches!(
+        c.seal_file("/nonexistent/file", &user.public().to_bytes(), "p", b"")
+            .await,
+        Err(ClientError::Refused { code, .. }) if code == "io"
+    ));
+    assert!(matches!(
+        c.seal_file(path.to_str().unwrap(), b"not a key", "p", b"").await,
+        Err(ClientError::Refused { code, .. }) if code == "bad_request"
+    ));
+
+    // An interactive exec reads what a second connection writes later.
+    c.start_exec_interactive(
+        vec!["sh".into(), "-c".into(), "read code; echo got:$code".into()],
+        vec![],
+        Some(b""),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let Event::Started { pid } = c.next_event().await.unwrap() else {
+        panic!("no Started")
+    };
+    let mut other = AgentClient::connect(&a.socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    other.write_stdin(pid, b"4242-ABCD\n", false).await.unwrap();
+    let mut stdout = Vec::new();
+    loop {
+        match c.next_event().await.unwrap() {
+            Event::Stdout { data } => stdout.extend(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data).unwrap(),
+            ),
+            Event::Exit { code, .. } => {
+                assert_eq!(code, Some(0));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(stdout, b"got:4242-ABCD\n");
+    // Its stdin is gone with it.
+    assert!(matches!(
+        other.write_stdin(pid, b"late\n", true).await,
+        Err(ClientError::Refused { code, .. }) if code == "not_found"
+    ));
+}
