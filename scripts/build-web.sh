@@ -11,3 +11,6 @@ cp node_modules/uplot/LICENSE public/vendor/uPlot.LICENSE
 # HPKE (RFC 9180) for the vault, bundled into one ES module with esbuild.
 npx --no-install esbuild src/hpke-entry.js --bundle --format=esm --minify --log-level=warning --outfile=public/vendor/hpke.js
 cp node_modules/@hpke/core/LICENSE public/vendor/hpke.LICENSE
+# noVNC's RFB client for the login viewer, bundled the same way.
+npx --no-install esbuild src/novnc-entry.js --bundle --format=esm --minify --log-level=warning --outfile=public/vendor/novnc.js
+cp node_modules/@novnc/novnc/LICENSE.txt public/vendor/novnc.LICENSE

@@ -400,7 +400,10 @@ async fn seal_file(path: &str, recipient: &str, purpose: &str, aad: &str) -> Eve
     };
     match tokio::fs::metadata(path).await {
         Ok(m) if m.len() > MAX_SEAL => {
-            return error("too_large", format!("{path} is larger than {MAX_SEAL} bytes"))
+            return error(
+                "too_large",
+                format!("{path} is larger than {MAX_SEAL} bytes"),
+            )
         }
         Ok(_) => {}
         Err(e) => return error("io", format!("cannot read {path}: {e}")),

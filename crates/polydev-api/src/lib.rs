@@ -60,6 +60,8 @@ pub struct ApiConfig {
     /// Reverse proxies whose `X-Forwarded-For` names the client (for the
     /// per-address login limit). Empty: the header is ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Origins allowed to open the viewer WebSocket besides this server's.
+    pub allowed_origins: Vec<String>,
     /// What `/api/auth/health` reports about this build.
     pub build: BuildInfo,
 }
@@ -86,6 +88,7 @@ impl Default for ApiConfig {
             health_upstreams: Vec::new(),
             vault_autolock: Duration::from_secs(15 * 60),
             trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
             build: BuildInfo::default(),
         }
     }
@@ -117,6 +120,8 @@ pub struct AppState {
     pub sandboxes: Result<Arc<polydev_sandbox::Manager>, Arc<str>>,
     /// Runs (needs sandboxes and the egress proxy).
     pub runs: Option<Arc<polydev_sandbox::runs::Runs>>,
+    /// Login sessions (need sandboxes and the egress proxy).
+    pub logins: Option<Arc<polydev_sandbox::login::Logins>>,
 }
 
 impl AppState {
@@ -142,7 +147,13 @@ impl AppState {
             relay: Arc::new(relay::Relay::default()),
             sandboxes: Err("sandboxes are not enabled on this controller".into()),
             runs: None,
+            logins: None,
         }
+    }
+
+    pub fn with_logins(mut self, logins: Option<Arc<polydev_sandbox::login::Logins>>) -> Self {
+        self.logins = logins;
+        self
     }
 
     pub fn with_runs(mut self, runs: Option<Arc<polydev_sandbox::runs::Runs>>) -> Self {

@@ -111,4 +111,23 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 
     /// The last `lines` lines of the sandbox's console/agent log.
     async fn log_tail(&self, id: &SandboxId, lines: usize) -> Vec<String>;
+
+    /// A byte stream to a service inside the sandbox that listens on the
+    /// Unix socket `/run/polydev/<name>` (e.g. the login desktop's VNC
+    /// server, `vnc.sock`). `name` is a plain file name.
+    async fn connect_service(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<tokio::net::UnixStream, DriverError>;
+}
+
+/// Whether `name` may name a service socket (no path, no surprises).
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }

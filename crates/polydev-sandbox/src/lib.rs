@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod driver;
 pub mod image;
 pub mod local;
+pub mod login;
 pub mod manager;
 pub mod runs;
 pub mod spec;

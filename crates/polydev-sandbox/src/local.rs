@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use polydev_agent::launch::LaunchSpec;
@@ -270,6 +270,7 @@ impl LocalDriver {
         id: &SandboxId,
         path: &Path,
         target: std::net::SocketAddr,
+        auth: Option<Arc<str>>,
         uid: u32,
     ) -> std::io::Result<()> {
         let listener = tokio::net::UnixListener::bind(path)?;
@@ -280,13 +281,14 @@ impl LocalDriver {
         )?;
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inside, _)) = listener.accept().await else {
+                let Ok((inside, _)) = listener.accept().await else {
                     break;
                 };
+                let auth = auth.clone();
                 tokio::spawn(async move {
-                    if let Ok(mut proxy) = tokio::net::TcpStream::connect(target).await {
+                    if let Ok(proxy) = tokio::net::TcpStream::connect(target).await {
                         let _ = proxy.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut proxy).await;
+                        let _ = relay_one(inside, proxy, auth).await;
                     }
                 });
             }
@@ -361,7 +363,8 @@ impl Driver for LocalDriver {
                     "network egress without a proxy address".into(),
                 ));
             };
-            match self.start_relay(id, &run.join("egress.sock"), target, uid) {
+            let auth = spec.egress_auth.clone().map(Arc::<str>::from);
+            match self.start_relay(id, &run.join("egress.sock"), target, auth, uid) {
                 Ok(()) => {
                     command.extend(["--egress-relay".into(), crate::spec::EGRESS_INSIDE.into()])
                 }
@@ -465,6 +468,22 @@ impl Driver for LocalDriver {
         Ok(AgentClient::connect(&socket, deadline).await?)
     }
 
+    async fn connect_service(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<tokio::net::UnixStream, DriverError> {
+        if !crate::driver::valid_service_name(name) {
+            return Err(DriverError::Io(format!("{name:?} is not a service name")));
+        }
+        if !self.dir(id).exists() {
+            return Err(DriverError::NotFound(id.to_string()));
+        }
+        tokio::net::UnixStream::connect(self.dir(id).join("run").join(name))
+            .await
+            .map_err(|e| DriverError::Io(format!("cannot reach {name} in sandbox {id}: {e}")))
+    }
+
     async fn destroy(&self, id: &SandboxId) -> Result<(), DriverError> {
         if let Ok(mut s) = self.started.lock() {
             s.remove(id);
@@ -544,5 +563,103 @@ impl Driver for LocalDriver {
             .iter()
             .map(|l| l.chars().take(500).collect())
             .collect()
+    }
+}
+
+/// One relayed connection. A request head without `Proxy-Authorization`
+/// gets the sandbox's (and, unless it is a CONNECT, `Connection: close`,
+/// so every later request arrives on a new connection and gets it too);
+/// everything else passes through untouched.
+async fn relay_one(
+    mut inside: tokio::net::UnixStream,
+    mut proxy: tokio::net::TcpStream,
+    auth: Option<Arc<str>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(auth) = auth {
+        let mut head = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(i + 4);
+            }
+            if head.len() > 64 * 1024 {
+                break None;
+            }
+            let n = inside.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&chunk[..n]);
+        };
+        match end {
+            Some(end) => {
+                let text = String::from_utf8_lossy(&head[..end]).into_owned();
+                proxy.write_all(&with_proxy_auth(&text, &auth)).await?;
+                proxy.write_all(&head[end..]).await?;
+            }
+            None => proxy.write_all(&head).await?,
+        }
+    }
+    tokio::io::copy_bidirectional(&mut inside, &mut proxy).await?;
+    Ok(())
+}
+
+fn with_proxy_auth(head: &str, auth: &str) -> Vec<u8> {
+    let mut lines = head.trim_end_matches("\r\n").split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let headers: Vec<&str> = lines.collect();
+    let has = |name: &str| {
+        headers.iter().any(|h| {
+            h.split_once(':')
+                .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        })
+    };
+    if has("proxy-authorization") {
+        return head.as_bytes().to_vec();
+    }
+    let connect = request_line.starts_with("CONNECT ");
+    let mut out = String::with_capacity(head.len() + auth.len() + 64);
+    out.push_str(request_line);
+    out.push_str("\r\n");
+    for h in headers {
+        let name = h.split_once(':').map(|(k, _)| k.trim()).unwrap_or("");
+        let hop = ["connection", "proxy-connection", "keep-alive"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n));
+        if !connect && hop {
+            continue;
+        }
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    if !connect {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("Proxy-Authorization: ");
+    out.push_str(auth);
+    out.push_str("\r\n\r\n");
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::with_proxy_auth;
+
+    #[test]
+    fn requests_without_proxy_credentials_get_the_sandbox_s_and_close() {
+        let get =
+            "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nProxy-Connection: keep-alive\r\n\r\n";
+        assert_eq!(
+            String::from_utf8(with_proxy_auth(get, "Basic abc")).unwrap(),
+            "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nProxy-Authorization: Basic abc\r\n\r\n"
+        );
+        let connect = "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n";
+        assert_eq!(
+            String::from_utf8(with_proxy_auth(connect, "Basic abc")).unwrap(),
+            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nProxy-Authorization: Basic abc\r\n\r\n"
+        );
+        let own = "GET http://a.test/ HTTP/1.1\r\nproxy-authorization: Basic own\r\n\r\n";
+        assert_eq!(with_proxy_auth(own, "Basic abc"), own.as_bytes());
     }
 }

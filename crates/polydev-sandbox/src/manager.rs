@@ -279,6 +279,7 @@ impl Manager {
             labels: req.labels.clone(),
             ttl,
             egress: None,
+            egress_auth: None,
         })
     }
 
@@ -373,6 +374,13 @@ impl Manager {
                 .await
                 .map_err(ManagerError::Invalid)?;
             spec.egress = Some(grant.target);
+            spec.egress_auth = Some(format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!("{}:{}", grant.username, grant.password)
+                )
+            ));
             let url = format!(
                 "http://{}:{}@{}",
                 grant.username,
@@ -773,6 +781,7 @@ impl Manager {
                     labels: [("pool".to_owned(), template.clone())].into(),
                     ttl: self.cfg.pool_refresh + Duration::from_secs(60),
                     egress: None,
+                    egress_auth: None,
                 };
                 let id = SandboxId::generate();
                 match self.boot(&id, None, &spec, &image, "pooled").await {

@@ -87,6 +87,11 @@ pub struct SandboxSpec {
     /// sandbox reaches as 127.0.0.1:3128 through its agent's relay.
     #[serde(default)]
     pub egress: Option<std::net::SocketAddr>,
+    /// `Proxy-Authorization` value the relay adds to requests that carry
+    /// none (e.g. Chromium's, which cannot take credentials in its proxy
+    /// URL). Never stored.
+    #[serde(skip)]
+    pub egress_auth: Option<String>,
 }
 
 /// Where a sandbox in network mode `egress` finds its proxy.

@@ -15,6 +15,7 @@
 
 mod egress;
 mod error;
+mod logins;
 mod runs;
 mod sandboxes;
 #[cfg(feature = "test-support")]
@@ -33,6 +34,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use egress::{EgressCredential, Usage, UsageDelta};
 pub use error::StoreError;
+pub use logins::LoginRecord;
 pub use runs::RunRecord;
 pub use sandboxes::{SandboxRecord, LIVE_STATUSES};
 pub use tokens::{NewToken, TokenKind, TokenOwner};

@@ -14,6 +14,8 @@ use axum::routing::{any, post};
 use axum::Router;
 use serde_json::{json, Value};
 
+pub mod oauth;
+
 /// One request as the stub saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -186,10 +186,11 @@ pub const DRIVERS: [&str; 1] = ["local"];
 /// Boot stages after `created` (see the sandbox runtime).
 pub const BOOT_STAGES: [&str; 2] = ["started", "agent_ready"];
 /// Login session states.
-pub const LOGIN_STATES: [&str; 7] = [
+pub const LOGIN_STATES: [&str; 8] = [
     "booting",
     "ready",
     "awaiting_login",
+    "awaiting_code",
     "completed",
     "failed",
     "expired",
@@ -286,10 +287,19 @@ impl SandboxMetrics {
     }
 }
 
-/// Login sessions by state. Fed by login sessions; zero until they exist.
+/// Login sessions: how many entered each state, live viewers, and the
+/// bytes their bridges carried.
 #[derive(Debug, Clone, Default)]
 pub struct LoginMetrics {
-    pub sessions: Family<StateLabels, Gauge>,
+    pub sessions: Family<StateLabels, Counter>,
+    pub viewers: Gauge,
+    pub bridged_bytes: Family<DirectionLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `to_client` or `to_vnc`.
+    pub direction: String,
 }
 
 impl LoginMetrics {
@@ -302,10 +312,36 @@ impl LoginMetrics {
         }
         registry.register(
             "polydev_login_sessions",
-            "Login sessions by state",
+            "Login sessions that entered each state",
             m.sessions.clone(),
         );
+        registry.register(
+            "polydev_login_viewers",
+            "Viewer WebSockets connected to login sessions",
+            m.viewers.clone(),
+        );
+        registry.register(
+            "polydev_login_bridged_bytes",
+            "Bytes the viewer bridge carried, by direction",
+            m.bridged_bytes.clone(),
+        );
         m
+    }
+
+    pub fn entered(&self, state: &str) {
+        self.sessions
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn bridged(&self, direction: &str, bytes: u64) {
+        self.bridged_bytes
+            .get_or_create(&DirectionLabels {
+                direction: direction.to_owned(),
+            })
+            .inc_by(bytes);
     }
 }
 
@@ -342,7 +378,7 @@ mod tests {
             "polydev_sandboxes_active{template=\"runtime\",driver=\"local\"} 3",
             "polydev_containers_active 0",
             "polydev_sandbox_boot_duration_seconds_count{template=\"browser\",stage=\"agent_ready\"} 0",
-            "polydev_login_sessions{state=\"awaiting_login\"} 0",
+            "polydev_login_sessions_total{state=\"awaiting_login\"} 0",
 
             "process_resident_memory_bytes ",
             "process_cpu_seconds_total ",

@@ -27,6 +27,7 @@ fn spec() -> SandboxSpec {
         labels: [("purpose".to_owned(), "bench".to_owned())].into(),
         ttl: Duration::from_secs(3600),
         egress: None,
+        egress_auth: None,
     }
 }
 

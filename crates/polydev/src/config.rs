@@ -67,6 +67,64 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sandbox::runs::RunsConfig
     c
 }
 
+/// The [login] TOML section (login sessions).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFile {
+    /// Sandbox template [default: browser].
+    template: Option<String>,
+    /// Boot deadline, sandbox to VNC greeting [default: 30].
+    boot_deadline_secs: Option<u64>,
+    /// A session without viewer or API activity expires [default: 600].
+    idle_timeout_secs: Option<u64>,
+    /// Longest a session lives [default: 1800].
+    max_lifetime_secs: Option<u64>,
+    /// Viewer ticket lifetime [default: 30].
+    ticket_ttl_secs: Option<u64>,
+    /// Remote screen size [default: 1280x800].
+    width: Option<u32>,
+    height: Option<u32>,
+    memory_mb: Option<u64>,
+    /// Per-provider login flows (replace the built-in ones), e.g.
+    /// `[login.providers.codex] browser = "exec codex login"`.
+    #[serde(default)]
+    providers: std::collections::BTreeMap<String, polydev_sandbox::login::LoginCommand>,
+}
+
+pub fn login_config(
+    file: Option<&LoginFile>,
+) -> anyhow::Result<polydev_sandbox::login::LoginConfig> {
+    let f = file.cloned().unwrap_or_default();
+    let mut c = polydev_sandbox::login::LoginConfig::default();
+    if let Some(t) = f.template {
+        c.template = t;
+    }
+    let secs = |v: Option<u64>, d: Duration| v.map(|s| Duration::from_secs(s.max(1))).unwrap_or(d);
+    c.boot_deadline = secs(f.boot_deadline_secs, c.boot_deadline);
+    c.idle_timeout = secs(f.idle_timeout_secs, c.idle_timeout);
+    c.max_lifetime = secs(f.max_lifetime_secs, c.max_lifetime);
+    c.ticket_ttl = secs(f.ticket_ttl_secs, c.ticket_ttl);
+    if let Some(w) = f.width {
+        c.width = w.clamp(320, 3840);
+    }
+    if let Some(h) = f.height {
+        c.height = h.clamp(240, 2160);
+    }
+    if let Some(m) = f.memory_mb {
+        c.limits.memory_bytes = m.max(256) << 20;
+    }
+    for (name, command) in f.providers {
+        let provider: polydev_domain::Provider = name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("[login.providers.{name}]: {e}"))?;
+        if !command.credential_file.starts_with('/') {
+            bail!("[login.providers.{name}] credential_file must be an absolute path");
+        }
+        c.commands.insert(provider, command);
+    }
+    Ok(c)
+}
+
 /// The sandbox runtime's settings, layered.
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
@@ -155,6 +213,10 @@ pub struct FileConfig {
     egress: Option<EgressConfig>,
     sandbox: Option<SandboxFile>,
     runs: Option<RunsFile>,
+    login: Option<LoginFile>,
+    /// Origins (e.g. `https://polydev.example.com`) allowed to open the
+    /// viewer WebSocket besides the server's own (`Host`).
+    allowed_origins: Option<Vec<String>>,
     vault_autolock_secs: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
 }
@@ -288,6 +350,7 @@ pub struct ServeConfig {
     pub egress: EgressConfig,
     pub sandbox: SandboxSettings,
     pub runs: polydev_sandbox::runs::RunsConfig,
+    pub login: polydev_sandbox::login::LoginConfig,
     /// Serve on the listening socket passed as stdin (from `polydev supervise`).
     pub listen_stdin: bool,
 }
@@ -352,6 +415,7 @@ impl ServeConfig {
                 .unwrap_or(defaults.login_per_account_per_minute),
             ready_timeout: defaults.ready_timeout,
             health_upstreams: file.health_upstreams.clone().unwrap_or_default(),
+            allowed_origins: file.allowed_origins.clone().unwrap_or_default(),
             trusted_proxies: args
                 .trusted_proxies
                 .clone()
@@ -419,6 +483,7 @@ impl ServeConfig {
             egress: egress_config(&args.egress, &file)?,
             sandbox: sandbox_config(&args.sandbox, file.sandbox.as_ref())?,
             runs: runs_config(file.runs.as_ref()),
+            login: login_config(file.login.as_ref())?,
             listen_stdin: args.listen_stdin,
         })
     }

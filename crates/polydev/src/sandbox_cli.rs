@@ -89,6 +89,7 @@ pub async fn validate(
         labels: [("purpose".to_owned(), "image-validation".to_owned())].into(),
         ttl: Duration::from_secs(120),
         egress: None,
+        egress_auth: None,
     };
     let result = async {
         driver

@@ -98,6 +98,7 @@ type Assembled = (
     Box<dyn HostSource>,
     Option<Egress>,
     metrics::SandboxMetrics,
+    metrics::LoginMetrics,
 );
 
 fn assemble(config: &ServeConfig, store: &Store) -> anyhow::Result<Assembled> {
@@ -107,7 +108,7 @@ fn assemble(config: &ServeConfig, store: &Store) -> anyhow::Result<Assembled> {
         .then(|| HttpMetrics::register(&mut registry));
     // Registered now so their series exist; fed by the parts as they land.
     let sandbox_metrics = metrics::SandboxMetrics::register(&mut registry);
-    metrics::LoginMetrics::register(&mut registry);
+    let login_metrics = metrics::LoginMetrics::register(&mut registry);
     let alerts = Arc::new(AlertEngine::new(&config.alerts, &mut registry));
     let egress = if config.egress.enabled {
         Some(Egress::new(
@@ -134,6 +135,7 @@ fn assemble(config: &ServeConfig, store: &Store) -> anyhow::Result<Assembled> {
         source,
         egress,
         sandbox_metrics,
+        login_metrics,
     ))
 }
 
@@ -144,7 +146,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         bind(config.listen).await?
     };
     let store = open_store(&config.store).await?;
-    let (observability, host_source, egress, sandbox_metrics) = assemble(&config, &store)?;
+    let (observability, host_source, egress, sandbox_metrics, login_metrics) =
+        assemble(&config, &store)?;
     let sandboxes = crate::sandbox_cli::manager(
         &config.store.data_dir,
         &config.sandbox,
@@ -184,6 +187,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         )),
         _ => None,
     });
+    let logins = match (&sandboxes, &egress) {
+        (Ok(m), Some(_)) => Some(
+            polydev_sandbox::login::Logins::new(m.clone(), config.login.clone(), login_metrics)
+                .await
+                .context("cannot start login sessions")?,
+        ),
+        _ => None,
+    };
+    let state = state.with_logins(logins.clone());
     // While handing over to a new release (supervised), every response says
     // `Connection: close`, so keep-alive clients reconnect — to the shared
     // socket, where the new process accepts — instead of racing our close.
@@ -211,6 +223,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(housekeeping(state, stop_rx.clone()));
+    if let Some(logins) = logins {
+        // Live login sessions end (and their sandboxes go) on shutdown.
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let _ = stop.changed().await;
+            logins.shutdown().await;
+        });
+    }
     if let Ok(manager) = sandboxes {
         tasks.spawn(manager.run(stop_rx.clone()));
     }
@@ -226,6 +246,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     ));
 
     let mut graceful = stop_rx.clone();
+    // Small frames (VNC input, SSE deltas) go out at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

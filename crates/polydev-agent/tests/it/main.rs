@@ -263,7 +263,10 @@ async fn a_file_is_sealed_inside_and_stdin_stays_open_for_a_pasted_code() {
         .await
         .unwrap();
     assert!(!sealed.windows(6).any(|w| w == b"canary"));
-    assert_eq!(user.open("test/v1", b"item", &sealed).unwrap().as_slice(), canary);
+    assert_eq!(
+        user.open("test/v1", b"item", &sealed).unwrap().as_slice(),
+        canary
+    );
     assert!(matches!(
         c.seal_file("/nonexistent/file", &user.public().to_bytes(), "p", b"")
             .await,

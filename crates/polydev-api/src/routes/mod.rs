@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub(crate) mod egress;
 pub(crate) mod health;
 pub(crate) mod health_admin;
+pub(crate) mod login;
 pub(crate) mod runs;
 pub(crate) mod sandboxes;
 pub(crate) mod session;
@@ -34,6 +35,15 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/auth/password", post(session::change_password))
         .route("/api/auth/logout", post(session::logout))
         .route("/api/auth/start", post(session::start))
+        .route("/api/auth/providers", get(login::providers))
+        .route(
+            "/api/auth/session/{id}",
+            get(login::get).delete(login::cancel),
+        )
+        .route("/api/auth/session/{id}/events", get(login::events))
+        .route("/api/auth/session/{id}/ticket", post(login::ticket))
+        .route("/api/auth/session/{id}/code", post(login::code))
+        .route("/api/auth/session/{id}/novnc/websock", get(login::websock))
         .route("/api/admin/users", get(admin::list_users))
         .route("/metrics", get(health_admin::metrics))
         .route("/api/admin/health/system", get(health_admin::system))

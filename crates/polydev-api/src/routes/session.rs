@@ -142,35 +142,55 @@ pub(crate) struct StartLogin {
     /// `claude_code`, `codex` or `gemini_cli`.
     #[schema(example = "claude_code")]
     provider: String,
+    /// `browser` (default: a streamed remote browser) or `code` (code relay).
+    #[serde(default)]
+    mode: Option<String>,
 }
 
-/// Start a provider login session (browser sandbox). Validates its input in
-/// its final shape; answers 501 until login sessions are built.
+/// Start a provider login session: answers 202 at once with the session
+/// id; the sandbox boots in the background (watch `GET
+/// /api/auth/session/{id}` or its `/events`). Mode `browser` (default)
+/// streams a remote browser; `code` relays a code instead (see
+/// `/api/auth/providers` for what each provider offers).
 #[utoipa::path(post, path = "/api/auth/start", tag = "auth", request_body = StartLogin,
     security(("bearer" = [])),
     responses(
-        (status = 400, description = "Malformed userId or unknown provider", body = ErrorBody),
+        (status = 202, description = "Started: {sessionId, status, ...}"),
+        (status = 400, description = "Malformed userId, unknown provider or mode, no vault", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Another user's id", body = ErrorBody),
         (status = 404, description = "Unknown user", body = ErrorBody),
-        (status = 501, description = "Login sessions are not built yet", body = ErrorBody)))]
+        (status = 409, description = "A login for this provider is already running", body = ErrorBody),
+        (status = 429, description = "Sandbox quota reached", body = ErrorBody),
+        (status = 503, description = "Login sessions are not available here", body = ErrorBody)))]
 pub(crate) async fn start(
     State(state): State<AppState>,
     CurrentUser(principal): CurrentUser,
     ApiJson(body): ApiJson<StartLogin>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<axum::response::Response> {
     let user_id = UserId::parse("userId", &body.user_id)?;
     let provider: Provider = body.provider.parse()?;
+    let mode = match body.mode.as_deref().unwrap_or("browser") {
+        "browser" => polydev_sandbox::login::Mode::Browser,
+        "code" => polydev_sandbox::login::Mode::Code,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_mode",
+                format!("mode must be \"browser\" or \"code\", not {other:?}"),
+            ))
+        }
+    };
     ensure_self_or_admin(&principal, user_id)?;
     state.store.user_by_id(user_id).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::user_not_found(),
         other => other.into(),
     })?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        format!("login sessions ({provider}) are not available on this server yet"),
-    ))
+    let logins = crate::routes::login::logins(&state)?;
+    let view = logins
+        .start(user_id, provider, mode)
+        .await
+        .map_err(crate::routes::login::login_error)?;
+    Ok(crate::routes::login::accepted(&view))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

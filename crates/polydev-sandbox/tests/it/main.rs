@@ -42,6 +42,7 @@ impl Host {
             labels: [("user".to_owned(), "test".to_owned())].into(),
             ttl: Duration::from_secs(60),
             egress: None,
+            egress_auth: None,
         }
     }
 

@@ -1,0 +1,481 @@
+//! Login sessions: start, state (JSON and SSE), cancel, code relay, viewer
+//! tickets, and the WebSocket ↔ VNC bridge the noVNC viewer connects to.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use polydev_sandbox::login::{LoginError, LoginView, Logins, VNC_SERVICE};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::{CurrentUser, Principal};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::ApiJson;
+use crate::routes::sandboxes::manager_error;
+use crate::AppState;
+
+pub(crate) fn logins(state: &AppState) -> ApiResult<&Arc<Logins>> {
+    state.logins.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "logins_unavailable",
+            "login sessions need sandboxes and the egress proxy, which are not both on here",
+        )
+    })
+}
+
+pub(crate) fn login_error(e: LoginError) -> ApiError {
+    match e {
+        LoginError::Invalid(m) => ApiError::bad_request("invalid_login_request", m),
+        LoginError::NotFound(id) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "login_session_not_found",
+            format!("no login session {id}"),
+        ),
+        LoginError::Forbidden => ApiError::forbidden("this login session belongs to another user"),
+        LoginError::Gone(view) => {
+            let mut e = ApiError::new(
+                StatusCode::GONE,
+                "login_session_gone",
+                format!(
+                    "login session {} has {}{}; start a new one",
+                    view.session_id,
+                    view.state,
+                    view.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+            );
+            e.details = serde_json::to_value(&*view).ok();
+            e
+        }
+        LoginError::Busy(provider, id) => {
+            let mut e = ApiError::new(
+                StatusCode::CONFLICT,
+                "login_in_progress",
+                format!("a {provider} login session ({id}) is already running for you; finish or cancel it first"),
+            );
+            e.details = Some(json!({ "sessionId": id }));
+            e
+        }
+        LoginError::NotReady(m) => ApiError::new(StatusCode::CONFLICT, "login_not_ready", m),
+        LoginError::Unavailable(m) => ApiError::unavailable(m, 5),
+        e @ LoginError::BadTicket => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_ticket", e.to_string())
+        }
+        LoginError::Manager(e) => manager_error(e),
+        LoginError::Store(e) => e.into(),
+    }
+}
+
+/// The view, plus `status` (the state, under the name v1 clients read).
+fn view_json(view: &LoginView) -> Value {
+    let mut v = serde_json::to_value(view).unwrap_or_default();
+    v["status"] = Value::String(view.state.clone());
+    v
+}
+
+pub(crate) fn accepted(view: &LoginView) -> Response {
+    (StatusCode::ACCEPTED, Json(view_json(view))).into_response()
+}
+
+/// Get a login session: 200 with its state and stage times; 410 once it
+/// expired or was cancelled, so stale clients stop.
+#[utoipa::path(get, path = "/api/auth/session/{id}", tag = "auth",
+    params(("id" = String, Path)), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The session (state, stages, error and log tail when failed)"),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Another user's session", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 410, description = "Expired or cancelled", body = ErrorBody)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let view = logins(&state)?
+        .get(&id, p.user.id)
+        .await
+        .map_err(login_error)?;
+    Ok(Json(view_json(&view)))
+}
+
+/// Cancel a login session; its sandbox is destroyed.
+#[utoipa::path(delete, path = "/api/auth/session/{id}", tag = "auth",
+    params(("id" = String, Path)), security(("bearer" = [])),
+    responses((status = 200), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let view = logins(&state)?
+        .cancel(&id, p.user.id)
+        .await
+        .map_err(login_error)?;
+    Ok(Json(view_json(&view)))
+}
+
+/// The session's state as Server-Sent Events (`state`), one per change,
+/// ending after a final state.
+#[utoipa::path(get, path = "/api/auth/session/{id}/events", tag = "auth",
+    params(("id" = String, Path)), security(("bearer" = [])),
+    responses((status = 200, description = "text/event-stream of `state` events"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let logins = logins(&state)?.clone();
+    let first = logins.get(&id, p.user.id).await.map_err(login_error)?;
+    let rx = logins.watch(&id, p.user.id);
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    let to_sse = |v: &LoginView| {
+        SseEvent::default()
+            .event("state")
+            .data(view_json(v).to_string())
+    };
+    tokio::spawn(async move {
+        if tx.send(Ok(to_sse(&first))).await.is_err() || first.is_terminal() {
+            return;
+        }
+        let Some(mut rx) = rx else { return };
+        let mut last = first;
+        loop {
+            let current = rx.borrow_and_update().clone();
+            if current != last {
+                if tx.send(Ok(to_sse(&current))).await.is_err() {
+                    return;
+                }
+                if current.is_terminal() {
+                    return;
+                }
+                last = current;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(out);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CodeBody {
+    /// The code the provider showed after sign-in.
+    code: String,
+}
+
+/// Code relay: hand the code you got after signing in in your own browser
+/// to the CLI waiting in the sandbox.
+#[utoipa::path(post, path = "/api/auth/session/{id}/code", tag = "auth",
+    params(("id" = String, Path)), request_body = CodeBody, security(("bearer" = [])),
+    responses((status = 200), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The CLI does not wait for a code (yet)", body = ErrorBody),
+        (status = 410, body = ErrorBody)))]
+pub(crate) async fn code(
+    State(state): State<AppState>,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CodeBody>,
+) -> ApiResult<Json<Value>> {
+    let view = logins(&state)?
+        .submit_code(&id, p.user.id, &body.code)
+        .await
+        .map_err(login_error)?;
+    Ok(Json(view_json(&view)))
+}
+
+/// A single-use, short-lived ticket for the viewer's WebSocket (browsers
+/// cannot set headers on WebSockets, so it travels in the URL).
+#[utoipa::path(post, path = "/api/auth/session/{id}/ticket", tag = "auth",
+    params(("id" = String, Path)), security(("bearer" = [])),
+    responses((status = 200, description = "{ticket, expiresInMs, path}"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn ticket(
+    State(state): State<AppState>,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (ticket, ttl) = logins(&state)?
+        .ticket(&id, p.user.id)
+        .map_err(login_error)?;
+    Ok(Json(json!({
+        "ticket": ticket,
+        "expiresInMs": ttl.as_millis() as u64,
+        "path": format!("/api/auth/session/{id}/novnc/websock?ticket={ticket}"),
+    })))
+}
+
+/// Which login modes each provider offers on this server.
+#[utoipa::path(get, path = "/api/auth/providers", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "{provider: [modes]}"), (status = 401, body = ErrorBody)))]
+pub(crate) async fn providers(
+    State(state): State<AppState>,
+    _user: CurrentUser,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "modes": logins(&state)?.modes() })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TicketQuery {
+    ticket: Option<String>,
+}
+
+/// The signed-in user a request also carries, if any (never an error).
+pub(crate) struct MaybeUser(Option<Principal>);
+
+impl FromRequestParts<AppState> for MaybeUser {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        Ok(MaybeUser(
+            CurrentUser::from_request_parts(parts, state)
+                .await
+                .ok()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+/// Whether a browser's `Origin` is this server (as the browser reached
+/// it, also through a reverse proxy that keeps `Host`) or configured.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
+        // Not a browser: the ticket alone decides.
+        return true;
+    };
+    if allowed.iter().any(|a| a == origin) {
+        return true;
+    }
+    let authority = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or("");
+    let hosts = ["x-forwarded-host", "host"];
+    hosts.iter().any(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').next().map(str::trim) == Some(authority))
+    })
+}
+
+/// The viewer's WebSocket, bridged to the sandbox's VNC server (binary
+/// frames both ways). GET only; auth is the single-use `ticket` plus an
+/// Origin check.
+#[utoipa::path(get, path = "/api/auth/session/{id}/novnc/websock", tag = "auth",
+    params(("id" = String, Path), TicketQuery),
+    responses((status = 101, description = "Switching to the WebSocket (subprotocol `binary` when asked)"),
+        (status = 400, description = "Not a WebSocket upgrade", body = ErrorBody),
+        (status = 401, description = "Missing, unknown, expired or reused ticket", body = ErrorBody),
+        (status = 403, description = "Another user's session or ticket, or a foreign Origin", body = ErrorBody),
+        (status = 409, description = "Still booting", body = ErrorBody),
+        (status = 410, description = "The session ended", body = ErrorBody)))]
+pub(crate) async fn websock(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TicketQuery>,
+    MaybeUser(caller): MaybeUser,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let refuse = |e: ApiError, why: &str| {
+        tracing::warn!(session = %id, status = e.status.as_u16(), why, "viewer WebSocket refused");
+        e.into_response()
+    };
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => {
+            let detail = rejection.body_text();
+            return refuse(
+                ApiError::bad_request(
+                    "not_a_websocket",
+                    format!("this endpoint only accepts a WebSocket upgrade (GET with Upgrade: websocket): {detail}"),
+                ),
+                "failed upgrade",
+            );
+        }
+    };
+    let logins = match logins(&state) {
+        Ok(l) => l.clone(),
+        Err(e) => return refuse(e, "no login sessions"),
+    };
+    if !origin_allowed(&headers, &state.config.allowed_origins) {
+        return refuse(
+            ApiError::forbidden("this WebSocket may only be opened from this server's pages"),
+            "foreign origin",
+        );
+    }
+    let Some(ticket) = q.ticket.filter(|t| !t.is_empty()) else {
+        return refuse(login_error(LoginError::BadTicket), "no ticket");
+    };
+    let admitted = match logins.admit(&id, &ticket, caller.map(|p| p.user.id)) {
+        Ok(a) => a,
+        Err(e) => return refuse(login_error(e), "ticket or session refused"),
+    };
+    let vnc = match logins
+        .manager()
+        .driver()
+        .connect_service(&admitted.sandbox, VNC_SERVICE)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "vnc_unreachable",
+                    format!("the remote browser's VNC server cannot be reached: {e}"),
+                ),
+                "vnc unreachable",
+            )
+        }
+    };
+    let metrics = logins.metrics().clone();
+    upgrade
+        .protocols(["binary"])
+        .max_message_size(1 << 20)
+        .on_failed_upgrade(|e| tracing::warn!(error = %e, "viewer WebSocket upgrade failed"))
+        .on_upgrade(move |ws| async move {
+            metrics.viewers.inc();
+            let touch = {
+                let (logins, id) = (logins.clone(), id.clone());
+                move || logins.touch(&id)
+            };
+            let end = bridge(ws, vnc, admitted.ended, touch, metrics.clone()).await;
+            metrics.viewers.dec();
+            tracing::info!(session = %id, end, "viewer disconnected");
+        })
+}
+
+/// Idle viewer connections are closed after this long without any frame
+/// from the client (pings go out every `PING`).
+const IDLE: Duration = Duration::from_secs(90);
+const PING: Duration = Duration::from_secs(20);
+
+/// Pumps bytes between the WebSocket and a stream (the VNC server) until
+/// either side ends; returns why. Each direction waits for its write to
+/// complete before reading more (one 64 KiB buffer each way: bounded, with
+/// backpressure). A VNC side that fails closes the WebSocket with 1011;
+/// the session ending closes it with 1001; a client silent for `IDLE`
+/// (pings go out every `PING`) is closed with 1001 too.
+pub async fn bridge<S>(
+    ws: WebSocket,
+    stream: S,
+    mut ended: tokio::sync::watch::Receiver<LoginView>,
+    touch: impl Fn() + Send + 'static,
+    metrics: polydev_telemetry::metrics::LoginMetrics,
+) -> &'static str
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    let (mut sink, mut source) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
+
+    // VNC → WebSocket (and pings, and the close frame).
+    let down_metrics = metrics.clone();
+    let mut down = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut ping = tokio::time::interval(PING);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => {
+                    let n = match n {
+                        Ok(0) | Err(_) => {
+                            let _ = sink.send(Message::Close(Some(CloseFrame {
+                                code: 1011,
+                                reason: "the remote browser's VNC server closed".into(),
+                            }))).await;
+                            return "vnc closed";
+                        }
+                        Ok(n) => n,
+                    };
+                    down_metrics.bridged("to_client", n as u64);
+                    if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return "client gone";
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return "client gone";
+                    }
+                }
+                c = close_rx.recv() => {
+                    let (code, reason) = c.unwrap_or((1000, "closed"));
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    return reason;
+                }
+            }
+        }
+    });
+
+    // WebSocket → VNC, until either side ends.
+    loop {
+        let next = tokio::select! {
+            why = &mut down => return why.unwrap_or("client gone"),
+            m = tokio::time::timeout(IDLE, source.next()) => m,
+            changed = ended.changed() => {
+                if changed.is_err() || ended.borrow().is_terminal() {
+                    let _ = close_tx.try_send((1001, "the login session ended"));
+                    break;
+                }
+                continue;
+            }
+        };
+        match next {
+            Err(_) => {
+                let _ = close_tx.try_send((1001, "idle"));
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                touch();
+                metrics.bridged("to_vnc", b.len() as u64);
+                if wr.write_all(&b).await.is_err() {
+                    let _ = close_tx.try_send((1011, "the remote browser's VNC server closed"));
+                    break;
+                }
+            }
+            Ok(Some(Ok(Message::Text(_)))) => {
+                let _ = close_tx.try_send((1003, "binary frames only"));
+                break;
+            }
+            Ok(Some(Ok(_))) => {} // ping/pong: alive
+        }
+    }
+    drop(close_tx);
+    match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
+        Ok(Ok(why)) => why,
+        _ => {
+            down.abort();
+            "client gone"
+        }
+    }
+}

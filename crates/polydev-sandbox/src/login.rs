@@ -1,0 +1,1390 @@
+//! Login sessions: a provider CLI's sign-in, done by the user, inside a
+//! sandbox. Mode `browser`: the sandbox runs a desktop (TigerVNC's `Xvnc`,
+//! an X server and VNC server in one process, listening on a Unix socket
+//! the controller bridges to the user's tab, and Chromium with a fresh
+//! profile); the CLI's login command opens its sign-in page in that
+//! Chromium and receives the redirect on its localhost callback inside the
+//! sandbox. Mode `code` (code relay): no browser in the sandbox; the CLI
+//! prints a URL, the user signs in in their own browser and pastes the code
+//! (or, for device-code flows, types the shown code at the provider).
+//!
+//! Either way the CLI writes its credential file; the agent seals that file
+//! to the user's vault public key inside the sandbox and only the sealed
+//! box leaves, stored as the vault item `credential.<provider>`. Then the
+//! sandbox is destroyed. The controller never holds the plaintext.
+//!
+//! States: `booting → ready → awaiting_login | awaiting_code → completed |
+//! failed | expired | cancelled`. Boot has a deadline; idle time (no viewer
+//! traffic, no API use) and total lifetime are bounded.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use polydev_agent::protocol::Event as AgentEvent;
+use polydev_domain::{Provider, UserId};
+use polydev_store::{LoginRecord, StoreError};
+use polydev_telemetry::metrics::LoginMetrics;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::driver::now_ms;
+use crate::manager::{CreateRequest, Manager, ManagerError};
+use crate::spec::{Limits, Network, SandboxId};
+
+/// HPKE `info` of a captured CLI credential sealed to the user; the AAD
+/// is the vault item id (`credential.<provider>`).
+pub const LOGIN_CREDENTIAL_PURPOSE: &str = "polydev/login-credential/v1";
+/// The service socket of the login desktop's VNC server.
+pub const VNC_SERVICE: &str = "vnc.sock";
+
+/// The vault item a provider's captured credential is stored as.
+pub fn credential_item_id(provider: Provider) -> String {
+    format!("credential.{}", provider.as_str())
+}
+
+/// How one provider's CLI signs in, as shell lines run in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginCommand {
+    /// Browser mode: opens its sign-in page with `$BROWSER`/`xdg-open`.
+    #[serde(default)]
+    pub browser: Option<String>,
+    /// Code-relay mode: prints a URL, reads a code on stdin (or polls a
+    /// device code). None: the CLI has no such flow.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Written to the command's stdin at start (kept open in code mode).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// The file the CLI writes its credential to (absolute, in the sandbox).
+    pub credential_file: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// The real CLIs' login flows (see docs/LOGIN.md for what each supports).
+pub fn default_commands() -> BTreeMap<Provider, LoginCommand> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        Provider::ClaudeCode,
+        LoginCommand {
+            // Opens claude.com's authorize page with a localhost callback;
+            // also prints a manual URL and reads a pasted code.
+            browser: Some("exec claude auth login".into()),
+            code: Some("exec claude auth login".into()),
+            stdin: None,
+            credential_file: "/home/sandbox/.claude/.credentials.json".into(),
+            env: BTreeMap::new(),
+        },
+    );
+    m.insert(
+        Provider::Codex,
+        LoginCommand {
+            // Callback server on localhost:1455; `--device-auth` is a
+            // device-code flow (the user types the shown code at OpenAI).
+            browser: Some(
+                "mkdir -p \"$CODEX_HOME\" && exec codex login -c cli_auth_credentials_store='\"file\"'"
+                    .into(),
+            ),
+            code: Some(
+                "mkdir -p \"$CODEX_HOME\" && exec codex login --device-auth -c cli_auth_credentials_store='\"file\"'"
+                    .into(),
+            ),
+            stdin: None,
+            credential_file: "/home/sandbox/.codex/auth.json".into(),
+            env: [("CODEX_HOME".to_owned(), "/home/sandbox/.codex".to_owned())].into(),
+        },
+    );
+    m.insert(
+        Provider::GeminiCli,
+        LoginCommand {
+            // No login subcommand: a headless prompt with OAuth selected
+            // asks for consent (stdin `y`), opens Google's page with a
+            // callback on 127.0.0.1:8085, then writes oauth_creds.json.
+            // Its paste-a-code flow needs an interactive terminal: no code mode.
+            browser: Some(
+                "mkdir -p ~/.gemini && printf '%s' '{\"security\":{\"auth\":{\"selectedType\":\"oauth-personal\"}},\"privacy\":{\"usageStatisticsEnabled\":false}}' > ~/.gemini/settings.json && exec gemini -p 'reply with ok' --skip-trust"
+                    .into(),
+            ),
+            code: None,
+            stdin: Some("y\n".into()),
+            credential_file: "/home/sandbox/.gemini/oauth_creds.json".into(),
+            env: [("OAUTH_CALLBACK_PORT".to_owned(), "8085".to_owned())].into(),
+        },
+    );
+    m
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    /// Template of the sandboxes (`browser` in production).
+    pub template: String,
+    pub boot_deadline: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    /// Lifetime of a viewer ticket (single use).
+    pub ticket_ttl: Duration,
+    /// How long an ended session stays in memory (the store keeps it after).
+    pub retain: Duration,
+    pub width: u32,
+    pub height: u32,
+    pub limits: Limits,
+    pub commands: BTreeMap<Provider, LoginCommand>,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        Self {
+            template: "browser".into(),
+            boot_deadline: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_lifetime: Duration::from_secs(30 * 60),
+            ticket_ttl: Duration::from_secs(30),
+            retain: Duration::from_secs(3600),
+            width: 1280,
+            height: 800,
+            limits: Limits {
+                cpu_millis: 2000,
+                memory_bytes: 2048 << 20,
+                pids: 1024,
+                disk_bytes: 512 << 20,
+            },
+            commands: default_commands(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Browser,
+    Code,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Browser => "browser",
+            Mode::Code => "code",
+        }
+    }
+}
+
+/// A stage reached, with when (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageAt {
+    pub state: String,
+    pub at_ms: i64,
+}
+
+/// A session as clients see it (no credential material ever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginView {
+    pub session_id: String,
+    pub user_id: String,
+    pub provider: String,
+    pub mode: String,
+    pub state: String,
+    pub stages: Vec<StageAt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The stage reached when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_stage: Option<String>,
+    /// End of the sandbox's log when it failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
+    /// The sign-in URL the CLI printed (code mode: open it yourself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_url: Option<String>,
+    /// The CLI's last output lines in code mode (e.g. a device code).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub instructions: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// Set once completed: the vault item holding the sealed credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault_item: Option<String>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+impl LoginView {
+    pub fn is_terminal(&self) -> bool {
+        is_terminal(&self.state)
+    }
+}
+
+pub fn is_terminal(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "expired" | "cancelled")
+}
+
+/// Ended sessions a client should stop asking about.
+pub fn is_gone(state: &str) -> bool {
+    matches!(state, "expired" | "cancelled")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no login session {0}")]
+    NotFound(String),
+    #[error("this login session belongs to another user")]
+    Forbidden,
+    /// The session ended (expired or cancelled).
+    #[error("login session {} has {}", .0.session_id, .0.state)]
+    Gone(Box<LoginView>),
+    #[error("a {0} login session is already running for this user")]
+    Busy(String, String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the viewer ticket is missing, unknown, expired or already used")]
+    BadTicket,
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug)]
+struct Session {
+    id: String,
+    user: UserId,
+    provider: Provider,
+    mode: Mode,
+    view: watch::Sender<LoginView>,
+    last_activity: Mutex<Instant>,
+    started: Instant,
+    /// The login command's pid, for pasted codes.
+    login_pid: Mutex<Option<u32>>,
+    /// Set when a client cancels; the driving task notices.
+    cancel: watch::Sender<bool>,
+    metrics: LoginMetrics,
+}
+
+impl Session {
+    fn snapshot(&self) -> LoginView {
+        self.view.borrow().clone()
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_activity
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Moves to `state` unless already ended; false when it had ended.
+    fn advance(&self, state: &str, edit: impl FnOnce(&mut LoginView)) -> bool {
+        let mut moved = false;
+        let metrics = &self.metrics;
+        self.view.send_if_modified(|v| {
+            if v.is_terminal() {
+                return false;
+            }
+            if v.state != state {
+                metrics.entered(state);
+                v.stages.push(StageAt {
+                    state: state.to_owned(),
+                    at_ms: now_ms(),
+                });
+                v.state = state.to_owned();
+            }
+            edit(v);
+            moved = true;
+            true
+        });
+        moved
+    }
+
+    fn edit(&self, edit: impl FnOnce(&mut LoginView)) {
+        self.view.send_modify(edit);
+    }
+}
+
+#[derive(Debug)]
+struct Ticket {
+    session: String,
+    user: UserId,
+    expires: Instant,
+}
+
+/// What the viewer's bridge needs once a ticket checks out.
+#[derive(Debug)]
+pub struct Admitted {
+    pub sandbox: SandboxId,
+    /// Ends (true) when the session ends, so the bridge can close.
+    pub ended: watch::Receiver<LoginView>,
+}
+
+pub struct Logins {
+    manager: Arc<Manager>,
+    cfg: LoginConfig,
+    metrics: LoginMetrics,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    tickets: Mutex<HashMap<[u8; 32], Ticket>>,
+}
+
+impl std::fmt::Debug for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logins")
+            .field("template", &self.cfg.template)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ticket_hash(ticket: &str) -> [u8; 32] {
+    Sha256::digest(ticket.as_bytes()).into()
+}
+
+impl Logins {
+    /// Sessions a previous controller left live are marked expired.
+    pub async fn new(
+        manager: Arc<Manager>,
+        cfg: LoginConfig,
+        metrics: LoginMetrics,
+    ) -> Result<Arc<Self>, LoginError> {
+        let n = manager.store().expire_live_login_sessions(now_ms()).await?;
+        if n > 0 {
+            tracing::info!(
+                count = n,
+                "login sessions of a previous controller marked expired"
+            );
+        }
+        Ok(Arc::new(Self {
+            manager,
+            cfg,
+            metrics,
+            sessions: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn config(&self) -> &LoginConfig {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &LoginMetrics {
+        &self.metrics
+    }
+
+    /// Which modes each provider offers here.
+    pub fn modes(&self) -> BTreeMap<String, Vec<&'static str>> {
+        self.cfg
+            .commands
+            .iter()
+            .map(|(p, c)| {
+                let mut modes = Vec::new();
+                if c.browser.is_some() {
+                    modes.push("browser");
+                }
+                if c.code.is_some() {
+                    modes.push("code");
+                }
+                (p.as_str().to_owned(), modes)
+            })
+            .collect()
+    }
+
+    fn session(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions.lock().ok()?.get(id).cloned()
+    }
+
+    /// Starts a session; returns at once (state `booting`), the sandbox
+    /// boots in the background.
+    pub async fn start(
+        self: &Arc<Self>,
+        user: UserId,
+        provider: Provider,
+        mode: Mode,
+    ) -> Result<LoginView, LoginError> {
+        let command = self.cfg.commands.get(&provider).ok_or_else(|| {
+            LoginError::Invalid(format!(
+                "no login flow is configured for {}",
+                provider.as_str()
+            ))
+        })?;
+        let has_mode = match mode {
+            Mode::Browser => command.browser.is_some(),
+            Mode::Code => command.code.is_some(),
+        };
+        if !has_mode {
+            return Err(LoginError::Invalid(format!(
+                "{} has no {} login; use {}",
+                provider.as_str(),
+                mode.as_str(),
+                if mode == Mode::Code {
+                    "mode \"browser\" or an API key"
+                } else {
+                    "mode \"code\""
+                }
+            )));
+        }
+        // The credential is sealed to the user's vault key: without one
+        // there would be nothing to seal to.
+        let keys = match self.manager.store().vault_keys(user).await {
+            Ok(k) => k,
+            Err(StoreError::NotFound) => {
+                return Err(LoginError::Invalid(
+                    "set up your vault first: the captured credential is sealed to your vault's public key".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let recipient = keys.public_key;
+        self.sweep();
+        let id = format!("login-{:016x}", rand::random::<u64>());
+        let now = now_ms();
+        let view = LoginView {
+            session_id: id.clone(),
+            user_id: user.to_string(),
+            provider: provider.as_str().to_owned(),
+            mode: mode.as_str().to_owned(),
+            state: "booting".into(),
+            stages: vec![StageAt {
+                state: "booting".into(),
+                at_ms: now,
+            }],
+            error: None,
+            failed_stage: None,
+            log_tail: Vec::new(),
+            auth_url: None,
+            instructions: Vec::new(),
+            sandbox_id: None,
+            vault_item: None,
+            created_at_ms: now,
+            expires_at_ms: now + self.cfg.max_lifetime.as_millis() as i64,
+        };
+        let session = Arc::new(Session {
+            id: id.clone(),
+            user,
+            provider,
+            mode,
+            view: watch::Sender::new(view.clone()),
+            last_activity: Mutex::new(Instant::now()),
+            started: Instant::now(),
+            login_pid: Mutex::new(None),
+            cancel: watch::Sender::new(false),
+            metrics: self.metrics.clone(),
+        });
+        self.metrics.entered("booting");
+        {
+            let mut sessions = self
+                .sessions
+                .lock()
+                .map_err(|_| LoginError::Unavailable("session table poisoned".into()))?;
+            if let Some(live) = sessions.values().find(|s| {
+                s.user == user && s.provider == provider && !s.view.borrow().is_terminal()
+            }) {
+                return Err(LoginError::Busy(
+                    provider.as_str().to_owned(),
+                    live.id.clone(),
+                ));
+            }
+            sessions.insert(id.clone(), session.clone());
+        }
+        self.persist(&session).await;
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(session, recipient).await });
+        Ok(view)
+    }
+
+    /// A session of `user`: live ones from memory, older ones from the
+    /// store. Expired and cancelled ones are `Gone`.
+    pub async fn get(&self, id: &str, user: UserId) -> Result<LoginView, LoginError> {
+        let view = match self.session(id) {
+            Some(s) => {
+                if s.user != user {
+                    return Err(LoginError::Forbidden);
+                }
+                s.snapshot()
+            }
+            None => {
+                let r = match self.manager.store().login_session(id).await {
+                    Ok(r) => r,
+                    Err(StoreError::NotFound) => return Err(LoginError::NotFound(id.to_owned())),
+                    Err(e) => return Err(e.into()),
+                };
+                if r.user_id != user {
+                    return Err(LoginError::Forbidden);
+                }
+                view_from_record(&r)
+            }
+        };
+        if is_gone(&view.state) {
+            return Err(LoginError::Gone(Box::new(view)));
+        }
+        Ok(view)
+    }
+
+    /// The live feed of a session's view (None once it is only stored).
+    pub fn watch(&self, id: &str, user: UserId) -> Option<watch::Receiver<LoginView>> {
+        let s = self.session(id)?;
+        (s.user == user).then(|| {
+            s.touch();
+            s.view.subscribe()
+        })
+    }
+
+    /// Cancels a session; its sandbox is destroyed.
+    pub async fn cancel(&self, id: &str, user: UserId) -> Result<LoginView, LoginError> {
+        let s = self
+            .session(id)
+            .ok_or_else(|| LoginError::NotFound(id.to_owned()))?;
+        if s.user != user {
+            return Err(LoginError::Forbidden);
+        }
+        if s.advance("cancelled", |v| {
+            v.error = Some("cancelled by the user".into())
+        }) {
+            let _ = s.cancel.send(true);
+            self.end(&s).await;
+        }
+        Ok(s.snapshot())
+    }
+
+    /// Code relay: hands the code the user pasted to the CLI's stdin.
+    pub async fn submit_code(
+        &self,
+        id: &str,
+        user: UserId,
+        code: &str,
+    ) -> Result<LoginView, LoginError> {
+        let s = self
+            .session(id)
+            .ok_or_else(|| LoginError::NotFound(id.to_owned()))?;
+        if s.user != user {
+            return Err(LoginError::Forbidden);
+        }
+        let view = s.snapshot();
+        if is_gone(&view.state) {
+            return Err(LoginError::Gone(Box::new(view)));
+        }
+        if !matches!(view.state.as_str(), "awaiting_code" | "awaiting_login") {
+            return Err(LoginError::NotReady(format!(
+                "the session is {}; a code is accepted once the CLI waits for one",
+                view.state
+            )));
+        }
+        let code = code.trim();
+        if code.is_empty() || code.len() > 4096 || code.chars().any(char::is_control) {
+            return Err(LoginError::Invalid(
+                "code must be 1 to 4096 printable characters".into(),
+            ));
+        }
+        let pid =
+            s.login_pid.lock().ok().and_then(|p| *p).ok_or_else(|| {
+                LoginError::NotReady("the CLI's login has not started yet".into())
+            })?;
+        let sandbox = self.sandbox_of(&s)?;
+        let mut agent = self
+            .manager
+            .driver()
+            .agent(&sandbox, Duration::from_secs(5))
+            .await
+            .map_err(ManagerError::from)?;
+        agent
+            .write_stdin(pid, format!("{code}\n").as_bytes(), false)
+            .await
+            .map_err(|e| LoginError::NotReady(format!("the CLI no longer reads a code: {e}")))?;
+        s.touch();
+        Ok(s.snapshot())
+    }
+
+    fn sandbox_of(&self, s: &Session) -> Result<SandboxId, LoginError> {
+        s.view
+            .borrow()
+            .sandbox_id
+            .as_deref()
+            .and_then(SandboxId::parse)
+            .ok_or_else(|| LoginError::NotReady("the sandbox is not up yet".into()))
+    }
+
+    /// A single-use viewer ticket for the session's stream.
+    pub fn ticket(&self, id: &str, user: UserId) -> Result<(String, Duration), LoginError> {
+        let s = self
+            .session(id)
+            .ok_or_else(|| LoginError::NotFound(id.to_owned()))?;
+        if s.user != user {
+            return Err(LoginError::Forbidden);
+        }
+        let view = s.snapshot();
+        if view.is_terminal() {
+            return Err(LoginError::Gone(Box::new(view)));
+        }
+        if s.mode != Mode::Browser {
+            return Err(LoginError::Invalid(
+                "a code-relay session has no remote browser to view".into(),
+            ));
+        }
+        let mut raw = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut raw);
+        let ticket = hex::encode(raw);
+        let mut tickets = self
+            .tickets
+            .lock()
+            .map_err(|_| LoginError::Unavailable("ticket table poisoned".into()))?;
+        tickets.retain(|_, t| t.expires > Instant::now());
+        tickets.insert(
+            ticket_hash(&ticket),
+            Ticket {
+                session: id.to_owned(),
+                user,
+                expires: Instant::now() + self.cfg.ticket_ttl,
+            },
+        );
+        s.touch();
+        Ok((ticket, self.cfg.ticket_ttl))
+    }
+
+    /// Takes a ticket (once) for session `id`. `caller` is the signed-in
+    /// user the request also carries, if any: another user's → Forbidden.
+    pub fn admit(
+        &self,
+        id: &str,
+        ticket: &str,
+        caller: Option<UserId>,
+    ) -> Result<Admitted, LoginError> {
+        let t = self
+            .tickets
+            .lock()
+            .map_err(|_| LoginError::Unavailable("ticket table poisoned".into()))?
+            .remove(&ticket_hash(ticket))
+            .filter(|t| t.expires > Instant::now())
+            .ok_or(LoginError::BadTicket)?;
+        if t.session != id || caller.is_some_and(|c| c != t.user) {
+            return Err(LoginError::Forbidden);
+        }
+        let s = self
+            .session(id)
+            .ok_or_else(|| LoginError::NotFound(id.to_owned()))?;
+        let view = s.snapshot();
+        if view.is_terminal() {
+            return Err(LoginError::Gone(Box::new(view)));
+        }
+        if view.state == "booting" {
+            return Err(LoginError::NotReady(
+                "the remote browser is still starting; connect once the session is ready".into(),
+            ));
+        }
+        s.touch();
+        Ok(Admitted {
+            sandbox: self.sandbox_of(&s)?,
+            ended: s.view.subscribe(),
+        })
+    }
+
+    /// Viewer traffic keeps a session from idling out.
+    pub fn touch(&self, id: &str) {
+        if let Some(s) = self.session(id) {
+            s.touch();
+        }
+    }
+
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
+    /// Drops ended sessions older than `retain` from memory.
+    fn sweep(&self) {
+        let retain = self.cfg.retain;
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.retain(|_, s| {
+                let v = s.view.borrow();
+                !v.is_terminal()
+                    || v.stages
+                        .last()
+                        .is_some_and(|st| now_ms() - st.at_ms < retain.as_millis() as i64)
+            });
+        }
+    }
+
+    /// Ends every live session (controller shutdown).
+    pub async fn shutdown(&self) {
+        let live: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        for s in live {
+            if s.advance("expired", |v| {
+                v.error = Some("the controller shut down".into())
+            }) {
+                let _ = s.cancel.send(true);
+                self.end(&s).await;
+            }
+        }
+    }
+
+    async fn persist(&self, s: &Session) {
+        let v = s.snapshot();
+        let record = LoginRecord {
+            id: s.id.clone(),
+            user_id: s.user,
+            provider: v.provider.clone(),
+            mode: v.mode.clone(),
+            state: v.state.clone(),
+            stages: serde_json::to_string(&v.stages).unwrap_or_else(|_| "[]".into()),
+            error: v.error.clone(),
+            sandbox_id: v.sandbox_id.clone(),
+            created_at_ms: v.created_at_ms,
+            updated_at_ms: now_ms(),
+        };
+        if let Err(e) = self.manager.store().save_login_session(&record).await {
+            tracing::warn!(session = %s.id, error = %e, "cannot record the login session");
+        }
+    }
+
+    /// Destroys the sandbox (if any) and records the final state.
+    async fn end(&self, s: &Session) {
+        let sandbox = s
+            .view
+            .borrow()
+            .sandbox_id
+            .as_deref()
+            .and_then(SandboxId::parse);
+        if let Some(id) = sandbox {
+            if let Err(e) = self.manager.destroy(&id, "ended").await {
+                tracing::warn!(session = %s.id, sandbox = %id, error = %e, "cannot destroy the login sandbox");
+            }
+        }
+        self.persist(s).await;
+        tracing::info!(session = %s.id, provider = s.provider.as_str(), state = %s.snapshot().state, "login session ended");
+    }
+
+    async fn fail(&self, s: &Session, message: String, log_tail: Vec<String>) {
+        let stage = s.snapshot().state;
+        if s.advance("failed", |v| {
+            v.error = Some(message);
+            v.failed_stage = Some(stage);
+            v.log_tail = log_tail;
+        }) {
+            self.end(s).await;
+        }
+    }
+
+    async fn log_tail(&self, s: &Session) -> Vec<String> {
+        match self.sandbox_of(s) {
+            Ok(id) => self.manager.driver().log_tail(&id, 20).await,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The session's life: boot, desktop, the CLI's login, capture, end.
+    async fn drive(self: Arc<Self>, s: Arc<Session>, recipient: Vec<u8>) {
+        let command = self.cfg.commands[&s.provider].clone();
+        let mut cancelled = s.cancel.subscribe();
+        let desktop_out = Arc::new(Mutex::new(Tail::new(20)));
+        let booted = tokio::time::timeout(
+            self.cfg.boot_deadline,
+            self.boot(&s, &command, desktop_out.clone()),
+        )
+        .await;
+        match booted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let mut tail = e.1;
+                if tail.is_empty() {
+                    tail = self.log_tail(&s).await;
+                }
+                tail.extend(desktop_out.lock().map(|t| t.lines()).unwrap_or_default());
+                self.fail(&s, e.0, tail).await;
+                return;
+            }
+            Err(_) => {
+                let mut tail = self.log_tail(&s).await;
+                tail.extend(desktop_out.lock().map(|t| t.lines()).unwrap_or_default());
+                let stage = s.snapshot().state;
+                self.fail(
+                    &s,
+                    format!(
+                        "the login sandbox did not come up within {} s (stuck in `{stage}`)",
+                        self.cfg.boot_deadline.as_secs()
+                    ),
+                    tail,
+                )
+                .await;
+                return;
+            }
+        }
+        if s.snapshot().is_terminal() {
+            // Cancelled while booting: `cancel` could not see the sandbox.
+            self.end(&s).await;
+            return;
+        }
+        self.persist(&s).await;
+
+        // The CLI's login, on its own agent connection.
+        let Ok(sandbox) = self.sandbox_of(&s) else {
+            return;
+        };
+        let line = match s.mode {
+            Mode::Browser => command.browser.clone(),
+            Mode::Code => command.code.clone(),
+        }
+        .unwrap_or_default();
+        let mut env: Vec<(String, String)> = command.env.clone().into_iter().collect();
+        if s.mode == Mode::Browser {
+            env.extend([
+                ("DISPLAY".into(), ":0".into()),
+                ("BROWSER".into(), OPENER.into()),
+                (
+                    "PATH".into(),
+                    format!("{OPENER_DIR}:/usr/local/bin:/usr/bin:/bin"),
+                ),
+            ]);
+        } else {
+            // No browser to open: every CLI then prints its URL.
+            env.push(("NO_BROWSER".into(), "true".into()));
+        }
+        let output = Arc::new(Mutex::new(Tail::new(40)));
+        let (exit_tx, mut exit_rx) = watch::channel::<Option<Option<i32>>>(None);
+        {
+            let mut agent = match self
+                .manager
+                .driver()
+                .agent(&sandbox, Duration::from_secs(5))
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    let tail = self.log_tail(&s).await;
+                    self.fail(&s, format!("cannot reach the sandbox's agent: {e}"), tail)
+                        .await;
+                    return;
+                }
+            };
+            let started = agent
+                .start_exec_interactive(
+                    vec!["/bin/sh".into(), "-c".into(), line],
+                    env,
+                    command.stdin.as_deref().map(str::as_bytes),
+                    self.cfg.max_lifetime,
+                )
+                .await;
+            if let Err(e) = started {
+                self.fail(&s, format!("cannot start the CLI's login: {e}"), Vec::new())
+                    .await;
+                return;
+            }
+            let (s2, out) = (s.clone(), output.clone());
+            tokio::spawn(async move {
+                let mut code = None;
+                loop {
+                    match agent.next_event().await {
+                        Ok(AgentEvent::Started { pid }) => {
+                            if let Ok(mut p) = s2.login_pid.lock() {
+                                *p = Some(pid);
+                            }
+                        }
+                        Ok(AgentEvent::Stdout { data } | AgentEvent::Stderr { data }) => {
+                            use base64::Engine;
+                            let bytes = base64::engine::general_purpose::STANDARD
+                                .decode(data)
+                                .unwrap_or_default();
+                            let text = String::from_utf8_lossy(&bytes).into_owned();
+                            let url = out.lock().ok().and_then(|mut t| {
+                                t.push(&text);
+                                t.first_url()
+                            });
+                            let lines = out.lock().map(|t| t.lines()).unwrap_or_default();
+                            let mode = s2.mode;
+                            s2.edit(|v| {
+                                if v.auth_url.is_none() {
+                                    v.auth_url = url;
+                                }
+                                if mode == Mode::Code {
+                                    v.instructions = lines;
+                                }
+                            });
+                        }
+                        Ok(AgentEvent::Exit { code: c, .. }) => {
+                            code = c;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = exit_tx.send(Some(code));
+            });
+        }
+        let waiting = match s.mode {
+            Mode::Browser => "awaiting_login",
+            Mode::Code => "awaiting_code",
+        };
+        s.advance(waiting, |_| {});
+        // Idle time counts from when there is something to do.
+        s.touch();
+        self.persist(&s).await;
+
+        // Watch for the credential file, the CLI's end, expiry, cancel.
+        let mut last_seen: Option<String> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(400));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancelled.changed() => return,
+                _ = exit_rx.changed() => {}
+            }
+            if s.snapshot().is_terminal() {
+                return;
+            }
+            if s.started.elapsed() >= self.cfg.max_lifetime {
+                self.expire(&s, "the session reached its maximum lifetime")
+                    .await;
+                return;
+            }
+            if s.idle_for() >= self.cfg.idle_timeout {
+                self.expire(&s, "the session was idle too long").await;
+                return;
+            }
+            let stat = self.stat(&sandbox, &command.credential_file).await;
+            let exited = *exit_rx.borrow();
+            // Written and unchanged since the last look (or the CLI is done).
+            let ready = match (&stat, &last_seen) {
+                (Some(now), Some(before)) => now == before,
+                (Some(_), None) => exited.is_some(),
+                _ => false,
+            };
+            if ready {
+                self.capture(&s, &sandbox, &command, &recipient).await;
+                return;
+            }
+            last_seen = stat;
+            if let Some(code) = exited {
+                if last_seen.is_none() {
+                    let tail = output.lock().map(|t| t.lines()).unwrap_or_default();
+                    self.fail(
+                        &s,
+                        format!(
+                            "the CLI's login ended (exit {}) without writing {}",
+                            code.map(|c| c.to_string())
+                                .unwrap_or_else(|| "by signal".into()),
+                            command.credential_file
+                        ),
+                        tail,
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn expire(&self, s: &Session, why: &str) {
+        if s.advance("expired", |v| v.error = Some(why.to_owned())) {
+            let _ = s.cancel.send(true);
+            self.end(s).await;
+        }
+    }
+
+    /// `size mtime` of a file in the sandbox, None when absent or empty.
+    async fn stat(&self, sandbox: &SandboxId, path: &str) -> Option<String> {
+        let mut agent = self
+            .manager
+            .driver()
+            .agent(sandbox, Duration::from_secs(5))
+            .await
+            .ok()?;
+        let out = agent
+            .exec(
+                &["stat", "-c", "%s %Y", path],
+                None,
+                Duration::from_secs(5),
+                |_| {},
+            )
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.code == Some(0) && !text.starts_with("0 ")).then_some(text)
+    }
+
+    /// Seals the credential file inside the sandbox to the user and stores
+    /// the box in the vault; then the session completes and the sandbox goes.
+    async fn capture(
+        &self,
+        s: &Session,
+        sandbox: &SandboxId,
+        command: &LoginCommand,
+        recipient: &[u8],
+    ) {
+        let item = credential_item_id(s.provider);
+        let sealed = async {
+            let mut agent = self
+                .manager
+                .driver()
+                .agent(sandbox, Duration::from_secs(5))
+                .await?;
+            agent
+                .seal_file(
+                    &command.credential_file,
+                    recipient,
+                    LOGIN_CREDENTIAL_PURPOSE,
+                    item.as_bytes(),
+                )
+                .await
+                .map_err(crate::DriverError::from)
+        }
+        .await;
+        let sealed = match sealed {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(s, format!("cannot seal the credential: {e}"), Vec::new())
+                    .await;
+                return;
+            }
+        };
+        let store = self.manager.store();
+        let mut stored = Err(StoreError::Conflict("version"));
+        for _ in 0..3 {
+            let expected = match store.vault_item(s.user, &item).await {
+                Ok(i) => i.version,
+                Err(StoreError::NotFound) => 0,
+                Err(e) => {
+                    stored = Err(e);
+                    break;
+                }
+            };
+            stored = store
+                .put_vault_item(s.user, &item, expected, &sealed, now_ms())
+                .await;
+            if !matches!(stored, Err(StoreError::Conflict(_))) {
+                break;
+            }
+        }
+        match stored {
+            Ok(_) => {
+                if s.advance("completed", |v| v.vault_item = Some(item.clone())) {
+                    self.end(s).await;
+                }
+            }
+            Err(e) => {
+                self.fail(
+                    s,
+                    format!("cannot store the sealed credential: {e}"),
+                    Vec::new(),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Makes the sandbox and, in browser mode, its desktop; `ready` once
+    /// the VNC server greets. Errors carry a message and a log tail.
+    async fn boot(
+        &self,
+        s: &Arc<Session>,
+        _command: &LoginCommand,
+        desktop_out: Arc<Mutex<Tail>>,
+    ) -> Result<(), (String, Vec<String>)> {
+        let req = CreateRequest {
+            template: self.cfg.template.clone(),
+            limits: Some(self.cfg.limits),
+            network: Network::Egress,
+            env: Vec::new(),
+            labels: [
+                ("login".to_owned(), s.id.clone()),
+                ("provider".to_owned(), s.provider.as_str().to_owned()),
+            ]
+            .into(),
+            ttl: Some(self.cfg.max_lifetime + Duration::from_secs(60)),
+        };
+        // Created on its own task: should the deadline pass meanwhile, the
+        // sandbox is still destroyed once it exists.
+        let (manager, user, sid) = (self.manager.clone(), s.user, s.clone());
+        let created = tokio::spawn(async move {
+            let made = manager.create(user, req).await;
+            if let Ok(v) = &made {
+                let id = v.id.clone();
+                let ended = sid.snapshot().is_terminal();
+                sid.edit(|view| view.sandbox_id = Some(id.clone()));
+                if ended {
+                    if let Some(id) = SandboxId::parse(&id) {
+                        let _ = manager.destroy(&id, "ended").await;
+                    }
+                }
+            }
+            made
+        })
+        .await
+        .map_err(|e| (format!("sandbox creation stopped: {e}"), Vec::new()))?;
+        let sandbox = match created {
+            Ok(v) => {
+                SandboxId::parse(&v.id).ok_or_else(|| ("bad sandbox id".to_owned(), vec![]))?
+            }
+            Err(ManagerError::Driver(crate::DriverError::Boot {
+                stage,
+                message,
+                log_tail,
+                ..
+            })) => {
+                return Err((
+                    format!("the login sandbox failed to boot (stage {stage}): {message}"),
+                    log_tail,
+                ))
+            }
+            Err(e) => return Err((format!("cannot make the login sandbox: {e}"), Vec::new())),
+        };
+        if s.mode == Mode::Code {
+            s.advance("ready", |_| {});
+            return Ok(());
+        }
+        let mut agent = self
+            .manager
+            .driver()
+            .agent(&sandbox, Duration::from_secs(5))
+            .await
+            .map_err(|e| (format!("cannot reach the sandbox's agent: {e}"), Vec::new()))?;
+        agent
+            .start_exec(
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    desktop_script(self.cfg.width, self.cfg.height),
+                ],
+                Vec::new(),
+                None,
+                self.cfg.max_lifetime + Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| (format!("cannot start the desktop: {e}"), Vec::new()))?;
+        let (exited_tx, exited_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                match agent.next_event().await {
+                    Ok(AgentEvent::Stdout { data } | AgentEvent::Stderr { data }) => {
+                        use base64::Engine;
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(data)
+                            .unwrap_or_default();
+                        if let Ok(mut t) = desktop_out.lock() {
+                            t.push(&String::from_utf8_lossy(&bytes));
+                        }
+                    }
+                    Ok(AgentEvent::Exit { .. }) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = exited_tx.send(true);
+        });
+        // Ready when the VNC server greets on its socket.
+        loop {
+            if *exited_rx.borrow() {
+                return Err(("the desktop exited before it served".into(), Vec::new()));
+            }
+            if s.snapshot().is_terminal() {
+                return Ok(());
+            }
+            if let Ok(mut stream) = self
+                .manager
+                .driver()
+                .connect_service(&sandbox, VNC_SERVICE)
+                .await
+            {
+                use tokio::io::AsyncReadExt;
+                let mut banner = [0u8; 12];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut banner))
+                        .await;
+                if matches!(read, Ok(Ok(_))) && banner.starts_with(b"RFB ") {
+                    s.advance("ready", |_| {});
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+const OPENER_DIR: &str = "/tmp/polydev-bin";
+const OPENER: &str = "/tmp/polydev-bin/xdg-open";
+
+/// The login desktop: Xvnc on the service socket (no TCP; the sandbox's
+/// network namespace has no peers anyway), then Chromium with a fresh
+/// profile through the sandbox's egress proxy, kiosk-style, and an opener
+/// (`$BROWSER`, `xdg-open`) that hands URLs to that Chromium.
+pub fn desktop_script(width: u32, height: u32) -> String {
+    let flags = "--no-sandbox --disable-gpu --disable-dev-shm-usage --no-first-run --no-default-browser-check --disable-background-networking --disable-component-update --disable-sync --disable-quic --disable-features=Translate,MediaRouter --password-store=basic --user-data-dir=/tmp/polydev-chromium --proxy-server=http://127.0.0.1:3128";
+    format!(
+        r#"export DISPLAY=:0
+mkdir -p {OPENER_DIR} /tmp/polydev-chromium
+printf '#!/bin/sh\nexec chromium {flags} "$@" >/dev/null 2>&1\n' > {OPENER}
+chmod 755 {OPENER}
+Xvnc :0 -rfbunixpath /run/polydev/{VNC_SERVICE} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {width}x{height} -depth 24 -UseBlacklist=0 -AlwaysShared -AcceptSetDesktopSize=0 -desktop polydev &
+i=0
+while [ ! -S /run/polydev/{VNC_SERVICE} ] && [ $i -lt 400 ]; do sleep 0.02; i=$((i+1)); done
+chromium {flags} --kiosk --window-position=0,0 --window-size={width},{height} 'data:text/html,<body style="font:24px sans-serif;padding:3em;background:%23f4f4f4">Waiting for the CLI to open its sign-in page&hellip;</body>' &
+wait
+"#
+    )
+}
+
+/// The last lines of a process's output, and the first URL seen in it.
+#[derive(Debug)]
+struct Tail {
+    lines: VecDeque<String>,
+    partial: String,
+    max: usize,
+    url: Option<String>,
+}
+
+impl Tail {
+    fn new(max: usize) -> Self {
+        Self {
+            lines: VecDeque::new(),
+            partial: String::new(),
+            max,
+            url: None,
+        }
+    }
+
+    fn push(&mut self, text: &str) {
+        self.partial.push_str(text);
+        while let Some(n) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=n).collect();
+            let line = strip_ansi(line.trim_end());
+            if self.url.is_none() {
+                self.url = find_url(&line);
+            }
+            if !line.trim().is_empty() {
+                self.lines.push_back(line);
+            }
+            while self.lines.len() > self.max {
+                self.lines.pop_front();
+            }
+        }
+        if self.partial.len() > 16 * 1024 {
+            self.partial.clear();
+        }
+    }
+
+    /// From complete lines only (a chunk may end inside a URL).
+    fn first_url(&self) -> Option<String> {
+        self.url.clone()
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.lines.iter().cloned().collect();
+        let p = strip_ansi(self.partial.trim());
+        if !p.is_empty() {
+            out.push(p);
+        }
+        out
+    }
+}
+
+/// The first URL in `line` that is not the CLI's own localhost callback.
+fn find_url(line: &str) -> Option<String> {
+    let mut rest = line;
+    while let Some(start) = rest.find("http") {
+        let candidate = &rest[start..];
+        rest = &candidate[4..];
+        let Some(after) = candidate
+            .strip_prefix("https://")
+            .or_else(|| candidate.strip_prefix("http://"))
+        else {
+            continue;
+        };
+        if after.starts_with("localhost") || after.starts_with("127.0.0.1") {
+            continue;
+        }
+        let url: String = candidate
+            .chars()
+            .take_while(|c| !c.is_whitespace() && !matches!(c, '"' | '\'' | '<' | '>'))
+            .collect();
+        if url.len() > 10 {
+            return Some(url);
+        }
+    }
+    None
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for n in chars.by_ref() {
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn view_from_record(r: &LoginRecord) -> LoginView {
+    LoginView {
+        session_id: r.id.clone(),
+        user_id: r.user_id.to_string(),
+        provider: r.provider.clone(),
+        mode: r.mode.clone(),
+        state: r.state.clone(),
+        stages: serde_json::from_str(&r.stages).unwrap_or_default(),
+        error: r.error.clone(),
+        failed_stage: None,
+        log_tail: Vec::new(),
+        auth_url: None,
+        instructions: Vec::new(),
+        sandbox_id: r.sandbox_id.clone(),
+        vault_item: (r.state == "completed").then(|| format!("credential.{}", r.provider)),
+        created_at_ms: r.created_at_ms,
+        expires_at_ms: r.created_at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_tail_finds_the_first_url_across_chunks_and_strips_colours() {
+        let mut t = Tail::new(3);
+        t.push("Starting local login server on http://localhost:1455.\nIf your browser did not open, navigate to this URL:\n\n\u{1b}[94mhttps://auth.example.test/oauth/authorize?client_id=x&state=");
+        t.push("abc\u{1b}[0m\nOn a remote machine? Use --device-auth\n");
+        assert_eq!(
+            t.first_url().as_deref(),
+            Some("https://auth.example.test/oauth/authorize?client_id=x&state=abc")
+        );
+        assert_eq!(t.lines().len(), 3);
+        assert!(t.lines()[1]
+            .starts_with("https://auth.example.test/oauth/authorize?client_id=x&state=abc"));
+        let mut u = Tail::new(5);
+        u.push("Paste code here if prompted > ");
+        assert_eq!(u.lines(), vec!["Paste code here if prompted >"]);
+        assert_eq!(u.first_url(), None);
+    }
+
+    #[test]
+    fn every_default_flow_names_its_credential_file_and_gemini_has_no_code_mode() {
+        let c = default_commands();
+        assert_eq!(c.len(), 3);
+        assert!(c
+            .values()
+            .all(|c| c.credential_file.starts_with("/home/sandbox/")));
+        assert!(c[&Provider::GeminiCli].code.is_none());
+        assert!(c[&Provider::ClaudeCode].code.is_some() && c[&Provider::Codex].code.is_some());
+    }
+}

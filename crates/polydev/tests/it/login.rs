@@ -1,0 +1,541 @@
+//! Login sessions on the real kernel: a sandbox per session (the `minimal`
+//! template borrows the host's /usr, where scripts/test.sh installed
+//! TigerVNC's Xvnc, Chromium, Node and the CLIs), the stub OAuth provider
+//! reachable only through the egress proxy, and the stub CLI login
+//! program. The viewer end to end (noVNC in Chromium, through nginx too)
+//! is in `login_viewer.rs`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use polydev_store::Backend;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite;
+
+use crate::app::{login_body, signup, TestApp};
+
+/// A config whose login flows all run the stub CLI login against the stub
+/// OAuth provider at `auth.stub.test` (a name only the proxy resolves).
+pub fn stub_login_config(dir: &std::path::Path, auth_port: u16, extra: &str) -> std::path::PathBuf {
+    let script = polydev_stubs::oauth::CLI_LOGIN_SCRIPT;
+    assert!(!script.contains("'''"));
+    let mut providers = String::new();
+    for p in ["claude_code", "codex", "gemini_cli"] {
+        providers.push_str(&format!(
+            "[login.providers.{p}]\nbrowser = 'exec node -e \"$STUB_LOGIN_JS\"'\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.stub/{p}.json\"\n[login.providers.{p}.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{auth_port}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.stub/{p}.json\"\nSTUB_LOGIN_JS = '''\n{script}'''\n"
+        ));
+    }
+    let config = dir.join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n[login]\ntemplate = \"minimal\"\n{extra}\n{providers}"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Signs up as the browser does (keeping the enrollment, whose sealing key
+/// opens what the login captured) and logs in; returns (id, token, enrollment).
+pub async fn vault_user(app: &TestApp, email: &str) -> (String, String, polydev_vault::Enrollment) {
+    let (body, e) = signup(email, "correct horse");
+    let r = app.post("/api/users", None, body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = app
+        .post("/api/auth/login", None, login_body(email, &e))
+        .await;
+    (id, r.body["token"].as_str().unwrap().to_owned(), e)
+}
+
+/// Polls the session until `until` says stop (deadline 60 s).
+pub async fn wait_state(
+    app: &TestApp,
+    id: &str,
+    token: &str,
+    until: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = app
+            .get(&format!("/api/auth/session/{id}"), Some(token))
+            .await;
+        if until(&r.body) || r.status != StatusCode::OK {
+            return r.body;
+        }
+        assert!(Instant::now() < deadline, "session stuck: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn open_credential(e: &polydev_vault::Enrollment, envelope_b64: &str, provider: &str) -> String {
+    use base64::Engine;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(envelope_b64)
+        .unwrap();
+    let opened = e
+        .sealing
+        .open(
+            polydev_sandbox::login::LOGIN_CREDENTIAL_PURPOSE,
+            format!("credential.{provider}").as_bytes(),
+            &sealed,
+        )
+        .unwrap();
+    String::from_utf8(opened.to_vec()).unwrap()
+}
+
+async fn sandbox_ended(app: &TestApp, token: &str, id: &str) {
+    let r = app.get(&format!("/api/sandboxes/{id}"), Some(token)).await;
+    assert_ne!(r.body["status"], "running", "{}", r.text);
+    assert!(
+        !app.db.dir().join("sandboxes").join(id).exists(),
+        "the sandbox's directory is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn code_relay_login_seals_the_credential_for_the_user_only() {
+    let oauth = polydev_stubs::oauth::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_login_config(dir.path(), oauth.addr.port(), "");
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (uid, token, enrollment) = vault_user(&app, "code@example.com").await;
+    let t = Some(token.as_str());
+
+    // Bad input first: clear 4xx, nothing started.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "codex", "mode": "teleport"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_mode")
+    );
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "cursor"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+
+    let started = Instant::now();
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "codex", "mode": "code"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "start must not wait for the sandbox"
+    );
+    assert_eq!(r.body["status"], "booting");
+    let id = r.body["sessionId"].as_str().unwrap().to_owned();
+    // One live session per user and provider.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "codex", "mode": "code"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "login_in_progress")
+    );
+    assert_eq!(r.body["error"]["details"]["sessionId"], id.as_str());
+
+    let v = wait_state(&app, &id, &token, |v| {
+        v["state"] != "booting" && v["state"] != "ready" && v["authUrl"].is_string()
+    })
+    .await;
+    assert_eq!(v["state"], "awaiting_code", "{v}");
+    let sandbox = v["sandboxId"].as_str().unwrap().to_owned();
+    let auth_url = v["authUrl"].as_str().unwrap().to_owned();
+    assert!(
+        auth_url.starts_with(&format!(
+            "http://auth.stub.test:{}/authorize",
+            oauth.addr.port()
+        )),
+        "{auth_url}"
+    );
+    let states: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["booting", "ready", "awaiting_code"]);
+
+    // The user signs in in their own browser (here: plain HTTP to the stub,
+    // which the test reaches directly) and copies the code it shows.
+    let direct = auth_url.replace("auth.stub.test", "127.0.0.1");
+    let page = reqwest::get(&direct).await.unwrap().text().await.unwrap();
+    assert!(page.contains("Sign in"));
+    let query = direct.split_once('?').unwrap().1;
+    let approved = reqwest::get(format!("http://{}/approve?{query}", oauth.addr))
+        .await
+        .unwrap();
+    let shown = approved.text().await.unwrap();
+    let code = shown
+        .split("<pre id=\"code\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let r = app
+        .post(
+            &format!("/api/auth/session/{id}/code"),
+            t,
+            json!({"code": ""}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let r = app
+        .post(
+            &format!("/api/auth/session/{id}/code"),
+            t,
+            json!({"code": code}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = wait_state(&app, &id, &token, |v| {
+        v["state"] == "completed" || v["state"] == "failed"
+    })
+    .await;
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["vaultItem"], "credential.codex");
+
+    // The sealed credential is in the vault; only the user's key opens it.
+    let item = app.get("/api/vault/items/credential.codex", t).await;
+    assert_eq!(item.status, StatusCode::OK, "{}", item.text);
+    let plain = open_credential(
+        &enrollment,
+        item.body["envelope"].as_str().unwrap(),
+        "codex",
+    );
+    let creds: Value = serde_json::from_str(&plain).unwrap();
+    let refresh = creds["stubOauth"]["refreshToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(refresh.starts_with("stub-refresh-"));
+    // The token request went through the egress proxy to the stub.
+    assert!(oauth
+        .seen()
+        .iter()
+        .any(|s| s.path == "/token" && s.body.contains(&code)));
+    sandbox_ended(&app, &token, &sandbox).await;
+    // The plaintext (tokens, code) reached no log, metric or store file.
+    app.assert_nowhere(&[
+        &refresh,
+        creds["stubOauth"]["accessToken"].as_str().unwrap(),
+    ])
+    .await;
+
+    // Another user cannot see it; a finished session can be read, a new
+    // one for the same provider may start.
+    let (_, other, _) = vault_user(&app, "other@example.com").await;
+    let r = app
+        .get(&format!("/api/auth/session/{id}"), Some(&other))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    let r = app.get("/api/auth/session/login-0000000000000000", t).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn viewer_tickets_origins_expiry_and_cancel() {
+    let oauth = polydev_stubs::oauth::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_login_config(dir.path(), oauth.addr.port(), "idle_timeout_secs = 4");
+    let mut app =
+        TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (uid, token, _) = vault_user(&app, "viewer@example.com").await;
+    let (_, other, _) = vault_user(&app, "intruder@example.com").await;
+    let t = Some(token.as_str());
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "claude_code"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.body["sessionId"].as_str().unwrap().to_owned();
+    let ws_base = app.url("").replace("http://", "ws://");
+    let ticket = |tok: String| {
+        let (app, id) = (&app, id.clone());
+        async move {
+            let r = app
+                .post(
+                    &format!("/api/auth/session/{id}/ticket"),
+                    Some(&tok),
+                    json!({}),
+                )
+                .await;
+            (r.status, r.body["ticket"].as_str().unwrap_or("").to_owned())
+        }
+    };
+    let connect = |ticket: String, origin: Option<&'static str>, bearer: Option<String>| {
+        let url = format!("{ws_base}/api/auth/session/{id}/novnc/websock?ticket={ticket}");
+        async move {
+            let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+            req.headers_mut()
+                .insert("sec-websocket-protocol", "binary".parse().unwrap());
+            if let Some(o) = origin {
+                req.headers_mut().insert("origin", o.parse().unwrap());
+            }
+            if let Some(b) = bearer {
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {b}").parse().unwrap());
+            }
+            tokio_tungstenite::connect_async(req).await
+        }
+    };
+    let status_of = |e: tungstenite::Error| match e {
+        tungstenite::Error::Http(resp) => resp.status().as_u16(),
+        other => panic!("not an HTTP refusal: {other}"),
+    };
+
+    // Not the owner: no ticket.
+    assert_eq!(ticket(other.clone()).await.0, StatusCode::FORBIDDEN);
+    let v = wait_state(&app, &id, &token, |v| {
+        v["state"] == "awaiting_login" || v["state"] == "failed"
+    })
+    .await;
+    assert_eq!(v["state"], "awaiting_login", "{v}");
+
+    // A plain GET (no upgrade) is a clear 400, logged, not a silent 404.
+    let r = app
+        .get(
+            &format!("/api/auth/session/{id}/novnc/websock?ticket=x"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "not_a_websocket")
+    );
+    // No ticket, a made-up one: 401.
+    assert_eq!(
+        status_of(connect(String::new(), None, None).await.unwrap_err()),
+        401
+    );
+    assert_eq!(
+        status_of(connect("f".repeat(64), None, None).await.unwrap_err()),
+        401
+    );
+    // A foreign page's Origin: 403 (the ticket is not spent on it).
+    let (_, tk) = ticket(token.clone()).await;
+    assert_eq!(
+        status_of(
+            connect(tk.clone(), Some("http://evil.example"), None)
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
+    // The owner's ticket presented by another signed-in user: 403.
+    let (_, tk2) = ticket(token.clone()).await;
+    assert_eq!(
+        status_of(connect(tk2, None, Some(other.clone())).await.unwrap_err()),
+        403
+    );
+
+    // The owner, same origin: the VNC server greets through the bridge.
+    let origin: &'static str = Box::leak(app.url("").into_boxed_str());
+    let (mut ws, resp) = connect(tk.clone(), Some(origin), Some(token.clone()))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "binary");
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.into_data().starts_with(b"RFB 003.008"));
+    // RFB handshake far enough for a framebuffer: version, no auth, shared.
+    ws.send(tungstenite::Message::Binary(
+        b"RFB 003.008\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let sec = ws.next().await.unwrap().unwrap().into_data();
+    assert!(
+        sec.len() >= 2 && sec[1..].contains(&1),
+        "security types {sec:?}"
+    );
+    ws.send(tungstenite::Message::Binary(vec![1u8].into()))
+        .await
+        .unwrap();
+    let result = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(&result[..4], &[0, 0, 0, 0]);
+    ws.send(tungstenite::Message::Binary(vec![1u8].into()))
+        .await
+        .unwrap();
+    let init = ws.next().await.unwrap().unwrap().into_data();
+    let (w, h) = (
+        u16::from_be_bytes([init[0], init[1]]),
+        u16::from_be_bytes([init[2], init[3]]),
+    );
+    assert_eq!((w, h), (1280, 800));
+    // A reused ticket is refused.
+    assert_eq!(
+        status_of(connect(tk, Some(origin), None).await.unwrap_err()),
+        401
+    );
+
+    // Cancel: the open viewer is closed with 1001, the session is gone (410).
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/auth/session/{id}"),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["state"], "cancelled");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tungstenite::Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1001);
+    let r = app.get(&format!("/api/auth/session/{id}"), t).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::GONE, "login_session_gone")
+    );
+    sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
+
+    // Idle expiry: nobody watches, nothing happens → expired, sandbox gone, 410.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "gemini_cli"}),
+        )
+        .await;
+    let idle = r.body["sessionId"].as_str().unwrap().to_owned();
+    let v = wait_state(&app, &idle, &token, |v| v["state"] == "awaiting_login").await;
+    let gone = wait_state(&app, &idle, &token, |_| false).await;
+    assert_eq!(gone["error"]["code"], "login_session_gone", "{gone}");
+    assert_eq!(gone["error"]["details"]["state"], "expired");
+    sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
+
+    // After a restart, old ids still answer 410 (from the store), and a
+    // session the previous process left live is expired, not stuck.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "codex"}),
+        )
+        .await;
+    let orphan = r.body["sessionId"].as_str().unwrap().to_owned();
+    wait_state(&app, &orphan, &token, |v| v["state"] == "awaiting_login").await;
+    app.restart().await;
+    for id in [&id, &idle, &orphan] {
+        let r = app.get(&format!("/api/auth/session/{id}"), t).await;
+        assert_eq!(r.status, StatusCode::GONE, "{id}: {}", r.text);
+    }
+    if let Some(cg) = app.cgroups() {
+        // Reconciliation at start removed the orphan's sandbox.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cg.list().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the orphaned sandbox's cgroup is left"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_that_cannot_boot_fails_within_the_deadline_with_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_login_config(
+        dir.path(),
+        9,
+        "boot_deadline_secs = 20\ntemplate = \"browser\"",
+    );
+    // `template` appears twice otherwise: keep the last one only.
+    let text =
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replacen("template = \"minimal\"\n", "", 1);
+    std::fs::write(
+        &config,
+        format!("[sandbox]\npools = {{}}\nboot_deadline_ms = 1500\n{text}"),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    // A `browser` image whose agent never comes up.
+    let images = polydev_sandbox::ImageStore::new(app.db.dir().join("images"));
+    let fake = dir.path().join("fake-agent");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'browser image: agent broken on purpose' >&2\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let broken = images.build_minimal(&fake).unwrap();
+    let browser = images
+        .import(
+            "browser",
+            &broken.rootfs,
+            broken.manifest.host_binds.clone(),
+        )
+        .unwrap();
+    images.activate("browser", &browser.manifest.hash).unwrap();
+
+    let (uid, token, _) = vault_user(&app, "broken@example.com").await;
+    let started = Instant::now();
+    let r = app
+        .post(
+            "/api/auth/start",
+            Some(&token),
+            json!({"userId": uid, "provider": "codex"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.body["sessionId"].as_str().unwrap();
+    let v = wait_state(&app, id, &token, |v| v["state"] == "failed").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(v["failedStage"], "booting", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("stage started"),
+        "{v}"
+    );
+    let tail = v["logTail"].as_array().unwrap();
+    assert!(
+        tail.iter()
+            .any(|l| l.as_str().unwrap().contains("broken on purpose")),
+        "{v}"
+    );
+    assert!(app.cgroups().map(|c| c.list().is_empty()).unwrap_or(true));
+}
