@@ -276,7 +276,18 @@ impl ImageStore {
             "127.0.0.1 localhost sandbox\n::1 localhost\n",
         )?;
         add_agent(&root, agent)?;
-        let image = self.import("minimal", &root, vec!["/usr".into()]);
+        // The host's installed software: /usr, and the package configuration
+        // programs there read (alternatives links, fonts, Chromium's flags).
+        let mut binds = vec!["/usr".to_owned()];
+        for extra in ["/etc/alternatives", "/etc/fonts", "/etc/chromium.d"] {
+            if Path::new(extra).is_dir() {
+                // The mount point exists in the image: the sandbox's user
+                // cannot make it in a root-owned /etc.
+                std::fs::create_dir_all(root.join(extra.trim_start_matches('/')))?;
+                binds.push(extra.to_owned());
+            }
+        }
+        let image = self.import("minimal", &root, binds);
         let _ = std::fs::remove_dir_all(&work);
         image
     }

@@ -326,8 +326,9 @@ struct Ticket {
 #[derive(Debug)]
 pub struct Admitted {
     pub sandbox: SandboxId,
-    /// Ends (true) when the session ends, so the bridge can close.
-    pub ended: watch::Receiver<LoginView>,
+    /// Turns true when the session is ending (before its sandbox goes),
+    /// so the bridge closes with "session ended" rather than an error.
+    pub ending: watch::Receiver<bool>,
 }
 
 pub struct Logins {
@@ -547,12 +548,10 @@ impl Logins {
         if s.user != user {
             return Err(LoginError::Forbidden);
         }
-        if s.advance("cancelled", |v| {
+        self.finish(&s, "cancelled", |v| {
             v.error = Some("cancelled by the user".into())
-        }) {
-            let _ = s.cancel.send(true);
-            self.end(&s).await;
-        }
+        })
+        .await;
         Ok(s.snapshot())
     }
 
@@ -683,7 +682,7 @@ impl Logins {
         s.touch();
         Ok(Admitted {
             sandbox: self.sandbox_of(&s)?,
-            ended: s.view.subscribe(),
+            ending: s.cancel.subscribe(),
         })
     }
 
@@ -720,12 +719,10 @@ impl Logins {
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default();
         for s in live {
-            if s.advance("expired", |v| {
+            self.finish(&s, "expired", |v| {
                 v.error = Some("the controller shut down".into())
-            }) {
-                let _ = s.cancel.send(true);
-                self.end(&s).await;
-            }
+            })
+            .await;
         }
     }
 
@@ -748,8 +745,7 @@ impl Logins {
         }
     }
 
-    /// Destroys the sandbox (if any) and records the final state.
-    async fn end(&self, s: &Session) {
+    async fn destroy_sandbox(&self, s: &Session) {
         let sandbox = s
             .view
             .borrow()
@@ -761,19 +757,33 @@ impl Logins {
                 tracing::warn!(session = %s.id, sandbox = %id, error = %e, "cannot destroy the login sandbox");
             }
         }
+    }
+
+    /// Ends a live session: its work stops, its sandbox is destroyed, and
+    /// only then does it enter `state` (so whoever sees a final state sees
+    /// no sandbox). False when it had already ended.
+    async fn finish(&self, s: &Session, state: &str, edit: impl FnOnce(&mut LoginView)) -> bool {
+        if s.snapshot().is_terminal() {
+            return false;
+        }
+        let _ = s.cancel.send(true);
+        self.destroy_sandbox(s).await;
+        if !s.advance(state, edit) {
+            return false;
+        }
         self.persist(s).await;
-        tracing::info!(session = %s.id, provider = s.provider.as_str(), state = %s.snapshot().state, "login session ended");
+        tracing::info!(session = %s.id, provider = s.provider.as_str(), state, "login session ended");
+        true
     }
 
     async fn fail(&self, s: &Session, message: String, log_tail: Vec<String>) {
         let stage = s.snapshot().state;
-        if s.advance("failed", |v| {
+        self.finish(s, "failed", |v| {
             v.error = Some(message);
             v.failed_stage = Some(stage);
             v.log_tail = log_tail;
-        }) {
-            self.end(s).await;
-        }
+        })
+        .await;
     }
 
     async fn log_tail(&self, s: &Session) -> Vec<String> {
@@ -821,8 +831,8 @@ impl Logins {
             }
         }
         if s.snapshot().is_terminal() {
-            // Cancelled while booting: `cancel` could not see the sandbox.
-            self.end(&s).await;
+            // Cancelled while booting: `cancel` may not have seen the sandbox.
+            self.destroy_sandbox(&s).await;
             return;
         }
         self.persist(&s).await;
@@ -986,10 +996,8 @@ impl Logins {
     }
 
     async fn expire(&self, s: &Session, why: &str) {
-        if s.advance("expired", |v| v.error = Some(why.to_owned())) {
-            let _ = s.cancel.send(true);
-            self.end(s).await;
-        }
+        self.finish(s, "expired", |v| v.error = Some(why.to_owned()))
+            .await;
     }
 
     /// `size mtime` of a file in the sandbox, None when absent or empty.
@@ -1068,9 +1076,8 @@ impl Logins {
         }
         match stored {
             Ok(_) => {
-                if s.advance("completed", |v| v.vault_item = Some(item.clone())) {
-                    self.end(s).await;
-                }
+                self.finish(s, "completed", |v| v.vault_item = Some(item.clone()))
+                    .await;
             }
             Err(e) => {
                 self.fail(
@@ -1222,12 +1229,20 @@ pub fn desktop_script(width: u32, height: u32) -> String {
     format!(
         r#"export DISPLAY=:0
 mkdir -p {OPENER_DIR} /tmp/polydev-chromium
-printf '#!/bin/sh\nexec chromium {flags} "$@" >/dev/null 2>&1\n' > {OPENER}
+browser=/usr/lib/chromium/chromium
+[ -x $browser ] || browser=$(command -v chromium) || {{ echo "this image has no Chromium" >&2; exit 127; }}
+printf '#!/bin/sh\nexec %s {flags} "$@" >/dev/null 2>&1\n' "$browser" > {OPENER}
 chmod 755 {OPENER}
-Xvnc :0 -rfbunixpath /run/polydev/{VNC_SERVICE} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {width}x{height} -depth 24 -UseBlacklist=0 -AlwaysShared -AcceptSetDesktopSize=0 -desktop polydev &
+xvnc=$(command -v Xvnc || command -v Xtigervnc) || {{ echo "this image has no VNC server (TigerVNC's Xvnc)" >&2; exit 127; }}
+"$xvnc" :0 -rfbunixpath /run/polydev/{VNC_SERVICE} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {width}x{height} -depth 24 -UseBlacklist=0 -AlwaysShared -AcceptSetDesktopSize=0 -desktop polydev &
+xpid=$!
 i=0
-while [ ! -S /run/polydev/{VNC_SERVICE} ] && [ $i -lt 400 ]; do sleep 0.02; i=$((i+1)); done
-chromium {flags} --kiosk --window-position=0,0 --window-size={width},{height} 'data:text/html,<body style="font:24px sans-serif;padding:3em;background:%23f4f4f4">Waiting for the CLI to open its sign-in page&hellip;</body>' &
+while [ ! -S /run/polydev/{VNC_SERVICE} ]; do
+  kill -0 $xpid 2>/dev/null || {{ echo "the VNC server exited" >&2; exit 1; }}
+  [ $i -lt 1500 ] || {{ echo "the VNC server did not listen within 30 s" >&2; exit 1; }}
+  sleep 0.02; i=$((i+1))
+done
+$browser {flags} --kiosk --window-position=0,0 --window-size={width},{height} 'data:text/html,<body style="font:24px sans-serif;padding:3em;background:%23f4f4f4">Waiting for the CLI to open its sign-in page&hellip;</body>' &
 wait
 "#
     )

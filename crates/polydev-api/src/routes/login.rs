@@ -366,7 +366,7 @@ pub(crate) async fn websock(
                 let (logins, id) = (logins.clone(), id.clone());
                 move || logins.touch(&id)
             };
-            let end = bridge(ws, vnc, admitted.ended, touch, metrics.clone()).await;
+            let end = bridge(ws, vnc, admitted.ending, touch, metrics.clone()).await;
             metrics.viewers.dec();
             tracing::info!(session = %id, end, "viewer disconnected");
         })
@@ -386,7 +386,7 @@ const PING: Duration = Duration::from_secs(20);
 pub async fn bridge<S>(
     ws: WebSocket,
     stream: S,
-    mut ended: tokio::sync::watch::Receiver<LoginView>,
+    mut ending: tokio::sync::watch::Receiver<bool>,
     touch: impl Fn() + Send + 'static,
     metrics: polydev_telemetry::metrics::LoginMetrics,
 ) -> &'static str
@@ -400,6 +400,7 @@ where
 
     // VNC → WebSocket (and pings, and the close frame).
     let down_metrics = metrics.clone();
+    let session_ending = ending.clone();
     let mut down = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         let mut ping = tokio::time::interval(PING);
@@ -409,11 +410,16 @@ where
                 n = rd.read(&mut buf) => {
                     let n = match n {
                         Ok(0) | Err(_) => {
+                            let (code, reason) = if *session_ending.borrow() {
+                                (1001, "the login session ended")
+                            } else {
+                                (1011, "the remote browser's VNC server closed")
+                            };
                             let _ = sink.send(Message::Close(Some(CloseFrame {
-                                code: 1011,
-                                reason: "the remote browser's VNC server closed".into(),
+                                code,
+                                reason: reason.into(),
                             }))).await;
-                            return "vnc closed";
+                            return reason;
                         }
                         Ok(n) => n,
                     };
@@ -441,8 +447,8 @@ where
         let next = tokio::select! {
             why = &mut down => return why.unwrap_or("client gone"),
             m = tokio::time::timeout(IDLE, source.next()) => m,
-            changed = ended.changed() => {
-                if changed.is_err() || ended.borrow().is_terminal() {
+            changed = ending.changed() => {
+                if changed.is_err() || *ending.borrow() {
                     let _ = close_tx.try_send((1001, "the login session ended"));
                     break;
                 }

@@ -89,9 +89,16 @@ fn open_credential(e: &polydev_vault::Enrollment, envelope_b64: &str, provider: 
 async fn sandbox_ended(app: &TestApp, token: &str, id: &str) {
     let r = app.get(&format!("/api/sandboxes/{id}"), Some(token)).await;
     assert_ne!(r.body["status"], "running", "{}", r.text);
+    let dir = app.db.dir().join("sandboxes").join(id);
     assert!(
-        !app.db.dir().join("sandboxes").join(id).exists(),
-        "the sandbox's directory is left"
+        !dir.exists(),
+        "the sandbox's directory is left: {:?}\n{}",
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()),
+        app.logs()
+            .lines()
+            .filter(|l| l.contains(id))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
