@@ -55,4 +55,13 @@ export const api = {
   startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
   runCredentials: (id, credentials) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials }),
   cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
+  vaultItem: (id) => call("GET", `/api/vault/items/${encodeURIComponent(id)}`),
+  vaultItems: () => call("GET", "/api/vault/items"),
+  putVaultItem: (id, version, envelope) => call("PUT", `/api/vault/items/${encodeURIComponent(id)}`, { version, envelope }),
+  loginModes: () => call("GET", "/api/auth/providers"),
+  startLogin: (userId, provider, mode) => call("POST", "/api/auth/start", { userId, provider, mode }),
+  loginSession: (id) => call("GET", `/api/auth/session/${encodeURIComponent(id)}`),
+  cancelLogin: (id) => call("DELETE", `/api/auth/session/${encodeURIComponent(id)}`),
+  loginTicket: (id) => call("POST", `/api/auth/session/${encodeURIComponent(id)}/ticket`),
+  loginCode: (id, code) => call("POST", `/api/auth/session/${encodeURIComponent(id)}/code`, { code }),
 };

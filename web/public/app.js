@@ -119,8 +119,17 @@ const routes = {
         el("h2", {}, "Runs"),
         el("p", {}, "Ask Claude Code, Codex and Gemini CLI at once, each in its own sandbox: ",
           el("a", { href: "/runs", "data-link": true }, "start a run"), "."),
-        el("p", { class: "muted" }, "Runs use your providers' API keys, sealed in this tab; signing in to the CLIs with a subscription is not available on this server yet.")),
+        el("p", { class: "muted" }, "Runs use your providers' API keys, sealed in this tab to each run's sandbox.")),
+      el("section", { class: "card" },
+        el("h2", {}, "Providers"),
+        el("p", {}, "Sign each CLI in (in a remote browser streamed here, or with a code) or save its API key: ",
+          el("a", { href: "/providers", "data-link": true }, "connect providers"), ".")),
     ),
+  },
+  "/providers": {
+    title: "Providers",
+    // Sign-in sessions with the streamed remote browser (web/public/providers.js).
+    render: async () => (await import("/providers.js")).renderProviders(view, currentUser),
   },
   "/runs": {
     title: "Runs",

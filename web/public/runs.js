@@ -6,6 +6,7 @@
 import { api } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
+import { getSecret } from "/session.js";
 
 const PROVIDERS = [
   { id: "claude_code", name: "Claude Code", key: "Anthropic API key" },
@@ -39,8 +40,13 @@ export function renderRuns(view) {
     el("label", { for: "prompt" }, "Prompt"), prompt,
     ...choices.map((c) => el("div", { class: "provider-row" },
       el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.key)),
-    el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them."),
+    el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them. Keys saved on the Providers page fill in here."),
     el("div", { class: "actions" }, run, cancel), status);
+
+  // Keys saved on the providers page fill in (decrypted here, never sent).
+  for (const c of choices) {
+    getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.key.value) c.key.value = k; }).catch(() => {});
+  }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();

@@ -139,3 +139,35 @@ export async function unlock(user, password) {
     v.wipe(wrappingKey, loginCredential);
   }
 }
+
+/// Stores `text` as the vault item `itemId`, encrypted here with the vault
+/// key (kind 1; the item's next version is in the AAD).
+export async function putSecret(itemId, text) {
+  if (!keys) throw new Error("unlock your vault first");
+  let version = 0;
+  try {
+    version = (await api.vaultItem(itemId)).version;
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) throw e;
+  }
+  const envelope = await v.sealItem(keys.vaultKey,
+    { userId: keys.userId, itemId, version: version + 1 }, new TextEncoder().encode(text));
+  touch();
+  return api.putVaultItem(itemId, version, b64(envelope));
+}
+
+/// The text of vault item `itemId` (kind 1), or null when there is none.
+export async function getSecret(itemId) {
+  if (!keys) throw new Error("unlock your vault first");
+  let item;
+  try {
+    item = await api.vaultItem(itemId);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return null;
+    throw e;
+  }
+  const plain = await v.openItem(keys.vaultKey,
+    { userId: keys.userId, itemId, version: item.version }, unb64(item.envelope));
+  touch();
+  return new TextDecoder().decode(plain);
+}

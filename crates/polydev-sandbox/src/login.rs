@@ -358,12 +358,19 @@ impl Logins {
         cfg: LoginConfig,
         metrics: LoginMetrics,
     ) -> Result<Arc<Self>, LoginError> {
-        let n = manager.store().expire_live_login_sessions(now_ms()).await?;
-        if n > 0 {
+        // Sessions a previous controller left live are over (nobody can
+        // finish them); their sandboxes go even if something still runs.
+        let left = manager.store().expire_live_login_sessions(now_ms()).await?;
+        if !left.is_empty() {
             tracing::info!(
-                count = n,
+                count = left.len(),
                 "login sessions of a previous controller marked expired"
             );
+        }
+        for id in left.iter().filter_map(|id| SandboxId::parse(id)) {
+            if let Err(e) = manager.destroy(&id, "ended").await {
+                tracing::warn!(sandbox = %id, error = %e, "cannot destroy a previous login sandbox");
+            }
         }
         Ok(Arc::new(Self {
             manager,

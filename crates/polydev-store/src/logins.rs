@@ -88,16 +88,26 @@ impl Store {
         record(&row)
     }
 
-    /// Sessions a previous controller left live (it ended, and their
-    /// sandboxes with it) become `expired`; returns how many.
-    pub async fn expire_live_login_sessions(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+    /// Sessions a previous controller left live become `expired`; returns
+    /// the sandbox ids they had (for the caller to destroy).
+    pub async fn expire_live_login_sessions(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sandbox_id FROM login_sessions WHERE state IN ('booting', 'ready', 'awaiting_login', 'awaiting_code') AND sandbox_id IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::internal)?;
+        let sandboxes = rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>("sandbox_id").ok())
+            .collect();
+        sqlx::query(
             "UPDATE login_sessions SET state = 'expired', error = COALESCE(error, 'the controller restarted'), updated_at = $1 WHERE state IN ('booting', 'ready', 'awaiting_login', 'awaiting_code')",
         )
         .bind(now_ms)
         .execute(self.pool())
         .await
         .map_err(StoreError::internal)?;
-        Ok(done.rows_affected())
+        Ok(sandboxes)
     }
 }

@@ -18,7 +18,11 @@ use serde_json::json;
 use crate::{record, Seen, Stub, StubServer};
 
 #[derive(Debug, Clone, Default)]
-struct Codes(Arc<Mutex<HashMap<String, bool>>>);
+struct Codes {
+    issued: Arc<Mutex<HashMap<String, bool>>>,
+    /// Prefix of every token handed out (a canary tests look for).
+    prefix: Arc<str>,
+}
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -58,7 +62,7 @@ async fn approve(State(codes): State<Codes>, Query(q): Query<HashMap<String, Str
             .into_response();
     };
     let code = format!("code-{:016x}", rand_u64());
-    if let Ok(mut c) = codes.0.lock() {
+    if let Ok(mut c) = codes.issued.lock() {
         c.insert(code.clone(), false);
     }
     let sep = if redirect.contains('?') { '&' } else { '?' };
@@ -87,7 +91,7 @@ async fn token(State(codes): State<Codes>, body: String) -> Response {
         })
         .unwrap_or_default();
     let fresh = codes
-        .0
+        .issued
         .lock()
         .ok()
         .and_then(|mut c| c.get_mut(&code).map(|used| !std::mem::replace(used, true)))
@@ -100,8 +104,8 @@ async fn token(State(codes): State<Codes>, body: String) -> Response {
             .into_response();
     }
     axum::Json(json!({
-        "access_token": format!("stub-access-{:016x}", rand_u64()),
-        "refresh_token": format!("stub-refresh-{:016x}", rand_u64()),
+        "access_token": format!("{}-access-{:016x}", codes.prefix, rand_u64()),
+        "refresh_token": format!("{}-refresh-{:016x}", codes.prefix, rand_u64()),
         "expires_in": 3600,
         "token_type": "Bearer",
     }))
@@ -120,8 +124,9 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// Starts the stub OAuth provider on 127.0.0.1.
-pub async fn start() -> std::io::Result<StubServer> {
+/// Starts the stub OAuth provider on 127.0.0.1; every token it issues
+/// starts with `token_prefix`.
+pub async fn start(token_prefix: &str) -> std::io::Result<StubServer> {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
     let stub = Stub {
         answer: String::new(),
@@ -133,7 +138,10 @@ pub async fn start() -> std::io::Result<StubServer> {
         .route("/approve", get(approve))
         .route("/code", get(show_code))
         .route("/token", post(token))
-        .with_state(Codes::default())
+        .with_state(Codes {
+            issued: Arc::default(),
+            prefix: token_prefix.into(),
+        })
         .layer(axum::middleware::from_fn_with_state(stub, record));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -104,7 +104,7 @@ async fn sandbox_ended(app: &TestApp, token: &str, id: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn code_relay_login_seals_the_credential_for_the_user_only() {
-    let oauth = polydev_stubs::oauth::start().await.unwrap();
+    let oauth = polydev_stubs::oauth::start("stub").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stub_login_config(dir.path(), oauth.addr.port(), "");
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
@@ -263,9 +263,93 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
 }
 
+/// The whole flow a user sees: the providers page, the real noVNC client
+/// through the bridge (directly, and through nginx with the shipped
+/// config), a click on the remote page's "Sign in", the credential sealed
+/// into the vault.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_streamed_browser_signs_in_directly_and_behind_nginx() {
+    use std::io::Write;
+    let canary = format!("canary{}", uuid::Uuid::new_v4().simple());
+    let oauth = polydev_stubs::oauth::start(&canary).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_login_config(dir.path(), oauth.addr.port(), "");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../web/tests/login-viewer.mjs"
+    );
+    let mut child = std::process::Command::new("node")
+        .arg(script)
+        .env("POLYDEV_BIN", crate::app::BIN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("node and the web packages (scripts/test.sh)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json!({"config": config}).to_string().as_bytes())
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (way, provider) in [("direct", "codex"), ("nginx", "claude_code")] {
+        let seen = &v[way];
+        assert_eq!(
+            seen["state"],
+            "completed",
+            "{way}: {seen}\nthe stub saw: {:?}",
+            oauth
+                .seen()
+                .iter()
+                .map(|s| s.path.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(seen["providerState"], "signed in", "{seen}");
+        let item = format!("credential.{provider}");
+        assert!(
+            seen["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i == item.as_str()),
+            "{seen}"
+        );
+        // The click went through noVNC and the bridge as RFB pointer events.
+        assert!(seen["pointerEvents"].as_u64().unwrap() >= 2, "{seen}");
+        // A sealed box (kind 4), not plaintext.
+        assert_eq!(seen["envelopeHead"], json!([0x50, 1, 4]), "{seen}");
+    }
+    // The WebSocket went through nginx (101 in its access log).
+    let nginx_log = v["nginxLog"].as_str().unwrap();
+    assert!(
+        nginx_log
+            .lines()
+            .any(|l| l.contains("/novnc/websock") && l.contains("\" 101 ")),
+        "{nginx_log}"
+    );
+    // Two sign-ins, two token exchanges through the egress proxy; no token
+    // reached the server's logs.
+    assert_eq!(
+        oauth.seen().iter().filter(|s| s.path == "/token").count(),
+        2
+    );
+    assert!(!v["logs"].as_str().unwrap().contains(&canary));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn viewer_tickets_origins_expiry_and_cancel() {
-    let oauth = polydev_stubs::oauth::start().await.unwrap();
+    let oauth = polydev_stubs::oauth::start("stub").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stub_login_config(dir.path(), oauth.addr.port(), "idle_timeout_secs = 4");
     let mut app =
@@ -471,7 +555,8 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
         while !cg.list().is_empty() {
             assert!(
                 Instant::now() < deadline,
-                "the orphaned sandbox's cgroup is left"
+                "the orphaned sandbox's cgroup is left: {:?}",
+                cg.list()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
