@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh Debian machine: installs and starts what the
-# tests need (PostgreSQL, Chromium, promtool, curl, bubblewrap, debootstrap,
-# the web UI's npm packages), then runs the repository rules (fmt, clippy),
+# tests need (PostgreSQL, Chromium, TigerVNC's Xvnc, nginx, websockify,
+# promtool, curl, bubblewrap, debootstrap, the web UI's npm packages), then runs the repository rules (fmt, clippy),
 # the browser tests, the Rust suite (unit, store on SQLite and PostgreSQL,
 # sandboxes on the real kernel, the binary end to end), and builds and boots
 # the real golden images (base, runtime, browser).
@@ -12,7 +12,8 @@ need_rust
 
 # --- what the tests need -----------------------------------------------------
 need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl \
-  bwrap bubblewrap debootstrap debootstrap /usr/sbin/sshd openssh-server ssh-keygen openssh-client
+  bwrap bubblewrap debootstrap debootstrap /usr/sbin/sshd openssh-server ssh-keygen openssh-client \
+  Xtigervnc tigervnc-standalone-server /usr/sbin/nginx nginx websockify websockify
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # PostgreSQL: start the Debian cluster when nothing answers, and make a

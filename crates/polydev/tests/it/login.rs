@@ -15,6 +15,10 @@ use tokio_tungstenite::tungstenite;
 
 use crate::app::{login_body, signup, TestApp};
 
+/// The proxy resolves the stub's name, and the login sandboxes may reach
+/// nothing else (Chromium's own background requests are refused too).
+const EGRESS: &str = "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\"]\n";
+
 /// A config whose login flows all run the stub CLI login against the stub
 /// OAuth provider at `auth.stub.test` (a name only the proxy resolves).
 pub fn stub_login_config(dir: &std::path::Path, auth_port: u16, extra: &str) -> std::path::PathBuf {
@@ -29,9 +33,7 @@ pub fn stub_login_config(dir: &std::path::Path, auth_port: u16, extra: &str) -> 
     let config = dir.join("polydev.toml");
     std::fs::write(
         &config,
-        format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n[login]\ntemplate = \"minimal\"\n{extra}\n{providers}"
-        ),
+        format!("{EGRESS}[login]\ntemplate = \"minimal\"\n{extra}\n{providers}"),
     )
     .unwrap();
     config
@@ -630,4 +632,87 @@ async fn a_browser_that_cannot_boot_fails_within_the_deadline_with_its_log() {
         "{v}"
     );
     assert!(app.cgroups().map(|c| c.list().is_empty()).unwrap_or(true));
+}
+
+/// The real CLIs' login commands (the built-in flows), far enough to show
+/// their sign-in page in the remote browser: each prints its URL, opens it
+/// in the sandbox's Chromium, and Chromium asks the egress proxy for the
+/// provider's sign-in host — which this test's policy refuses, so nothing
+/// leaves the machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!("{EGRESS}[login]\ntemplate = \"minimal\"\n"),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (uid, token, _) = vault_user(&app, "real@example.com").await;
+    let mut sessions = Vec::new();
+    for (provider, host) in [
+        ("claude_code", "claude.com"),
+        ("codex", "auth.openai.com"),
+        ("gemini_cli", "accounts.google.com"),
+    ] {
+        let r = app
+            .post(
+                "/api/auth/start",
+                Some(&token),
+                json!({"userId": uid, "provider": provider}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        sessions.push((
+            provider,
+            host,
+            r.body["sessionId"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (provider, host, id) in &sessions {
+        // Gemini CLI opens its page without printing the URL when headless.
+        let prints_url = *provider != "gemini_cli";
+        let v = wait_state(&app, id, &token, |v| {
+            v["authUrl"].is_string()
+                || v["state"] == "failed"
+                || (!prints_url && v["state"] == "awaiting_login")
+        })
+        .await;
+        assert_eq!(v["state"], "awaiting_login", "{provider}: {v}");
+        if prints_url {
+            let url = v["authUrl"].as_str().unwrap();
+            assert!(
+                url.starts_with(&format!("https://{host}/")),
+                "{provider}: {url}"
+            );
+        }
+        // The remote Chromium asked for the sign-in page.
+        let sandbox = v["sandboxId"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let asked = app.logs().lines().any(|l| {
+                l.contains("egress destination not allowed by policy")
+                    && l.contains(&sandbox)
+                    && l.contains(&format!("\"host\":\"{host}\""))
+            });
+            if asked {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{provider}: the remote browser never asked for {host}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let r = app
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/auth/session/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
 }
