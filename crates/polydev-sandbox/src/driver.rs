@@ -112,6 +112,21 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// The last `lines` lines of the sandbox's console/agent log.
     async fn log_tail(&self, id: &SandboxId, lines: usize) -> Vec<String>;
 
+    /// Points a sandbox's egress relay (made without a route, for a pool)
+    /// at the proxy `target`, adding `auth` as `Proxy-Authorization`.
+    async fn set_egress(
+        &self,
+        id: &SandboxId,
+        target: std::net::SocketAddr,
+        auth: String,
+    ) -> Result<(), DriverError> {
+        let _ = (id, target, auth);
+        Err(DriverError::Unavailable(format!(
+            "the {} driver cannot route a pooled sandbox's egress",
+            self.name()
+        )))
+    }
+
     /// A byte stream to a service inside the sandbox that listens on the
     /// Unix socket `/run/polydev/<name>` (e.g. the login desktop's VNC
     /// server, `vnc.sock`). `name` is a plain file name.

@@ -130,8 +130,18 @@ pub struct LocalDriver {
     /// Sandboxes started by this process: their launcher's child handle
     /// is reaped by a task; here only to know they are ours.
     started: Mutex<HashMap<SandboxId, u32>>,
-    /// Egress relays (network mode `egress`), stopped on destroy.
-    relays: Mutex<HashMap<SandboxId, tokio::task::AbortHandle>>,
+    /// Egress relays (network mode `egress`), stopped on destroy; each
+    /// with where it forwards to (unset: a pooled sandbox not handed out,
+    /// whose relay refuses every connection).
+    relays: Mutex<
+        HashMap<
+            SandboxId,
+            (
+                tokio::task::AbortHandle,
+                Arc<std::sync::RwLock<Option<Route>>>,
+            ),
+        >,
+    >,
 }
 
 impl Drop for LocalDriver {
@@ -269,10 +279,11 @@ impl LocalDriver {
         &self,
         id: &SandboxId,
         path: &Path,
-        target: std::net::SocketAddr,
-        auth: Option<Arc<str>>,
+        route: Option<Route>,
         uid: u32,
     ) -> std::io::Result<()> {
+        let route = Arc::new(std::sync::RwLock::new(route));
+        let current = route.clone();
         let listener = tokio::net::UnixListener::bind(path)?;
         nix::unistd::chown(
             path,
@@ -284,7 +295,11 @@ impl LocalDriver {
                 let Ok((inside, _)) = listener.accept().await else {
                     break;
                 };
-                let auth = auth.clone();
+                // Not handed out yet: no way out.
+                let Some(Route { target, auth }) = current.read().ok().and_then(|r| r.clone())
+                else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     if let Ok(proxy) = tokio::net::TcpStream::connect(target).await {
                         let _ = proxy.set_nodelay(true);
@@ -294,7 +309,7 @@ impl LocalDriver {
             }
         });
         if let Ok(mut r) = self.relays.lock() {
-            r.insert(id.clone(), task.abort_handle());
+            r.insert(id.clone(), (task.abort_handle(), route));
         }
         Ok(())
     }
@@ -357,14 +372,11 @@ impl Driver for LocalDriver {
         };
         let mut command = vec![AGENT_PATH.into(), "--socket".into(), SOCKET_INSIDE.into()];
         if spec.network == Network::Egress {
-            let Some(target) = spec.egress else {
-                let _ = self.destroy(id).await;
-                return Err(DriverError::Io(
-                    "network egress without a proxy address".into(),
-                ));
-            };
-            let auth = spec.egress_auth.clone().map(Arc::<str>::from);
-            match self.start_relay(id, &run.join("egress.sock"), target, auth, uid) {
+            let route = spec.egress.map(|target| Route {
+                target,
+                auth: spec.egress_auth.clone().map(Arc::<str>::from),
+            });
+            match self.start_relay(id, &run.join("egress.sock"), route, uid) {
                 Ok(()) => {
                     command.extend(["--egress-relay".into(), crate::spec::EGRESS_INSIDE.into()])
                 }
@@ -468,6 +480,28 @@ impl Driver for LocalDriver {
         Ok(AgentClient::connect(&socket, deadline).await?)
     }
 
+    async fn set_egress(
+        &self,
+        id: &SandboxId,
+        target: std::net::SocketAddr,
+        auth: String,
+    ) -> Result<(), DriverError> {
+        let relays = self
+            .relays
+            .lock()
+            .map_err(|_| DriverError::Io("relay table poisoned".into()))?;
+        let (_, route) = relays
+            .get(id)
+            .ok_or_else(|| DriverError::Io(format!("sandbox {id} has no egress relay")))?;
+        *route
+            .write()
+            .map_err(|_| DriverError::Io("relay route poisoned".into()))? = Some(Route {
+            target,
+            auth: Some(auth.into()),
+        });
+        Ok(())
+    }
+
     async fn connect_service(
         &self,
         id: &SandboxId,
@@ -488,7 +522,7 @@ impl Driver for LocalDriver {
         if let Ok(mut s) = self.started.lock() {
             s.remove(id);
         }
-        if let Some(relay) = self.relays.lock().ok().and_then(|mut r| r.remove(id)) {
+        if let Some((relay, _)) = self.relays.lock().ok().and_then(|mut r| r.remove(id)) {
             relay.abort();
         }
         let cgroups = self.cgroups.clone();
@@ -564,6 +598,13 @@ impl Driver for LocalDriver {
             .map(|l| l.chars().take(500).collect())
             .collect()
     }
+}
+
+/// Where an egress relay forwards, and the credential it adds.
+#[derive(Debug, Clone)]
+struct Route {
+    target: std::net::SocketAddr,
+    auth: Option<Arc<str>>,
 }
 
 /// One relayed connection. A request head without `Proxy-Authorization`

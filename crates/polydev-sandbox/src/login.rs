@@ -1107,7 +1107,8 @@ impl Logins {
     ) -> Result<(), (String, Vec<String>)> {
         let req = CreateRequest {
             template: self.cfg.template.clone(),
-            limits: Some(self.cfg.limits),
+            // The template's limits (a warm pool member fits then).
+            limits: None,
             network: Network::Egress,
             env: Vec::new(),
             labels: [
@@ -1163,43 +1164,16 @@ impl Logins {
             .agent(&sandbox, Duration::from_secs(5))
             .await
             .map_err(|e| (format!("cannot reach the sandbox's agent: {e}"), Vec::new()))?;
+        // Started detached (a pooled sandbox may have it running already).
+        let argv = desktop_command(self.cfg.width, self.cfg.height);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         agent
-            .start_exec(
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    desktop_script(self.cfg.width, self.cfg.height),
-                ],
-                Vec::new(),
-                None,
-                self.cfg.max_lifetime + Duration::from_secs(60),
-            )
+            .exec(&argv, None, Duration::from_secs(10), |_| {})
             .await
             .map_err(|e| (format!("cannot start the desktop: {e}"), Vec::new()))?;
-        let (exited_tx, exited_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            loop {
-                match agent.next_event().await {
-                    Ok(AgentEvent::Stdout { data } | AgentEvent::Stderr { data }) => {
-                        use base64::Engine;
-                        let bytes = base64::engine::general_purpose::STANDARD
-                            .decode(data)
-                            .unwrap_or_default();
-                        if let Ok(mut t) = desktop_out.lock() {
-                            t.push(&String::from_utf8_lossy(&bytes));
-                        }
-                    }
-                    Ok(AgentEvent::Exit { .. }) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            let _ = exited_tx.send(true);
-        });
         // Ready when the VNC server greets on its socket.
+        let mut round = 0u32;
         loop {
-            if *exited_rx.borrow() {
-                return Err(("the desktop exited before it served".into(), Vec::new()));
-            }
             if s.snapshot().is_terminal() {
                 return Ok(());
             }
@@ -1219,12 +1193,39 @@ impl Logins {
                     return Ok(());
                 }
             }
+            round += 1;
+            if round % 10 == 0 && agent.get_file(DESKTOP_FAILED).await.is_ok() {
+                let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
+                if let Ok(mut t) = desktop_out.lock() {
+                    t.push(&String::from_utf8_lossy(&log));
+                    t.push("\n");
+                }
+                return Err(("the desktop exited before it served".into(), Vec::new()));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
 const OPENER_DIR: &str = "/tmp/polydev-bin";
+const DESKTOP_LOG: &str = "/tmp/polydev-desktop.log";
+const DESKTOP_FAILED: &str = "/tmp/polydev-desktop.failed";
+const DESKTOP_STARTED: &str = "/tmp/polydev-desktop.started";
+
+/// Starts the login desktop in the background (its output in
+/// `/tmp/polydev-desktop.log`; `/tmp/polydev-desktop.failed` appears if it
+/// dies) and returns at once; a second call does nothing. What a warm
+/// pool runs in its browser sandboxes ahead of time.
+pub fn desktop_command(width: u32, height: u32) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "[ -e {DESKTOP_STARTED} ] && exit 0; : > {DESKTOP_STARTED}; ( (\n{}\n) || : > {DESKTOP_FAILED} ) > {DESKTOP_LOG} 2>&1 < /dev/null &",
+            desktop_script(width, height)
+        ),
+    ]
+}
 const OPENER: &str = "/tmp/polydev-bin/xdg-open";
 
 /// The login desktop: Xvnc on the service socket (no TCP; the sandbox's
@@ -1250,7 +1251,7 @@ while [ ! -S /run/polydev/{VNC_SERVICE} ]; do
   sleep 0.02; i=$((i+1))
 done
 $browser {flags} --kiosk --window-position=0,0 --window-size={width},{height} 'data:text/html,<body style="font:24px sans-serif;padding:3em;background:%23f4f4f4">Waiting for the CLI to open its sign-in page&hellip;</body>' &
-wait
+wait $xpid
 "#
     )
 }

@@ -65,6 +65,12 @@ pub struct ManagerConfig {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub default_limits: Limits,
+    /// Limits of a template's sandboxes when a request names none (and of
+    /// its pool); else `default_limits`.
+    pub template_limits: BTreeMap<String, Limits>,
+    /// A command run in each new pool member of a template (short: it
+    /// starts what should already run at hand-out, e.g. the login desktop).
+    pub pool_warmup: BTreeMap<String, Vec<String>>,
     /// Live sandboxes one user may hold (429 beyond).
     pub per_user_max: u32,
     /// Live sandboxes on this host, pools included (503 beyond).
@@ -84,6 +90,8 @@ impl Default for ManagerConfig {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(24 * 3600),
             default_limits: Limits::default(),
+            template_limits: BTreeMap::new(),
+            pool_warmup: BTreeMap::new(),
             per_user_max: 10,
             host_max: 2000,
             pools: BTreeMap::new(),
@@ -170,6 +178,8 @@ impl SandboxView {
 struct Warm {
     id: SandboxId,
     born: Instant,
+    /// Made with an egress relay that has no route yet (hand-out routes it).
+    egress_ready: bool,
 }
 
 #[derive(Debug)]
@@ -252,6 +262,61 @@ impl Manager {
         self.metrics.containers_active.inc_by(delta);
     }
 
+    fn limits_of(&self, template: &str) -> Limits {
+        self.cfg
+            .template_limits
+            .get(template)
+            .copied()
+            .unwrap_or(self.cfg.default_limits)
+    }
+
+    /// Mints `user`'s egress credential for sandbox `id` into `spec` (route
+    /// and relay credential) and the proxy variables into `env`.
+    async fn open_egress(
+        &self,
+        user: UserId,
+        id: &SandboxId,
+        spec: &mut SandboxSpec,
+        env: &mut Vec<(String, String)>,
+    ) -> Result<(), ManagerError> {
+        let gate = self.egress.get().ok_or_else(|| {
+            ManagerError::Invalid(
+                "network `egress` needs the egress proxy, which is off on this controller".into(),
+            )
+        })?;
+        let grant = gate
+            .open(user, id.as_str(), &spec.template)
+            .await
+            .map_err(ManagerError::Invalid)?;
+        spec.egress = Some(grant.target);
+        spec.egress_auth = Some(format!(
+            "Basic {}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{}:{}", grant.username, grant.password)
+            )
+        ));
+        let url = format!(
+            "http://{}:{}@{}",
+            grant.username,
+            grant.password,
+            crate::spec::EGRESS_INSIDE
+        );
+        for k in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "ALL_PROXY",
+        ] {
+            env.push((k.to_owned(), url.clone()));
+        }
+        for k in ["NO_PROXY", "no_proxy"] {
+            env.push((k.to_owned(), "localhost,127.0.0.1,::1".to_owned()));
+        }
+        Ok(())
+    }
+
     fn spec_for(&self, req: &CreateRequest) -> Result<SandboxSpec, ManagerError> {
         let ttl = req.ttl.unwrap_or(self.cfg.default_ttl);
         if ttl.is_zero() || ttl > self.cfg.max_ttl {
@@ -260,7 +325,7 @@ impl Manager {
                 self.cfg.max_ttl.as_secs()
             )));
         }
-        let limits = req.limits.unwrap_or(self.cfg.default_limits);
+        let limits = req.limits.unwrap_or_else(|| self.limits_of(&req.template));
         if limits.memory_bytes < 16 << 20
             || limits.pids < 8
             || limits.cpu_millis < 10
@@ -343,7 +408,7 @@ impl Manager {
         spec: SandboxSpec,
         image: crate::image::Image,
     ) -> Result<SandboxView, ManagerError> {
-        let poolable = req.limits.is_none() && req.network == Network::None;
+        let poolable = req.limits.is_none();
         if self.cfg.pools.get(&req.template).copied().unwrap_or(0) > 0 {
             if poolable {
                 if let Some(view) = self.hand_out(user, &spec).await? {
@@ -363,42 +428,7 @@ impl Manager {
         let id = SandboxId::generate();
         let mut env = spec.env.clone();
         if spec.network == Network::Egress {
-            let gate = self.egress.get().ok_or_else(|| {
-                ManagerError::Invalid(
-                    "network `egress` needs the egress proxy, which is off on this controller"
-                        .into(),
-                )
-            })?;
-            let grant = gate
-                .open(user, id.as_str(), &spec.template)
-                .await
-                .map_err(ManagerError::Invalid)?;
-            spec.egress = Some(grant.target);
-            spec.egress_auth = Some(format!(
-                "Basic {}",
-                base64::Engine::encode(
-                    &base64::engine::general_purpose::STANDARD,
-                    format!("{}:{}", grant.username, grant.password)
-                )
-            ));
-            let url = format!(
-                "http://{}:{}@{}",
-                grant.username,
-                grant.password,
-                crate::spec::EGRESS_INSIDE
-            );
-            for k in [
-                "HTTP_PROXY",
-                "HTTPS_PROXY",
-                "http_proxy",
-                "https_proxy",
-                "ALL_PROXY",
-            ] {
-                env.push((k.to_owned(), url.clone()));
-            }
-            for k in ["NO_PROXY", "no_proxy"] {
-                env.push((k.to_owned(), "localhost,127.0.0.1,::1".to_owned()));
-            }
+            self.open_egress(user, &id, &mut spec, &mut env).await?;
         }
         if let Err(e) = self.claim() {
             self.close_egress(&id, &spec).await;
@@ -546,17 +576,47 @@ impl Manager {
                 .pool_size
                 .get_or_create(&self.labels(&spec.template))
                 .dec();
+            let egress = spec.network == Network::Egress;
+            if egress && !warm.egress_ready {
+                // Made before the egress proxy was there: no relay to route.
+                let _ = self.destroy(&warm.id, "ended").await;
+                continue;
+            }
+            let mut spec = spec.clone();
+            let mut env = spec.env.clone();
+            if egress {
+                self.open_egress(user, &warm.id, &mut spec, &mut env)
+                    .await?;
+                let routed = match (spec.egress, spec.egress_auth.clone()) {
+                    (Some(target), Some(auth)) => {
+                        self.driver.set_egress(&warm.id, target, auth).await
+                    }
+                    _ => Err(DriverError::Io("no egress route".into())),
+                };
+                if let Err(e) = routed {
+                    self.close_egress(&warm.id, &spec).await;
+                    let _ = self.destroy(&warm.id, "lost").await;
+                    tracing::warn!(error = %e, "cannot route a pooled sandbox's egress");
+                    continue;
+                }
+            }
+            let spec_json = if egress {
+                stored_spec(&spec)?
+            } else {
+                spec_json.clone()
+            };
             let expires = now_ms() + spec.ttl.as_millis() as i64;
             if !self
                 .store
                 .assign_sandbox(warm.id.as_str(), user, &spec_json, expires)
                 .await?
             {
+                self.close_egress(&warm.id, &spec).await;
                 continue; // reaped meanwhile
             }
-            if !spec.env.is_empty() {
+            if !env.is_empty() {
                 let configured = match self.driver.agent(&warm.id, Duration::from_secs(2)).await {
-                    Ok(mut agent) => agent.configure(spec.env.clone()).await.is_ok(),
+                    Ok(mut agent) => agent.configure(env).await.is_ok(),
                     Err(_) => false,
                 };
                 if !configured {
@@ -773,10 +833,18 @@ impl Manager {
                 if have >= size || self.claim().is_err() {
                     break;
                 }
+                // With the egress proxy on, pool members get an egress relay
+                // without a route: a hand-out for network `egress` routes it
+                // to the user's credential; for `none` it stays closed.
+                let egress_ready = self.egress.get().is_some();
                 let spec = SandboxSpec {
                     template: template.clone(),
-                    limits: self.cfg.default_limits,
-                    network: Network::None,
+                    limits: self.limits_of(template),
+                    network: if egress_ready {
+                        Network::Egress
+                    } else {
+                        Network::None
+                    },
                     env: Vec::new(),
                     labels: [("pool".to_owned(), template.clone())].into(),
                     ttl: self.cfg.pool_refresh + Duration::from_secs(60),
@@ -784,7 +852,11 @@ impl Manager {
                     egress_auth: None,
                 };
                 let id = SandboxId::generate();
-                match self.boot(&id, None, &spec, &image, "pooled").await {
+                let booted = match self.boot(&id, None, &spec, &image, "pooled").await {
+                    Ok(()) => self.warm_up(&id, template).await,
+                    Err(e) => Err(e),
+                };
+                match booted {
                     Ok(()) => {
                         made += 1;
                         self.metrics
@@ -795,6 +867,7 @@ impl Manager {
                             p.entry(template.clone()).or_default().push_back(Warm {
                                 id,
                                 born: Instant::now(),
+                                egress_ready,
                             });
                         }
                     }
@@ -807,6 +880,37 @@ impl Manager {
             }
         }
         Ok(made)
+    }
+
+    /// Runs the template's warm-up command in a new pool member; on failure
+    /// the member is destroyed.
+    async fn warm_up(&self, id: &SandboxId, template: &str) -> Result<(), ManagerError> {
+        let Some(argv) = self.cfg.pool_warmup.get(template) else {
+            return Ok(());
+        };
+        let run = async {
+            let mut agent = self.driver.agent(id, Duration::from_secs(5)).await?;
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = agent
+                .exec(&argv, None, Duration::from_secs(30), |_| {})
+                .await
+                .map_err(DriverError::from)?;
+            if out.code == Some(0) {
+                Ok(())
+            } else {
+                Err(DriverError::Io(format!(
+                    "pool warm-up exited with {:?}: {}",
+                    out.code,
+                    String::from_utf8_lossy(&out.stderr)
+                )))
+            }
+        }
+        .await;
+        if let Err(e) = run {
+            let _ = self.destroy(id, "failed").await;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Warm sandboxes ready for a template now.

@@ -268,7 +268,8 @@ impl Runs {
         for provider in &providers {
             let req = CreateRequest {
                 template: self.cfg.template.clone(),
-                limits: Some(self.cfg.limits),
+                // The template's limits (a warm pool member fits then).
+                limits: None,
                 network: Network::Egress,
                 env: vec![("POLYDEV_PROMPT".into(), prompt.clone())],
                 labels: [

@@ -18,6 +18,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
         BenchArea::Deploy => crate::bench_deploy::run(&args).await,
         BenchArea::Runs => crate::bench_runs::run(&args).await,
+        BenchArea::Stream => crate::bench_stream::run(&args).await,
     }
 }
 
@@ -119,6 +120,34 @@ impl Server {
         }
         let v: Value = serde_json::from_slice(&out.stdout)?;
         Ok(v["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// A user with a vault (enrolled from a password); returns (id, token).
+    pub(crate) fn vault_user(&self, email: &str) -> anyhow::Result<(String, String)> {
+        use std::io::Write;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(["user", "add", "--email", email, "--password-stdin"])
+            .arg("--data-dir")
+            .arg(self._dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(b"correct horse battery\n")?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok((
+            v["id"].as_str().unwrap_or_default().to_owned(),
+            v["token"].as_str().unwrap_or_default().to_owned(),
+        ))
     }
 }
 

@@ -252,6 +252,9 @@ pub enum BenchArea {
     /// Runs against loopback stub providers: request → first delta through
     /// polydev vs the same CLI run directly; 20 concurrent 3-provider runs.
     Runs,
+    /// The login viewer's WebSocket bridge vs websockify (throughput, round
+    /// trips) and login start → first framebuffer update.
+    Stream,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -268,7 +271,7 @@ pub struct BenchArgs {
     pub connections: u32,
     #[arg(long, default_value_t = 2)]
     pub threads: u32,
-    /// egress: bytes for the throughput transfer.
+    /// egress, stream: bytes for the throughput transfer.
     #[arg(long, default_value_t = 1 << 30)]
     pub transfer_bytes: u64,
     /// sandboxes: idle sandboxes to hold for the density figure.

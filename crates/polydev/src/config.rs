@@ -139,7 +139,7 @@ pub fn sandbox_config(
 ) -> anyhow::Result<SandboxSettings> {
     let f = file.cloned().unwrap_or_default();
     let mut m = polydev_sandbox::ManagerConfig {
-        pools: [("runtime".to_owned(), 10), ("browser".to_owned(), 10)].into(),
+        pools: [("runtime".to_owned(), 10), ("browser".to_owned(), 2)].into(),
         ..Default::default()
     };
     if let Some(p) = f.pools {
@@ -465,6 +465,21 @@ impl ServeConfig {
         if api.request_timeout.is_zero() || api.session_ttl.is_zero() {
             bail!("request_timeout_secs and session_ttl_hours must be above zero");
         }
+        let runs = runs_config(file.runs.as_ref());
+        let login = login_config(file.login.as_ref())?;
+        let mut sandbox = sandbox_config(&args.sandbox, file.sandbox.as_ref())?;
+        // Runs and login sessions ask for their template's limits, so warm
+        // pool members (made with those limits) fit them; a browser pool's
+        // members start the login desktop ahead of time.
+        let m = &mut sandbox.manager;
+        m.template_limits.insert(runs.template.clone(), runs.limits);
+        m.template_limits
+            .entry(login.template.clone())
+            .or_insert(login.limits);
+        m.pool_warmup.insert(
+            login.template.clone(),
+            polydev_sandbox::login::desktop_command(login.width, login.height),
+        );
         Ok(Self {
             store,
             listen,
@@ -481,9 +496,9 @@ impl ServeConfig {
                 .or_else(|| file.health_override_file.clone()),
             alerts,
             egress: egress_config(&args.egress, &file)?,
-            sandbox: sandbox_config(&args.sandbox, file.sandbox.as_ref())?,
-            runs: runs_config(file.runs.as_ref()),
-            login: login_config(file.login.as_ref())?,
+            sandbox,
+            runs,
+            login,
             listen_stdin: args.listen_stdin,
         })
     }

@@ -6,6 +6,7 @@ mod bench_deploy;
 mod bench_egress;
 mod bench_runs;
 mod bench_sandbox;
+mod bench_stream;
 mod cli;
 mod config;
 mod deploy;

@@ -160,14 +160,10 @@ async fn smoke_check(
             }
         }
         "browser" => {
-            let script = polydev_sandbox::login::desktop_script(1280, 800);
+            let argv = polydev_sandbox::login::desktop_command(1280, 800);
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
             agent
-                .start_exec(
-                    vec!["/bin/sh".into(), "-c".into(), script],
-                    Vec::new(),
-                    None,
-                    Duration::from_secs(60),
-                )
+                .exec(&argv, None, Duration::from_secs(10), |_| {})
                 .await?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -186,10 +182,13 @@ async fn smoke_check(
                     }
                 }
                 if Instant::now() > deadline {
-                    let tail = driver.log_tail(id, 20).await;
+                    let log = agent
+                        .get_file("/tmp/polydev-desktop.log")
+                        .await
+                        .unwrap_or_default();
                     bail!(
                         "the browser image's desktop did not serve VNC within 30 s\n{}",
-                        tail.join("\n")
+                        String::from_utf8_lossy(&log)
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -109,8 +109,22 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
     let oauth = polydev_stubs::oauth::start("stub").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stub_login_config(dir.path(), oauth.addr.port(), "");
+    // Through warm pool members: made before any user, with an egress
+    // relay that has no route until hand-out, and the desktop started.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("[sandbox]\npools = {{minimal = 2}}\n{text}"),
+    )
+    .unwrap();
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (uid, token, enrollment) = vault_user(&app, "code@example.com").await;
+    let pool_full = "polydev_pool_size{template=\"minimal\"} 2";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !app.get("/metrics", None).await.text.contains(pool_full) {
+        assert!(Instant::now() < deadline, "the pool never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let t = Some(token.as_str());
 
     // Bad input first: clear 4xx, nothing started.
@@ -247,6 +261,30 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
         .iter()
         .any(|s| s.path == "/token" && s.body.contains(&code)));
     sandbox_ended(&app, &token, &sandbox).await;
+    let metrics = app.get("/metrics", None).await.text;
+    assert!(
+        metrics.contains("polydev_pool_hits_total{template=\"minimal\"} 1"),
+        "the session did not get a pool member"
+    );
+    // A browser session from the pool finds its desktop already running.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "claude_code"}),
+        )
+        .await;
+    let browser = r.body["sessionId"].as_str().unwrap().to_owned();
+    let v = wait_state(&app, &browser, &token, |v| {
+        v["state"] == "awaiting_login" || v["state"] == "failed"
+    })
+    .await;
+    assert_eq!(v["state"], "awaiting_login", "{v}");
+    assert!(app
+        .get("/metrics", None)
+        .await
+        .text
+        .contains("polydev_pool_hits_total{template=\"minimal\"} 2"));
     // The plaintext (tokens, code) reached no log, metric or store file.
     app.assert_nowhere(&[
         &refresh,

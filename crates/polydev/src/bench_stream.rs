@@ -1,0 +1,340 @@
+//! `polydev bench stream`: the login viewer's WebSocket bridge side by side
+//! with websockify (Debian package) in front of the same TCP echo server —
+//! throughput each way and small-message round trips (raw TCP as the
+//! floor) — and a login session from start to the first framebuffer update
+//! at an RFB client, over the real API and bridge (p50 over 10).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bench::{percentile, report, Server};
+use crate::cli::BenchArgs;
+
+const RTT_SAMPLES: usize = 2000;
+const LOGIN_ROUNDS: usize = 10;
+
+async fn echo_server() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// polydev's bridge in front of `echo`, on an axum server like the
+/// controller's (TCP_NODELAY on accepted sockets).
+async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+    use axum::extract::ws::WebSocketUpgrade;
+    let app = axum::Router::new().route(
+        "/ws",
+        axum::routing::get(move |ws: WebSocketUpgrade| async move {
+            ws.protocols(["binary"])
+                .on_upgrade(move |socket| async move {
+                    if let Ok(tcp) = TcpStream::connect(echo).await {
+                        let _ = tcp.set_nodelay(true);
+                        let (_keep, ending) = tokio::sync::watch::channel(false);
+                        polydev_api::bridge(socket, tcp, ending, || {}, Default::default()).await;
+                    }
+                })
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let listener = axum::serve::ListenerExt::tap_io(listener, |t: &mut TcpStream| {
+        let _ = t.set_nodelay(true);
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+struct Websockify(std::process::Child);
+
+impl Drop for Websockify {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn websockify(
+    echo: std::net::SocketAddr,
+) -> anyhow::Result<(Websockify, std::net::SocketAddr)> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let child = std::process::Command::new("websockify")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(echo.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("websockify is not installed (Debian package `websockify`)")?;
+    let guard = Websockify(child);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok((guard, addr));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("websockify did not listen")
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn connect(url: &str) -> anyhow::Result<Ws> {
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "binary".parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(ws)
+}
+
+/// MB/s through the bridge and back: `total` bytes in `chunk`-byte
+/// messages, written and read concurrently.
+async fn throughput(url: &str, total: usize, chunk: usize) -> anyhow::Result<f64> {
+    let ws = connect(url).await?;
+    let (mut tx, mut rx) = ws.split();
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let buf = vec![7u8; chunk];
+        let mut sent = 0;
+        while sent < total {
+            tx.send(Message::Binary(buf.clone().into())).await?;
+            sent += chunk;
+        }
+        anyhow::Ok(tx)
+    });
+    let mut got = 0;
+    while got < total {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await? {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            Some(Ok(_)) => {}
+            other => bail!("the bridge ended early: {other:?}"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = writer.await?;
+    Ok(total as f64 / secs / 1e6)
+}
+
+/// Round trips of a 32-byte message, in µs.
+async fn ws_rtt(url: &str) -> anyhow::Result<Vec<f64>> {
+    let mut ws = connect(url).await?;
+    let msg = vec![1u8; 32];
+    let mut out = Vec::with_capacity(RTT_SAMPLES);
+    for i in 0..RTT_SAMPLES + 100 {
+        let t = Instant::now();
+        ws.send(Message::Binary(msg.clone().into())).await?;
+        let mut got = 0;
+        while got < msg.len() {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => got += b.len(),
+                Some(Ok(_)) => {}
+                other => bail!("the bridge ended early: {other:?}"),
+            }
+        }
+        if i >= 100 {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(out)
+}
+
+async fn tcp_rtt(echo: std::net::SocketAddr) -> anyhow::Result<Vec<f64>> {
+    let mut s = TcpStream::connect(echo).await?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 32];
+    let mut out = Vec::with_capacity(RTT_SAMPLES);
+    for i in 0..RTT_SAMPLES + 100 {
+        let t = Instant::now();
+        s.write_all(&[1u8; 32]).await?;
+        s.read_exact(&mut buf).await?;
+        if i >= 100 {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(out)
+}
+
+/// A login session from `POST /api/auth/start` to the first framebuffer
+/// update at an RFB client through the bridge; ms.
+async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let r: Value = http
+        .post(format!("{base}/api/auth/start"))
+        .bearer_auth(token)
+        .json(&json!({"userId": user, "provider": "codex"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = r["sessionId"]
+        .as_str()
+        .with_context(|| format!("start refused: {r}"))?
+        .to_owned();
+    let result = async {
+        // Ready once the remote browser's VNC server greets.
+        loop {
+            let v: Value = http
+                .get(format!("{base}/api/auth/session/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            match v["state"].as_str() {
+                Some("ready" | "awaiting_login") => break,
+                Some("booting") => {}
+                _ => bail!("login session did not come up: {v}"),
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("login session not ready in 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ticket: Value = http
+            .post(format!("{base}/api/auth/session/{id}/ticket"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let path = ticket["path"].as_str().context("no ticket")?;
+        let mut ws = connect(&format!("{}{path}", base.replace("http://", "ws://"))).await?;
+        // A byte stream over the frames: the RFB handshake up to the
+        // first FramebufferUpdate (message type 0).
+        let mut buf: Vec<u8> = Vec::new();
+        async fn fill(ws: &mut Ws, buf: &mut Vec<u8>, n: usize) -> anyhow::Result<()> {
+            while buf.len() < n {
+                match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+                    Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
+                    Some(Ok(_)) => {}
+                    other => bail!("the viewer stream ended: {other:?}"),
+                }
+            }
+            Ok(())
+        }
+        fill(&mut ws, &mut buf, 12).await?;
+        buf.drain(..12);
+        ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into()))
+            .await?;
+        fill(&mut ws, &mut buf, 1).await?;
+        let n = buf[0] as usize;
+        fill(&mut ws, &mut buf, 1 + n).await?;
+        buf.drain(..1 + n);
+        ws.send(Message::Binary(vec![1u8].into())).await?; // security: None
+        fill(&mut ws, &mut buf, 4).await?;
+        buf.drain(..4);
+        ws.send(Message::Binary(vec![1u8].into())).await?; // shared
+        fill(&mut ws, &mut buf, 24).await?;
+        let name_len = u32::from_be_bytes([buf[20], buf[21], buf[22], buf[23]]) as usize;
+        let (w, h) = (
+            u16::from_be_bytes([buf[0], buf[1]]),
+            u16::from_be_bytes([buf[2], buf[3]]),
+        );
+        fill(&mut ws, &mut buf, 24 + name_len).await?;
+        buf.drain(..24 + name_len);
+        // FramebufferUpdateRequest, full screen, not incremental.
+        let mut req = vec![3u8, 0, 0, 0, 0, 0];
+        req.extend_from_slice(&w.to_be_bytes());
+        req.extend_from_slice(&h.to_be_bytes());
+        ws.send(Message::Binary(req.into())).await?;
+        fill(&mut ws, &mut buf, 1).await?;
+        if buf[0] != 0 {
+            bail!("expected a FramebufferUpdate, got message type {}", buf[0]);
+        }
+        anyhow::Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+    .await;
+    let _ = http
+        .delete(format!("{base}/api/auth/session/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await;
+    result
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut f = Map::new();
+    let echo = echo_server().await?;
+    let ours = polydev_bridge(echo).await?;
+    let (_wsfy, theirs) = websockify(echo).await?;
+    let ours_url = format!("ws://{ours}/ws");
+    let theirs_url = format!("ws://{theirs}/");
+    let total = (args.transfer_bytes as usize).min(1 << 30).max(1 << 20);
+    for (name, chunk) in [("64k", 64 * 1024), ("4k", 4 * 1024)] {
+        let bytes = if chunk < 65536 { total / 4 } else { total };
+        f.insert(
+            format!("bridge_{name}_mb_s"),
+            json!((throughput(&ours_url, bytes, chunk).await? * 10.0).round() / 10.0),
+        );
+        f.insert(
+            format!("websockify_{name}_mb_s"),
+            json!((throughput(&theirs_url, bytes, chunk).await? * 10.0).round() / 10.0),
+        );
+    }
+    let tcp = tcp_rtt(echo).await?;
+    let ours_rtt = ws_rtt(&ours_url).await?;
+    let theirs_rtt = ws_rtt(&theirs_url).await?;
+    for (name, v) in [
+        ("tcp", tcp),
+        ("bridge", ours_rtt),
+        ("websockify", theirs_rtt),
+    ] {
+        f.insert(
+            format!("{name}_rtt_p50_us"),
+            json!(percentile(v.clone(), 0.5).round()),
+        );
+        f.insert(
+            format!("{name}_rtt_p99_us"),
+            json!(percentile(v, 0.99).round()),
+        );
+    }
+    let added_p99 = f["bridge_rtt_p99_us"].as_f64().unwrap_or(0.0)
+        - f["tcp_rtt_p99_us"].as_f64().unwrap_or(0.0);
+    f.insert("bridge_added_p99_us".into(), json!(added_p99.round()));
+
+    // Login start → first framebuffer update, cold (a new sandbox each time).
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        "[egress]\nper_user_ports = false\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\"]\n[login]\ntemplate = \"minimal\"\n[login.providers.codex]\nbrowser = \"exec sleep 600\"\ncredential_file = \"/home/sandbox/never\"\n",
+    )?;
+    let server = Server::start(&["--config", config.to_str().unwrap_or_default()])?;
+    let base = format!("http://{}", server.addr);
+    let (user, token) = server.vault_user("stream@example.com")?;
+    let mut cold = Vec::new();
+    for _ in 0..LOGIN_ROUNDS {
+        cold.push(first_frame(&base, &user, &token).await?);
+    }
+    f.insert(
+        "cold_first_frame_p50_ms".into(),
+        json!(percentile(cold.clone(), 0.5).round()),
+    );
+    f.insert(
+        "cold_first_frame_max_ms".into(),
+        json!(percentile(cold, 1.0).round()),
+    );
+    report(args.json, f);
+    Ok(())
+}
