@@ -133,15 +133,7 @@ pub struct LocalDriver {
     /// Egress relays (network mode `egress`), stopped on destroy; each
     /// with where it forwards to (unset: a pooled sandbox not handed out,
     /// whose relay refuses every connection).
-    relays: Mutex<
-        HashMap<
-            SandboxId,
-            (
-                tokio::task::AbortHandle,
-                Arc<std::sync::RwLock<Option<Route>>>,
-            ),
-        >,
-    >,
+    relays: Mutex<HashMap<SandboxId, Relay>>,
 }
 
 impl Drop for LocalDriver {
@@ -599,6 +591,12 @@ impl Driver for LocalDriver {
             .collect()
     }
 }
+
+/// A running egress relay and its route (shared with its accept loop).
+type Relay = (
+    tokio::task::AbortHandle,
+    Arc<std::sync::RwLock<Option<Route>>>,
+);
 
 /// Where an egress relay forwards, and the credential it adds.
 #[derive(Debug, Clone)]

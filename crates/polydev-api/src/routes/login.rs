@@ -376,6 +376,8 @@ pub(crate) async fn websock(
 /// from the client (pings go out every `PING`).
 const IDLE: Duration = Duration::from_secs(90);
 const PING: Duration = Duration::from_secs(20);
+/// Largest read from the VNC side per WebSocket message.
+const READ_BUF: usize = 64 * 1024;
 
 /// Pumps bytes between the WebSocket and a stream (the VNC server) until
 /// either side ends; returns why. Each direction waits for its write to
@@ -402,12 +404,16 @@ where
     let down_metrics = metrics.clone();
     let session_ending = ending.clone();
     let mut down = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Read straight into the frame's buffer (no copy per message).
+        let mut buf = bytes::BytesMut::with_capacity(READ_BUF);
         let mut ping = tokio::time::interval(PING);
         ping.tick().await;
         loop {
             tokio::select! {
-                n = rd.read(&mut buf) => {
+                n = {
+                    buf.reserve(READ_BUF);
+                    rd.read_buf(&mut buf)
+                } => {
                     let n = match n {
                         Ok(0) | Err(_) => {
                             let (code, reason) = if *session_ending.borrow() {
@@ -424,7 +430,7 @@ where
                         Ok(n) => n,
                     };
                     down_metrics.bridged("to_client", n as u64);
-                    if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                    if sink.send(Message::Binary(buf.split_to(n).freeze())).await.is_err() {
                         return "client gone";
                     }
                 }
