@@ -6,7 +6,9 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, egress, health, health_admin, runs, sandboxes, session, users, vault};
+use crate::routes::{
+    admin, egress, health, health_admin, login, runs, sandboxes, session, users, vault,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -59,6 +61,13 @@ use crate::routes::{admin, egress, health, health_admin, runs, sandboxes, sessio
         runs::get,
         runs::cancel,
         runs::events,
+        login::get,
+        login::cancel,
+        login::events,
+        login::code,
+        login::ticket,
+        login::providers,
+        login::websock,
     ),
     modifiers(&BearerAuth),
     tags(

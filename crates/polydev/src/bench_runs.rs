@@ -195,8 +195,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let server = Server::start(&[
         "--config",
         config.to_str().unwrap_or_default(),
+        // A warm pool: run sandboxes are pool members routed to the
+        // user's egress credential at hand-out.
         "--sandbox-pools",
-        "",
+        "minimal=4",
     ])?;
     let base = format!("http://{}", server.addr);
     let token = server.admin_token()?;
@@ -208,6 +210,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut p = Vec::new();
         for _ in 0..ROUNDS {
             d.push(direct(*provider, stubs[i].addr.port(), answer, &home).await?);
+            crate::bench_stream::wait_for_pool(&base).await?;
             let (firsts, _) = through(&base, &token, &[*provider]).await?;
             p.push(firsts.first().map(|f| f.1).context("no delta")?);
         }

@@ -274,7 +274,7 @@ async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64>
 }
 
 /// Until the minimal template's pool holds a member (30 s at most).
-async fn wait_for_pool(base: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_pool(base: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = reqwest::get(format!("{base}/metrics"))

@@ -509,9 +509,25 @@ async fn egress_mode_goes_through_the_proxy_only() {
     )
     .await;
     assert_ne!(r.body["exitCode"], 0, "{}", r.text);
-    // Without the credential the proxy refuses.
-    let r = exec(format!("curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -x http://127.0.0.1:3128 http://127.0.0.1:{port}/"), json!({"NO_PROXY": "", "no_proxy": ""})).await;
-    assert_eq!(r.body["stdout"], "407", "{}", r.text);
+    // The relay is this sandbox's identity: a request that names no
+    // credential (Chromium cannot) goes out with the sandbox's own...
+    let r = exec(
+        format!("curl -s --max-time 5 -x http://127.0.0.1:3128 http://127.0.0.1:{port}/"),
+        json!({"NO_PROXY": "", "no_proxy": ""}),
+    )
+    .await;
+    assert_eq!(r.body["stdout"], "outside", "{}", r.text);
+    // ...while the proxy itself, reached from anywhere else, refuses it.
+    let egress = app.egress.clone().unwrap();
+    let outside = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{egress}")).unwrap())
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outside.status().as_u16(), 407);
 
     let proxy = exec("echo $HTTP_PROXY".into(), json!({})).await.body["stdout"]
         .as_str()
