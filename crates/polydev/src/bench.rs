@@ -18,7 +18,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
         BenchArea::Deploy => crate::bench_deploy::run(&args).await,
         BenchArea::Runs => crate::bench_runs::run(&args).await,
-        BenchArea::Stream => crate::bench_stream::run(&args).await,
+        BenchArea::Stream => match args.bridge_to {
+            Some(echo) => crate::bench_stream::serve_bridge(echo).await,
+            None => crate::bench_stream::run(&args).await,
+        },
     }
 }
 

@@ -62,12 +62,86 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
     Ok(addr)
 }
 
+/// A bridge in a `polydev bench stream --bridge-to ECHO` process of its own.
+async fn bridge_process(
+    echo: std::net::SocketAddr,
+) -> anyhow::Result<(Websockify, std::net::SocketAddr)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "stream", "--bridge-to"])
+        .arg(echo.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("no stdout")?;
+    let guard = Websockify(child);
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(out).lines().next().transpose()
+    })
+    .await??
+    .context("the bridge process printed nothing")?;
+    Ok((guard, line.trim().parse()?))
+}
+
+/// `--bridge-to`: serve the bridge until killed.
+pub async fn serve_bridge(echo: std::net::SocketAddr) -> anyhow::Result<()> {
+    let addr = polydev_bridge(echo).await?;
+    println!("{addr}");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 struct Websockify(std::process::Child);
 
-impl Drop for Websockify {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Websockify {
+    /// CPU seconds used so far by the process and its children (websockify
+    /// forks one per connection): its own and reaped children's time, plus
+    /// that of live descendants.
+    fn cpu_secs(&self) -> f64 {
+        fn fields(pid: u32) -> Option<(u32, [f64; 4])> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command (which may hold spaces): state is field 3.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let ppid = f.get(1)?.parse().ok()?;
+            // utime, stime, cutime, cstime: fields 14 to 17.
+            Some((ppid, [n(11), n(12), n(13), n(14)]))
+        }
+        let root = self.0.id();
+        let mut parents = std::collections::HashMap::new();
+        let mut times = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                if let Some((ppid, t)) = fields(pid) {
+                    parents.insert(pid, ppid);
+                    times.insert(pid, t);
+                }
+            }
+        }
+        let descends = |mut pid: u32| {
+            while let Some(&p) = parents.get(&pid) {
+                if p == root {
+                    return true;
+                }
+                if p <= 1 {
+                    return false;
+                }
+                pid = p;
+            }
+            false
+        };
+        let mut ticks = times.get(&root).map_or(0.0, |t| t.iter().sum());
+        for (pid, t) in &times {
+            if *pid != root && descends(*pid) {
+                ticks += t[0] + t[1];
+            }
+        }
+        ticks / 100.0
     }
 }
 
@@ -300,21 +374,35 @@ pub(crate) async fn wait_for_pool(base: &str) -> anyhow::Result<()> {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut f = Map::new();
     let echo = echo_server().await?;
-    let ours = polydev_bridge(echo).await?;
+    let (_bridge, ours) = bridge_process(echo).await?;
     let (_wsfy, theirs) = websockify(echo).await?;
     let ours_url = format!("ws://{ours}/ws");
     let theirs_url = format!("ws://{theirs}/");
     let total = (args.transfer_bytes as usize).clamp(1 << 20, 1 << 30);
+    let round1 = |v: f64| (v * 10.0).round() / 10.0;
     for (name, chunk) in [("64k", 64 * 1024), ("4k", 4 * 1024)] {
         let bytes = if chunk < 65536 { total / 4 } else { total };
-        f.insert(
-            format!("bridge_{name}_mb_s"),
-            json!((throughput(&ours_url, bytes, chunk).await? * 10.0).round() / 10.0),
-        );
-        f.insert(
-            format!("websockify_{name}_mb_s"),
-            json!((throughput(&theirs_url, bytes, chunk).await? * 10.0).round() / 10.0),
-        );
+        for (who, url, process) in [
+            ("bridge", &ours_url, &_bridge),
+            ("websockify", &theirs_url, &_wsfy),
+        ] {
+            let cpu = process.cpu_secs();
+            let started = Instant::now();
+            let mb_s = throughput(url, bytes, chunk).await?;
+            // Cores the bridging process kept busy, and MB it moved per CPU second.
+            let cores = (process.cpu_secs() - cpu) / started.elapsed().as_secs_f64();
+            f.insert(format!("{who}_{name}_mb_s"), json!(round1(mb_s)));
+            f.insert(
+                format!("{who}_{name}_cores"),
+                json!((cores * 100.0).round() / 100.0),
+            );
+            if cores > 0.0 {
+                f.insert(
+                    format!("{who}_{name}_mb_per_cpu_s"),
+                    json!(round1(mb_s / cores)),
+                );
+            }
+        }
     }
     let tcp = tcp_rtt(echo).await?;
     let ours_rtt = ws_rtt(&ours_url).await?;

@@ -277,6 +277,11 @@ pub struct BenchArgs {
     /// sandboxes: idle sandboxes to hold for the density figure.
     #[arg(long, default_value_t = 2000)]
     pub idle_target: usize,
+    /// stream: serve only the bridge in front of this TCP address and print
+    /// its address (the bench runs its bridge in a process of its own, as
+    /// websockify runs in its own).
+    #[arg(long, hide = true)]
+    pub bridge_to: Option<std::net::SocketAddr>,
     /// egress: tunnels held open for the latency and memory figures.
     #[arg(long, default_value_t = 1000)]
     pub tunnels: usize,
