@@ -265,7 +265,9 @@ struct Session {
     /// The login command's pid, for pasted codes.
     login_pid: Mutex<Option<u32>>,
     /// Set when a client cancels; the driving task notices.
-    cancel: watch::Sender<bool>,
+    /// Set when the session ends (the driving task stops); the value is
+    /// the close code viewers get: 1001 for an end, 1011 for a failure.
+    cancel: watch::Sender<Option<u16>>,
     metrics: LoginMetrics,
 }
 
@@ -326,9 +328,9 @@ struct Ticket {
 #[derive(Debug)]
 pub struct Admitted {
     pub sandbox: SandboxId,
-    /// Turns true when the session is ending (before its sandbox goes),
-    /// so the bridge closes with "session ended" rather than an error.
-    pub ending: watch::Receiver<bool>,
+    /// Set when the session is ending (before its sandbox goes), to the
+    /// close code for viewers: 1001 (ended) or 1011 (failed).
+    pub ending: watch::Receiver<Option<u16>>,
 }
 
 pub struct Logins {
@@ -485,7 +487,7 @@ impl Logins {
             last_activity: Mutex::new(Instant::now()),
             started: Instant::now(),
             login_pid: Mutex::new(None),
-            cancel: watch::Sender::new(false),
+            cancel: watch::Sender::new(None),
             metrics: self.metrics.clone(),
         });
         self.metrics.entered("booting");
@@ -773,7 +775,9 @@ impl Logins {
         if s.snapshot().is_terminal() {
             return false;
         }
-        let _ = s.cancel.send(true);
+        let _ = s
+            .cancel
+            .send(Some(if state == "failed" { 1011 } else { 1001 }));
         self.destroy_sandbox(s).await;
         if !s.advance(state, edit) {
             return false;
@@ -969,6 +973,13 @@ impl Logins {
                 self.expire(&s, "the session was idle too long").await;
                 return;
             }
+            if s.mode == Mode::Browser {
+                if let Some(log) = self.desktop_failed(&sandbox).await {
+                    self.fail(&s, "the remote browser's desktop stopped".into(), log)
+                        .await;
+                    return;
+                }
+            }
             let stat = self.stat(&sandbox, &command.credential_file).await;
             let exited = *exit_rx.borrow();
             // Written and unchanged since the last look (or the CLI is done).
@@ -1005,6 +1016,21 @@ impl Logins {
     async fn expire(&self, s: &Session, why: &str) {
         self.finish(s, "expired", |v| v.error = Some(why.to_owned()))
             .await;
+    }
+
+    /// The desktop's last log lines if it died (its failure marker exists).
+    async fn desktop_failed(&self, sandbox: &SandboxId) -> Option<Vec<String>> {
+        let mut agent = self
+            .manager
+            .driver()
+            .agent(sandbox, Duration::from_secs(5))
+            .await
+            .ok()?;
+        agent.get_file(DESKTOP_FAILED).await.ok()?;
+        let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
+        let mut tail = Tail::new(20);
+        tail.push(&String::from_utf8_lossy(&log));
+        Some(tail.lines())
     }
 
     /// `size mtime` of a file in the sandbox, None when absent or empty.

@@ -45,7 +45,7 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
                 .on_upgrade(move |socket| async move {
                     if let Ok(tcp) = TcpStream::connect(echo).await {
                         let _ = tcp.set_nodelay(true);
-                        let (_keep, ending) = tokio::sync::watch::channel(false);
+                        let (_keep, ending) = tokio::sync::watch::channel(None);
                         polydev_api::bridge(socket, tcp, ending, || {}, Default::default()).await;
                     }
                 })

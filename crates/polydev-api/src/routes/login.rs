@@ -388,7 +388,7 @@ const READ_BUF: usize = 64 * 1024;
 pub async fn bridge<S>(
     ws: WebSocket,
     stream: S,
-    mut ending: tokio::sync::watch::Receiver<bool>,
+    mut ending: tokio::sync::watch::Receiver<Option<u16>>,
     touch: impl Fn() + Send + 'static,
     metrics: polydev_telemetry::metrics::LoginMetrics,
 ) -> &'static str
@@ -416,10 +416,10 @@ where
                 } => {
                     let n = match n {
                         Ok(0) | Err(_) => {
-                            let (code, reason) = if *session_ending.borrow() {
-                                (1001, "the login session ended")
-                            } else {
-                                (1011, "the remote browser's VNC server closed")
+                            let (code, reason) = match *session_ending.borrow() {
+                                Some(1001) => (1001, "the login session ended"),
+                                Some(_) => (1011, "the login session failed"),
+                                None => (1011, "the remote browser's VNC server closed"),
                             };
                             let _ = sink.send(Message::Close(Some(CloseFrame {
                                 code,
@@ -454,11 +454,17 @@ where
             why = &mut down => return why.unwrap_or("client gone"),
             m = tokio::time::timeout(IDLE, source.next()) => m,
             changed = ending.changed() => {
-                if changed.is_err() || *ending.borrow() {
-                    let _ = close_tx.try_send((1001, "the login session ended"));
-                    break;
+                let code = *ending.borrow();
+                match (changed, code) {
+                    (_, Some(1001)) | (Err(_), None) => {
+                        let _ = close_tx.try_send((1001, "the login session ended"));
+                    }
+                    (_, Some(_)) => {
+                        let _ = close_tx.try_send((1011, "the login session failed"));
+                    }
+                    (Ok(()), None) => continue,
                 }
-                continue;
+                break;
             }
         };
         match next {

@@ -573,6 +573,50 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
     assert_eq!(gone["error"]["details"]["state"], "expired");
     sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
 
+    // The VNC server failing closes the viewer with 1011.
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "claude_code"}),
+        )
+        .await;
+    let failing = r.body["sessionId"].as_str().unwrap().to_owned();
+    let v = wait_state(&app, &failing, &token, |v| v["state"] == "awaiting_login").await;
+    let r = app
+        .post(&format!("/api/auth/session/{failing}/ticket"), t, json!({}))
+        .await;
+    let url = format!(
+        "{ws_base}/api/auth/session/{failing}/novnc/websock?ticket={}",
+        r.body["ticket"].as_str().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = ws.next().await.unwrap().unwrap();
+    assert!(first.into_data().starts_with(b"RFB "));
+    let r = app
+        .post(
+            &format!("/api/sandboxes/{}/exec", v["sandboxId"].as_str().unwrap()),
+            t,
+            json!({"cmd": ["pkill", "-KILL", "-x", "Xvnc|Xtigervnc"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tungstenite::Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1011);
+    // ...and the session fails, saying so, with the desktop's log.
+    let v = wait_state(&app, &failing, &token, |v| v["state"] == "failed").await;
+    assert_eq!(v["error"], "the remote browser's desktop stopped", "{v}");
+    sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
+
     // After a restart, old ids still answer 410 (from the store), and a
     // session the previous process left live is expired, not stuck.
     let r = app
