@@ -6,6 +6,7 @@
 //   NO_BROWSER=true      paste-a-code flow: print the URL, read the code on stdin
 //   BROWSER              program that opens a URL (else xdg-open)
 //   HTTP_PROXY           the token request goes through it (absolute form)
+//   STUB_CREDENTIAL_FORMAT=claude  write Claude Code's .credentials.json shape
 const http = require("node:http");
 const fs = require("node:fs");
 const path = require("node:path");
@@ -39,7 +40,10 @@ function exchange(code) {
 
 function save(tokens) {
   fs.mkdirSync(path.dirname(file), { recursive: true });
-  fs.writeFileSync(file, JSON.stringify({ stubOauth: { accessToken: tokens.access_token, refreshToken: tokens.refresh_token, expiresIn: tokens.expires_in } }), { mode: 0o600 });
+  const body = process.env.STUB_CREDENTIAL_FORMAT === "claude"
+    ? { claudeAiOauth: { accessToken: tokens.access_token, refreshToken: tokens.refresh_token, expiresAt: Date.now() + tokens.expires_in * 1000, scopes: ["user:inference", "user:profile"], subscriptionType: "pro" } }
+    : { stubOauth: { accessToken: tokens.access_token, refreshToken: tokens.refresh_token, expiresIn: tokens.expires_in } };
+  fs.writeFileSync(file, JSON.stringify(body), { mode: 0o600 });
   console.log("Login successful.");
 }
 

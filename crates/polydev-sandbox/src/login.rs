@@ -75,7 +75,7 @@ pub fn default_commands() -> BTreeMap<Provider, LoginCommand> {
             browser: Some("exec claude auth login".into()),
             code: Some("exec claude auth login".into()),
             stdin: None,
-            credential_file: "/home/sandbox/.claude/.credentials.json".into(),
+            credential_file: crate::runs::cli_credential_file(Provider::ClaudeCode).into(),
             env: BTreeMap::new(),
         },
     );
@@ -93,7 +93,7 @@ pub fn default_commands() -> BTreeMap<Provider, LoginCommand> {
                     .into(),
             ),
             stdin: None,
-            credential_file: "/home/sandbox/.codex/auth.json".into(),
+            credential_file: crate::runs::cli_credential_file(Provider::Codex).into(),
             env: [("CODEX_HOME".to_owned(), "/home/sandbox/.codex".to_owned())].into(),
         },
     );
@@ -110,7 +110,7 @@ pub fn default_commands() -> BTreeMap<Provider, LoginCommand> {
             ),
             code: None,
             stdin: Some("y\n".into()),
-            credential_file: "/home/sandbox/.gemini/oauth_creds.json".into(),
+            credential_file: crate::runs::cli_credential_file(Provider::GeminiCli).into(),
             env: [("OAUTH_CALLBACK_PORT".to_owned(), "8085".to_owned())].into(),
         },
     );

@@ -32,6 +32,31 @@ pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
 
 const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
 
+/// What a provider's sealed credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialKind {
+    /// The provider's API key.
+    #[default]
+    ApiKey,
+    /// The CLI's own credential file from a login session (the vault item
+    /// `credential.<provider>`). After the run, the file as the CLI left
+    /// it (refreshed tokens included) is sealed back to the user.
+    CliLogin,
+}
+
+impl std::str::FromStr for CredentialKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "api_key" => Ok(Self::ApiKey),
+            "cli_login" => Ok(Self::CliLogin),
+            other => Err(format!(
+                "credential kind must be \"api_key\" or \"cli_login\", not {other:?}"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunsConfig {
     /// Template of the sandboxes (`runtime` in production).
@@ -97,6 +122,7 @@ struct ProviderRun {
     public_key: Vec<u8>,
     /// `awaiting_credentials | running | done | failed | cancelled`.
     state: Mutex<String>,
+    kind: Mutex<CredentialKind>,
     /// When its CLI started and when it finished (Unix ms).
     times: Mutex<(Option<i64>, Option<i64>)>,
 }
@@ -301,6 +327,7 @@ impl Runs {
                 sandbox,
                 public_key: agent.public_key.clone(),
                 state: Mutex::new("awaiting_credentials".into()),
+                kind: Mutex::new(CredentialKind::ApiKey),
                 times: Mutex::new((None, None)),
             });
         }
@@ -364,10 +391,10 @@ impl Runs {
         self: &Arc<Self>,
         id: &str,
         user: UserId,
-        sealed: BTreeMap<Provider, Vec<u8>>,
+        sealed: BTreeMap<Provider, (Vec<u8>, CredentialKind)>,
     ) -> Result<RunView, RunError> {
         let run = self.get(id, user)?;
-        for (provider, box_) in &sealed {
+        for (provider, (box_, kind)) in &sealed {
             let Some(p) = run.providers.iter().find(|p| p.provider == *provider) else {
                 return Err(RunError::Invalid(format!(
                     "{} is not part of this run",
@@ -406,6 +433,9 @@ impl Runs {
             .await;
             match opened {
                 Ok(_) => {
+                    if let Ok(mut k) = p.kind.lock() {
+                        *k = *kind;
+                    }
                     run.set_state(*provider, "running");
                     let (me, r, prov) = (self.clone(), run.clone(), *provider);
                     tokio::spawn(async move { me.drive(r, prov).await });
@@ -421,7 +451,10 @@ impl Runs {
         Ok(run.view())
     }
 
-    fn command(&self, provider: Provider) -> (String, Vec<(String, String)>) {
+    fn command(&self, provider: Provider, kind: CredentialKind) -> (String, Vec<(String, String)>) {
+        if kind == CredentialKind::CliLogin {
+            return self.login_command(provider);
+        }
         let key = format!("KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}");
         let mut env = Vec::new();
         let line = match provider {
@@ -455,6 +488,88 @@ impl Runs {
         (line, env)
     }
 
+    /// The CLI run with its own credential file (from a login session) in
+    /// the place it reads it from.
+    fn login_command(&self, provider: Provider) -> (String, Vec<(String, String)>) {
+        let file = cli_credential_file(provider);
+        let place = format!(
+            "mkdir -p \"$(dirname {file})\" && mv -f {CREDENTIAL_FILE} {file} && chmod 600 {file}"
+        );
+        let mut env = Vec::new();
+        let line = match provider {
+            Provider::ClaudeCode => {
+                env.push((
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
+                    "1".into(),
+                ));
+                if let Some(u) = &self.cfg.anthropic_base_url {
+                    env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
+                }
+                format!("{place} && exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
+            }
+            Provider::Codex => {
+                env.push(("CODEX_HOME".into(), "/home/sandbox/.codex".into()));
+                format!("{place} && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access \"$POLYDEV_PROMPT\"")
+            }
+            Provider::GeminiCli => {
+                if let Some(u) = &self.cfg.gemini_base_url {
+                    env.push(("GOOGLE_GEMINI_BASE_URL".into(), u.clone()));
+                }
+                let settings = r#"{"security":{"auth":{"selectedType":"oauth-personal"}},"privacy":{"usageStatisticsEnabled":false}}"#;
+                format!("{place} && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+            }
+        };
+        (line, env)
+    }
+
+    /// Seals the CLI's credential file, as the CLI left it, to the user's
+    /// vault key inside the sandbox and stores it as the next version of
+    /// `credential.<provider>` (rotated refresh tokens survive the run).
+    async fn seal_back(
+        &self,
+        run: &Run,
+        provider: Provider,
+        sandbox: &SandboxId,
+    ) -> Result<(), String> {
+        let store = self.manager.store();
+        let keys = store
+            .vault_keys(run.user)
+            .await
+            .map_err(|e| e.to_string())?;
+        let item = crate::login::credential_item_id(provider);
+        let mut agent = self
+            .manager
+            .driver()
+            .agent(sandbox, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let sealed = agent
+            .seal_file(
+                cli_credential_file(provider),
+                &keys.public_key,
+                crate::login::LOGIN_CREDENTIAL_PURPOSE,
+                item.as_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for _ in 0..3 {
+            let expected = match store.vault_item(run.user, &item).await {
+                Ok(i) => i.version,
+                Err(polydev_store::StoreError::NotFound) => 0,
+                Err(e) => return Err(e.to_string()),
+            };
+            match store
+                .put_vault_item(run.user, &item, expected, &sealed, now_ms())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(polydev_store::StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the vault item kept changing".into())
+    }
+
     /// Runs one provider's CLI and turns its output into events.
     async fn drive(self: Arc<Self>, run: Arc<Run>, provider: Provider) {
         let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
@@ -465,7 +580,8 @@ impl Runs {
             "started",
             json!({"sandboxId": p.sandbox.to_string()}),
         );
-        let (line, env) = self.command(provider);
+        let kind = p.kind.lock().map(|k| *k).unwrap_or_default();
+        let (line, env) = self.command(provider, kind);
         let result = async {
             let mut agent = self
                 .manager
@@ -514,7 +630,16 @@ impl Runs {
                     }
                     AgentEvent::Exit {
                         code, timed_out, ..
-                    } => return Ok::<_, crate::DriverError>((code, timed_out, done, stderr)),
+                    } => {
+                        // Before "done": the next run finds the credential
+                        // the CLI may have refreshed.
+                        if kind == CredentialKind::CliLogin {
+                            if let Err(e) = self.seal_back(&run, provider, &p.sandbox).await {
+                                tracing::warn!(run = %run.id, provider = provider.as_str(), error = %e, "cannot seal the CLI's credential back to the user");
+                            }
+                        }
+                        return Ok::<_, crate::DriverError>((code, timed_out, done, stderr));
+                    }
                     _ => {}
                 }
             }
@@ -670,6 +795,16 @@ impl Runs {
 
     pub fn is_finished(&self, id: &str, user: UserId) -> bool {
         self.get(id, user).map(|r| r.finished()).unwrap_or(true)
+    }
+}
+
+/// Where each CLI keeps its login credential in a sandbox (the same file a
+/// login session captures).
+pub fn cli_credential_file(provider: Provider) -> &'static str {
+    match provider {
+        Provider::ClaudeCode => "/home/sandbox/.claude/.credentials.json",
+        Provider::Codex => "/home/sandbox/.codex/auth.json",
+        Provider::GeminiCli => "/home/sandbox/.gemini/oauth_creds.json",
     }
 }
 

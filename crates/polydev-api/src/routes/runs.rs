@@ -91,6 +91,11 @@ pub(crate) struct CredentialsBody {
     /// Provider → base64 HPKE box of its API key, sealed to that sandbox's
     /// `publicKey` with info `polydev/run-credential/v1` and aad `<runId>/<provider>`.
     credentials: BTreeMap<String, String>,
+    /// Provider → `api_key` (default) or `cli_login`: the box holds the
+    /// CLI's credential file from a login session (the vault item
+    /// `credential.<provider>`); it is sealed back to you after the run.
+    #[serde(default)]
+    kinds: BTreeMap<String, String>,
 }
 
 /// Hand the run its sealed credentials; each provider's CLI starts when its
@@ -114,7 +119,13 @@ pub(crate) async fn credentials(
                 format!("{p}: the sealed credential must be base64"),
             )
         })?;
-        sealed.insert(provider, bytes);
+        let kind = match body.kinds.get(&p) {
+            Some(k) => k
+                .parse::<polydev_sandbox::runs::CredentialKind>()
+                .map_err(|m| ApiError::bad_request("invalid_run_request", format!("{p}: {m}")))?,
+            None => Default::default(),
+        };
+        sealed.insert(provider, (bytes, kind));
     }
     let view = runs
         .credentials(&id, user.0.user.id, sealed)

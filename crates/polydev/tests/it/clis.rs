@@ -167,7 +167,7 @@ fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16) -> std::path::Path
 }
 
 /// Reads an SSE body to its end: (event, data) pairs.
-async fn sse_events(app: &TestApp, path: &str, token: &str) -> Vec<(String, Value)> {
+pub(crate) async fn sse_events(app: &TestApp, path: &str, token: &str) -> Vec<(String, Value)> {
     let resp = app
         .client
         .get(app.url(path))

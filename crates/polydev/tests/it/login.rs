@@ -798,3 +798,145 @@ async fn each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     }
 }
+
+/// A CLI signed in by a login session answers a run with that credential:
+/// the client opens the vault item, seals the file to the run's sandbox,
+/// the real Claude Code uses its OAuth token against the stub provider, and
+/// the file comes back sealed to the user as the item's next version.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_uses_the_credential_a_login_session_captured() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let canary = format!("canary{}", uuid::Uuid::new_v4().simple());
+    let oauth = polydev_stubs::oauth::start(&canary).await.unwrap();
+    let anthropic = polydev_stubs::start(
+        polydev_stubs::Provider::Anthropic,
+        "answered with the login",
+        None,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n\"anthropic.stub.test\" = \"127.0.0.1\"\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\", \"anthropic.stub.test\"]\n[runs]\ntemplate = \"minimal\"\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\n[login]\ntemplate = \"minimal\"\n[login.providers.claude_code]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.claude/.credentials.json\"\n[login.providers.claude_code.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.claude/.credentials.json\"\nSTUB_CREDENTIAL_FORMAT = \"claude\"\nSTUB_LOGIN_JS = '''\n{}'''\n",
+            anthropic.addr.port(),
+            oauth.addr.port(),
+            polydev_stubs::oauth::CLI_LOGIN_SCRIPT
+        ),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (uid, token, enrollment) = vault_user(&app, "both@example.com").await;
+    let t = Some(token.as_str());
+
+    // Sign Claude Code in (code relay).
+    let r = app
+        .post(
+            "/api/auth/start",
+            t,
+            json!({"userId": uid, "provider": "claude_code", "mode": "code"}),
+        )
+        .await;
+    let id = r.body["sessionId"].as_str().unwrap().to_owned();
+    let v = wait_state(&app, &id, &token, |v| v["authUrl"].is_string()).await;
+    // The user's own browser (here: the test) reaches the stub directly.
+    let direct = v["authUrl"]
+        .as_str()
+        .unwrap()
+        .replace("auth.stub.test", "127.0.0.1");
+    let query = direct.split_once('?').unwrap().1.to_owned();
+    let shown = reqwest::get(format!("http://{}/approve?{query}", oauth.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let code = shown
+        .split("<pre id=\"code\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap();
+    app.post(
+        &format!("/api/auth/session/{id}/code"),
+        t,
+        json!({"code": code}),
+    )
+    .await;
+    let v = wait_state(&app, &id, &token, |v| {
+        v["state"] == "completed" || v["state"] == "failed"
+    })
+    .await;
+    assert_eq!(v["state"], "completed", "{v}");
+
+    // The client opens the item and seals the file to the run's sandbox.
+    let item = app.get("/api/vault/items/credential.claude_code", t).await;
+    assert_eq!(item.body["version"], 1);
+    let file = open_credential(
+        &enrollment,
+        item.body["envelope"].as_str().unwrap(),
+        "claude_code",
+    );
+    let access = serde_json::from_str::<Value>(&file).unwrap()["claudeAiOauth"]["accessToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(access.starts_with(&canary));
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "who are you?", "providers": ["claude_code"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let pk = b64
+        .decode(
+            r.body["sandboxes"]["claude_code"]["publicKey"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+        .unwrap()
+        .seal(
+            polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+            format!("{run}/claude_code").as_bytes(),
+            file.as_bytes(),
+        );
+    let r = app
+        .post(
+            &format!("/api/runs/{run}/credentials"),
+            t,
+            json!({"credentials": {"claude_code": b64.encode(sealed)}, "kinds": {"claude_code": "cli_login"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let events = crate::clis::sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    let answer: String = events
+        .iter()
+        .filter(|(k, _)| k == "delta")
+        .filter_map(|(_, d)| d["text"].as_str())
+        .collect();
+    assert!(answer.contains("answered with the login"), "{events:?}");
+    // The CLI authenticated with the OAuth token from the login.
+    assert!(anthropic.seen().iter().any(|s| s
+        .headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v == &format!("Bearer {access}"))));
+    // The file came back sealed to the user, as the item's next version.
+    let item = app.get("/api/vault/items/credential.claude_code", t).await;
+    assert_eq!(item.body["version"], 2, "{}", item.text);
+    let back = open_credential(
+        &enrollment,
+        item.body["envelope"].as_str().unwrap(),
+        "claude_code",
+    );
+    assert!(back.contains(&access));
+    app.assert_nowhere(&[&access]).await;
+}
