@@ -53,7 +53,7 @@ export const api = {
   hostHistory: (metric, range) => call("GET", `/api/admin/health/history?metric=${metric}&range=${range}`),
   alerts: () => call("GET", "/api/admin/alerts"),
   startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
-  runCredentials: (id, credentials) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials }),
+  runCredentials: (id, credentials, kinds = {}) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials, kinds }),
   cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
   vaultItem: (id) => call("GET", `/api/vault/items/${encodeURIComponent(id)}`),
   vaultItems: () => call("GET", "/api/vault/items"),

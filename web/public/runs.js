@@ -6,7 +6,7 @@
 import { api } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
-import { getSecret } from "/session.js";
+import { getSecret, openLoginCredential } from "/session.js";
 
 const PROVIDERS = [
   { id: "claude_code", name: "Claude Code", key: "Anthropic API key" },
@@ -43,10 +43,20 @@ export function renderRuns(view) {
     el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them. Keys saved on the Providers page fill in here."),
     el("div", { class: "actions" }, run, cancel), status);
 
-  // Keys saved on the providers page fill in (decrypted here, never sent).
+  // Keys saved on the providers page fill in (decrypted here, never sent);
+  // a CLI signed in on the providers page can run on that login instead.
+  const signedIn = new Set();
   for (const c of choices) {
     getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.key.value) c.key.value = k; }).catch(() => {});
   }
+  api.vaultItems().then(({ items }) => {
+    for (const c of choices) {
+      if (items.some((i) => i.id === `credential.${c.id}`)) {
+        signedIn.add(c.id);
+        c.key.placeholder = `${c.key.placeholder} (empty: use your ${c.name} login)`;
+      }
+    }
+  }).catch(() => {});
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -56,7 +66,7 @@ export function renderRuns(view) {
       status.replaceChildren(errorBox("Write a prompt and choose at least one provider."));
       return;
     }
-    const missing = chosen.find((c) => !c.key.value);
+    const missing = chosen.find((c) => !c.key.value && !signedIn.has(c.id));
     if (missing) {
       status.replaceChildren(errorBox(`Enter the ${missing.key} for ${missing.name}.`));
       return;
@@ -74,12 +84,17 @@ export function renderRuns(view) {
       const started = await api.startRun(prompt.value, chosen.map((c) => c.id));
       current = started.runId;
       const credentials = {};
+      const kinds = {};
       for (const c of chosen) {
         const pk = b64.decode(started.sandboxes[c.id].publicKey);
-        const sealed = await seal(pk, PURPOSE, enc.encode(`${current}/${c.id}`), enc.encode(c.key.value));
+        // A typed (or saved) key wins; else the CLI's own login file.
+        let secret = c.key.value ? enc.encode(c.key.value) : await openLoginCredential(c.id);
+        kinds[c.id] = c.key.value ? "api_key" : "cli_login";
+        const sealed = await seal(pk, PURPOSE, enc.encode(`${current}/${c.id}`), secret);
+        secret.fill(0);
         credentials[c.id] = b64.encode(sealed);
       }
-      await api.runCredentials(current, credentials);
+      await api.runCredentials(current, credentials, kinds);
       cancel.disabled = false;
       source = new EventSource(`/api/runs/${encodeURIComponent(current)}/events`);
       const on = (kind, fn) => source.addEventListener(kind, (e) => {

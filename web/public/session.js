@@ -171,3 +171,21 @@ export async function getSecret(itemId) {
   touch();
   return new TextDecoder().decode(plain);
 }
+
+/// The CLI credential file a login session sealed to this user (vault item
+/// `credential.<provider>`, kind 4), opened here; null when there is none.
+export async function openLoginCredential(provider) {
+  if (!keys) throw new Error("unlock your vault first");
+  const itemId = `credential.${provider}`;
+  let item;
+  try {
+    item = await api.vaultItem(itemId);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return null;
+    throw e;
+  }
+  const plain = await v.open(keys.privateKey, "polydev/login-credential/v1",
+    new TextEncoder().encode(itemId), unb64(item.envelope));
+  touch();
+  return plain;
+}
