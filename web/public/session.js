@@ -140,16 +140,21 @@ export async function unlock(user, password) {
   }
 }
 
+/// The vault item `itemId` (with its envelope), or null when there is none.
+async function fetchItem(itemId) {
+  try {
+    return await api.vaultItem(itemId);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return null;
+    throw e;
+  }
+}
+
 /// Stores `text` as the vault item `itemId`, encrypted here with the vault
 /// key (kind 1; the item's next version is in the AAD).
 export async function putSecret(itemId, text) {
   if (!keys) throw new Error("unlock your vault first");
-  let version = 0;
-  try {
-    version = (await api.vaultItem(itemId)).version;
-  } catch (e) {
-    if (!(e instanceof ApiError && e.status === 404)) throw e;
-  }
+  const version = (await fetchItem(itemId))?.version ?? 0;
   const envelope = await v.sealItem(keys.vaultKey,
     { userId: keys.userId, itemId, version: version + 1 }, new TextEncoder().encode(text));
   touch();
@@ -159,13 +164,8 @@ export async function putSecret(itemId, text) {
 /// The text of vault item `itemId` (kind 1), or null when there is none.
 export async function getSecret(itemId) {
   if (!keys) throw new Error("unlock your vault first");
-  let item;
-  try {
-    item = await api.vaultItem(itemId);
-  } catch (e) {
-    if (e instanceof ApiError && e.status === 404) return null;
-    throw e;
-  }
+  const item = await fetchItem(itemId);
+  if (!item) return null;
   const plain = await v.openItem(keys.vaultKey,
     { userId: keys.userId, itemId, version: item.version }, unb64(item.envelope));
   touch();
@@ -177,13 +177,8 @@ export async function getSecret(itemId) {
 export async function openLoginCredential(provider) {
   if (!keys) throw new Error("unlock your vault first");
   const itemId = `credential.${provider}`;
-  let item;
-  try {
-    item = await api.vaultItem(itemId);
-  } catch (e) {
-    if (e instanceof ApiError && e.status === 404) return null;
-    throw e;
-  }
+  const item = await fetchItem(itemId);
+  if (!item) return null;
   const plain = await v.open(keys.privateKey, "polydev/login-credential/v1",
     new TextEncoder().encode(itemId), unb64(item.envelope));
   touch();

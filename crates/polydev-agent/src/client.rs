@@ -210,16 +210,7 @@ impl AgentClient {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(), ClientError> {
-        self.send(Op::Exec {
-            argv,
-            env,
-            cwd: None,
-            stdin: stdin.map(|b| B64.encode(b)),
-            keep_stdin: false,
-            timeout_ms: timeout.as_millis() as u64,
-        })
-        .await
-        .map(|_| ())
+        self.start(argv, env, stdin, false, timeout).await
     }
 
     /// `start_exec` whose stdin stays open for `write_stdin`.
@@ -230,12 +221,23 @@ impl AgentClient {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(), ClientError> {
+        self.start(argv, env, stdin, true, timeout).await
+    }
+
+    async fn start(
+        &mut self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        stdin: Option<&[u8]>,
+        keep_stdin: bool,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
         self.send(Op::Exec {
             argv,
             env,
             cwd: None,
             stdin: stdin.map(|b| B64.encode(b)),
-            keep_stdin: true,
+            keep_stdin,
             timeout_ms: timeout.as_millis() as u64,
         })
         .await

@@ -451,50 +451,22 @@ impl Runs {
         Ok(run.view())
     }
 
+    /// The shell line that runs the provider's CLI headless, and its
+    /// environment. An API key is read from the unsealed file into the
+    /// CLI's variable (the file is deleted); a CLI login file is moved to
+    /// where the CLI reads it.
     fn command(&self, provider: Provider, kind: CredentialKind) -> (String, Vec<(String, String)>) {
-        if kind == CredentialKind::CliLogin {
-            return self.login_command(provider);
-        }
-        let key = format!("KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}");
-        let mut env = Vec::new();
-        let line = match provider {
-            Provider::ClaudeCode => {
-                env.push((
-                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
-                    "1".into(),
-                ));
-                if let Some(u) = &self.cfg.anthropic_base_url {
-                    env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
-                }
-                format!("{key}; export ANTHROPIC_API_KEY=\"$KEY\"; exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
-            }
-            Provider::Codex => {
-                let provider_cfg = match &self.cfg.openai_base_url {
-                    Some(u) => format!(
-                        " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}'"
-                    ),
-                    None => String::new(),
-                };
-                format!("{key}; export OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"; exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access{provider_cfg} \"$POLYDEV_PROMPT\"")
-            }
-            Provider::GeminiCli => {
-                if let Some(u) = &self.cfg.gemini_base_url {
-                    env.push(("GOOGLE_GEMINI_BASE_URL".into(), u.clone()));
-                }
-                let settings = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#;
-                format!("{key}; export GEMINI_API_KEY=\"$KEY\"; mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+        let login = kind == CredentialKind::CliLogin;
+        let setup = |key_vars: &str| {
+            if login {
+                let file = cli_credential_file(provider);
+                format!("mkdir -p \"$(dirname {file})\" && mv -f {CREDENTIAL_FILE} {file} && chmod 600 {file}")
+            } else {
+                format!(
+                    "KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export {key_vars}"
+                )
             }
         };
-        (line, env)
-    }
-
-    /// The CLI run with its own credential file (from a login session) in
-    /// the place it reads it from.
-    fn login_command(&self, provider: Provider) -> (String, Vec<(String, String)>) {
-        let file = cli_credential_file(provider);
-        let place = format!(
-            "mkdir -p \"$(dirname {file})\" && mv -f {CREDENTIAL_FILE} {file} && chmod 600 {file}"
-        );
         let mut env = Vec::new();
         let line = match provider {
             Provider::ClaudeCode => {
@@ -505,18 +477,35 @@ impl Runs {
                 if let Some(u) = &self.cfg.anthropic_base_url {
                     env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
                 }
-                format!("{place} && exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
+                let setup = setup("ANTHROPIC_API_KEY=\"$KEY\"");
+                format!("{setup} && exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
             }
             Provider::Codex => {
                 env.push(("CODEX_HOME".into(), "/home/sandbox/.codex".into()));
-                format!("{place} && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access \"$POLYDEV_PROMPT\"")
+                // A custom API base takes the key from the environment.
+                let provider_cfg = match (&self.cfg.openai_base_url, login) {
+                    (Some(u), false) => format!(
+                        " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}'"
+                    ),
+                    _ => String::new(),
+                };
+                let setup = setup("OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"");
+                format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access{provider_cfg} \"$POLYDEV_PROMPT\"")
             }
             Provider::GeminiCli => {
                 if let Some(u) = &self.cfg.gemini_base_url {
                     env.push(("GOOGLE_GEMINI_BASE_URL".into(), u.clone()));
                 }
-                let settings = r#"{"security":{"auth":{"selectedType":"oauth-personal"}},"privacy":{"usageStatisticsEnabled":false}}"#;
-                format!("{place} && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+                let auth = if login {
+                    "oauth-personal"
+                } else {
+                    "gemini-api-key"
+                };
+                let settings = format!(
+                    r#"{{"security":{{"auth":{{"selectedType":"{auth}"}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
+                );
+                let setup = setup("GEMINI_API_KEY=\"$KEY\"");
+                format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
             }
         };
         (line, env)

@@ -217,7 +217,8 @@ async fn source() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn echo() -> anyhow::Result<SocketAddr> {
+/// A TCP echo server on loopback (TCP_NODELAY), for the benches.
+pub(crate) async fn echo() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

@@ -19,21 +19,6 @@ use crate::cli::BenchArgs;
 const RTT_SAMPLES: usize = 2000;
 const LOGIN_ROUNDS: usize = 10;
 
-async fn echo_server() -> anyhow::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// polydev's bridge in front of `echo`, on an axum server like the
 /// controller's (TCP_NODELAY on accepted sockets).
 async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
@@ -373,7 +358,7 @@ pub(crate) async fn wait_for_pool(base: &str) -> anyhow::Result<()> {
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut f = Map::new();
-    let echo = echo_server().await?;
+    let echo = crate::bench_egress::echo().await?;
     let (_bridge, ours) = bridge_process(echo).await?;
     let (_wsfy, theirs) = websockify(echo).await?;
     let ours_url = format!("ws://{ours}/ws");

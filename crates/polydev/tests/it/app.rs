@@ -320,6 +320,40 @@ impl TestApp {
     }
 }
 
+/// Runs a browser-driving script from web/tests (headless Chromium through
+/// playwright-core, starting its own server with `POLYDEV_BIN`) with
+/// `input` as JSON on stdin; what it printed, as JSON. It owns no
+/// assertions; the calling test does.
+pub async fn browser_script(name: &str, input: Value) -> Value {
+    use std::io::Write;
+    let script = format!("{}/../../web/tests/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new("node")
+        .arg(script)
+        .env("POLYDEV_BIN", BIN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node and the web packages (scripts/test.sh)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write the script's input");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
 pub async fn read(resp: reqwest::Response) -> Reply {
     let status = resp.status();
     let headers = resp.headers().clone();

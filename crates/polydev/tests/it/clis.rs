@@ -501,7 +501,6 @@ async fn the_mcp_tool_returns_every_perspective() {
 /// there; the three answers stream into their columns.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_run_page_streams_three_answers_side_by_side() {
-    use std::io::Write;
     let anthropic = polydev_stubs::start(Provider::Anthropic, "page view of claude", None)
         .await
         .unwrap();
@@ -519,33 +518,11 @@ async fn the_run_page_streams_three_answers_side_by_side() {
         gemini.addr.port(),
     );
     let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web/tests/run-page.mjs");
-    let mut child = std::process::Command::new("node")
-        .arg(script)
-        .env("POLYDEV_BIN", crate::app::BIN)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("node and the web packages (scripts/test.sh)");
-    let request = json!({"config": config, "prompt": "what do you see?", "key": key});
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = crate::app::browser_script(
+        "run-page.mjs",
+        json!({"config": config, "prompt": "what do you see?", "key": key}),
+    )
+    .await;
     for (p, answer) in [
         ("claude_code", "page view of claude"),
         ("codex", "page view of codex"),

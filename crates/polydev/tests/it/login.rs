@@ -88,6 +88,42 @@ fn open_credential(e: &polydev_vault::Enrollment, envelope_b64: &str, provider: 
     String::from_utf8(opened.to_vec()).unwrap()
 }
 
+/// Starts a login session (202 expected); its id.
+async fn start_session(
+    app: &TestApp,
+    token: &str,
+    uid: &str,
+    provider: &str,
+    mode: &str,
+) -> String {
+    let r = app
+        .post(
+            "/api/auth/start",
+            Some(token),
+            json!({"userId": uid, "provider": provider, "mode": mode}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    r.body["sessionId"].as_str().unwrap().to_owned()
+}
+
+/// The code of the next close frame on a viewer WebSocket (5 s at most).
+async fn close_code<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> u16
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tungstenite::Message::Close(f))) => return u16::from(f.unwrap().code),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
 async fn sandbox_ended(app: &TestApp, token: &str, id: &str) {
     let r = app.get(&format!("/api/sandboxes/{id}"), Some(token)).await;
     assert_ne!(r.body["status"], "running", "{}", r.text);
@@ -267,14 +303,7 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
         "the session did not get a pool member"
     );
     // A browser session from the pool finds its desktop already running.
-    let r = app
-        .post(
-            "/api/auth/start",
-            t,
-            json!({"userId": uid, "provider": "claude_code"}),
-        )
-        .await;
-    let browser = r.body["sessionId"].as_str().unwrap().to_owned();
+    let browser = start_session(&app, &token, &uid, "claude_code", "browser").await;
     let v = wait_state(&app, &browser, &token, |v| {
         v["state"] == "awaiting_login" || v["state"] == "failed"
     })
@@ -309,40 +338,11 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
 /// into the vault.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_streamed_browser_signs_in_directly_and_behind_nginx() {
-    use std::io::Write;
     let canary = format!("canary{}", uuid::Uuid::new_v4().simple());
     let oauth = polydev_stubs::oauth::start(&canary).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stub_login_config(dir.path(), oauth.addr.port(), "");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../web/tests/login-viewer.mjs"
-    );
-    let mut child = std::process::Command::new("node")
-        .arg(script)
-        .env("POLYDEV_BIN", crate::app::BIN)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("node and the web packages (scripts/test.sh)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(json!({"config": config}).to_string().as_bytes())
-        .unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = crate::app::browser_script("login-viewer.mjs", json!({"config": config})).await;
     for (way, provider) in [("direct", "codex"), ("nginx", "claude_code")] {
         let seen = &v[way];
         assert_eq!(
@@ -540,17 +540,7 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["state"], "cancelled");
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(tungstenite::Message::Close(f))) => break f,
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    assert_eq!(u16::from(closed.unwrap().code), 1001);
+    assert_eq!(close_code(&mut ws).await, 1001);
     let r = app.get(&format!("/api/auth/session/{id}"), t).await;
     assert_eq!(
         (r.status, r.error_code()),
@@ -559,14 +549,7 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
     sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
 
     // Idle expiry: nobody watches, nothing happens → expired, sandbox gone, 410.
-    let r = app
-        .post(
-            "/api/auth/start",
-            t,
-            json!({"userId": uid, "provider": "gemini_cli"}),
-        )
-        .await;
-    let idle = r.body["sessionId"].as_str().unwrap().to_owned();
+    let idle = start_session(&app, &token, &uid, "gemini_cli", "browser").await;
     let v = wait_state(&app, &idle, &token, |v| v["state"] == "awaiting_login").await;
     let gone = wait_state(&app, &idle, &token, |_| false).await;
     assert_eq!(gone["error"]["code"], "login_session_gone", "{gone}");
@@ -574,14 +557,7 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
     sandbox_ended(&app, &token, v["sandboxId"].as_str().unwrap()).await;
 
     // The VNC server failing closes the viewer with 1011.
-    let r = app
-        .post(
-            "/api/auth/start",
-            t,
-            json!({"userId": uid, "provider": "claude_code"}),
-        )
-        .await;
-    let failing = r.body["sessionId"].as_str().unwrap().to_owned();
+    let failing = start_session(&app, &token, &uid, "claude_code", "browser").await;
     let v = wait_state(&app, &failing, &token, |v| v["state"] == "awaiting_login").await;
     let r = app
         .post(&format!("/api/auth/session/{failing}/ticket"), t, json!({}))
@@ -601,17 +577,7 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(tungstenite::Message::Close(f))) => break f,
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    assert_eq!(u16::from(closed.unwrap().code), 1011);
+    assert_eq!(close_code(&mut ws).await, 1011);
     // ...and the session fails, saying so, with the desktop's log.
     let v = wait_state(&app, &failing, &token, |v| v["state"] == "failed").await;
     assert_eq!(v["error"], "the remote browser's desktop stopped", "{v}");
@@ -619,14 +585,7 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
 
     // After a restart, old ids still answer 410 (from the store), and a
     // session the previous process left live is expired, not stuck.
-    let r = app
-        .post(
-            "/api/auth/start",
-            t,
-            json!({"userId": uid, "provider": "codex"}),
-        )
-        .await;
-    let orphan = r.body["sessionId"].as_str().unwrap().to_owned();
+    let orphan = start_session(&app, &token, &uid, "codex", "browser").await;
     wait_state(&app, &orphan, &token, |v| v["state"] == "awaiting_login").await;
     app.restart().await;
     for id in [&id, &idle, &orphan] {
