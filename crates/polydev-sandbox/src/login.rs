@@ -809,11 +809,8 @@ impl Logins {
         let command = self.cfg.commands[&s.provider].clone();
         let mut cancelled = s.cancel.subscribe();
         let desktop_out = Arc::new(Mutex::new(Tail::new(20)));
-        let booted = tokio::time::timeout(
-            self.cfg.boot_deadline,
-            self.boot(&s, &command, desktop_out.clone()),
-        )
-        .await;
+        let booted =
+            tokio::time::timeout(self.cfg.boot_deadline, self.boot(&s, desktop_out.clone())).await;
         match booted {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -1128,7 +1125,6 @@ impl Logins {
     async fn boot(
         &self,
         s: &Arc<Session>,
-        _command: &LoginCommand,
         desktop_out: Arc<Mutex<Tail>>,
     ) -> Result<(), (String, Vec<String>)> {
         let req = CreateRequest {

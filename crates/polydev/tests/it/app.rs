@@ -321,10 +321,10 @@ impl TestApp {
 }
 
 /// Runs a browser-driving script from web/tests (headless Chromium through
-/// playwright-core, starting its own server with `POLYDEV_BIN`) with
+/// playwright-core; it may start its own server with `POLYDEV_BIN`) with
 /// `input` as JSON on stdin; what it printed, as JSON. It owns no
 /// assertions; the calling test does.
-pub async fn browser_script(name: &str, input: Value) -> Value {
+pub fn run_browser_script(name: &str, input: &Value) -> Value {
     use std::io::Write;
     let script = format!("{}/../../web/tests/{name}", env!("CARGO_MANIFEST_DIR"));
     let mut child = Command::new("node")
@@ -341,17 +341,22 @@ pub async fn browser_script(name: &str, input: Value) -> Value {
         .expect("stdin")
         .write_all(input.to_string().as_bytes())
         .expect("write the script's input");
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("run node");
+    let out = child.wait_with_output().expect("run node");
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "the browser side failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
+/// `run_browser_script` from async tests.
+pub async fn browser_script(name: &str, input: Value) -> Value {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || run_browser_script(&name, &input))
+        .await
+        .expect("join")
 }
 
 pub async fn read(resp: reqwest::Response) -> Reply {

@@ -792,14 +792,7 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     let t = Some(token.as_str());
 
     // Sign Claude Code in (code relay).
-    let r = app
-        .post(
-            "/api/auth/start",
-            t,
-            json!({"userId": uid, "provider": "claude_code", "mode": "code"}),
-        )
-        .await;
-    let id = r.body["sessionId"].as_str().unwrap().to_owned();
+    let id = start_session(&app, &token, &uid, "claude_code", "code").await;
     let v = wait_state(&app, &id, &token, |v| v["authUrl"].is_string()).await;
     // The user's own browser (here: the test) reaches the stub directly.
     let direct = v["authUrl"]

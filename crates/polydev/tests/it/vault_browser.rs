@@ -1,42 +1,12 @@
 //! The vault's browser module (Web Crypto + @hpke/core in real Chromium)
 //! and the Rust crate agree byte for byte, both ways.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use polydev_vault::{ItemContext, KdfParams, KdfSpec, SealingKeyPair, VaultKey};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
-use crate::app::BIN;
-
 fn run_in_chromium(request: &Value) -> Value {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../web/tests/vault-interop.mjs"
-    );
-    let mut child = Command::new("node")
-        .arg(script)
-        .env("POLYDEV_BIN", BIN)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node is installed (scripts/test.sh installs it and the web packages)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the browser side failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON answer")
+    crate::app::run_browser_script("vault-interop.mjs", request)
 }
 
 #[test]
