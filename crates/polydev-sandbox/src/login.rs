@@ -1261,7 +1261,9 @@ pub fn desktop_script(width: u32, height: u32) -> String {
 mkdir -p {OPENER_DIR} /tmp/polydev-chromium
 browser=/usr/lib/chromium/chromium
 [ -x $browser ] || browser=$(command -v chromium) || {{ echo "this image has no Chromium" >&2; exit 127; }}
-printf '#!/bin/sh\nexec %s {flags} "$@" >/dev/null 2>&1\n' "$browser" > {OPENER}
+# The opener waits for the kiosk Chromium's profile lock, so a URL a CLI
+# opens early lands in that window (not in a second, hidden browser).
+printf '#!/bin/sh\ni=0\nwhile [ ! -L /tmp/polydev-chromium/SingletonSocket ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\nexec %s {flags} "$@" >/dev/null 2>&1\n' "$browser" > {OPENER}
 chmod 755 {OPENER}
 xvnc=$(command -v Xvnc || command -v Xtigervnc) || {{ echo "this image has no VNC server (TigerVNC's Xvnc)" >&2; exit 127; }}
 "$xvnc" :0 -rfbunixpath /run/polydev/{VNC_SERVICE} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {width}x{height} -depth 24 -UseBlacklist=0 -AlwaysShared -AcceptSetDesktopSize=0 -desktop polydev &
