@@ -44,6 +44,79 @@ pub fn credential_item_id(provider: Provider) -> String {
     format!("credential.{}", provider.as_str())
 }
 
+/// Has the agent of `sandbox` seal the CLI credential file at `path` to
+/// `recipient` (the user's vault public key) — only the sealed box leaves
+/// the sandbox — and stores it as the next version of the user's vault item
+/// `credential.<provider>`, whose id it returns. Login sessions capture
+/// with it; runs seal a CLI's (possibly refreshed) login back with it.
+pub(crate) async fn seal_credential_to_vault(
+    manager: &Manager,
+    user: UserId,
+    recipient: &[u8],
+    sandbox: &SandboxId,
+    provider: Provider,
+    path: &str,
+) -> Result<String, String> {
+    let item = credential_item_id(provider);
+    let mut agent = manager
+        .driver()
+        .agent(sandbox, Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("cannot reach the sandbox's agent: {e}"))?;
+    let sealed = agent
+        .seal_file(path, recipient, LOGIN_CREDENTIAL_PURPOSE, item.as_bytes())
+        .await
+        .map_err(|e| format!("cannot seal the credential: {e}"))?;
+    manager
+        .store()
+        .replace_vault_item(user, &item, &sealed, now_ms())
+        .await
+        .map_err(|e| format!("cannot store the sealed credential: {e}"))?;
+    Ok(item)
+}
+
+/// Whether the sandbox's login desktop answers on its VNC socket with the
+/// RFB banner (2 s at most).
+pub async fn vnc_greets(driver: &dyn crate::Driver, sandbox: &SandboxId) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = driver.connect_service(sandbox, VNC_SERVICE).await else {
+        return false;
+    };
+    let mut banner = [0u8; 12];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut banner)).await;
+    matches!(read, Ok(Ok(_))) && banner.starts_with(b"RFB ")
+}
+
+/// The login desktop's last log lines if it died (its failure marker exists).
+async fn desktop_failed(agent: &mut polydev_agent::AgentClient) -> Option<Vec<String>> {
+    agent.get_file(DESKTOP_FAILED).await.ok()?;
+    Some(desktop_log(agent).await)
+}
+
+/// The last lines of the login desktop's log (empty before it started).
+async fn desktop_log(agent: &mut polydev_agent::AgentClient) -> Vec<String> {
+    let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
+    let mut tail = Tail::new(20);
+    tail.push(&String::from_utf8_lossy(&log));
+    tail.lines()
+}
+
+/// `size mtime` of a file in the sandbox, None when absent or empty;
+/// Err when the agent connection failed.
+async fn stat(agent: &mut polydev_agent::AgentClient, path: &str) -> Result<Option<String>, ()> {
+    let out = agent
+        .exec(
+            &["stat", "-c", "%s %Y", path],
+            None,
+            Duration::from_secs(5),
+            |_| {},
+        )
+        .await
+        .map_err(|_| ())?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok((out.code == Some(0) && !text.starts_with("0 ")).then_some(text))
+}
+
 /// How one provider's CLI signs in, as shell lines run in the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -797,6 +870,25 @@ impl Logins {
         .await;
     }
 
+    /// The end of the login desktop's own log (empty before it started).
+    async fn desktop_log(&self, s: &Session) -> Vec<String> {
+        let Ok(id) = self.sandbox_of(s) else {
+            return Vec::new();
+        };
+        let Ok(mut agent) = self
+            .manager
+            .driver()
+            .agent(&id, Duration::from_secs(2))
+            .await
+        else {
+            return Vec::new();
+        };
+        let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
+        let mut tail = Tail::new(20);
+        tail.push(&String::from_utf8_lossy(&log));
+        tail.lines()
+    }
+
     async fn log_tail(&self, s: &Session) -> Vec<String> {
         match self.sandbox_of(s) {
             Ok(id) => self.manager.driver().log_tail(&id, 20).await,
@@ -808,9 +900,7 @@ impl Logins {
     async fn drive(self: Arc<Self>, s: Arc<Session>, recipient: Vec<u8>) {
         let command = self.cfg.commands[&s.provider].clone();
         let mut cancelled = s.cancel.subscribe();
-        let desktop_out = Arc::new(Mutex::new(Tail::new(20)));
-        let booted =
-            tokio::time::timeout(self.cfg.boot_deadline, self.boot(&s, desktop_out.clone())).await;
+        let booted = tokio::time::timeout(self.cfg.boot_deadline, self.boot(&s)).await;
         match booted {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -818,13 +908,12 @@ impl Logins {
                 if tail.is_empty() {
                     tail = self.log_tail(&s).await;
                 }
-                tail.extend(desktop_out.lock().map(|t| t.lines()).unwrap_or_default());
                 self.fail(&s, e.0, tail).await;
                 return;
             }
             Err(_) => {
                 let mut tail = self.log_tail(&s).await;
-                tail.extend(desktop_out.lock().map(|t| t.lines()).unwrap_or_default());
+                tail.extend(self.desktop_log(&s).await);
                 let stage = s.snapshot().state;
                 self.fail(
                     &s,
@@ -951,6 +1040,7 @@ impl Logins {
 
         // Watch for the credential file, the CLI's end, expiry, cancel.
         let mut last_seen: Option<String> = None;
+        let mut watcher: Option<polydev_agent::AgentClient> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(400));
         loop {
             tokio::select! {
@@ -970,14 +1060,32 @@ impl Logins {
                 self.expire(&s, "the session was idle too long").await;
                 return;
             }
+            // One agent connection for the watching, made again if it broke.
+            if watcher.is_none() {
+                watcher = self
+                    .manager
+                    .driver()
+                    .agent(&sandbox, Duration::from_secs(5))
+                    .await
+                    .ok();
+            }
+            let Some(agent) = watcher.as_mut() else {
+                continue;
+            };
             if s.mode == Mode::Browser {
-                if let Some(log) = self.desktop_failed(&sandbox).await {
+                if let Some(log) = desktop_failed(agent).await {
                     self.fail(&s, "the remote browser's desktop stopped".into(), log)
                         .await;
                     return;
                 }
             }
-            let stat = self.stat(&sandbox, &command.credential_file).await;
+            let stat = match stat(agent, &command.credential_file).await {
+                Ok(stat) => stat,
+                Err(()) => {
+                    watcher = None;
+                    continue;
+                }
+            };
             let exited = *exit_rx.borrow();
             // Written and unchanged since the last look (or the CLI is done).
             let ready = match (&stat, &last_seen) {
@@ -1015,42 +1123,6 @@ impl Logins {
             .await;
     }
 
-    /// The desktop's last log lines if it died (its failure marker exists).
-    async fn desktop_failed(&self, sandbox: &SandboxId) -> Option<Vec<String>> {
-        let mut agent = self
-            .manager
-            .driver()
-            .agent(sandbox, Duration::from_secs(5))
-            .await
-            .ok()?;
-        agent.get_file(DESKTOP_FAILED).await.ok()?;
-        let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
-        let mut tail = Tail::new(20);
-        tail.push(&String::from_utf8_lossy(&log));
-        Some(tail.lines())
-    }
-
-    /// `size mtime` of a file in the sandbox, None when absent or empty.
-    async fn stat(&self, sandbox: &SandboxId, path: &str) -> Option<String> {
-        let mut agent = self
-            .manager
-            .driver()
-            .agent(sandbox, Duration::from_secs(5))
-            .await
-            .ok()?;
-        let out = agent
-            .exec(
-                &["stat", "-c", "%s %Y", path],
-                None,
-                Duration::from_secs(5),
-                |_| {},
-            )
-            .await
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (out.code == Some(0) && !text.starts_with("0 ")).then_some(text)
-    }
-
     /// Seals the credential file inside the sandbox to the user and stores
     /// the box in the vault; then the session completes and the sandbox goes.
     async fn capture(
@@ -1060,73 +1132,27 @@ impl Logins {
         command: &LoginCommand,
         recipient: &[u8],
     ) {
-        let item = credential_item_id(s.provider);
-        let sealed = async {
-            let mut agent = self
-                .manager
-                .driver()
-                .agent(sandbox, Duration::from_secs(5))
-                .await?;
-            agent
-                .seal_file(
-                    &command.credential_file,
-                    recipient,
-                    LOGIN_CREDENTIAL_PURPOSE,
-                    item.as_bytes(),
-                )
-                .await
-                .map_err(crate::DriverError::from)
-        }
-        .await;
-        let sealed = match sealed {
-            Ok(b) => b,
-            Err(e) => {
-                self.fail(s, format!("cannot seal the credential: {e}"), Vec::new())
-                    .await;
-                return;
-            }
-        };
-        let store = self.manager.store();
-        let mut stored = Err(StoreError::Conflict("version"));
-        for _ in 0..3 {
-            let expected = match store.vault_item(s.user, &item).await {
-                Ok(i) => i.version,
-                Err(StoreError::NotFound) => 0,
-                Err(e) => {
-                    stored = Err(e);
-                    break;
-                }
-            };
-            stored = store
-                .put_vault_item(s.user, &item, expected, &sealed, now_ms())
-                .await;
-            if !matches!(stored, Err(StoreError::Conflict(_))) {
-                break;
-            }
-        }
-        match stored {
-            Ok(_) => {
-                self.finish(s, "completed", |v| v.vault_item = Some(item.clone()))
+        match seal_credential_to_vault(
+            &self.manager,
+            s.user,
+            recipient,
+            sandbox,
+            s.provider,
+            &command.credential_file,
+        )
+        .await
+        {
+            Ok(item) => {
+                self.finish(s, "completed", |v| v.vault_item = Some(item))
                     .await;
             }
-            Err(e) => {
-                self.fail(
-                    s,
-                    format!("cannot store the sealed credential: {e}"),
-                    Vec::new(),
-                )
-                .await
-            }
+            Err(e) => self.fail(s, e, Vec::new()).await,
         }
     }
 
     /// Makes the sandbox and, in browser mode, its desktop; `ready` once
     /// the VNC server greets. Errors carry a message and a log tail.
-    async fn boot(
-        &self,
-        s: &Arc<Session>,
-        desktop_out: Arc<Mutex<Tail>>,
-    ) -> Result<(), (String, Vec<String>)> {
+    async fn boot(&self, s: &Arc<Session>) -> Result<(), (String, Vec<String>)> {
         let req = CreateRequest {
             template: self.cfg.template.clone(),
             // The template's limits (a warm pool member fits then).
@@ -1199,30 +1225,15 @@ impl Logins {
             if s.snapshot().is_terminal() {
                 return Ok(());
             }
-            if let Ok(mut stream) = self
-                .manager
-                .driver()
-                .connect_service(&sandbox, VNC_SERVICE)
-                .await
-            {
-                use tokio::io::AsyncReadExt;
-                let mut banner = [0u8; 12];
-                let read =
-                    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut banner))
-                        .await;
-                if matches!(read, Ok(Ok(_))) && banner.starts_with(b"RFB ") {
-                    s.advance("ready", |_| {});
-                    return Ok(());
-                }
+            if vnc_greets(self.manager.driver().as_ref(), &sandbox).await {
+                s.advance("ready", |_| {});
+                return Ok(());
             }
             round += 1;
-            if round % 10 == 0 && agent.get_file(DESKTOP_FAILED).await.is_ok() {
-                let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
-                if let Ok(mut t) = desktop_out.lock() {
-                    t.push(&String::from_utf8_lossy(&log));
-                    t.push("\n");
+            if round % 10 == 0 {
+                if let Some(log) = desktop_failed(&mut agent).await {
+                    return Err(("the desktop exited before it served".into(), log));
                 }
-                return Err(("the desktop exited before it served".into(), Vec::new()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1230,7 +1241,8 @@ impl Logins {
 }
 
 const OPENER_DIR: &str = "/tmp/polydev-bin";
-const DESKTOP_LOG: &str = "/tmp/polydev-desktop.log";
+/// Where the login desktop writes its output (inside the sandbox).
+pub const DESKTOP_LOG: &str = "/tmp/polydev-desktop.log";
 const DESKTOP_FAILED: &str = "/tmp/polydev-desktop.failed";
 const DESKTOP_STARTED: &str = "/tmp/polydev-desktop.started";
 

@@ -520,43 +520,22 @@ impl Runs {
         provider: Provider,
         sandbox: &SandboxId,
     ) -> Result<(), String> {
-        let store = self.manager.store();
-        let keys = store
+        let keys = self
+            .manager
+            .store()
             .vault_keys(run.user)
             .await
             .map_err(|e| e.to_string())?;
-        let item = crate::login::credential_item_id(provider);
-        let mut agent = self
-            .manager
-            .driver()
-            .agent(sandbox, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
-        let sealed = agent
-            .seal_file(
-                cli_credential_file(provider),
-                &keys.public_key,
-                crate::login::LOGIN_CREDENTIAL_PURPOSE,
-                item.as_bytes(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        for _ in 0..3 {
-            let expected = match store.vault_item(run.user, &item).await {
-                Ok(i) => i.version,
-                Err(polydev_store::StoreError::NotFound) => 0,
-                Err(e) => return Err(e.to_string()),
-            };
-            match store
-                .put_vault_item(run.user, &item, expected, &sealed, now_ms())
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(polydev_store::StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Err("the vault item kept changing".into())
+        crate::login::seal_credential_to_vault(
+            &self.manager,
+            run.user,
+            &keys.public_key,
+            sandbox,
+            provider,
+            cli_credential_file(provider),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Runs one provider's CLI and turns its output into events.

@@ -138,6 +138,34 @@ impl Store {
         Ok(next)
     }
 
+    /// Stores `envelope` as the item's next version whatever version is
+    /// there (for writers that replace, not merge: a credential the server
+    /// relays); retries a few times when a concurrent writer got in first.
+    pub async fn replace_vault_item(
+        &self,
+        user: UserId,
+        item_id: &str,
+        envelope: &[u8],
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let mut last = StoreError::Conflict("version");
+        for _ in 0..3 {
+            let expected = match self.vault_item(user, item_id).await {
+                Ok(i) => i.version,
+                Err(StoreError::NotFound) => 0,
+                Err(e) => return Err(e),
+            };
+            match self
+                .put_vault_item(user, item_id, expected, envelope, now_ms)
+                .await
+            {
+                Err(e @ StoreError::Conflict(_)) => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
     pub async fn vault_item(&self, user: UserId, item_id: &str) -> Result<VaultItem, StoreError> {
         let r = sqlx::query(
             "SELECT item_id, version, envelope, created_at, updated_at FROM vault_items WHERE user_id = $1 AND item_id = $2",

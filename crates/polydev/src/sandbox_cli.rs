@@ -144,7 +144,6 @@ async fn smoke_check(
     template: &str,
     agent: &mut polydev_agent::AgentClient,
 ) -> anyhow::Result<()> {
-    use polydev_sandbox::Driver;
     match template {
         "runtime" => {
             for cli in ["claude", "codex", "gemini"] {
@@ -167,23 +166,12 @@ async fn smoke_check(
                 .await?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if let Ok(mut vnc) = driver
-                    .connect_service(id, polydev_sandbox::login::VNC_SERVICE)
-                    .await
-                {
-                    use tokio::io::AsyncReadExt;
-                    let mut banner = [0u8; 12];
-                    if tokio::time::timeout(Duration::from_secs(2), vnc.read_exact(&mut banner))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                        && banner.starts_with(b"RFB ")
-                    {
-                        break;
-                    }
+                if polydev_sandbox::login::vnc_greets(driver, id).await {
+                    break;
                 }
                 if Instant::now() > deadline {
                     let log = agent
-                        .get_file("/tmp/polydev-desktop.log")
+                        .get_file(polydev_sandbox::login::DESKTOP_LOG)
                         .await
                         .unwrap_or_default();
                     bail!(
