@@ -23,7 +23,21 @@ pub enum ClientError {
     Refused { code: String, message: String },
     #[error("unexpected answer from the agent: {0:?}")]
     Unexpected(Event),
+    #[error("the command's output passed {0} bytes; the rest was not read")]
+    OutputTooLarge(usize),
 }
+
+/// The most output (stdout and stderr together) `exec` collects; beyond
+/// it the command is abandoned (the agent kills it when the connection
+/// closes). Sandboxes are hostile: nothing they send is kept unbounded.
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+
+/// How long a one-answer request (health, files, seal, unseal, …) may take.
+pub const DEFAULT_OP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long after its own timeout a command's exit may still arrive (the
+/// agent kills at the timeout; this covers a stuck or hostile agent).
+const EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// What an exec produced.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -42,15 +56,23 @@ pub struct AgentClient {
     next_id: u64,
     /// The agent's ephemeral sealing public key (65 bytes).
     pub public_key: Vec<u8>,
+    op_deadline: Duration,
 }
 
 impl AgentClient {
     /// Connects and says hello, within `deadline`.
     pub async fn connect(socket: &Path, deadline: Duration) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(deadline, UnixStream::connect(socket))
+            .await
+            .map_err(|_| ClientError::Timeout(deadline))?
+            .map_err(ClientError::Connect)?;
+        Self::greet(stream, deadline).await
+    }
+
+    /// Says hello on a connected stream, within `deadline`.
+    pub async fn greet(stream: UnixStream, deadline: Duration) -> Result<Self, ClientError> {
+        let mut stream = stream;
         let work = async {
-            let mut stream = UnixStream::connect(socket)
-                .await
-                .map_err(ClientError::Connect)?;
             write_frame(
                 &mut stream,
                 &Request {
@@ -66,19 +88,27 @@ impl AgentClient {
                     let public_key = B64
                         .decode(public_key)
                         .map_err(|e| FrameError::Invalid(e.to_string()))?;
-                    Ok(Self {
-                        stream,
-                        next_id: 1,
-                        public_key,
-                    })
+                    Ok(public_key)
                 }
                 Event::Error { code, message } => Err(ClientError::Refused { code, message }),
                 other => Err(ClientError::Unexpected(other)),
             }
         };
-        tokio::time::timeout(deadline, work)
+        let public_key = tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| ClientError::Timeout(deadline))?
+            .map_err(|_| ClientError::Timeout(deadline))??;
+        Ok(Self {
+            stream,
+            next_id: 1,
+            public_key,
+            op_deadline: DEFAULT_OP_DEADLINE,
+        })
+    }
+
+    /// Sets how long one-answer requests may take on this connection.
+    pub fn with_op_deadline(mut self, deadline: Duration) -> Self {
+        self.op_deadline = deadline;
+        self
     }
 
     async fn send(&mut self, op: Op) -> Result<u64, ClientError> {
@@ -89,11 +119,17 @@ impl AgentClient {
     }
 
     async fn one(&mut self, op: Op) -> Result<Event, ClientError> {
-        self.send(op).await?;
-        match read_frame::<Response>(&mut self.stream).await?.event {
-            Event::Error { code, message } => Err(ClientError::Refused { code, message }),
-            event => Ok(event),
-        }
+        let deadline = self.op_deadline;
+        let work = async {
+            self.send(op).await?;
+            match read_frame::<Response>(&mut self.stream).await?.event {
+                Event::Error { code, message } => Err(ClientError::Refused { code, message }),
+                event => Ok(event),
+            }
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| ClientError::Timeout(deadline))?
     }
 
     /// `Ready{status: "ready"}`.
@@ -139,8 +175,12 @@ impl AgentClient {
         })
         .await?;
         let mut out = ExecOutput::default();
+        let until = tokio::time::Instant::now() + timeout + EXIT_GRACE;
         loop {
-            let event = read_frame::<Response>(&mut self.stream).await?.event;
+            let event = tokio::time::timeout_at(until, read_frame::<Response>(&mut self.stream))
+                .await
+                .map_err(|_| ClientError::Timeout(timeout + EXIT_GRACE))??
+                .event;
             on_event(&event);
             let decode = |d: &str| {
                 B64.decode(d)
@@ -164,6 +204,9 @@ impl AgentClient {
                     return Err(ClientError::Refused { code, message })
                 }
                 other => return Err(ClientError::Unexpected(other)),
+            }
+            if out.stdout.len() + out.stderr.len() > MAX_EXEC_OUTPUT {
+                return Err(ClientError::OutputTooLarge(MAX_EXEC_OUTPUT));
             }
         }
     }
@@ -288,8 +331,25 @@ impl AgentClient {
         }
     }
 
+    /// The next event of a started command. Callers bound the wait (a
+    /// command's own timeout, a run's deadline).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         Ok(read_frame::<Response>(&mut self.stream).await?.event)
+    }
+
+    /// Turns this connection into a byte stream to the service listening
+    /// on `/run/polydev/<service>` inside the sandbox (dialled by the agent
+    /// there, so no path the sandbox controls is ever resolved on the host).
+    pub async fn connect_service(mut self, service: &str) -> Result<UnixStream, ClientError> {
+        match self
+            .one(Op::Connect {
+                service: service.to_owned(),
+            })
+            .await?
+        {
+            Event::Done { .. } => Ok(self.stream),
+            other => Err(ClientError::Unexpected(other)),
+        }
     }
 
     /// Sets the environment every later exec starts from.

@@ -6,18 +6,33 @@
 //! In order: join the sandbox's cgroups (so everything after is counted
 //! and limited), enter a private mount namespace, mount a size-limited
 //! tmpfs for the writable layer (the disk quota) and an overlay of the
-//! image over it, hand the seccomp program to bubblewrap through a pipe,
-//! drop to the sandbox's own host uid/gid, and exec. The mounts live only
-//! in that private namespace, so they vanish with the sandbox's last
-//! process: nothing is left mounted on the host, even after a crash.
+//! image over it, bind the agent's socket in the controller's own
+//! directory, hand the seccomp program to bubblewrap through a pipe,
+//! drop to the sandbox's own host uid/gid, start listening (so the
+//! socket's peer credentials name the sandbox's uid), lower the resource
+//! limits, and exec. The mounts live only in that private namespace, so
+//! they vanish with the sandbox's last process: nothing is left mounted on
+//! the host, even after a crash.
+//!
+//! Nothing here resolves a path the sandbox can write: every path in the
+//! spec lies in directories only the controller can change (bubblewrap,
+//! already unprivileged, needs to traverse them: mode 0711, never writable).
 
 use std::io::Write;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 use serde::{Deserialize, Serialize};
+
+/// Where the agent's egress relay finds the controller's end, inside.
+pub const EGRESS_DIR_INSIDE: &str = "/run/polydev/egress";
+
+/// Open files a sandbox's processes may hold (soft, hard). Low on purpose:
+/// every descriptor a sandbox opens through the egress relay costs the
+/// controller some too.
+pub const NOFILE: (u64, u64) = (1024, 4096);
 
 /// Written by the driver as JSON, read by `polydev-agent launch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,11 +48,19 @@ pub struct LaunchSpec {
     /// Host uid and gid the sandbox runs as (mapped to 1000 inside).
     pub uid: u32,
     pub gid: u32,
+    /// Where to bind the agent's listening socket (a directory of the
+    /// controller's; the agent gets the socket as `--listen-fd N`).
+    pub agent_socket: PathBuf,
+    /// A directory of the controller's holding the egress relay's socket,
+    /// bound read-only at `EGRESS_DIR_INSIDE` (network mode `egress`).
+    #[serde(default)]
+    pub egress_dir: Option<PathBuf>,
     pub bwrap: PathBuf,
-    /// bubblewrap arguments after `--bind ROOT /`.
+    /// bubblewrap arguments after the root's bind.
     pub args: Vec<String>,
     pub seccomp: bool,
-    /// The sandbox's first process.
+    /// The sandbox's first process: the agent; `--listen-fd N` is added
+    /// right after the program.
     pub command: Vec<String>,
 }
 
@@ -96,14 +119,17 @@ fn prepare(spec: &LaunchSpec) -> Result<std::process::Command, LaunchError> {
     for dir in [&upper, &work, &root] {
         std::fs::create_dir(dir).map_err(at(format!("create {}", dir.display())))?;
     }
-    // The sandbox user's home and /tmp live in the writable layer.
+    // The sandbox user's home, /tmp and /run/polydev (its services'
+    // sockets) live in the writable layer, inside the disk quota.
     let owner = (
         Some(nix::unistd::Uid::from_raw(spec.uid)),
         Some(nix::unistd::Gid::from_raw(spec.gid)),
     );
-    let home = upper.join("home/sandbox");
-    std::fs::create_dir_all(&home).map_err(at("create home"))?;
-    nix::unistd::chown(&home, owner.0, owner.1).map_err(at("chown home"))?;
+    for dir in ["home/sandbox", "run/polydev"] {
+        let path = upper.join(dir);
+        std::fs::create_dir_all(&path).map_err(at(format!("create {dir}")))?;
+        nix::unistd::chown(&path, owner.0, owner.1).map_err(at(format!("chown {dir}")))?;
+    }
     let tmp = upper.join("tmp");
     std::fs::create_dir(&tmp).map_err(at("create tmp"))?;
     set_mode(&tmp, 0o1777)?;
@@ -122,14 +148,27 @@ fn prepare(spec: &LaunchSpec) -> Result<std::process::Command, LaunchError> {
     )
     .map_err(at("mount image overlay"))?;
 
+    // The agent's socket: bound here as root, in the controller's own
+    // directory (nothing inside can reach or replace it).
+    let listener = agent_socket(&spec.agent_socket)?;
     let mut cmd = std::process::Command::new(&spec.bwrap);
     cmd.arg("--bind").arg(&root).arg("/").args(&spec.args);
+    if let Some(dir) = &spec.egress_dir {
+        cmd.arg("--ro-bind").arg(dir).arg(EGRESS_DIR_INSIDE);
+    }
     if spec.seccomp {
-        // Left open (and inheritable) for bubblewrap to read after the exec.
         let fd = seccomp_fd().map_err(at("seccomp program"))?.into_raw_fd();
         cmd.arg("--seccomp").arg(fd.to_string());
     }
-    cmd.arg("--").args(&spec.command);
+    let (program, rest) = spec
+        .command
+        .split_first()
+        .ok_or_else(|| at("command")(std::io::Error::other("empty")))?;
+    cmd.arg("--")
+        .arg(program)
+        .arg("--listen-fd")
+        .arg(listener.as_raw_fd().to_string())
+        .args(rest);
 
     nix::unistd::setgroups(&[]).map_err(at("drop groups"))?;
     let gid = nix::unistd::Gid::from_raw(spec.gid);
@@ -148,7 +187,35 @@ fn prepare(spec: &LaunchSpec) -> Result<std::process::Command, LaunchError> {
         caps::clear(None, set)
             .map_err(|e| at("drop capabilities")(std::io::Error::other(e.to_string())))?;
     }
+    // Listening now, as the sandbox's uid: a client's SO_PEERCRED names it.
+    nix::sys::socket::listen(
+        &listener,
+        nix::sys::socket::Backlog::new(64).map_err(at("backlog"))?,
+    )
+    .map_err(at("listen on the agent socket"))?;
+    let _ = listener.into_raw_fd();
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_NOFILE, NOFILE.0, NOFILE.1).map_err(at("limit open files"))?;
+    // No core files: a host core_pattern pipe would run on the host.
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(at("limit core files"))?;
     Ok(cmd)
+}
+
+/// A Unix stream socket bound (not yet listening) at `path`, inheritable.
+fn agent_socket(path: &Path) -> Result<OwnedFd, LaunchError> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let _ = std::fs::remove_file(path);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .map_err(at("agent socket"))?;
+    let addr = UnixAddr::new(path).map_err(at("agent socket address"))?;
+    bind(fd.as_raw_fd(), &addr).map_err(at(format!("bind {}", path.display())))?;
+    set_mode(path, 0o600)?;
+    Ok(fd)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), LaunchError> {

@@ -77,6 +77,15 @@ pub enum Op {
         #[serde(default)]
         env: Vec<(String, String)>,
     },
+    /// Connects, inside the sandbox, to the service listening on the Unix
+    /// socket `/run/polydev/<service>` (e.g. the login desktop's VNC server,
+    /// `vnc.sock`). Answers `Done`; from then on the connection carries the
+    /// service's raw bytes both ways and no more frames. The path is resolved
+    /// in the sandbox's own mount namespace, so whatever the sandbox put
+    /// there can only lead back into the sandbox.
+    Connect {
+        service: String,
+    },
     /// Opens a box sealed to this agent's public key and writes the
     /// plaintext to `path` (mode `mode`); the plaintext never goes back.
     Unseal {
@@ -87,6 +96,20 @@ pub enum Op {
         mode: u32,
     },
 }
+
+/// Whether `name` may name a service socket under `/run/polydev` (a plain
+/// file name: no path, no dot files, nothing surprising).
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Where services inside a sandbox listen.
+pub const SERVICE_DIR: &str = "/run/polydev";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {

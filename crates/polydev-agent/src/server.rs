@@ -53,19 +53,31 @@ fn error(code: &str, message: impl Into<String>) -> Event {
     }
 }
 
+/// Most connections the in-sandbox egress relay carries at once (the
+/// controller's end has its own cap; this one keeps a runaway client from
+/// spending the sandbox's descriptors on relay halves).
+const MAX_RELAYED: usize = 256;
+
 /// Network mode `egress`: relays TCP connections made inside the sandbox to
 /// `listen` (loopback) over the Unix socket `to`, whose other end the
 /// controller connects to the user's egress proxy. The sandbox has no other
 /// way out. Binds before returning; relays in the background.
 pub async fn relay_egress(listen: std::net::SocketAddr, to: PathBuf) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RELAYED));
     tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else {
+                // Out of descriptors: wait for some to close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: closed at once
             };
             let to = to.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Ok(mut unix) = UnixStream::connect(&to).await {
                     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
                 }
@@ -75,11 +87,57 @@ pub async fn relay_egress(listen: std::net::SocketAddr, to: PathBuf) -> std::io:
     Ok(())
 }
 
+/// Makes this process non-dumpable: the sandbox's other processes run as
+/// the same uid, and without this they could read the agent's memory (its
+/// sealing key, a credential being unsealed) through `/proc/<pid>/mem`, or
+/// write to its descriptors through `/proc/<pid>/fd`.
+pub fn harden_process() -> std::io::Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
+}
+
+/// Takes the listening socket the launcher passed as descriptor `fd`
+/// (bound in a directory only the controller can write, listening as the
+/// sandbox's uid), after checking that it is one.
+pub fn inherited_listener(fd: i32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("descriptor {fd}: {e}")))?;
+    if !target.to_string_lossy().starts_with("socket:") {
+        return Err(std::io::Error::other(format!(
+            "descriptor {fd} is {}, not a socket",
+            target.display()
+        )));
+    }
+    let listener = adopt_listener(fd);
+    // Not inherited by the commands this agent runs.
+    nix::fcntl::fcntl(
+        &listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(std::io::Error::from)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+#[allow(unsafe_code)]
+fn adopt_listener(fd: i32) -> std::os::unix::net::UnixListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is open (its /proc/self/fd entry names a socket) and
+    // nothing else in this process owns it: the launcher passed it across
+    // exec for exactly this, and it is adopted once, at start.
+    unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) }
+}
+
 impl Agent {
-    /// Serves connections on `socket` until the listener fails.
+    /// Serves connections on `socket` until the listener fails (for tests
+    /// and hosts without a launcher; sandboxes get their socket passed in).
     pub async fn serve(self: Arc<Self>, socket: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
+        self.serve_listener(listener).await
+    }
+
+    /// Serves connections on `listener` until it fails.
+    pub async fn serve_listener(self: Arc<Self>, listener: UnixListener) -> std::io::Result<()> {
         // The driver waits for this line: it is the ready handshake's
         // first half (the second is `Hello` on the socket).
         {
@@ -89,7 +147,14 @@ impl Agent {
             let _ = out.flush();
         }
         loop {
-            let (stream, _) = listener.accept().await?;
+            let (stream, _) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let agent = self.clone();
             tokio::spawn(async move { agent.connection(stream).await });
         }
@@ -141,6 +206,11 @@ impl Agent {
                     return;
                 }
             };
+            if let Op::Connect { service } = &request.op {
+                let service = service.clone();
+                self.connect_service(request.id, &service, stream).await;
+                return;
+            }
             if self.handle(request, &mut stream).await.is_err() {
                 return;
             }
@@ -152,6 +222,7 @@ impl Agent {
         let reply = |event| Response { id, event };
         let event = match req.op {
             Op::Hello { .. } => error("bad_request", "already said hello"),
+            Op::Connect { .. } => error("bad_request", "connect is handled per connection"),
             Op::Health => Event::Ready {
                 status: "ready".into(),
             },
@@ -230,6 +301,42 @@ impl Agent {
             }
         };
         write_frame(out, &reply(event)).await
+    }
+
+    /// `Connect`: dials the service inside the sandbox, answers, then
+    /// pipes bytes both ways until either side ends.
+    async fn connect_service(&self, id: u64, service: &str, mut stream: UnixStream) {
+        let reply = |event| Response { id, event };
+        if !crate::protocol::valid_service_name(service) {
+            let e = error("bad_request", format!("{service:?} is not a service name"));
+            let _ = write_frame(&mut stream, &reply(e)).await;
+            return;
+        }
+        let path = Path::new(crate::protocol::SERVICE_DIR).join(service);
+        let dial = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(&path)).await;
+        let mut inner = match dial {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let e = error("unreachable", format!("cannot reach {service}: {e}"));
+                let _ = write_frame(&mut stream, &reply(e)).await;
+                return;
+            }
+            Err(_) => {
+                let e = error(
+                    "unreachable",
+                    format!("{service} did not accept within 5 s"),
+                );
+                let _ = write_frame(&mut stream, &reply(e)).await;
+                return;
+            }
+        };
+        if write_frame(&mut stream, &reply(Event::Done { bytes: 0 }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut stream, &mut inner).await;
     }
 
     async fn write_stdin(&self, pid: u32, bytes: &[u8], close: bool) -> Event {

@@ -130,9 +130,82 @@ impl Cgroups {
         }
     }
 
+    /// Limits what all of this instance's sandboxes together may use (on
+    /// the parent groups; children cannot exceed them).
+    pub fn set_budget(&self, budget: crate::local::Budget) -> std::io::Result<()> {
+        match self.version {
+            Version::V1 => {
+                if let Some(bytes) = budget.memory_bytes {
+                    let mem = self.root.join("memory").join(&self.parent);
+                    write(&mem.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                    let memsw = mem.join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        write(&memsw, &bytes.to_string())?;
+                    }
+                }
+                if let Some(pids) = budget.pids {
+                    let dir = self.root.join("pids").join(&self.parent);
+                    write(&dir.join("pids.max"), &pids.to_string())?;
+                }
+            }
+            Version::V2 => {
+                let dir = self.root.join(&self.parent);
+                if let Some(bytes) = budget.memory_bytes {
+                    write(&dir.join("memory.max"), &bytes.to_string())?;
+                }
+                if let Some(pids) = budget.pids {
+                    write(&dir.join("pids.max"), &pids.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parent groups' limits as the kernel has them (memory, pids).
+    pub fn budget(&self) -> (Option<u64>, Option<u64>) {
+        match self.version {
+            Version::V1 => (
+                read_u64(
+                    &self
+                        .root
+                        .join("memory")
+                        .join(&self.parent)
+                        .join("memory.limit_in_bytes"),
+                ),
+                read_u64(&self.root.join("pids").join(&self.parent).join("pids.max")),
+            ),
+            Version::V2 => (
+                read_u64(&self.root.join(&self.parent).join("memory.max")),
+                read_u64(&self.root.join(&self.parent).join("pids.max")),
+            ),
+        }
+    }
+
+    /// Whether process `pid` is in sandbox `id`'s groups (read from
+    /// /proc, which no sandbox can change).
+    pub fn holds(&self, id: &SandboxId, pid: i32) -> bool {
+        let suffix = format!("/{}/{}", self.parent, id.as_str());
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map(|text| {
+                text.lines().any(|l| {
+                    let mut parts = l.splitn(3, ':');
+                    let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
+                    let relevant = match self.version {
+                        Version::V1 => ctrls.is_some_and(|c| c.split(',').any(|c| c == "pids")),
+                        Version::V2 => ctrls == Some(""),
+                    };
+                    relevant && path.is_some_and(|p| p.ends_with(&suffix))
+                })
+            })
+            .unwrap_or(false)
+    }
+
     /// Makes the groups and writes the limits; returns the `cgroup.procs`
     /// files the launcher joins.
     pub fn create(&self, id: &SandboxId, limits: &Limits) -> std::io::Result<Vec<PathBuf>> {
+        // The parents again, should something have removed them meanwhile
+        // (an empty parent may be removed by another instance's cleanup).
+        self.prepare_parent()?;
         let id = id.as_str();
         let dirs = self.dirs(id);
         for d in &dirs {

@@ -138,11 +138,4 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 }
 
 /// Whether `name` may name a service socket (no path, no surprises).
-pub fn valid_service_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
+pub use polydev_agent::protocol::valid_service_name;

@@ -6,13 +6,22 @@
 //! privileged steps and execs bwrap; bwrap starts the agent as the
 //! sandbox's first process.
 //!
-//! Host state per sandbox is one directory, `<state>/<id>/`: `spec.json`
-//! (labels, for reconciliation), `launch.json`, `console.log` (the
-//! launcher's and agent's stderr), `run/` (bound at /run/polydev inside:
-//! the agent's socket) and `fs/` (the private tmpfs's mount point; nothing
-//! is mounted there in the host's namespace).
+//! Host state per sandbox is one directory, `<state>/<id>/` (the
+//! controller's; mode 0711: bubblewrap, already running as the sandbox's
+//! uid, must traverse it to the sandbox's root, and may write nothing): `labels.json` and `uid` (for reconciliation after a
+//! restart), `launch.json`, `ctl/agent.sock` (the agent's listening
+//! socket, bound there by the launcher and passed to the agent as a
+//! descriptor), `host/egress.sock` (network mode `egress`: the controller's
+//! end of the egress relay, bound read-only into the sandbox) and `fs/`
+//! (the private tmpfs's mount point; nothing is mounted there in the host's
+//! namespace). The sandbox can write none of it: its `/run/polydev` lives in
+//! its own writable layer, inside its disk quota, and its console output
+//! reaches the controller through a pipe into a bounded ring. No path the
+//! sandbox can write is ever resolved here: services inside are reached
+//! through the agent (`Op::Connect`), and every agent connection is checked
+//! against the sandbox's uid and cgroup (`SO_PEERCRED`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -20,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use polydev_agent::launch::LaunchSpec;
 use polydev_agent::AgentClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::cgroup::Cgroups;
 use crate::driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
@@ -28,7 +37,16 @@ use crate::image::{Image, AGENT_PATH};
 use crate::spec::{Network, SandboxId, SandboxSpec};
 
 const READY_LINE: &str = "polydev-agent ready";
-const SOCKET_INSIDE: &str = "/run/polydev/agent.sock";
+/// The most console output kept per sandbox (the end of it).
+const CONSOLE_BYTES: usize = 32 * 1024;
+/// Connections one sandbox may have open through its egress relay.
+pub const MAX_RELAY_CONNECTIONS: usize = 64;
+/// How long a sandbox has to send a request head through its relay.
+const RELAY_HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest request head the relay reads.
+const RELAY_MAX_HEAD: usize = 16 * 1024;
+/// Host uids a driver allocates sandboxes from.
+pub const UID_RANGE: u32 = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -41,11 +59,45 @@ pub struct LocalConfig {
     /// Names this controller's cgroup parent, so two controllers on one
     /// host (or parallel tests) never touch each other's sandboxes.
     pub instance: String,
-    /// Sandboxes run as host uids `uid_base .. uid_base + 65536`.
+    /// Sandboxes run as host uids `uid_base .. uid_base + UID_RANGE`, each
+    /// live sandbox its own.
     pub uid_base: u32,
     pub seccomp: bool,
     /// Debug switch: keep a failed sandbox's directory (never the default).
     pub keep_failed: bool,
+    /// What all of this instance's sandboxes together may use (the parent
+    /// cgroup's limits), so their sum never takes the host. `None`: no
+    /// aggregate limit.
+    pub budget: Budget,
+}
+
+/// Aggregate limits on the instance's parent cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+impl Budget {
+    /// This host less a reserve for the controller, the store and the
+    /// system: memory less max(2 GiB, 1/8), pids less max(2048, 1/4).
+    pub fn for_host() -> Self {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024);
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Self {
+            memory_bytes: total.map(|t| t.saturating_sub((2u64 << 30).max(t / 8))),
+            pids: pid_max.map(|p| p.saturating_sub(2048u64.max(p / 4))),
+        }
+    }
 }
 
 impl LocalConfig {
@@ -55,15 +107,18 @@ impl LocalConfig {
         let canonical = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let digest =
             <sha2::Sha256 as sha2::Digest>::digest(canonical.as_os_str().as_encoded_bytes());
+        // Instances on one host get different uid ranges (one of 256).
+        let slot = u32::from(digest[6]);
         Self {
             state_dir: data_dir.join("sandboxes"),
             launcher: default_launcher(),
             bwrap: which("bwrap").unwrap_or_else(|| PathBuf::from("/usr/bin/bwrap")),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             instance: format!("polydev-{}", hex::encode(&digest[..6])),
-            uid_base: 3_000_000,
+            uid_base: 3_000_000 + slot * UID_RANGE,
             seccomp: true,
             keep_failed: false,
+            budget: Budget::for_host(),
         }
     }
 }
@@ -123,28 +178,123 @@ fn missing_capabilities() -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(", "))
 }
 
+/// Host uids for sandboxes: each live sandbox has its own (allocated at
+/// create, recorded in its state directory, released once its processes
+/// are gone), so a peer-uid check names exactly one sandbox.
+#[derive(Debug)]
+pub struct UidPool {
+    base: u32,
+    size: u32,
+    next: u32,
+    used: HashSet<u32>,
+}
+
+impl UidPool {
+    pub fn new(base: u32, size: u32) -> Self {
+        Self {
+            base,
+            size: size.max(1),
+            next: 0,
+            used: HashSet::new(),
+        }
+    }
+
+    /// A free uid (next-fit, so a just-released one is not reused at once).
+    pub fn allocate(&mut self) -> Option<u32> {
+        for _ in 0..self.size {
+            let uid = self.base + self.next;
+            self.next = (self.next + 1) % self.size;
+            if self.used.insert(uid) {
+                return Some(uid);
+            }
+        }
+        None
+    }
+
+    /// Marks `uid` taken (one a sandbox left by a previous process holds).
+    pub fn reserve(&mut self, uid: u32) {
+        if (self.base..self.base + self.size).contains(&uid) {
+            self.used.insert(uid);
+        }
+    }
+
+    pub fn release(&mut self, uid: u32) {
+        self.used.remove(&uid);
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.len()
+    }
+}
+
+/// The end of a sandbox's console output (launcher, bwrap and agent
+/// stderr), fed from a pipe; never more than `CONSOLE_BYTES`.
+#[derive(Debug, Default)]
+struct Console {
+    bytes: VecDeque<u8>,
+}
+
+impl Console {
+    fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(CONSOLE_BYTES)..];
+        let over = (self.bytes.len() + data.len()).saturating_sub(CONSOLE_BYTES);
+        self.bytes.drain(..over.min(self.bytes.len()));
+        self.bytes.extend(data);
+    }
+
+    fn tail(&self, lines: usize) -> Vec<String> {
+        let (a, b) = self.bytes.as_slices();
+        let text = String::from_utf8_lossy(&[a, b].concat()).into_owned();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|l| l.chars().take(500).collect())
+            .collect()
+    }
+}
+
+/// What the driver holds for a sandbox it started.
+#[derive(Debug)]
+struct Live {
+    uid: u32,
+    console: Arc<Mutex<Console>>,
+    /// Set once the console pipe has closed (every sandbox process gone).
+    console_done: tokio::sync::watch::Receiver<bool>,
+    /// Reads the console and reaps the launcher.
+    task: Option<tokio::task::AbortHandle>,
+    relay: Option<Relay>,
+}
+
 #[derive(Debug)]
 pub struct LocalDriver {
     cfg: LocalConfig,
     cgroups: Cgroups,
-    /// Sandboxes started by this process: their launcher's child handle
-    /// is reaped by a task; here only to know they are ours.
-    started: Mutex<HashMap<SandboxId, u32>>,
-    /// Egress relays (network mode `egress`), stopped on destroy; each
-    /// with where it forwards to (unset: a pooled sandbox not handed out,
-    /// whose relay refuses every connection).
-    relays: Mutex<HashMap<SandboxId, Relay>>,
-}
-
-impl Drop for LocalDriver {
-    fn drop(&mut self) {
-        // Our parent cgroups go with us when no sandbox is left in them.
-        self.cgroups.remove_parent_if_empty();
-    }
+    live: Mutex<HashMap<SandboxId, Live>>,
+    uids: Mutex<UidPool>,
 }
 
 fn io(context: &str) -> impl Fn(std::io::Error) -> DriverError + '_ {
     move |e| DriverError::Io(format!("{context}: {e}"))
+}
+
+/// A directory of the controller's with exactly `mode`.
+fn private_dir(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Writes `bytes` to a new file readable by the controller only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 impl LocalDriver {
@@ -170,15 +320,31 @@ impl LocalDriver {
         }
         let cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.instance)
             .map_err(|e| DriverError::Unavailable(format!("cgroups: {e}")))?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(io("state directory"))?;
-        let probe = cfg.state_dir.join("sb-0000000000000000/run/agent.sock");
+        if let Err(e) = cgroups.set_budget(cfg.budget) {
+            tracing::warn!(error = %e, "cannot set the sandboxes' aggregate memory and pids budget");
+        }
+        private_dir(&cfg.state_dir, 0o711).map_err(io("state directory"))?;
+        let probe = cfg.state_dir.join("sb-0000000000000000/ctl/agent.sock");
         if probe.as_os_str().len() >= 100 {
             return Err(DriverError::Unavailable(format!(
                 "state directory {} is too long for the agent's socket path",
                 cfg.state_dir.display()
             )));
         }
-        // One descriptor per sandbox's child: lift the soft limit.
+        // Sandboxes a previous process left keep their uids until destroyed.
+        let mut uids = UidPool::new(cfg.uid_base, UID_RANGE);
+        if let Ok(rd) = std::fs::read_dir(&cfg.state_dir) {
+            for e in rd.flatten() {
+                if let Some(uid) = std::fs::read_to_string(e.path().join("uid"))
+                    .ok()
+                    .and_then(|u| u.trim().parse().ok())
+                {
+                    uids.reserve(uid);
+                }
+            }
+        }
+        // One descriptor per sandbox's child: lift the soft limit (the
+        // launcher lowers it again for the sandbox itself).
         if let Ok((_, hard)) =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         {
@@ -191,8 +357,8 @@ impl LocalDriver {
         Ok(Self {
             cfg,
             cgroups,
-            started: Mutex::new(HashMap::new()),
-            relays: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            uids: Mutex::new(uids),
         })
     }
 
@@ -204,21 +370,24 @@ impl LocalDriver {
         &self.cgroups
     }
 
+    /// Host uids held by live sandboxes of this driver.
+    pub fn uids_in_use(&self) -> usize {
+        self.uids.lock().map(|u| u.in_use()).unwrap_or(0)
+    }
+
     fn dir(&self, id: &SandboxId) -> PathBuf {
         self.cfg.state_dir.join(id.as_str())
     }
 
     fn socket(&self, id: &SandboxId) -> PathBuf {
-        self.dir(id).join("run/agent.sock")
+        self.dir(id).join("ctl/agent.sock")
     }
 
-    fn uid(&self, id: &SandboxId) -> u32 {
-        let hex = id.as_str().trim_start_matches("sb-");
-        let n = u64::from_str_radix(hex, 16).unwrap_or(0);
-        self.cfg.uid_base + (n % 65_536) as u32
+    fn live_uid(&self, id: &SandboxId) -> Option<u32> {
+        self.live.lock().ok()?.get(id).map(|l| l.uid)
     }
 
-    fn bwrap_args(&self, image: &Image, run: &Path) -> Vec<String> {
+    fn bwrap_args(&self, image: &Image) -> Vec<String> {
         let mut a: Vec<String> = [
             "--unshare-all",
             "--uid",
@@ -242,11 +411,6 @@ impl LocalDriver {
         for b in &image.manifest.host_binds {
             a.extend(["--ro-bind".into(), b.clone(), b.clone()]);
         }
-        a.extend([
-            "--bind".into(),
-            run.display().to_string(),
-            "/run/polydev".into(),
-        ]);
         a.extend(
             [
                 "--clearenv",
@@ -266,44 +430,40 @@ impl LocalDriver {
     }
 
     /// The controller's end of the egress relay: each connection the agent
-    /// makes on the sandbox's behalf goes on to the egress proxy.
-    fn start_relay(
-        &self,
-        id: &SandboxId,
-        path: &Path,
-        route: Option<Route>,
-        uid: u32,
-    ) -> std::io::Result<()> {
+    /// makes on the sandbox's behalf goes on to the egress proxy, with the
+    /// sandbox's own credential (whatever the sandbox sent is replaced), at
+    /// most `MAX_RELAY_CONNECTIONS` at once, its head read within a deadline
+    /// before the proxy is dialled.
+    fn start_relay(&self, path: &Path, route: Option<Route>) -> std::io::Result<Relay> {
+        use std::os::unix::fs::PermissionsExt;
         let route = Arc::new(std::sync::RwLock::new(route));
         let current = route.clone();
         let listener = tokio::net::UnixListener::bind(path)?;
-        nix::unistd::chown(
-            path,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(uid)),
-        )?;
+        // In a directory only the controller can write: no race on the path.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RELAY_CONNECTIONS));
         let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             loop {
+                while conns.try_join_next().is_some() {}
                 let Ok((inside, _)) = listener.accept().await else {
-                    break;
-                };
-                // Not handed out yet: no way out.
-                let Some(Route { target, auth }) = current.read().ok().and_then(|r| r.clone())
-                else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                tokio::spawn(async move {
-                    if let Ok(proxy) = tokio::net::TcpStream::connect(target).await {
-                        let _ = proxy.set_nodelay(true);
-                        let _ = relay_one(inside, proxy, auth).await;
-                    }
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue; // over the cap: closed at once
+                };
+                // Not handed out yet: no way out.
+                let Some(route) = current.read().ok().and_then(|r| r.clone()) else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    let _slot = slot;
+                    let _ = relay_one(inside, route).await;
                 });
             }
         });
-        if let Ok(mut r) = self.relays.lock() {
-            r.insert(id.clone(), (task.abort_handle(), route));
-        }
-        Ok(())
+        Ok((task.abort_handle(), route))
     }
 
     async fn fail(
@@ -313,11 +473,24 @@ impl LocalDriver {
         message: String,
         stages: Vec<Stage>,
     ) -> DriverError {
+        // What the sandbox printed as it died may still be in the pipe.
+        let done = self
+            .live
+            .lock()
+            .ok()
+            .and_then(|l| l.get(id).map(|l| l.console_done.clone()));
+        if let Some(mut done) = done {
+            let _ = tokio::time::timeout(Duration::from_millis(300), done.wait_for(|d| *d)).await;
+        }
         let log_tail = self.log_tail(id, 50).await;
         if !self.cfg.keep_failed {
             let _ = self.destroy(id).await;
         } else {
             tracing::warn!(sandbox = %id, "keeping failed sandbox for inspection");
+            let _ = write_private(
+                &self.dir(id).join("console.log"),
+                log_tail.join("\n").as_bytes(),
+            );
         }
         DriverError::Boot {
             stage: stage.to_owned(),
@@ -325,6 +498,32 @@ impl LocalDriver {
             stages,
             log_tail,
         }
+    }
+
+    /// A connection to the agent's socket whose peer is this sandbox's
+    /// agent: the sandbox's own uid, a process in the sandbox's cgroup.
+    async fn checked_stream(
+        &self,
+        id: &SandboxId,
+        uid: u32,
+        deadline: Duration,
+    ) -> Result<tokio::net::UnixStream, DriverError> {
+        let stream =
+            tokio::time::timeout(deadline, tokio::net::UnixStream::connect(self.socket(id)))
+                .await
+                .map_err(|_| DriverError::Agent(polydev_agent::ClientError::Timeout(deadline)))?
+                .map_err(|e| DriverError::Agent(polydev_agent::ClientError::Connect(e)))?;
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| DriverError::Io(format!("agent socket of {id}: {e}")))?;
+        let in_cgroup = cred.pid().is_some_and(|pid| self.cgroups.holds(id, pid));
+        if cred.uid() != uid || !in_cgroup {
+            tracing::error!(sandbox = %id, peer_uid = cred.uid(), expected_uid = uid, in_cgroup, "agent socket served by something else");
+            return Err(DriverError::Io(format!(
+                "the agent socket of sandbox {id} is not served by that sandbox"
+            )));
+        }
+        Ok(stream)
     }
 }
 
@@ -343,40 +542,82 @@ impl Driver for LocalDriver {
     ) -> Result<Booted, DriverError> {
         let started_at = Instant::now();
         let dir = self.dir(id);
-        let run = dir.join("run");
-        let uid = self.uid(id);
-        std::fs::create_dir_all(&run).map_err(io("sandbox directory"))?;
-        std::fs::create_dir_all(dir.join("fs")).map_err(io("sandbox directory"))?;
-        nix::unistd::chown(
-            &run,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(uid)),
-        )
-        .map_err(|e| DriverError::Io(format!("chown run directory: {e}")))?;
-        let spec_json = serde_json::to_vec(spec).map_err(|e| DriverError::Io(e.to_string()))?;
-        std::fs::write(dir.join("spec.json"), spec_json).map_err(io("spec"))?;
+        let uid = self
+            .uids
+            .lock()
+            .map_err(|_| DriverError::Io("uid pool poisoned".into()))?
+            .allocate()
+            .ok_or_else(|| {
+                DriverError::Unavailable("every sandbox uid of this host is in use".into())
+            })?;
+        let made = (|| -> std::io::Result<()> {
+            private_dir(&dir, 0o711)?;
+            private_dir(&dir.join("ctl"), 0o700)?;
+            private_dir(&dir.join("fs"), 0o711)?;
+            write_private(&dir.join("uid"), uid.to_string().as_bytes())?;
+            // Labels only: never environment values, never the spec.
+            let labels = serde_json::to_vec(&spec.labels).map_err(std::io::Error::other)?;
+            write_private(&dir.join("labels.json"), &labels)
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Ok(mut u) = self.uids.lock() {
+                u.release(uid);
+            }
+            return Err(DriverError::Io(format!("sandbox directory: {e}")));
+        }
         let procs = match self.cgroups.create(id, &spec.limits) {
             Ok(p) => p,
             Err(e) => {
-                let _ = self.destroy(id).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = self.cgroups.destroy(id, Duration::from_secs(2));
+                if let Ok(mut u) = self.uids.lock() {
+                    u.release(uid);
+                }
                 return Err(DriverError::Io(format!("cgroups: {e}")));
             }
         };
-        let mut command = vec![AGENT_PATH.into(), "--socket".into(), SOCKET_INSIDE.into()];
+        let (console_done_tx, console_done) = tokio::sync::watch::channel(false);
+        let console = Arc::new(Mutex::new(Console::default()));
+        let mut live = Live {
+            uid,
+            console: console.clone(),
+            console_done,
+            task: None,
+            relay: None,
+        };
+        let mut command = vec![AGENT_PATH.to_owned()];
+        let mut egress_dir = None;
         if spec.network == Network::Egress {
+            let host = dir.join("host");
             let route = spec.egress.map(|target| Route {
                 target,
                 auth: spec.egress_auth.clone().map(Arc::<str>::from),
             });
-            match self.start_relay(id, &run.join("egress.sock"), route, uid) {
-                Ok(()) => {
-                    command.extend(["--egress-relay".into(), crate::spec::EGRESS_INSIDE.into()])
+            let relay = private_dir(&host, 0o711)
+                .and_then(|()| self.start_relay(&host.join("egress.sock"), route));
+            match relay {
+                Ok(r) => {
+                    live.relay = Some(r);
+                    egress_dir = Some(host);
+                    command.extend([
+                        "--egress-relay".to_owned(),
+                        crate::spec::EGRESS_INSIDE.to_owned(),
+                        "--egress-socket".to_owned(),
+                        format!("{}/egress.sock", polydev_agent::launch::EGRESS_DIR_INSIDE),
+                    ]);
                 }
                 Err(e) => {
+                    if let Ok(mut l) = self.live.lock() {
+                        l.insert(id.clone(), live);
+                    }
                     let _ = self.destroy(id).await;
                     return Err(DriverError::Io(format!("egress relay: {e}")));
                 }
             }
+        }
+        if let Ok(mut l) = self.live.lock() {
+            l.insert(id.clone(), live);
         }
         let mut stages = vec![Stage::now("created")];
 
@@ -387,19 +628,19 @@ impl Driver for LocalDriver {
             lower: image.rootfs.clone(),
             uid,
             gid: uid,
+            agent_socket: self.socket(id),
+            egress_dir,
             bwrap: self.cfg.bwrap.clone(),
-            args: self.bwrap_args(image, &run),
+            args: self.bwrap_args(image),
             seccomp: self.cfg.seccomp,
             command,
         };
         let launch_path = dir.join("launch.json");
         let bytes = serde_json::to_vec(&launch).map_err(|e| DriverError::Io(e.to_string()))?;
-        std::fs::write(&launch_path, bytes).map_err(io("launch spec"))?;
-        let console = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("console.log"))
-            .map_err(io("console log"))?;
+        if let Err(e) = write_private(&launch_path, &bytes) {
+            let msg = format!("launch spec: {e}");
+            return Err(self.fail(id, "created", msg, stages).await);
+        }
         // Spawned from this (async) task's thread: bwrap's
         // --die-with-parent ties the sandbox to this process.
         let mut child = match tokio::process::Command::new(&self.cfg.launcher)
@@ -407,7 +648,7 @@ impl Driver for LocalDriver {
             .arg(&launch_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(console)
+            .stderr(Stdio::piped())
             .kill_on_drop(false)
             .spawn()
         {
@@ -418,20 +659,36 @@ impl Driver for LocalDriver {
             }
         };
         stages.push(Stage::now("started"));
-        if let Ok(mut s) = self.started.lock() {
-            s.insert(id.clone(), child.id().unwrap_or(0));
-        }
         let stdout = child.stdout.take();
-        tokio::spawn(async move {
+        let stderr = child.stderr.take();
+        let task = tokio::spawn(async move {
+            if let Some(mut stderr) = stderr {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut c) = console.lock() {
+                        c.push(&buf[..n]);
+                    }
+                }
+            }
+            let _ = console_done_tx.send(true);
             let _ = child.wait().await;
         });
+        if let Ok(mut l) = self.live.lock() {
+            if let Some(live) = l.get_mut(id) {
+                live.task = Some(task.abort_handle());
+            }
+        }
 
         let remaining = |at: Instant| deadline.saturating_sub(at.duration_since(started_at));
         let ready = async {
             let Some(stdout) = stdout else {
                 return Err("no stdout from the launcher".to_owned());
             };
-            let mut lines = BufReader::new(stdout).lines();
+            // One short line is all the agent says there; bound it anyway.
+            let mut lines = BufReader::new(stdout.take(256)).lines();
             match lines.next_line().await {
                 Ok(Some(l)) if l == READY_LINE => Ok(()),
                 Ok(Some(l)) => Err(format!("unexpected first line from the agent: {l:?}")),
@@ -450,7 +707,7 @@ impl Driver for LocalDriver {
                 return Err(self.fail(id, "started", msg, stages).await);
             }
         }
-        let client = match AgentClient::connect(&self.socket(id), remaining(Instant::now())).await {
+        let client = match self.agent(id, remaining(Instant::now())).await {
             Ok(c) => c,
             Err(e) => {
                 let msg = format!("agent did not answer hello: {e}");
@@ -465,11 +722,12 @@ impl Driver for LocalDriver {
     }
 
     async fn agent(&self, id: &SandboxId, deadline: Duration) -> Result<AgentClient, DriverError> {
-        let socket = self.socket(id);
-        if !socket.exists() {
-            return Err(DriverError::NotFound(id.to_string()));
-        }
-        Ok(AgentClient::connect(&socket, deadline).await?)
+        let uid = self
+            .live_uid(id)
+            .ok_or_else(|| DriverError::NotFound(id.to_string()))?;
+        let started = Instant::now();
+        let stream = self.checked_stream(id, uid, deadline).await?;
+        Ok(AgentClient::greet(stream, deadline.saturating_sub(started.elapsed())).await?)
     }
 
     async fn set_egress(
@@ -478,12 +736,13 @@ impl Driver for LocalDriver {
         target: std::net::SocketAddr,
         auth: String,
     ) -> Result<(), DriverError> {
-        let relays = self
-            .relays
+        let live = self
+            .live
             .lock()
-            .map_err(|_| DriverError::Io("relay table poisoned".into()))?;
-        let (_, route) = relays
+            .map_err(|_| DriverError::Io("sandbox table poisoned".into()))?;
+        let (_, route) = live
             .get(id)
+            .and_then(|l| l.relay.as_ref())
             .ok_or_else(|| DriverError::Io(format!("sandbox {id} has no egress relay")))?;
         *route
             .write()
@@ -502,36 +761,50 @@ impl Driver for LocalDriver {
         if !crate::driver::valid_service_name(name) {
             return Err(DriverError::Io(format!("{name:?} is not a service name")));
         }
-        if !self.dir(id).exists() {
-            return Err(DriverError::NotFound(id.to_string()));
-        }
-        tokio::net::UnixStream::connect(self.dir(id).join("run").join(name))
+        let agent = self.agent(id, Duration::from_secs(5)).await?;
+        agent
+            .connect_service(name)
             .await
             .map_err(|e| DriverError::Io(format!("cannot reach {name} in sandbox {id}: {e}")))
     }
 
     async fn destroy(&self, id: &SandboxId) -> Result<(), DriverError> {
-        if let Ok(mut s) = self.started.lock() {
-            s.remove(id);
-        }
-        if let Some((relay, _)) = self.relays.lock().ok().and_then(|mut r| r.remove(id)) {
-            relay.abort();
+        let live = self.live.lock().ok().and_then(|mut l| l.remove(id));
+        if let Some(l) = &live {
+            if let Some((relay, _)) = &l.relay {
+                relay.abort();
+            }
         }
         let cgroups = self.cgroups.clone();
         let dir = self.dir(id);
-        let id = id.clone();
-        tokio::task::spawn_blocking(move || {
+        let owned = id.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let uid = std::fs::read_to_string(dir.join("uid"))
+                .ok()
+                .and_then(|u| u.trim().parse::<u32>().ok());
             cgroups
-                .destroy(&id, Duration::from_secs(10))
-                .map_err(|e| DriverError::Io(format!("destroy {id}: {e}")))?;
+                .destroy(&owned, Duration::from_secs(10))
+                .map_err(|e| DriverError::Io(format!("destroy {owned}: {e}")))?;
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Ok(()) => Ok(uid),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(uid),
                 Err(e) => Err(DriverError::Io(format!("remove {}: {e}", dir.display()))),
             }
         })
         .await
-        .map_err(|e| DriverError::Io(e.to_string()))?
+        .map_err(|e| DriverError::Io(e.to_string()))?;
+        if let Some(task) = live.as_ref().and_then(|l| l.task.as_ref()) {
+            task.abort();
+        }
+        // The uid is free once no process of the sandbox is left.
+        let uid = match &result {
+            Ok(from_file) => live.as_ref().map(|l| l.uid).or(*from_file),
+            Err(_) => None,
+        };
+        if let (Some(uid), Ok(mut pool)) = (uid, self.uids.lock()) {
+            pool.release(uid);
+        }
+        result.map(|_| ())
     }
 
     async fn list(&self) -> Result<Vec<Existing>, DriverError> {
@@ -547,10 +820,10 @@ impl Driver for LocalDriver {
             }
             ids.into_iter()
                 .map(|name| {
-                    let labels = std::fs::read(state.join(&name).join("spec.json"))
+                    let labels = std::fs::read(state.join(&name).join("labels.json"))
                         .ok()
-                        .and_then(|b| serde_json::from_slice::<SandboxSpec>(&b).ok())
-                        .map(|s| s.labels)
+                        .filter(|b| b.len() <= 64 * 1024)
+                        .and_then(|b| serde_json::from_slice(&b).ok())
                         .unwrap_or_default();
                     let alive = SandboxId::parse(&name)
                         .map(|id| cgroups.is_populated(&id))
@@ -581,14 +854,15 @@ impl Driver for LocalDriver {
     }
 
     async fn log_tail(&self, id: &SandboxId, lines: usize) -> Vec<String> {
-        let path = self.dir(id).join("console.log");
-        let text = tokio::fs::read(&path).await.unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..]
-            .iter()
-            .map(|l| l.chars().take(500).collect())
-            .collect()
+        let console = self
+            .live
+            .lock()
+            .ok()
+            .and_then(|l| l.get(id).map(|l| l.console.clone()));
+        match console {
+            Some(c) => c.lock().map(|c| c.tail(lines)).unwrap_or_default(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -605,100 +879,183 @@ struct Route {
     auth: Option<Arc<str>>,
 }
 
-/// One relayed connection. A request head without `Proxy-Authorization`
-/// gets the sandbox's (and, unless it is a CONNECT, `Connection: close`,
-/// so every later request arrives on a new connection and gets it too);
-/// everything else passes through untouched.
-async fn relay_one(
-    mut inside: tokio::net::UnixStream,
-    mut proxy: tokio::net::TcpStream,
-    auth: Option<Arc<str>>,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if let Some(auth) = auth {
-        let mut head = Vec::with_capacity(4096);
+/// One relayed connection: the request head is read (within a deadline,
+/// bounded), rewritten with the sandbox's own credential, and only then is
+/// the proxy dialled; after that bytes pass through untouched.
+async fn relay_one(mut inside: tokio::net::UnixStream, route: Route) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let read_head = async {
+        let mut head = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break Some(i + 4);
-            }
-            if head.len() > 64 * 1024 {
-                break None;
-            }
+        loop {
             let n = inside.read(&mut chunk).await?;
             if n == 0 {
-                return Ok(());
+                return Ok::<_, std::io::Error>(None);
             }
             head.extend_from_slice(&chunk[..n]);
-        };
-        match end {
-            Some(end) => {
-                let text = String::from_utf8_lossy(&head[..end]).into_owned();
-                proxy.write_all(&with_proxy_auth(&text, &auth)).await?;
-                proxy.write_all(&head[end..]).await?;
+            match rewrite_head(&head, route.auth.as_deref()) {
+                Head::Complete(bytes) => return Ok(Some(bytes)),
+                Head::Partial if head.len() <= RELAY_MAX_HEAD => continue,
+                Head::Partial | Head::Invalid => {
+                    let _ = inside
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return Ok(None);
+                }
             }
-            None => proxy.write_all(&head).await?,
         }
-    }
+    };
+    let Some(head) = tokio::time::timeout(RELAY_HEAD_DEADLINE, read_head)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??
+    else {
+        return Ok(());
+    };
+    let mut proxy = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(route.target),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let _ = proxy.set_nodelay(true);
+    proxy.write_all(&head).await?;
     tokio::io::copy_bidirectional(&mut inside, &mut proxy).await?;
     Ok(())
 }
 
-fn with_proxy_auth(head: &str, auth: &str) -> Vec<u8> {
-    let mut lines = head.trim_end_matches("\r\n").split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let headers: Vec<&str> = lines.collect();
-    let has = |name: &str| {
-        headers.iter().any(|h| {
-            h.split_once(':')
-                .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        })
+enum Head {
+    /// The rewritten head and whatever followed it.
+    Complete(Vec<u8>),
+    Partial,
+    Invalid,
+}
+
+/// The request head in `buf`, with any `Proxy-Authorization` the sandbox
+/// sent replaced by `auth` (so a sandbox can only ever use its own
+/// credential); for requests other than CONNECT also `Connection: close`,
+/// so every later request arrives on a new connection and gets it too.
+fn rewrite_head(buf: &[u8], auth: Option<&str>) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Invalid,
     };
-    if has("proxy-authorization") {
-        return head.as_bytes().to_vec();
-    }
-    let connect = request_line.starts_with("CONNECT ");
-    let mut out = String::with_capacity(head.len() + auth.len() + 64);
-    out.push_str(request_line);
-    out.push_str("\r\n");
-    for h in headers {
-        let name = h.split_once(':').map(|(k, _)| k.trim()).unwrap_or("");
-        let hop = ["connection", "proxy-connection", "keep-alive"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n));
-        if !connect && hop {
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Head::Invalid;
+    };
+    let connect = method.eq_ignore_ascii_case("CONNECT");
+    let mut out = Vec::with_capacity(len + 128);
+    out.extend_from_slice(format!("{method} {path} HTTP/1.{version}\r\n").as_bytes());
+    for h in req.headers.iter() {
+        let name = h.name;
+        let drop = name.eq_ignore_ascii_case("proxy-authorization")
+            || (!connect
+                && ["connection", "proxy-connection", "keep-alive"]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n)));
+        if drop {
             continue;
         }
-        out.push_str(h);
-        out.push_str("\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
     }
     if !connect {
-        out.push_str("Connection: close\r\n");
+        out.extend_from_slice(b"Connection: close\r\n");
     }
-    out.push_str("Proxy-Authorization: ");
-    out.push_str(auth);
-    out.push_str("\r\n\r\n");
-    out.into_bytes()
+    if let Some(auth) = auth {
+        out.extend_from_slice(b"Proxy-Authorization: ");
+        out.extend_from_slice(auth.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&buf[len..]);
+    Head::Complete(out)
 }
 
 #[cfg(test)]
-mod relay_tests {
-    use super::with_proxy_auth;
+mod tests {
+    use super::*;
+
+    fn rewritten(head: &str, auth: &str) -> String {
+        match rewrite_head(head.as_bytes(), Some(auth)) {
+            Head::Complete(b) => String::from_utf8(b).unwrap(),
+            Head::Partial => panic!("partial"),
+            Head::Invalid => panic!("invalid"),
+        }
+    }
 
     #[test]
-    fn requests_without_proxy_credentials_get_the_sandbox_s_and_close() {
+    fn requests_get_the_sandbox_s_own_credential_and_close() {
         let get =
             "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nProxy-Connection: keep-alive\r\n\r\n";
         assert_eq!(
-            String::from_utf8(with_proxy_auth(get, "Basic abc")).unwrap(),
+            rewritten(get, "Basic abc"),
             "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nProxy-Authorization: Basic abc\r\n\r\n"
         );
-        let connect = "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n";
+        let connect = "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\nTLS";
         assert_eq!(
-            String::from_utf8(with_proxy_auth(connect, "Basic abc")).unwrap(),
-            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nProxy-Authorization: Basic abc\r\n\r\n"
+            rewritten(connect, "Basic abc"),
+            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nProxy-Authorization: Basic abc\r\n\r\nTLS"
         );
-        let own = "GET http://a.test/ HTTP/1.1\r\nproxy-authorization: Basic own\r\n\r\n";
-        assert_eq!(with_proxy_auth(own, "Basic abc"), own.as_bytes());
+    }
+
+    #[test]
+    fn a_credential_the_sandbox_presents_is_replaced_by_its_own() {
+        let other = "GET http://a.test/ HTTP/1.1\r\nproxy-authorization: Basic another-sandbox\r\nPROXY-AUTHORIZATION: Basic x\r\n\r\n";
+        let out = rewritten(other, "Basic mine");
+        assert!(
+            !out.contains("another-sandbox") && !out.contains("Basic x\r"),
+            "{out}"
+        );
+        assert!(out.contains("Proxy-Authorization: Basic mine\r\n"), "{out}");
+        assert!(matches!(
+            rewrite_head(b"GET / HTTP/1.1\r\nHost: a", Some("x")),
+            Head::Partial
+        ));
+        assert!(matches!(
+            rewrite_head(b"\x00\x01 nonsense\r\n\r\n", Some("x")),
+            Head::Invalid
+        ));
+    }
+
+    #[test]
+    fn two_thousand_live_sandboxes_get_distinct_uids_and_released_ones_return() {
+        let mut pool = UidPool::new(3_000_000, UID_RANGE);
+        let uids: Vec<u32> = (0..2000).map(|_| pool.allocate().unwrap()).collect();
+        let distinct: HashSet<u32> = uids.iter().copied().collect();
+        assert_eq!(distinct.len(), 2000);
+        assert!(uids
+            .iter()
+            .all(|u| (3_000_000..3_000_000 + UID_RANGE).contains(u)));
+        pool.release(uids[7]);
+        assert_eq!(pool.in_use(), 1999);
+        // A full pool says so instead of handing out a live uid twice.
+        let mut tiny = UidPool::new(10, 2);
+        assert_eq!(
+            (tiny.allocate(), tiny.allocate(), tiny.allocate()),
+            (Some(10), Some(11), None)
+        );
+        tiny.release(10);
+        assert_eq!(tiny.allocate(), Some(10));
+        // Uids a previous process's sandboxes hold stay taken.
+        let mut pool = UidPool::new(100, 3);
+        pool.reserve(100);
+        assert_eq!(pool.allocate(), Some(101));
+    }
+
+    #[test]
+    fn the_console_keeps_only_its_last_bytes() {
+        let mut c = Console::default();
+        for i in 0..10_000 {
+            c.push(format!("line {i}\n").as_bytes());
+        }
+        assert!(c.bytes.len() <= CONSOLE_BYTES);
+        assert_eq!(c.tail(2), vec!["line 9998", "line 9999"]);
+        c.push(&vec![b'x'; 3 * CONSOLE_BYTES]);
+        assert_eq!(c.bytes.len(), CONSOLE_BYTES);
     }
 }

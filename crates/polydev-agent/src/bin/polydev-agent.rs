@@ -1,30 +1,77 @@
-//! `polydev-agent --socket PATH`: serves the agent protocol on PATH (inside
-//! a sandbox; prints `polydev-agent ready` on stdout once it listens).
+//! `polydev-agent --listen-fd N | --socket PATH [--egress-relay IP:PORT
+//! --egress-socket PATH]`: serves the agent protocol (inside a sandbox, on
+//! the listening socket the launcher passed as descriptor N; or on PATH,
+//! for tests) and prints `polydev-agent ready` on stdout once it listens.
 //! `polydev-agent launch SPEC.json`: the host-side privileged steps that
 //! start a sandbox (see `polydev_agent::launch`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
+const USAGE: &str = "usage: polydev-agent (--listen-fd N | --socket PATH) [--egress-relay IP:PORT --egress-socket PATH] | polydev-agent launch SPEC.json";
+
+enum Listen {
+    Fd(i32),
+    Socket(String),
+}
+
+struct Serve {
+    listen: Listen,
+    relay: Option<(std::net::SocketAddr, std::path::PathBuf)>,
+}
+
+fn parse(args: &[String]) -> Result<Serve, String> {
+    let mut listen = None;
+    let mut relay_addr = None;
+    let mut relay_socket = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--listen-fd" => {
+                let v = value()?;
+                let fd =
+                    v.parse::<i32>().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                        format!("--listen-fd needs a descriptor above 2, got {v:?}")
+                    })?;
+                listen = Some(Listen::Fd(fd));
+            }
+            "--socket" => listen = Some(Listen::Socket(value()?)),
+            "--egress-relay" => {
+                let v = value()?;
+                relay_addr = Some(
+                    v.parse::<std::net::SocketAddr>()
+                        .map_err(|_| format!("--egress-relay needs IP:PORT, got {v:?}"))?,
+                );
+            }
+            "--egress-socket" => relay_socket = Some(std::path::PathBuf::from(value()?)),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let listen = listen.ok_or("--listen-fd or --socket is required")?;
+    let relay = match (relay_addr, relay_socket) {
+        (Some(a), Some(s)) => Some((a, s)),
+        (None, None) => None,
+        _ => return Err("--egress-relay and --egress-socket go together".into()),
+    };
+    Ok(Serve { listen, relay })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["--socket", path] => serve(path, None),
-        ["--socket", path, "--egress-relay", addr] => match addr.parse() {
-            Ok(a) => serve(path, Some(a)),
-            Err(_) => {
-                eprintln!("polydev-agent: --egress-relay needs IP:PORT, got {addr:?}");
-                ExitCode::from(2)
-            }
-        },
-        ["launch", spec] => launch(spec),
-        _ => {
-            eprintln!("usage: polydev-agent --socket PATH [--egress-relay IP:PORT] | polydev-agent launch SPEC.json");
+    if let [cmd, spec] = args.as_slice() {
+        if cmd == "launch" {
+            return launch(spec);
+        }
+    }
+    match parse(&args) {
+        Ok(s) => serve(s),
+        Err(e) => {
+            eprintln!("polydev-agent: {e}\n{USAGE}");
             ExitCode::from(2)
         }
     }
@@ -46,7 +93,11 @@ fn launch(path: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(socket: &str, relay: Option<std::net::SocketAddr>) -> ExitCode {
+fn serve(s: Serve) -> ExitCode {
+    if let Err(e) = polydev_agent::server::harden_process() {
+        eprintln!("polydev-agent: cannot make itself non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -57,19 +108,24 @@ fn serve(socket: &str, relay: Option<std::net::SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let path = std::path::Path::new(socket);
     let work = async {
-        if let Some(listen) = relay {
-            // The controller's end sits beside the agent's socket.
-            let to = path.with_file_name("egress.sock");
+        if let Some((listen, to)) = s.relay {
             polydev_agent::server::relay_egress(listen, to).await?;
         }
-        Arc::new(polydev_agent::Agent::default()).serve(path).await
+        let agent = Arc::new(polydev_agent::Agent::default());
+        match s.listen {
+            Listen::Socket(path) => agent.serve(std::path::Path::new(&path)).await,
+            Listen::Fd(fd) => {
+                let std_listener = polydev_agent::server::inherited_listener(fd)?;
+                let listener = tokio::net::UnixListener::from_std(std_listener)?;
+                agent.serve_listener(listener).await
+            }
+        }
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("polydev-agent: cannot serve on {socket}: {e}");
+            eprintln!("polydev-agent: cannot serve: {e}");
             ExitCode::FAILURE
         }
     }
