@@ -140,14 +140,48 @@ export async function unlock(user, password) {
   }
 }
 
-/// The vault item `itemId` (with its envelope), or null when there is none.
-async function fetchItem(itemId) {
+// The highest version of each vault item this browser has seen, per user
+// (ids and numbers only; the server knows them too). Every item's AAD binds
+// its version, so a server cannot alter one unnoticed, but it could hand
+// back an older, genuine one: that is refused here.
+const seenKey = () => `polydev.vault.seen.${keys.userId}`;
+
+function seenVersions() {
   try {
-    return await api.vaultItem(itemId);
+    return JSON.parse(localStorage.getItem(seenKey()) || "{}");
+  } catch {
+    return {};
+  }
+}
+
+/// Records `version` of `itemId` as seen (only ever upwards).
+function remember(itemId, version) {
+  const seen = seenVersions();
+  if ((seen[itemId] ?? 0) < version) {
+    seen[itemId] = version;
+    try {
+      localStorage.setItem(seenKey(), JSON.stringify(seen));
+    } catch {
+      // Storage full or off: the check falls back to this page's lifetime.
+    }
+  }
+}
+
+/// The vault item `itemId` (with its envelope), or null when there is none;
+/// an error when it is older than a version this browser has seen.
+async function fetchItem(itemId) {
+  let item;
+  try {
+    item = await api.vaultItem(itemId);
   } catch (e) {
     if (e instanceof ApiError && e.status === 404) return null;
     throw e;
   }
+  const seen = seenVersions()[itemId] ?? 0;
+  if (item.version < seen) {
+    throw new Error(`the server returned version ${item.version} of ${itemId}, older than version ${seen} this browser has already seen; refusing it (an old copy handed back is a rollback)`);
+  }
+  return item;
 }
 
 /// Stores `text` as the vault item `itemId`, encrypted here with the vault
@@ -158,7 +192,9 @@ export async function putSecret(itemId, text) {
   const envelope = await v.sealItem(keys.vaultKey,
     { userId: keys.userId, itemId, version: version + 1 }, new TextEncoder().encode(text));
   touch();
-  return api.putVaultItem(itemId, version, b64(envelope));
+  const stored = await api.putVaultItem(itemId, version, b64(envelope));
+  remember(itemId, version + 1);
+  return stored;
 }
 
 /// The text of vault item `itemId` (kind 1), or null when there is none.
@@ -168,19 +204,22 @@ export async function getSecret(itemId) {
   if (!item) return null;
   const plain = await v.openItem(keys.vaultKey,
     { userId: keys.userId, itemId, version: item.version }, unb64(item.envelope));
+  remember(itemId, item.version);
   touch();
   return new TextDecoder().decode(plain);
 }
 
 /// The CLI credential file a login session sealed to this user (vault item
-/// `credential.<provider>`, kind 4), opened here; null when there is none.
+/// `credential.<provider>`, kind 4, its AAD bound to the user, the item and
+/// its version), opened here; null when there is none.
 export async function openLoginCredential(provider) {
   if (!keys) throw new Error("unlock your vault first");
   const itemId = `credential.${provider}`;
   const item = await fetchItem(itemId);
   if (!item) return null;
-  const plain = await v.open(keys.privateKey, "polydev/login-credential/v1",
-    new TextEncoder().encode(itemId), unb64(item.envelope));
+  const plain = await v.open(keys.privateKey, "polydev/login-credential/v2",
+    v.aad(4, { userId: keys.userId, itemId, version: item.version }), unb64(item.envelope));
+  remember(itemId, item.version);
   touch();
   return plain;
 }

@@ -6,7 +6,7 @@
 // controller's bridge and the test clicks "Sign in" on the remote page
 // through the VNC canvas. Prints what it saw; the Rust test asserts.
 
-import { spawn } from "node:child_process";
+import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync, mkdirSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -26,13 +26,21 @@ const freePort = () => new Promise((resolve) => {
   });
 });
 
-// nginx with the shipped site config, pointed at this server.
+// nginx with the shipped site config (TLS, with a throw-away certificate
+// for 127.0.0.1), pointed at this server.
 async function startNginx(upstream) {
   const dir = mkdtempSync(join(tmpdir(), "polydev-nginx-"));
   const port = await freePort();
+  const plain = await freePort();
+  execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")], { stdio: "ignore" });
   const site = readFileSync(join(repo, "deploy/nginx/polydev.conf"), "utf8")
     .replace("server 127.0.0.1:4000;", `server ${upstream};`)
-    .replace("listen 80;", `listen 127.0.0.1:${port};`);
+    .replace("listen 443 ssl;", `listen 127.0.0.1:${port} ssl;`)
+    .replace("listen 80;", `listen 127.0.0.1:${plain};`)
+    .replace("/etc/ssl/polydev/fullchain.pem", join(dir, "cert.pem"))
+    .replace("/etc/ssl/polydev/privkey.pem", join(dir, "key.pem"));
   writeFileSync(join(dir, "polydev.conf"), site);
   for (const d of ["body", "proxy", "fastcgi", "uwsgi", "scgi"]) mkdirSync(join(dir, d));
   writeFileSync(join(dir, "nginx.conf"), `user root;
@@ -54,10 +62,12 @@ http {
   const child = spawn("nginx", ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", "daemon off;"], { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";
   child.stderr.on("data", (c) => (err += c));
-  const base = `http://127.0.0.1:${port}`;
+  const base = `https://127.0.0.1:${port}`;
   for (let i = 0; ; i++) {
     try {
-      if ((await fetch(base + "/api/auth/health")).ok) break;
+      // Node's fetch would refuse the test's own certificate; curl -k.
+      execFileSync("curl", ["-sfk", base + "/api/auth/health"], { stdio: "ignore" });
+      break;
     } catch { /* not yet */ }
     if (i > 100 || child.exitCode !== null) throw new Error(`nginx did not start: ${err}`);
     await new Promise((r) => setTimeout(r, 50));
@@ -76,7 +86,7 @@ http {
 
 // Signs `provider` in on the providers page reached at `base`.
 async function signIn(browser, base, provider) {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 1100 } });
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1100 }, ignoreHTTPSErrors: true });
   const seen = { provider, console: [] };
   page.on("console", (m) => seen.console.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => seen.console.push(`pageerror: ${e.message}`));
@@ -133,7 +143,8 @@ async function signIn(browser, base, provider) {
   return seen;
 }
 
-const server = await startServer(["--config", input.config], { sandboxes: true });
+// As deploy/nginx/polydev.conf says to run it behind nginx.
+const server = await startServer(["--config", input.config, "--trusted-proxies", "127.0.0.1/32", "--cookie-secure", "true"], { sandboxes: true });
 const nginx = await startNginx(server.base.replace("http://", ""));
 const chrome = await startBrowser();
 const out = {};

@@ -420,6 +420,8 @@ impl Agent {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills all it started.
+            .process_group(0)
             .kill_on_drop(true);
         if let Some(dir) = cwd {
             cmd.current_dir(PathBuf::from(dir));
@@ -457,7 +459,13 @@ impl Agent {
         let deadline = tokio::time::sleep(Duration::from_millis(timeout_ms));
         tokio::pin!(deadline);
         let mut timed_out = false;
-        while stdout.is_some() || stderr.is_some() {
+        let mut status = None;
+        // Once the command has exited, its output may still drain for a
+        // moment, but no longer: a process that left its group could hold
+        // the pipes open for ever.
+        let drain = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(drain);
+        while status.is_none() || stdout.is_some() || stderr.is_some() {
             tokio::select! {
                 n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => match n {
                     Ok(0) | Err(_) => stdout = None,
@@ -467,20 +475,24 @@ impl Agent {
                     Ok(0) | Err(_) => stderr = None,
                     Ok(n) => write_frame(out, &reply(Event::Stderr { data: B64.encode(&ebuf[..n]) })).await?,
                 },
+                s = child.wait(), if status.is_none() => {
+                    status = Some(s.ok());
+                    drain.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(2));
+                }
                 _ = &mut deadline, if !timed_out => {
                     timed_out = true;
+                    // The command's whole process group, not just its first
+                    // process: children keep the pipes open otherwise.
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                     let _ = child.start_kill();
                 }
+                _ = &mut drain, if status.is_some() => break,
             }
         }
-        let status = tokio::select! {
-            s = child.wait() => s.ok(),
-            _ = &mut deadline, if !timed_out => {
-                timed_out = true;
-                let _ = child.start_kill();
-                child.wait().await.ok()
-            }
-        };
+        let status = status.flatten();
         if let Ok(mut c) = self.children.lock() {
             c.remove(&pid);
         }

@@ -193,6 +193,38 @@ impl LoginLimiter {
     }
 }
 
+/// Sign-ups allowed per hour, per client address.
+#[derive(Debug)]
+pub struct SignupLimiter {
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl SignupLimiter {
+    pub fn new(per_hour: u32) -> Self {
+        let n = NonZeroU32::new(per_hour.max(1)).unwrap_or(NonZeroU32::MIN);
+        Self {
+            per_ip: RateLimiter::keyed(Quota::per_hour(n)),
+        }
+    }
+
+    /// Counts one sign-up; `Err` (429 with the wait) when over the limit.
+    pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let clock = governor::clock::DefaultClock::default();
+        self.per_ip.check_key(&ip).map_err(|n| {
+            ApiError::too_many_requests(
+                "too many sign-ups from this address; wait and try again",
+                n.wait_time_from(governor::clock::Clock::now(&clock))
+                    .as_secs()
+                    + 1,
+            )
+        })
+    }
+
+    pub fn sweep(&self) {
+        self.per_ip.retain_recent();
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -248,6 +280,13 @@ pub fn client_ip(parts: &Parts, trusted: &[ipnet::IpNet]) -> IpAddr {
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
+        if parts.headers.contains_key("x-forwarded-for") {
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(peer = %peer, "requests carry X-Forwarded-For from an address not in --trusted-proxies: the header is ignored and every client of that proxy counts as one address for the login limits; add the proxy to --trusted-proxies");
+            }
+        }
         return peer;
     }
     let forwarded: Vec<IpAddr> = parts
@@ -320,6 +359,7 @@ impl FromRequestParts<AppState> for AdminUser {
 pub struct AuthServices {
     pub hasher: Arc<PasswordHasherPool>,
     pub limiter: Arc<LoginLimiter>,
+    pub signups: Arc<SignupLimiter>,
 }
 
 #[cfg(test)]

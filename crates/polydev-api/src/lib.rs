@@ -16,7 +16,7 @@ mod extract;
 mod metrics;
 mod middleware;
 mod openapi;
-pub mod relay;
+mod origin;
 mod routes;
 mod web;
 
@@ -53,6 +53,9 @@ pub struct ApiConfig {
     pub allow_signup: bool,
     pub login_per_ip_per_minute: u32,
     pub login_per_account_per_minute: u32,
+    /// Sign-ups accepted per hour from one client address (each costs an
+    /// Argon2 hash on the bounded pool logins share).
+    pub signups_per_ip_per_hour: u32,
     /// Deadline for the readiness check's store query.
     pub ready_timeout: Duration,
     /// URLs the network-health check probes (GET, 2 s deadline each).
@@ -86,6 +89,7 @@ impl Default for ApiConfig {
             allow_signup: true,
             login_per_ip_per_minute: 30,
             login_per_account_per_minute: 10,
+            signups_per_ip_per_hour: 20,
             ready_timeout: Duration::from_secs(2),
             health_upstreams: Vec::new(),
             vault_autolock: Duration::from_secs(15 * 60),
@@ -116,8 +120,6 @@ pub struct AppState {
     pub observability: Observability,
     /// The in-process egress proxy, when enabled.
     pub egress: Option<Egress>,
-    /// Sealed boxes waiting for their recipients.
-    pub relay: Arc<relay::Relay>,
     /// The sandbox manager, or why this controller has none.
     pub sandboxes: Result<Arc<polydev_sandbox::Manager>, Arc<str>>,
     /// Runs (needs sandboxes and the egress proxy).
@@ -139,6 +141,7 @@ impl AppState {
                 config.login_per_ip_per_minute,
                 config.login_per_account_per_minute,
             )),
+            signups: Arc::new(auth::SignupLimiter::new(config.signups_per_ip_per_hour)),
         };
         Self {
             store,
@@ -146,7 +149,6 @@ impl AppState {
             auth,
             observability,
             egress,
-            relay: Arc::new(relay::Relay::default()),
             sandboxes: Err("sandboxes are not enabled on this controller".into()),
             runs: None,
             logins: None,
@@ -175,6 +177,7 @@ impl AppState {
     /// session tokens. The binary calls this from its supervised ticker.
     pub async fn housekeeping(&self) {
         self.auth.limiter.sweep();
+        self.auth.signups.sweep();
         match self
             .store
             .delete_expired_tokens(polydev_store::now_ms())
@@ -192,6 +195,10 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let api = routes::api_routes()
         .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.clone(),
+            origin::cookie_writes_from_our_pages,
+        ))
         .with_state(state.clone());
     Router::new()
         .merge(api)

@@ -45,7 +45,6 @@ use crate::routes::{
         vault::get_item,
         vault::delete_item,
         vault::list_items,
-        vault::relay,
         sandboxes::create,
         sandboxes::list,
         sandboxes::get,

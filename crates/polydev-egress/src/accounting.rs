@@ -41,10 +41,11 @@ pub struct EgressMetrics {
 }
 
 /// Why a request was refused, as a metric label.
-pub const DENY_REASONS: [&str; 7] = [
+pub const DENY_REASONS: [&str; 8] = [
     "auth",
     "policy",
     "private_address",
+    "host_address",
     "rate_limited",
     "tunnel_limit",
     "bad_request",

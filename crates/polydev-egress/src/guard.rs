@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use crate::config::PolicyConfig;
 
 /// Ranges no sandbox may reach unless an operator exception says so.
-const DENIED: [&str; 16] = [
+const DENIED: [&str; 20] = [
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
@@ -29,6 +29,12 @@ const DENIED: [&str; 16] = [
     "::1/128",
     "fc00::/7",
     "fe80::/10",
+    // Site-local (deprecated, still routed on some networks), Teredo
+    // (tunnels to any IPv4), documentation, discard.
+    "fec0::/10",
+    "2001::/32",
+    "2001:db8::/32",
+    "100::/64",
     "ff00::/8",
 ];
 
@@ -37,6 +43,8 @@ const DENIED: [&str; 16] = [
 pub enum ConnectError {
     #[error("destination {0} is in a private or reserved range")]
     Denied(IpAddr),
+    #[error("destination {0} is this host")]
+    Host(IpAddr),
     #[error("cannot resolve {0}")]
     Resolve(String),
     #[error("connecting to {0} timed out")]
@@ -55,6 +63,27 @@ pub struct Guard {
     exceptions: Vec<IpNet>,
     /// Names resolved here before DNS (lower case).
     hosts: std::collections::HashMap<String, IpAddr>,
+    /// This host's own addresses (any interface): services listening on
+    /// 0.0.0.0 are reachable on them, public or not.
+    own: std::sync::Arc<std::sync::RwLock<Vec<IpAddr>>>,
+}
+
+/// The addresses of this host's interfaces.
+pub fn host_addresses() -> Vec<IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| {
+                    let sa = a.address?;
+                    if let Some(v4) = sa.as_sockaddr_in() {
+                        Some(IpAddr::V4(v4.ip()))
+                    } else {
+                        sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Guard {
@@ -76,7 +105,41 @@ impl Guard {
             denied,
             exceptions,
             hosts: Default::default(),
+            own: std::sync::Arc::new(std::sync::RwLock::new(host_addresses())),
         })
+    }
+
+    /// Reads this host's addresses again (interfaces come and go).
+    pub fn refresh_host_addresses(&self) {
+        let now = host_addresses();
+        if let Ok(mut own) = self.own.write() {
+            *own = now;
+        }
+    }
+
+    /// Sets the host's addresses (tests).
+    pub fn with_host_addresses(self, addrs: Vec<IpAddr>) -> Self {
+        if let Ok(mut own) = self.own.write() {
+            *own = addrs;
+        }
+        self
+    }
+
+    /// Why `ip` may not be reached, or `None` when it may.
+    pub fn refusal(&self, ip: IpAddr) -> Option<ConnectError> {
+        let ip = canonical(ip);
+        if self.exceptions.iter().any(|n| n.contains(&ip)) {
+            return None;
+        }
+        if self.is_denied(ip) {
+            return Some(ConnectError::Denied(ip));
+        }
+        let own = self
+            .own
+            .read()
+            .map(|o| o.iter().any(|a| canonical(*a) == ip))
+            .unwrap_or(true);
+        own.then_some(ConnectError::Host(ip))
     }
 
     /// Adds names the guard resolves itself (`[egress] hosts`).
@@ -128,8 +191,8 @@ impl Guard {
             let mut last = None;
             let mut denied = None;
             for addr in addrs {
-                if self.is_denied(addr.ip()) {
-                    denied.get_or_insert(addr.ip());
+                if let Some(why) = self.refusal(addr.ip()) {
+                    denied.get_or_insert(why);
                     continue;
                 }
                 match TcpStream::connect(addr).await {
@@ -142,7 +205,7 @@ impl Guard {
                     target: target.clone(),
                     source,
                 }),
-                (None, Some(ip)) => Err(ConnectError::Denied(ip)),
+                (None, Some(why)) => Err(why),
                 (None, None) => Err(ConnectError::Resolve(host.to_owned())),
             }
         };
@@ -163,12 +226,10 @@ impl Guard {
     ) -> Result<SocketAddr, ConnectError> {
         let work = async {
             let addrs = self.resolve(host, port).await?;
-            let first_denied = addrs.first().map(|a| a.ip());
-            match addrs.into_iter().find(|a| !self.is_denied(a.ip())) {
+            let first_denied = addrs.first().and_then(|a| self.refusal(a.ip()));
+            match addrs.into_iter().find(|a| self.refusal(a.ip()).is_none()) {
                 Some(addr) => Ok(addr),
-                None => Err(first_denied
-                    .map(ConnectError::Denied)
-                    .unwrap_or_else(|| ConnectError::Resolve(host.to_owned()))),
+                None => Err(first_denied.unwrap_or_else(|| ConnectError::Resolve(host.to_owned()))),
             }
         };
         tokio::time::timeout(deadline, work)
@@ -279,6 +340,9 @@ mod tests {
             "::127.0.0.1",
             "64:ff9b::7f00:1",
             "2002:7f00:1::",
+            "fec0::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
         ] {
             assert!(guard.is_denied(ip.parse().unwrap()), "{ip} allowed");
         }
@@ -291,6 +355,28 @@ mod tests {
         ] {
             assert!(!guard.is_denied(ip.parse().unwrap()), "{ip} denied");
         }
+    }
+
+    #[test]
+    fn this_host_s_own_addresses_are_refused_even_when_public() {
+        let guard = Guard::new(&[]).unwrap().with_host_addresses(vec![
+            "203.0.113.7".parse().unwrap(),
+            "2606:4700::7".parse().unwrap(),
+        ]);
+        for ip in ["203.0.113.7", "::ffff:203.0.113.7", "2606:4700::7"] {
+            assert!(
+                matches!(
+                    guard.refusal(ip.parse().unwrap()),
+                    Some(ConnectError::Host(_))
+                ),
+                "{ip} allowed"
+            );
+        }
+        assert!(guard.refusal("203.0.113.8".parse().unwrap()).is_none());
+        // The real interfaces are learnt too (loopback at least).
+        let real = Guard::new(&[]).unwrap();
+        assert!(host_addresses().iter().any(|a| a.is_loopback()));
+        assert!(real.refusal("127.0.0.1".parse().unwrap()).is_some());
     }
 
     #[test]

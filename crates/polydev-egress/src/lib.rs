@@ -325,13 +325,13 @@ impl Egress {
                     Err(StoreError::Conflict(_)) => return Err(EgressError::PortsExhausted),
                     Err(e) => return Err(e.into()),
                 };
-                let listening = self
+                let listening_for = self
                     .inner
                     .user_ports
                     .read()
-                    .map(|p| p.contains_key(&port))
-                    .unwrap_or(false);
-                if !listening {
+                    .ok()
+                    .and_then(|p| p.get(&port).copied());
+                if listening_for != Some(user) {
                     let _ = self.inner.new_ports.send((port, user));
                 }
                 Some(port)
@@ -415,6 +415,7 @@ impl Egress {
                         }
                     }
                     inner.limits.sweep();
+                    inner.guard.refresh_host_addresses();
                     if let Ok(mut t) = inner.tasks.lock() {
                         while t.try_join_next().is_some() {}
                     }
@@ -437,14 +438,13 @@ impl Egress {
         user: UserId,
         stop: &watch::Receiver<bool>,
     ) {
-        let already = self
-            .inner
-            .user_ports
-            .read()
-            .map(|p| p.contains_key(&port))
-            .unwrap_or(true);
-        if already {
-            return;
+        // Already listening: the port may have changed hands (a released
+        // port assigned again); its listener checks the owner per connection.
+        if let Ok(mut p) = self.inner.user_ports.write() {
+            if let Some(owner) = p.get_mut(&port) {
+                *owner = user;
+                return;
+            }
         }
         let addr = SocketAddr::new(self.inner.config.listen.ip(), port);
         match TcpListener::bind(addr).await {
@@ -456,7 +456,7 @@ impl Egress {
                 listeners.spawn(accept_loop(
                     self.inner.clone(),
                     listener,
-                    Some(user),
+                    Some(port),
                     stop.clone(),
                 ));
             }
@@ -465,10 +465,13 @@ impl Egress {
     }
 }
 
+/// Accepts on the shared port (`user_port` None: any live credential) or
+/// on a user's port (only its current owner's credentials; nobody's while
+/// the port is not assigned).
 async fn accept_loop(
     inner: Arc<Inner>,
     listener: TcpListener,
-    owner: Option<UserId>,
+    user_port: Option<u16>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -476,6 +479,13 @@ async fn accept_loop(
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let owner = match user_port {
+                        None => None,
+                        Some(port) => match inner.user_ports.read().ok().and_then(|p| p.get(&port).copied()) {
+                            Some(owner) => Some(owner),
+                            None => continue, // released: closed at once
+                        },
+                    };
                     let conn_inner = inner.clone();
                     inner.spawn(raw::serve(conn_inner, stream, peer, owner));
                 }

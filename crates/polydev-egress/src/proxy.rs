@@ -302,6 +302,15 @@ fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Refu
 fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Refusal {
     let metrics = inner.accounting.metrics();
     match err {
+        ConnectError::Host(ip) => {
+            metrics.deny("host_address");
+            tracing::info!(sandbox_id = %identity.sandbox_id, %ip, "egress refused an address of this host");
+            Refusal::denied(
+                StatusCode::FORBIDDEN,
+                "host_address",
+                format!("destination {ip} is this host"),
+            )
+        }
         ConnectError::Denied(ip) => {
             metrics.deny("private_address");
             tracing::info!(sandbox_id = %identity.sandbox_id, %ip, "egress refused a private or reserved address");
@@ -481,9 +490,22 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) 
     });
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+    // The destination the policy checked, never the client's own Host (a
+    // shared front end would otherwise serve whatever site it names).
+    parts.headers.remove(header::HOST);
+    let host_value = match authority.port_u16() {
+        Some(80) | None => authority.host().to_owned(),
+        Some(p) => format!("{}:{p}", authority.host()),
+    };
+    match HeaderValue::from_str(&host_value) {
+        Ok(v) => {
             parts.headers.insert(header::HOST, v);
+        }
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "polydev egress: the request's host is not valid".into(),
+            )
         }
     }
     parts.uri = uri

@@ -252,6 +252,11 @@ impl Cgroups {
             .unwrap_or_default()
     }
 
+    /// The processes in the sandbox's groups (host pids).
+    pub fn processes(&self, id: &SandboxId) -> Vec<i32> {
+        self.procs(id.as_str())
+    }
+
     /// Whether any process is still in the sandbox's groups.
     pub fn is_populated(&self, id: &SandboxId) -> bool {
         !self.procs(id.as_str()).is_empty()

@@ -16,6 +16,7 @@ pub use driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
 pub use image::{Image, ImageError, ImageStore};
 pub use local::{LocalConfig, LocalDriver};
 pub use manager::{
-    CreateRequest, EgressGate, EgressGrant, Manager, ManagerConfig, ManagerError, SandboxView,
+    CreateRequest, EgressGate, EgressGrant, LimitKind, Manager, ManagerConfig, ManagerError,
+    SandboxView, RESERVED_LABELS, SYSTEM_LABEL,
 };
 pub use spec::{Limits, Network, SandboxId, SandboxSpec};

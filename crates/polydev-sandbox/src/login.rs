@@ -34,8 +34,9 @@ use crate::manager::{CreateRequest, Manager, ManagerError};
 use crate::spec::{Limits, Network, SandboxId};
 
 /// HPKE `info` of a captured CLI credential sealed to the user; the AAD
-/// is the vault item id (`credential.<provider>`).
-pub const LOGIN_CREDENTIAL_PURPOSE: &str = "polydev/login-credential/v1";
+/// binds the user, the vault item id (`credential.<provider>`) and the
+/// version it is stored as (`ItemContext::sealed_aad`).
+pub const LOGIN_CREDENTIAL_PURPOSE: &str = "polydev/login-credential/v2";
 /// The service socket of the login desktop's VNC server.
 pub const VNC_SERVICE: &str = "vnc.sock";
 
@@ -58,21 +59,36 @@ pub(crate) async fn seal_credential_to_vault(
     path: &str,
 ) -> Result<String, String> {
     let item = credential_item_id(provider);
-    let mut agent = manager
-        .driver()
-        .agent(sandbox, Duration::from_secs(5))
-        .await
-        .map_err(|e| format!("cannot reach the sandbox's agent: {e}"))?;
-    let sealed = agent
-        .seal_file(path, recipient, LOGIN_CREDENTIAL_PURPOSE, item.as_bytes())
-        .await
-        .map_err(|e| format!("cannot seal the credential: {e}"))?;
-    manager
-        .store()
-        .replace_vault_item(user, &item, &sealed, now_ms())
-        .await
-        .map_err(|e| format!("cannot store the sealed credential: {e}"))?;
-    Ok(item)
+    let store = manager.store();
+    // Sealed for the exact version it is stored as; a concurrent writer
+    // (another run sealing back) makes us seal again for the next one.
+    for _ in 0..3 {
+        let current = match store.vault_item(user, &item).await {
+            Ok(i) => i.version,
+            Err(StoreError::NotFound) => 0,
+            Err(e) => return Err(format!("cannot read the vault item: {e}")),
+        };
+        let aad = polydev_vault::ItemContext::new(&user.to_string(), &item, (current + 1) as u64)
+            .sealed_aad();
+        let mut agent = manager
+            .driver()
+            .agent(sandbox, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("cannot reach the sandbox's agent: {e}"))?;
+        let sealed = agent
+            .seal_file(path, recipient, LOGIN_CREDENTIAL_PURPOSE, &aad)
+            .await
+            .map_err(|e| format!("cannot seal the credential: {e}"))?;
+        match store
+            .put_vault_item(user, &item, current, &sealed, now_ms())
+            .await
+        {
+            Ok(_) => return Ok(item),
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(format!("cannot store the sealed credential: {e}")),
+        }
+    }
+    Err("the vault item kept changing while it was sealed; try again".into())
 }
 
 /// Whether the sandbox's login desktop answers on its VNC socket with the
@@ -1165,6 +1181,8 @@ impl Logins {
             ]
             .into(),
             ttl: Some(self.cfg.max_lifetime + Duration::from_secs(60)),
+            privileged: false,
+            system: Some("login"),
         };
         // Created on its own task: should the deadline pass meanwhile, the
         // sandbox is still destroyed once it exists.

@@ -68,6 +68,11 @@ pub struct ManagerConfig {
     /// Limits of a template's sandboxes when a request names none (and of
     /// its pool); else `default_limits`.
     pub template_limits: BTreeMap<String, Limits>,
+    /// The most any sandbox may ask for (admins only: a plain user may ask
+    /// for at most the template's defaults).
+    pub max_limits: Limits,
+    /// Per-template maxima (else `max_limits`).
+    pub template_max: BTreeMap<String, Limits>,
     /// A command run in each new pool member of a template (short: it
     /// starts what should already run at hand-out, e.g. the login desktop).
     pub pool_warmup: BTreeMap<String, Vec<String>>,
@@ -91,6 +96,8 @@ impl Default for ManagerConfig {
             max_ttl: Duration::from_secs(24 * 3600),
             default_limits: Limits::default(),
             template_limits: BTreeMap::new(),
+            max_limits: Limits::host_maxima(),
+            template_max: BTreeMap::new(),
             pool_warmup: BTreeMap::new(),
             per_user_max: 10,
             host_max: 2000,
@@ -111,6 +118,40 @@ pub struct CreateRequest {
     pub env: Vec<(String, String)>,
     pub labels: BTreeMap<String, String>,
     pub ttl: Option<Duration>,
+    /// An admin's request: limits up to the template's maxima (a plain
+    /// user's stop at the template's defaults).
+    pub privileged: bool,
+    /// `run` or `login`: a sandbox the controller runs for a session, which
+    /// holds the user's credential; nobody may exec in it or read its
+    /// files through the API (label `SYSTEM_LABEL`).
+    pub system: Option<&'static str>,
+}
+
+/// The label that marks a system sandbox (see `CreateRequest::system`).
+pub const SYSTEM_LABEL: &str = "system";
+/// Label keys only the controller sets.
+pub const RESERVED_LABELS: [&str; 6] =
+    [SYSTEM_LABEL, "run", "login", "pool", "provider", "purpose"];
+
+/// One of a sandbox's limits, for errors that name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Memory,
+    Pids,
+    Cpu,
+    Disk,
+}
+
+impl LimitKind {
+    /// The value in the unit requests use (MiB, count, millicores, MiB).
+    pub fn of(self, l: &Limits) -> u64 {
+        match self {
+            Self::Memory => l.memory_bytes >> 20,
+            Self::Pids => u64::from(l.pids),
+            Self::Cpu => u64::from(l.cpu_millis),
+            Self::Disk => l.disk_bytes >> 20,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +162,15 @@ pub enum ManagerError {
     Image(#[from] ImageError),
     #[error("you already have {0} live sandboxes, the most allowed; delete one first")]
     UserQuota(u32),
+    /// A limit above what this caller may ask for: `max` in the request's
+    /// unit; `admin_only` when an admin could ask for more.
+    #[error("{limit:?} {asked} is above the most allowed ({max})")]
+    LimitTooHigh {
+        limit: LimitKind,
+        asked: u64,
+        max: u64,
+        admin_only: bool,
+    },
     #[error("this host runs its maximum of {0} sandboxes; try again shortly")]
     HostCapacity(u32),
     #[error("no sandbox {0}")]
@@ -194,8 +244,9 @@ pub struct Manager {
     live: AtomicUsize,
     refill: tokio::sync::Notify,
     egress: std::sync::OnceLock<Arc<dyn EgressGate>>,
-    /// Creates admitted but not finished, per user (for the quota).
-    creating: Mutex<HashMap<UserId, u32>>,
+    /// One admission at a time per user: the quota is counted and the
+    /// sandbox's record written under it, so the count is exact.
+    admission: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Manager {
@@ -216,7 +267,7 @@ impl Manager {
             live: AtomicUsize::new(0),
             refill: tokio::sync::Notify::new(),
             egress: std::sync::OnceLock::new(),
-            creating: Mutex::new(HashMap::new()),
+            admission: Mutex::new(HashMap::new()),
         })
     }
 
@@ -296,12 +347,9 @@ impl Manager {
                 format!("{}:{}", grant.username, grant.password)
             )
         ));
-        let url = format!(
-            "http://{}:{}@{}",
-            grant.username,
-            grant.password,
-            crate::spec::EGRESS_INSIDE
-        );
+        // No credential in the URL: the relay adds the sandbox's own to
+        // every request, so nothing inside ever learns it.
+        let url = format!("http://{}", crate::spec::EGRESS_INSIDE);
         for k in [
             "HTTP_PROXY",
             "HTTPS_PROXY",
@@ -317,6 +365,43 @@ impl Manager {
         Ok(())
     }
 
+    fn max_of(&self, template: &str) -> Limits {
+        self.cfg
+            .template_max
+            .get(template)
+            .copied()
+            .unwrap_or(self.cfg.max_limits)
+    }
+
+    /// Refuses limits above what the caller may ask for: a plain user up to
+    /// the template's defaults, an admin up to the template's maxima.
+    fn check_limits(&self, req: &CreateRequest, limits: &Limits) -> Result<(), ManagerError> {
+        let defaults = self.limits_of(&req.template);
+        let max = self.max_of(&req.template);
+        for kind in [
+            LimitKind::Memory,
+            LimitKind::Pids,
+            LimitKind::Cpu,
+            LimitKind::Disk,
+        ] {
+            let asked = kind.of(limits);
+            let ceiling = if req.privileged {
+                kind.of(&max)
+            } else {
+                kind.of(&defaults).min(kind.of(&max))
+            };
+            if asked > ceiling {
+                return Err(ManagerError::LimitTooHigh {
+                    limit: kind,
+                    asked,
+                    max: ceiling,
+                    admin_only: !req.privileged && kind.of(&max) > ceiling,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn spec_for(&self, req: &CreateRequest) -> Result<SandboxSpec, ManagerError> {
         let ttl = req.ttl.unwrap_or(self.cfg.default_ttl);
         if ttl.is_zero() || ttl > self.cfg.max_ttl {
@@ -326,6 +411,7 @@ impl Manager {
             )));
         }
         let limits = req.limits.unwrap_or_else(|| self.limits_of(&req.template));
+        self.check_limits(req, &limits)?;
         if limits.memory_bytes < 16 << 20
             || limits.pids < 8
             || limits.cpu_millis < 10
@@ -336,12 +422,16 @@ impl Manager {
                     .into(),
             ));
         }
+        let mut labels = req.labels.clone();
+        if let Some(kind) = req.system {
+            labels.insert(SYSTEM_LABEL.to_owned(), kind.to_owned());
+        }
         Ok(SandboxSpec {
             template: req.template.clone(),
             limits,
             network: req.network,
             env: req.env.clone(),
-            labels: req.labels.clone(),
+            labels,
             ttl,
             egress: None,
             egress_auth: None,
@@ -367,6 +457,30 @@ impl Manager {
             });
     }
 
+    /// The admission lock of `user`.
+    fn admission(&self, user: UserId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self
+            .admission
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget the locks nobody holds (bounds the map).
+        if map.len() > 1024 {
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        map.entry(user).or_default().clone()
+    }
+
+    /// Checks `user`'s quota under their admission lock; the caller writes
+    /// the sandbox's record before dropping the guard.
+    async fn admit(&self, user: UserId) -> Result<tokio::sync::OwnedMutexGuard<()>, ManagerError> {
+        let guard = self.admission(user).lock_owned().await;
+        let held = self.store.count_live_sandboxes(user).await?;
+        if held >= i64::from(self.cfg.per_user_max) {
+            return Err(ManagerError::UserQuota(self.cfg.per_user_max));
+        }
+        Ok(guard)
+    }
+
     /// A sandbox for `user`: from the warm pool when one fits, else cold.
     pub async fn create(
         &self,
@@ -375,39 +489,6 @@ impl Manager {
     ) -> Result<SandboxView, ManagerError> {
         let spec = self.spec_for(&req)?;
         let image = self.images.current(&req.template)?;
-        let held = self.store.count_live_sandboxes(user).await?;
-        // Creates of this user still in flight count too (their records may
-        // or may not be in `held` yet: conservative, never over the quota).
-        {
-            let mut creating = self
-                .creating
-                .lock()
-                .map_err(|_| ManagerError::Invalid("quota lock poisoned".into()))?;
-            let n = creating.entry(user).or_insert(0);
-            if held + i64::from(*n) >= i64::from(self.cfg.per_user_max) {
-                return Err(ManagerError::UserQuota(self.cfg.per_user_max));
-            }
-            *n += 1;
-        }
-        let result = self.create_admitted(user, req, spec, image).await;
-        if let Ok(mut creating) = self.creating.lock() {
-            if let Some(n) = creating.get_mut(&user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    creating.remove(&user);
-                }
-            }
-        }
-        result
-    }
-
-    async fn create_admitted(
-        &self,
-        user: UserId,
-        req: CreateRequest,
-        spec: SandboxSpec,
-        image: crate::image::Image,
-    ) -> Result<SandboxView, ManagerError> {
         let poolable = req.limits.is_none();
         if self.cfg.pools.get(&req.template).copied().unwrap_or(0) > 0 {
             if poolable {
@@ -426,18 +507,28 @@ impl Manager {
         }
         let mut spec = spec;
         let id = SandboxId::generate();
-        let mut env = spec.env.clone();
-        if spec.network == Network::Egress {
-            self.open_egress(user, &id, &mut spec, &mut env).await?;
-        }
-        if let Err(e) = self.claim() {
-            self.close_egress(&id, &spec).await;
+        let admitted = self.admit(user).await?;
+        self.claim()?;
+        if let Err(e) = self.record(&id, Some(user), &spec, &image).await {
+            self.release();
             return Err(e);
         }
-        let result = self.boot(&id, Some(user), &spec, &image, "ready").await;
+        drop(admitted);
+        let mut env = spec.env.clone();
+        if spec.network == Network::Egress {
+            if let Err(e) = self.open_egress(user, &id, &mut spec, &mut env).await {
+                self.release();
+                let _ = self
+                    .store
+                    .set_sandbox_status(id.as_str(), "failed", None, None, Some(now_ms()))
+                    .await;
+                return Err(e);
+            }
+        }
+        let result = self.boot_recorded(&id, &spec, &image, "ready").await;
         if result.is_err() {
             self.release();
-            self.close_egress(&id, &spec).await;
+            self.close_egress(&id).await;
         }
         result?;
         if !env.is_empty() {
@@ -454,11 +545,11 @@ impl Manager {
         self.get(&id, None).await
     }
 
-    async fn close_egress(&self, id: &SandboxId, spec: &SandboxSpec) {
-        if spec.network == Network::Egress {
-            if let Some(gate) = self.egress.get() {
-                gate.close(id.as_str()).await;
-            }
+    /// Revokes whatever egress credential sandbox `id` has (idempotent:
+    /// every path that ends a sandbox calls it).
+    async fn close_egress(&self, id: &SandboxId) {
+        if let Some(gate) = self.egress.get() {
+            gate.close(id.as_str()).await;
         }
     }
 
@@ -470,6 +561,18 @@ impl Manager {
         spec: &SandboxSpec,
         image: &crate::image::Image,
         status: &str,
+    ) -> Result<(), ManagerError> {
+        self.record(id, user, spec, image).await?;
+        self.boot_recorded(id, spec, image, status).await
+    }
+
+    /// The sandbox's record, `creating`, before anything of it exists.
+    async fn record(
+        &self,
+        id: &SandboxId,
+        user: Option<UserId>,
+        spec: &SandboxSpec,
+        image: &crate::image::Image,
     ) -> Result<(), ManagerError> {
         let created = now_ms();
         let spec_json = stored_spec(spec)?;
@@ -489,6 +592,17 @@ impl Manager {
                 ended_at_ms: None,
             })
             .await?;
+        Ok(())
+    }
+
+    /// Boots a recorded sandbox and marks it (`status` once ready).
+    async fn boot_recorded(
+        &self,
+        id: &SandboxId,
+        spec: &SandboxSpec,
+        image: &crate::image::Image,
+        status: &str,
+    ) -> Result<(), ManagerError> {
         let started = Instant::now();
         match self
             .driver
@@ -513,6 +627,7 @@ impl Manager {
                     .await?
                 {
                     // Deleted while booting.
+                    self.close_egress(id).await;
                     let _ = self.driver.destroy(id).await;
                     return Err(ManagerError::Gone(id.to_string()));
                 }
@@ -582,28 +697,19 @@ impl Manager {
                 let _ = self.destroy(&warm.id, "ended").await;
                 continue;
             }
-            let mut spec = spec.clone();
-            let mut env = spec.env.clone();
-            if egress {
-                self.open_egress(user, &warm.id, &mut spec, &mut env)
-                    .await?;
-                let routed = match (spec.egress, spec.egress_auth.clone()) {
-                    (Some(target), Some(auth)) => {
-                        self.driver.set_egress(&warm.id, target, auth).await
+            // Counted and assigned under the user's admission lock.
+            let admitted = match self.admit(user).await {
+                Ok(g) => g,
+                Err(e) => {
+                    if let Ok(mut p) = self.pools.lock() {
+                        p.entry(spec.template.clone()).or_default().push_front(warm);
                     }
-                    _ => Err(DriverError::Io("no egress route".into())),
-                };
-                if let Err(e) = routed {
-                    self.close_egress(&warm.id, &spec).await;
-                    let _ = self.destroy(&warm.id, "lost").await;
-                    tracing::warn!(error = %e, "cannot route a pooled sandbox's egress");
-                    continue;
+                    self.metrics
+                        .pool_size
+                        .get_or_create(&self.labels(&spec.template))
+                        .inc();
+                    return Err(e);
                 }
-            }
-            let spec_json = if egress {
-                stored_spec(&spec)?
-            } else {
-                spec_json.clone()
             };
             let expires = now_ms() + spec.ttl.as_millis() as i64;
             if !self
@@ -611,8 +717,31 @@ impl Manager {
                 .assign_sandbox(warm.id.as_str(), user, &spec_json, expires)
                 .await?
             {
-                self.close_egress(&warm.id, &spec).await;
                 continue; // reaped meanwhile
+            }
+            drop(admitted);
+            let mut spec = spec.clone();
+            let mut env = spec.env.clone();
+            if egress {
+                let routed = match self.open_egress(user, &warm.id, &mut spec, &mut env).await {
+                    Ok(()) => match (spec.egress, spec.egress_auth.clone()) {
+                        (Some(target), Some(auth)) => self
+                            .driver
+                            .set_egress(&warm.id, target, auth)
+                            .await
+                            .map_err(ManagerError::from),
+                        _ => Err(ManagerError::Invalid("no egress route".into())),
+                    },
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = routed {
+                    let _ = self.destroy(&warm.id, "lost").await;
+                    tracing::warn!(error = %e, "cannot route a pooled sandbox's egress");
+                    if matches!(e, ManagerError::Invalid(_)) {
+                        return Err(e);
+                    }
+                    continue;
+                }
             }
             if !env.is_empty() {
                 let configured = match self.driver.agent(&warm.id, Duration::from_secs(2)).await {
@@ -670,13 +799,9 @@ impl Manager {
     /// Destroys and records the end (`ended`, or `lost`/`failed`).
     pub async fn destroy(&self, id: &SandboxId, status: &str) -> Result<(), ManagerError> {
         let record = self.store.sandbox(id.as_str()).await.ok();
+        // Revoked first: a sandbox on its way out has no way out.
+        self.close_egress(id).await;
         self.driver.destroy(id).await?;
-        if let Some(spec) = record
-            .as_ref()
-            .and_then(|r| serde_json::from_str::<SandboxSpec>(&r.spec).ok())
-        {
-            self.close_egress(id, &spec).await;
-        }
         if self
             .store
             .set_sandbox_status(id.as_str(), status, None, None, Some(now_ms()))
@@ -747,6 +872,7 @@ impl Manager {
                     } else {
                         "ended"
                     };
+                    self.close_egress(&id).await;
                     let _ = self.driver.destroy(&id).await;
                     if known.contains_key(e.id.as_str()) {
                         let _ = self
@@ -767,6 +893,7 @@ impl Manager {
             // A sandbox still being created by this process is not lost.
             if gone && (startup || r.status != "creating") {
                 if let Some(id) = SandboxId::parse(&r.id) {
+                    self.close_egress(&id).await;
                     let _ = self.driver.destroy(&id).await;
                 }
                 if self

@@ -31,6 +31,21 @@ pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
 pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
 
 const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
+/// Claude Code's `apiKeyHelper`: prints the unsealed key once and deletes
+/// it, so the key is never in an environment the CLI's tools inherit.
+const KEY_HELPER: &str = "/home/sandbox/.polydev/key-helper";
+
+/// Longest line of CLI output kept (longer ones are dropped whole).
+pub const MAX_LINE: usize = 1 << 20;
+/// The most answer text one provider may stream into a run.
+pub const MAX_ANSWER: usize = 4 << 20;
+/// The most events one run records (its history, replayed to viewers).
+pub const MAX_EVENTS: usize = 20_000;
+/// How long a finished run stays in memory for late viewers (its states
+/// and sealed answers are in the store).
+const LINGER: Duration = Duration::from_secs(60);
+/// Finished runs kept in memory at most, whatever their age.
+const MAX_FINISHED: usize = 256;
 
 /// What a provider's sealed credential is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -138,10 +153,14 @@ struct Run {
     created_ms: i64,
     /// The stored answers were written (once, when every provider ended).
     sealed: AtomicBool,
+    /// When every provider had ended and the run was stored.
+    finished_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Run {
-    fn emit(&self, provider: Provider, kind: &str, data: Value) {
+    /// Records and broadcasts an event; false when the run's history is
+    /// full (the provider must stop).
+    fn emit(&self, provider: Provider, kind: &str, data: Value) -> bool {
         let e = RunEvent {
             provider: provider.as_str().to_owned(),
             kind: kind.to_owned(),
@@ -149,9 +168,14 @@ impl Run {
         };
         // Recorded and broadcast under one lock, so a subscriber (which
         // takes the same lock) sees each event exactly once.
-        if let Ok(mut ev) = self.events.lock() {
-            ev.push(e.clone());
-            let _ = self.tx.send(e);
+        match self.events.lock() {
+            // Final events always fit (one per provider past the cap).
+            Ok(mut ev) if ev.len() < MAX_EVENTS || kind == "done" || kind == "error" => {
+                ev.push(e.clone());
+                let _ = self.tx.send(e);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -238,12 +262,43 @@ impl Runs {
     }
 
     fn get(&self, id: &str, user: UserId) -> Result<Arc<Run>, RunError> {
+        self.sweep();
         self.runs
             .lock()
             .ok()
             .and_then(|r| r.get(id).cloned())
             .filter(|r| r.user == user)
             .ok_or_else(|| RunError::NotFound(id.to_owned()))
+    }
+
+    /// Forgets finished runs after `LINGER` (and the oldest beyond
+    /// `MAX_FINISHED`): their answers are in the store, sealed.
+    fn sweep(&self) {
+        let Ok(mut runs) = self.runs.lock() else {
+            return;
+        };
+        let mut finished: Vec<(std::time::Instant, String)> = runs
+            .values()
+            .filter_map(|r| {
+                r.finished_at
+                    .lock()
+                    .ok()
+                    .and_then(|f| *f)
+                    .map(|t| (t, r.id.clone()))
+            })
+            .collect();
+        finished.sort();
+        let excess = finished.len().saturating_sub(MAX_FINISHED);
+        for (i, (at, id)) in finished.iter().enumerate() {
+            if i < excess || at.elapsed() > LINGER {
+                runs.remove(id);
+            }
+        }
+    }
+
+    /// Runs held in memory (live ones and recently finished ones).
+    pub fn in_memory(&self) -> usize {
+        self.runs.lock().map(|r| r.len()).unwrap_or(0)
     }
 
     /// One sandbox per provider (egress network), ready for credentials.
@@ -304,6 +359,8 @@ impl Runs {
                 ]
                 .into(),
                 ttl: Some(self.cfg.deadline + self.cfg.credential_wait + Duration::from_secs(60)),
+                privileged: false,
+                system: Some("run"),
             };
             let created = match self.manager.create(user, req).await {
                 Ok(v) => v,
@@ -341,6 +398,7 @@ impl Runs {
             cancelled: AtomicBool::new(false),
             created_ms: now_ms(),
             sealed: AtomicBool::new(false),
+            finished_at: Mutex::new(None),
         });
         if let Ok(mut r) = self.runs.lock() {
             r.insert(id.clone(), run.clone());
@@ -477,8 +535,22 @@ impl Runs {
                 if let Some(u) = &self.cfg.anthropic_base_url {
                     env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
                 }
-                let setup = setup("ANTHROPIC_API_KEY=\"$KEY\"");
-                format!("{setup} && exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose")
+                let run =
+                    "exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose";
+                if login {
+                    format!("{} && {run}", setup(""))
+                } else {
+                    // The key reaches Claude Code through its apiKeyHelper,
+                    // read once (then deleted), never through an
+                    // environment its tools would inherit.
+                    env.push((
+                        "CLAUDE_CODE_API_KEY_HELPER_TTL_MS".into(),
+                        (self.cfg.deadline.as_millis() as u64 + 600_000).to_string(),
+                    ));
+                    format!(
+                        "printf '#!/bin/sh\\ncat {CREDENTIAL_FILE} && rm -f {CREDENTIAL_FILE}\\n' > {KEY_HELPER} && chmod 700 {KEY_HELPER} && {run} --settings '{{\"apiKeyHelper\":\"{KEY_HELPER}\"}}'"
+                    )
+                }
             }
             Provider::Codex => {
                 env.push(("CODEX_HOME".into(), "/home/sandbox/.codex".into()));
@@ -490,7 +562,10 @@ impl Runs {
                     _ => String::new(),
                 };
                 let setup = setup("OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"");
-                format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access{provider_cfg} \"$POLYDEV_PROMPT\"")
+                // The commands Codex runs do not inherit variables named
+                // like *KEY*, *SECRET*, *TOKEN* (its default excludes, off
+                // unless asked for).
+                format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} \"$POLYDEV_PROMPT\"")
             }
             Provider::GeminiCli => {
                 if let Some(u) = &self.cfg.gemini_base_url {
@@ -501,8 +576,10 @@ impl Runs {
                 } else {
                     "gemini-api-key"
                 };
+                // Its shell tool redacts the key from the environment of
+                // the commands it runs.
                 let settings = format!(
-                    r#"{{"security":{{"auth":{{"selectedType":"{auth}"}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
+                    r#"{{"security":{{"auth":{{"selectedType":"{auth}"}},"environmentVariableRedaction":{{"enabled":true,"blocked":["GEMINI_API_KEY","GOOGLE_API_KEY"]}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
                 );
                 let setup = setup("GEMINI_API_KEY=\"$KEY\"");
                 format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
@@ -550,6 +627,9 @@ impl Runs {
         );
         let kind = p.kind.lock().map(|k| *k).unwrap_or_default();
         let (line, env) = self.command(provider, kind);
+        // The run's deadline ends the provider whatever the CLI (or the
+        // sandbox's agent) does; the agent's own kill comes first.
+        let until = tokio::time::Instant::now() + self.cfg.deadline + Duration::from_secs(5);
         let result = async {
             let mut agent = self
                 .manager
@@ -564,36 +644,40 @@ impl Runs {
                     self.cfg.deadline,
                 )
                 .await?;
-            let mut buf = String::new();
-            let mut stderr = String::new();
-            let mut done: Option<Value> = None;
+            let mut out = Output::default();
             loop {
-                match agent.next_event().await? {
+                let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
+                    return Ok(Ended::TimedOut(None));
+                };
+                match next? {
                     AgentEvent::Stdout { data } => {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(data)
                             .unwrap_or_default();
-                        buf.push_str(&String::from_utf8_lossy(&bytes));
-                        while let Some(nl) = buf.find('\n') {
-                            let l: String = buf.drain(..=nl).collect();
-                            if let Some((kind, data)) = normalise(provider, l.trim()) {
-                                if kind == "done" {
-                                    // Sent once the provider's state says so,
-                                    // so "done" is always its last word.
-                                    done = Some(data);
-                                } else {
-                                    run.emit(provider, kind, data);
-                                }
+                        for (kind, data) in out.lines(provider, &bytes) {
+                            if kind == "done" {
+                                // Sent once the provider's state says so,
+                                // so "done" is always its last word.
+                                out.done = Some(data);
+                            } else if !run.emit(provider, kind, data) {
+                                return Ok(Ended::TooLarge("events"));
                             }
+                        }
+                        if out.answer > MAX_ANSWER {
+                            return Ok(Ended::TooLarge("answer"));
                         }
                     }
                     AgentEvent::Stderr { data } => {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(data)
                             .unwrap_or_default();
-                        stderr.push_str(&String::from_utf8_lossy(&bytes));
-                        if stderr.len() > 8192 {
-                            stderr.drain(..stderr.len() - 8192);
+                        out.stderr.push_str(&String::from_utf8_lossy(&bytes));
+                        if out.stderr.len() > 8192 {
+                            let mut cut = out.stderr.len() - 8192;
+                            while !out.stderr.is_char_boundary(cut) {
+                                cut += 1;
+                            }
+                            out.stderr.drain(..cut);
                         }
                     }
                     AgentEvent::Exit {
@@ -606,7 +690,10 @@ impl Runs {
                                 tracing::warn!(run = %run.id, provider = provider.as_str(), error = %e, "cannot seal the CLI's credential back to the user");
                             }
                         }
-                        return Ok::<_, crate::DriverError>((code, timed_out, done, stderr));
+                        if timed_out {
+                            return Ok(Ended::TimedOut(code));
+                        }
+                        return Ok::<_, crate::DriverError>(Ended::Exited(code, out.done, out.stderr));
                     }
                     _ => {}
                 }
@@ -616,17 +703,32 @@ impl Runs {
         let cancelled = run.cancelled.load(Ordering::Relaxed);
         match result {
             _ if cancelled => {}
-            Ok((code, true, _, _)) => {
+            Ok(Ended::TimedOut(code)) => {
                 if run.set_state(provider, "failed") {
                     run.emit(provider, "error", json!({"stage": "timeout", "message": format!("no answer within {} s", self.cfg.deadline.as_secs()), "exitCode": code}));
                 }
             }
-            Ok((Some(0), false, Some(data), _)) => {
+            Ok(Ended::TooLarge(what)) => {
+                if run.set_state(provider, "failed") {
+                    let message = match what {
+                        "answer" => {
+                            format!("the answer passed {} MiB and was stopped", MAX_ANSWER >> 20)
+                        }
+                        _ => format!("the CLI sent more than {MAX_EVENTS} events and was stopped"),
+                    };
+                    run.emit(
+                        provider,
+                        "error",
+                        json!({"stage": "output", "message": message}),
+                    );
+                }
+            }
+            Ok(Ended::Exited(Some(0), Some(data), _)) => {
                 if run.set_state(provider, "done") {
                     run.emit(provider, "done", data);
                 }
             }
-            Ok((code, false, _, stderr)) => {
+            Ok(Ended::Exited(code, _, stderr)) => {
                 if run.set_state(provider, "failed") {
                     let tail: Vec<&str> = stderr
                         .lines()
@@ -701,6 +803,11 @@ impl Runs {
         {
             tracing::warn!(run = %run.id, error = %e, "cannot record the run");
         }
+        if finished {
+            if let Ok(mut f) = run.finished_at.lock() {
+                f.get_or_insert_with(std::time::Instant::now);
+            }
+        }
     }
 
     /// A user's runs from the store, newest first (answers sealed to them).
@@ -763,6 +870,58 @@ impl Runs {
 
     pub fn is_finished(&self, id: &str, user: UserId) -> bool {
         self.get(id, user).map(|r| r.finished()).unwrap_or(true)
+    }
+}
+
+/// How a provider's CLI ended.
+enum Ended {
+    /// Exit code, the `done` event its stream announced, its stderr's end.
+    Exited(Option<i32>, Option<Value>, String),
+    /// The run's deadline passed (the exit code, when the agent reported one).
+    TimedOut(Option<i32>),
+    /// Its output passed a bound (`answer` or `events`).
+    TooLarge(&'static str),
+}
+
+/// A CLI's output as it arrives: complete lines normalised, partial lines
+/// kept up to `MAX_LINE` (a longer one is dropped whole), the answer's size.
+#[derive(Debug, Default)]
+struct Output {
+    partial: Vec<u8>,
+    /// Dropping an over-long line until its end.
+    skipping: bool,
+    answer: usize,
+    done: Option<Value>,
+    stderr: String,
+}
+
+impl Output {
+    fn lines(&mut self, provider: Provider, bytes: &[u8]) -> Vec<(&'static str, Value)> {
+        let mut events = Vec::new();
+        for chunk in bytes.split_inclusive(|b| *b == b'\n') {
+            let complete = chunk.ends_with(b"\n");
+            if !self.skipping {
+                self.partial.extend_from_slice(chunk);
+            }
+            if self.partial.len() > MAX_LINE {
+                self.partial.clear();
+                self.skipping = true;
+            }
+            if complete {
+                if !self.skipping {
+                    let line = String::from_utf8_lossy(&self.partial).into_owned();
+                    if let Some((kind, data)) = normalise(provider, line.trim()) {
+                        if kind == "delta" {
+                            self.answer += data["text"].as_str().map_or(0, str::len);
+                        }
+                        events.push((kind, data));
+                    }
+                }
+                self.partial.clear();
+                self.skipping = false;
+            }
+        }
+        events
     }
 }
 

@@ -81,6 +81,20 @@ impl Store {
         })
     }
 
+    /// Usernames of a sandbox's live (unrevoked) credentials.
+    pub async fn live_egress_credentials_of_sandbox(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT username FROM egress_credentials WHERE sandbox_id = $1 AND revoked_at IS NULL ORDER BY username",
+        )
+        .bind(sandbox_id.to_owned())
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::internal)
+    }
+
     /// Revokes one credential; `NotFound` when there is no live one.
     pub async fn revoke_egress_credential(
         &self,
@@ -155,7 +169,13 @@ impl Store {
             .map_err(StoreError::internal)?;
             let taken: std::collections::HashSet<i64> = taken.into_iter().collect();
             let Some(port) = (first..=last).find(|p| !taken.contains(&i64::from(*p))) else {
-                return Err(StoreError::Conflict("port"));
+                // Full: ports of users with no live credential go back to
+                // the range (they get one again when they next need it).
+                let freed = self.release_idle_proxy_ports(first, last).await?;
+                if freed == 0 {
+                    return Err(StoreError::Conflict("port"));
+                }
+                continue;
             };
             match sqlx::query(
                 "INSERT INTO user_proxy_ports (user_id, port, created_at) VALUES ($1, $2, $3)",
@@ -174,6 +194,20 @@ impl Store {
             }
         }
         Err(StoreError::Conflict("port"))
+    }
+
+    /// Releases the ports in `first..=last` of users who hold no live
+    /// egress credential; returns how many.
+    pub async fn release_idle_proxy_ports(&self, first: u16, last: u16) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM user_proxy_ports WHERE port >= $1 AND port <= $2 AND user_id NOT IN (SELECT user_id FROM egress_credentials WHERE revoked_at IS NULL)",
+        )
+        .bind(i64::from(first))
+        .bind(i64::from(last))
+        .execute(self.pool())
+        .await
+        .map_err(|e| StoreError::on_write(e, "port"))?;
+        Ok(done.rows_affected())
     }
 
     /// Every assigned port.

@@ -74,6 +74,13 @@ impl ItemContext {
         }
     }
 
+    /// The AAD of a vault item stored as a sealed box (kind 4): a CLI
+    /// credential sealed inside a sandbox to the user. Bound to the user,
+    /// the item and the version it is stored as, like every other item.
+    pub fn sealed_aad(&self) -> Vec<u8> {
+        self.aad(Kind::Sealed)
+    }
+
     pub(crate) fn vault_key(user_id: &str) -> Self {
         Self::new(user_id, "vault-key", 0)
     }

@@ -354,6 +354,9 @@ pub struct ServeArgs {
     /// Login attempts per minute per account [default: 10]
     #[arg(long, env = "POLYDEV_LOGIN_PER_ACCOUNT_PER_MINUTE", value_name = "N")]
     pub login_per_account_per_minute: Option<u32>,
+    /// Sign-ups per hour per client address [default: 20]
+    #[arg(long, env = "POLYDEV_SIGNUPS_PER_IP_PER_HOUR", value_name = "N")]
+    pub signups_per_ip_per_hour: Option<u32>,
     /// Record per-request HTTP metrics [default: true]
     #[arg(long, env = "POLYDEV_HTTP_METRICS", value_name = "BOOL")]
     pub http_metrics: Option<bool>,

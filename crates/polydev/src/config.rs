@@ -203,6 +203,7 @@ pub struct FileConfig {
     cookie_secure: Option<bool>,
     allow_signup: Option<bool>,
     login_per_ip_per_minute: Option<u32>,
+    signups_per_ip_per_hour: Option<u32>,
     login_per_account_per_minute: Option<u32>,
     http_metrics: Option<bool>,
     health_interval_ms: Option<u64>,
@@ -413,6 +414,10 @@ impl ServeConfig {
                 .login_per_account_per_minute
                 .or(file.login_per_account_per_minute)
                 .unwrap_or(defaults.login_per_account_per_minute),
+            signups_per_ip_per_hour: args
+                .signups_per_ip_per_hour
+                .or(file.signups_per_ip_per_hour)
+                .unwrap_or(defaults.signups_per_ip_per_hour),
             ready_timeout: defaults.ready_timeout,
             health_upstreams: file.health_upstreams.clone().unwrap_or_default(),
             allowed_origins: file.allowed_origins.clone().unwrap_or_default(),

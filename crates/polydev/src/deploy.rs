@@ -37,8 +37,22 @@ fn ssh(s: &SshArgs) -> Command {
     for o in &s.ssh_option {
         cmd.args(["-o", o]);
     }
-    cmd.arg(host(s));
+    // `--`: the host is never read as an option (checked too, in `check_host`).
+    cmd.arg("--").arg(host(s));
     cmd
+}
+
+/// A host as ssh should take it: `[user@]name`, no option, no spaces.
+pub(crate) fn check_host(host: &str) -> anyhow::Result<()> {
+    let plain = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@.-_:[]".contains(&b));
+    if !plain {
+        bail!("--host {host:?} is not a host name ([user@]host, without spaces or a leading '-')");
+    }
+    Ok(())
 }
 
 /// Quotes one word for the remote shell.
@@ -99,6 +113,10 @@ fn bundle(args: &DeployArgs, id: &str, dir: &Path) -> anyhow::Result<()> {
     let mut files = std::collections::BTreeMap::new();
     for f in ["bin/polydev", "bin/polydev-agent", ".deploy/polydev"] {
         files.insert(f.to_owned(), sha256_file(&dir.join(f))?);
+    }
+    // Migrations too: the host refuses a bundle whose SQL differs.
+    for f in crate::release::bundle_files(dir, "migrations")? {
+        files.insert(f.clone(), sha256_file(&dir.join(&f))?);
     }
     let manifest = Manifest {
         id: id.to_owned(),
@@ -194,7 +212,12 @@ fn activate(s: &SshArgs, args: &DeployArgs, root: &str, id: &str) -> anyhow::Res
     Ok(out.status.success())
 }
 
+fn check_hosts(s: &SshArgs) -> anyhow::Result<()> {
+    s.hosts.iter().try_for_each(|h| check_host(h))
+}
+
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
+    check_hosts(&args.ssh)?;
     let root = args.root.display().to_string();
     let started = Instant::now();
     let bar = indicatif::ProgressBar::new_spinner();
@@ -289,6 +312,7 @@ pub async fn rollback(
     to: Option<String>,
     timeout: u64,
 ) -> anyhow::Result<()> {
+    check_hosts(all)?;
     for h in &all.hosts {
         rollback_one(&on(all, h), root, to.clone(), timeout)?;
     }
@@ -317,6 +341,7 @@ fn rollback_one(s: &SshArgs, root: &Path, to: Option<String>, timeout: u64) -> a
 }
 
 pub async fn deployments(all: &SshArgs, root: &Path, json_out: bool) -> anyhow::Result<()> {
+    check_hosts(all)?;
     for h in &all.hosts {
         if all.hosts.len() > 1 && !json_out {
             println!("== {h}");
@@ -364,4 +389,39 @@ fn deployments_one(s: &SshArgs, root: &Path, json_out: bool) -> anyhow::Result<(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_that_would_be_an_ssh_option_is_refused() {
+        for bad in [
+            "-oProxyCommand=touch /tmp/x",
+            "-p22",
+            "host name",
+            "a;b",
+            "",
+            "h\n",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["deploy@10.0.0.5", "web-1.example.com", "[::1]", "host_2"] {
+            assert!(check_host(good).is_ok(), "{good:?} refused");
+        }
+        let args = SshArgs {
+            hosts: vec!["h".into()],
+            port: None,
+            identity: None,
+            ssh_option: vec![],
+        };
+        let cmd = ssh(&args);
+        let argv: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let dd = argv.iter().position(|a| a == "--").expect("--");
+        assert_eq!(argv[dd + 1], "h");
+    }
 }

@@ -320,6 +320,53 @@ pub struct Activate {
     pub listen: Option<String>,
 }
 
+/// Checks every file of the manifest against its hash, and that no
+/// migration outside the manifest came along; the number of files.
+pub(crate) fn verify_bundle(dir: &std::path::Path, manifest: &Manifest) -> anyhow::Result<usize> {
+    for (file, want) in &manifest.files {
+        let got = sha256_file(&dir.join(file))?;
+        if &got != want {
+            bail!("{file}: content hash {got} is not the manifest's {want}");
+        }
+    }
+    // Nothing unlisted runs: every migration must be in the manifest.
+    for file in bundle_files(dir, "migrations")? {
+        if !manifest.files.contains_key(&file) {
+            bail!("{file} is in the bundle but not in its manifest");
+        }
+    }
+    Ok(manifest.files.len())
+}
+
+/// Every file under `root/sub`, as paths relative to `root` (sorted).
+pub(crate) fn bundle_files(root: &std::path::Path, sub: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.join(sub)];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else {
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 pub async fn activate(a: Activate) -> anyhow::Result<()> {
     let root = a.root.clone();
     let dir = root.join("releases").join(&a.id);
@@ -342,13 +389,8 @@ pub async fn activate(a: Activate) -> anyhow::Result<()> {
     let wants = |t: &str| a.targets.iter().any(|x| x == t || x == "all");
     let verified = run
         .step("verify bundle", async {
-            for (file, want) in &manifest.files {
-                let got = sha256_file(&dir.join(file))?;
-                if &got != want {
-                    bail!("{file}: content hash {got} is not the manifest's {want}");
-                }
-            }
-            Ok(((), format!("{} files", manifest.files.len())))
+            let n = verify_bundle(&dir, &manifest)?;
+            Ok(((), format!("{n} files")))
         })
         .await;
     if let Err(e) = verified {
@@ -658,4 +700,46 @@ pub fn list(root: &Path) -> anyhow::Result<()> {
     let out = json!({"current": current(root), "deployments": records(root)?});
     println!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_or_unlisted_migration_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let mig = dir.path().join("migrations/sqlite");
+        std::fs::create_dir_all(&mig).unwrap();
+        std::fs::write(mig.join("0001_a.sql"), "CREATE TABLE a (x INT);").unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/polydev"), "binary").unwrap();
+        let mut files = std::collections::BTreeMap::new();
+        for f in ["bin/polydev".to_owned()]
+            .into_iter()
+            .chain(bundle_files(dir.path(), "migrations").unwrap())
+        {
+            files.insert(f.clone(), sha256_file(&dir.path().join(&f)).unwrap());
+        }
+        assert!(files.contains_key("migrations/sqlite/0001_a.sql"));
+        let manifest = Manifest {
+            id: "x".into(),
+            version: "0".into(),
+            git_sha: "0".into(),
+            created_at: String::new(),
+            files,
+        };
+        assert_eq!(verify_bundle(dir.path(), &manifest).unwrap(), 2);
+        std::fs::write(mig.join("0001_a.sql"), "DROP TABLE users;").unwrap();
+        let e = verify_bundle(dir.path(), &manifest)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0001_a.sql"), "{e}");
+        std::fs::write(mig.join("0001_a.sql"), "CREATE TABLE a (x INT);").unwrap();
+        std::fs::write(mig.join("0002_b.sql"), "DROP TABLE users;").unwrap();
+        let e = verify_bundle(dir.path(), &manifest)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in its manifest"), "{e}");
+    }
 }

@@ -218,6 +218,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the listening address")?;
+    if !addr.ip().is_loopback() {
+        if !config.api.cookie_secure {
+            tracing::warn!(addr = %addr, "listening beyond loopback with --cookie-secure false: session cookies travel in clear text unless TLS ends here; put polydev behind TLS (deploy/nginx/polydev.conf) and set --cookie-secure true");
+        }
+        if config.api.trusted_proxies.is_empty() {
+            tracing::warn!(addr = %addr, "listening beyond loopback without --trusted-proxies: behind a reverse proxy every client shares its address, so one client's failed logins limit everybody; name the proxy with --trusted-proxies");
+        }
+    }
     tracing::info!(addr = %addr, store = %config.store.describe(), "listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);

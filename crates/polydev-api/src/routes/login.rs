@@ -261,29 +261,6 @@ impl FromRequestParts<AppState> for MaybeUser {
     }
 }
 
-/// Whether a browser's `Origin` is this server (as the browser reached
-/// it, also through a reverse proxy that keeps `Host`) or configured.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
-        // Not a browser: the ticket alone decides.
-        return true;
-    };
-    if allowed.iter().any(|a| a == origin) {
-        return true;
-    }
-    let authority = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-        .unwrap_or("");
-    let hosts = ["x-forwarded-host", "host"];
-    hosts.iter().any(|h| {
-        headers
-            .get(*h)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').next().map(str::trim) == Some(authority))
-    })
-}
-
 /// The viewer's WebSocket, bridged to the sandbox's VNC server (binary
 /// frames both ways). GET only; auth is the single-use `ticket` plus an
 /// Origin check.
@@ -300,6 +277,7 @@ pub(crate) async fn websock(
     Path(id): Path<String>,
     Query(q): Query<TicketQuery>,
     MaybeUser(caller): MaybeUser,
+    crate::origin::Peer(peer): crate::origin::Peer,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -324,10 +302,16 @@ pub(crate) async fn websock(
         Ok(l) => l.clone(),
         Err(e) => return refuse(e, "no login sessions"),
     };
-    if !origin_allowed(&headers, &state.config.allowed_origins) {
+    // Browsers always send Origin on a WebSocket; without one (or with a
+    // foreign one) this is not our viewer page.
+    if !headers.contains_key("origin")
+        || !crate::origin::from_our_page(&headers, peer, &state.config)
+    {
         return refuse(
-            ApiError::forbidden("this WebSocket may only be opened from this server's pages"),
-            "foreign origin",
+            ApiError::forbidden(
+                "this WebSocket may only be opened from this server's pages (its Origin)",
+            ),
+            "foreign or missing origin",
         );
     }
     let Some(ticket) = q.ticket.filter(|t| !t.is_empty()) else {

@@ -72,7 +72,6 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/egress/usage", get(egress::usage))
         .route("/api/vault/keys", get(vault::get_keys).put(vault::put_keys))
         .route("/api/vault/items", get(vault::list_items))
-        .route("/api/vault/relay/{mailbox}", post(vault::relay))
         .route(
             "/api/vault/items/{id}",
             get(vault::get_item)

@@ -18,7 +18,8 @@ use base64::Engine;
 use polydev_agent::protocol::Event as AgentEvent;
 use polydev_domain::{Role, UserId};
 use polydev_sandbox::{
-    CreateRequest, DriverError, Limits, Manager, ManagerError, Network, SandboxId, SandboxView,
+    CreateRequest, DriverError, LimitKind, Limits, Manager, ManagerError, Network, SandboxId,
+    SandboxView, RESERVED_LABELS, SYSTEM_LABEL,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -42,6 +43,30 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
     match e {
         ManagerError::Invalid(m) => ApiError::bad_request("invalid_sandbox_request", m),
         ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
+        ManagerError::LimitTooHigh {
+            limit,
+            asked,
+            max,
+            admin_only,
+        } => {
+            let field = match limit {
+                LimitKind::Memory => "memoryMb",
+                LimitKind::Pids => "pids",
+                LimitKind::Cpu => "cpuMillis",
+                LimitKind::Disk => "diskMb",
+            };
+            let message = if admin_only {
+                format!("{field} {asked} is above {max}, this template's default; only an admin may ask for more")
+            } else {
+                format!(
+                    "{field} {asked} is above {max}, the most a sandbox of this template may have"
+                )
+            };
+            ApiError {
+                details: Some(serde_json::json!({"limit": field, "max": max})),
+                ..ApiError::bad_request("limit_too_high", message)
+            }
+        }
         e @ ManagerError::UserQuota(_) => ApiError {
             retry_after: None,
             ..ApiError::new(
@@ -132,8 +157,7 @@ pub(crate) struct CreateBody {
     ttl_secs: Option<u64>,
 }
 
-fn create_request(state: &AppState, m: &Manager, body: CreateBody) -> ApiResult<CreateRequest> {
-    let _ = state;
+fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResult<CreateRequest> {
     let network = match body.network.as_deref() {
         None | Some("none") => Network::None,
         Some("egress") => Network::Egress,
@@ -178,6 +202,27 @@ fn create_request(state: &AppState, m: &Manager, body: CreateBody) -> ApiResult<
             "labels: at most 16, keys ≤ 64 and values ≤ 256 bytes",
         ));
     }
+    if let Some(k) = body
+        .labels
+        .keys()
+        .find(|k| RESERVED_LABELS.contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_sandbox_request",
+            format!("the label {k:?} is the controller's own; choose another name"),
+        ));
+    }
+    if body.env.len() > 128
+        || body
+            .env
+            .iter()
+            .any(|(k, v)| k.len() > 256 || v.len() > 64 * 1024)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_sandbox_request",
+            "env: at most 128 variables, names ≤ 256 and values ≤ 64 KiB",
+        ));
+    }
     Ok(CreateRequest {
         template: body.template,
         limits,
@@ -185,6 +230,8 @@ fn create_request(state: &AppState, m: &Manager, body: CreateBody) -> ApiResult<
         env: body.env.into_iter().collect(),
         labels: body.labels,
         ttl: body.ttl_secs.map(Duration::from_secs),
+        privileged: user.0.is_admin(),
+        system: None,
     })
 }
 
@@ -203,7 +250,7 @@ pub(crate) async fn create(
     ApiJson(body): ApiJson<CreateBody>,
 ) -> ApiResult<(StatusCode, Json<SandboxView>)> {
     let m = manager(&state)?;
-    let req = create_request(&state, m, body)?;
+    let req = create_request(&user, m, body)?;
     let view = m.create(user.0.user.id, req).await.map_err(manager_error)?;
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -296,6 +343,27 @@ pub(crate) struct ExecAnswer {
     timed_out: bool,
     stdout: String,
     stderr: String,
+    /// The output passed `MAX_JSON_OUTPUT` bytes: what is here is its
+    /// start, and the command was stopped (stream with SSE for more).
+    truncated: bool,
+}
+
+/// The most output (stdout and stderr together) a JSON exec answer holds.
+pub(crate) const MAX_JSON_OUTPUT: usize = 16 << 20;
+
+/// Appends `add` to `out` while `room` lasts (on a char boundary); past
+/// it, sets `truncated`.
+fn push_capped(out: &mut String, add: &str, room: usize, truncated: &mut bool) {
+    if add.len() <= room {
+        out.push_str(add);
+        return;
+    }
+    let mut cut = room;
+    while !add.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    out.push_str(&add[..cut]);
+    *truncated = true;
 }
 
 fn text(data: &str) -> String {
@@ -347,11 +415,33 @@ pub(crate) async fn exec(
             timed_out: false,
             stdout: String::new(),
             stderr: String::new(),
+            truncated: false,
         };
+        let until = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
         loop {
-            match agent.next_event().await {
-                Ok(AgentEvent::Stdout { data }) => answer.stdout.push_str(&text(&data)),
-                Ok(AgentEvent::Stderr { data }) => answer.stderr.push_str(&text(&data)),
+            let next = tokio::time::timeout_at(until, agent.next_event())
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "agent_timeout",
+                        "the sandbox's agent did not report the command's end in time",
+                    )
+                })?;
+            let room = MAX_JSON_OUTPUT.saturating_sub(answer.stdout.len() + answer.stderr.len());
+            match next {
+                Ok(AgentEvent::Stdout { data }) => push_capped(
+                    &mut answer.stdout,
+                    &text(&data),
+                    room,
+                    &mut answer.truncated,
+                ),
+                Ok(AgentEvent::Stderr { data }) => push_capped(
+                    &mut answer.stderr,
+                    &text(&data),
+                    room,
+                    &mut answer.truncated,
+                ),
                 Ok(AgentEvent::Exit {
                     code,
                     signal,
@@ -371,12 +461,27 @@ pub(crate) async fn exec(
                 Ok(_) => {}
                 Err(e) => return Err(manager_error(DriverError::from(e).into())),
             }
+            if answer.truncated {
+                // Dropping the connection makes the agent kill the command.
+                drop(agent);
+                return Ok(Json(answer).into_response());
+            }
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let until = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
     tokio::spawn(async move {
         loop {
-            let (name, payload, last) = match agent.next_event().await {
+            let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
+                let payload = serde_json::json!({"code": "agent_timeout", "message": "the sandbox's agent did not report the command's end in time"});
+                let _ = tx
+                    .send(Ok(SseEvent::default()
+                        .event("error")
+                        .data(payload.to_string())))
+                    .await;
+                break;
+            };
+            let (name, payload, last) = match next {
                 Ok(AgentEvent::Started { pid }) => {
                     ("started", serde_json::json!({"pid": pid}), false)
                 }
@@ -446,7 +551,12 @@ async fn live_agent(
 ) -> ApiResult<polydev_agent::AgentClient> {
     let m = manager(state)?;
     let id = parse_id(raw_id)?;
-    m.live_for(&id, scope(user)).await.map_err(manager_error)?;
+    let view = m.live_for(&id, scope(user)).await.map_err(manager_error)?;
+    if let Some(kind) = view.labels.get(SYSTEM_LABEL) {
+        return Err(ApiError::forbidden(format!(
+            "sandbox {id} belongs to a {kind} and holds your credential: nobody may run commands in it or read its files (delete it to end it)"
+        )));
+    }
     m.driver()
         .agent(&id, Duration::from_secs(5))
         .await
@@ -543,6 +653,7 @@ pub(crate) async fn vm_create(
     };
     let req = CreateRequest {
         template: template.into(),
+        privileged: user.0.is_admin(),
         ..Default::default()
     };
     let v = m.create(owner, req).await.map_err(manager_error)?;

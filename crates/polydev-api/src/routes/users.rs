@@ -42,9 +42,11 @@ pub(crate) struct SignUp {
         (status = 403, description = "Sign-up is disabled", body = ErrorBody),
         (status = 409, description = "Email already registered", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not JSON", body = ErrorBody)))]
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 429, description = "Too many sign-ups from this address; see Retry-After", body = ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
+    parts: axum::http::request::Parts,
     ApiJson(body): ApiJson<SignUp>,
 ) -> ApiResult<impl IntoResponse> {
     if !state.config.allow_signup {
@@ -54,6 +56,10 @@ pub(crate) async fn create(
             "sign-up is disabled on this server; ask an operator for an account",
         ));
     }
+    state.auth.signups.check(crate::auth::client_ip(
+        &parts,
+        &state.config.trusted_proxies,
+    ))?;
     let email = Email::parse(&body.email)?;
     let id = UserId::parse("userId", &body.user_id)?;
     let credential = login_credential(&body.login_credential)?;

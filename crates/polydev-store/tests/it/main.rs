@@ -257,7 +257,7 @@ async fn proxy_ports_are_assigned_lowest_free_and_kept(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = db.store().await;
     let mut users = Vec::new();
-    for i in 0..3 {
+    for i in 0..4 {
         users.push(
             store
                 .create_user(&new_user(&format!("u{i}@example.com"), Role::User, i))
@@ -265,6 +265,20 @@ async fn proxy_ports_are_assigned_lowest_free_and_kept(backend: Backend) {
                 .unwrap()
                 .id,
         );
+    }
+    // Users 0 and 1 are using their egress (a live credential each).
+    for (i, user) in users.iter().take(2).enumerate() {
+        store
+            .create_egress_credential(&polydev_store::EgressCredential {
+                username: format!("sbx-{i}"),
+                secret_hash: "ab".repeat(32),
+                user_id: *user,
+                sandbox_id: format!("s{i}"),
+                template: "runtime".into(),
+                created_at_ms: 1,
+            })
+            .await
+            .unwrap();
     }
     assert_eq!(
         store
@@ -288,6 +302,7 @@ async fn proxy_ports_are_assigned_lowest_free_and_kept(backend: Backend) {
         10001,
         "kept"
     );
+    // Full, and both holders are live: no port for user 2.
     assert!(matches!(
         store.assign_proxy_port(users[2], 10001, 10002, 1).await,
         Err(StoreError::Conflict("port"))
@@ -296,6 +311,38 @@ async fn proxy_ports_are_assigned_lowest_free_and_kept(backend: Backend) {
         store.proxy_ports().await.unwrap(),
         vec![(users[0], 10001), (users[1], 10002)]
     );
+    // User 1's sandbox ends: its port goes back to the range for the next.
+    store
+        .revoke_egress_credentials_of_sandbox("s1", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .assign_proxy_port(users[2], 10001, 10002, 3)
+            .await
+            .unwrap(),
+        10002
+    );
+    assert_eq!(
+        store.proxy_ports().await.unwrap(),
+        vec![(users[0], 10001), (users[2], 10002)]
+    );
+    // User 3 finds the range full of live users again.
+    store
+        .create_egress_credential(&polydev_store::EgressCredential {
+            username: "sbx-2".into(),
+            secret_hash: "ab".repeat(32),
+            user_id: users[2],
+            sandbox_id: "s2".into(),
+            template: "runtime".into(),
+            created_at_ms: 4,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.assign_proxy_port(users[3], 10001, 10002, 5).await,
+        Err(StoreError::Conflict("port"))
+    ));
 }
 
 async fn egress_usage_adds_up(backend: Backend) {

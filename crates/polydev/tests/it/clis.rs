@@ -27,17 +27,18 @@ async fn each_cli_answers_from_its_stub_through_the_proxy_only() {
     let config = dir.path().join("polydev.toml");
     std::fs::write(
         &config,
-        "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n",
+        "[sandbox]\nmemory_mb = 2048\npids = 1024\n[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n",
     )
     .unwrap();
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("clis@example.com").await;
     let t = Some(token.as_str());
+    // The operator's defaults (2 GiB, 1024 processes) are what a plain user gets.
     let r = app
         .post(
             "/api/sandboxes",
             t,
-            json!({"template": "minimal", "network": "egress", "memoryMb": 2048, "pids": 1024}),
+            json!({"template": "minimal", "network": "egress"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);

@@ -72,16 +72,26 @@ pub async fn wait_state(
     }
 }
 
-fn open_credential(e: &polydev_vault::Enrollment, envelope_b64: &str, provider: &str) -> String {
+/// Opens a captured credential item (as the web client does: bound to the
+/// user, the item and the version the server reports).
+fn open_credential(
+    e: &polydev_vault::Enrollment,
+    user: &str,
+    item: &Value,
+    provider: &str,
+) -> String {
     use base64::Engine;
     let sealed = base64::engine::general_purpose::STANDARD
-        .decode(envelope_b64)
+        .decode(item["envelope"].as_str().unwrap())
         .unwrap();
+    let version = item["version"].as_u64().unwrap();
+    let aad = polydev_vault::ItemContext::new(user, &format!("credential.{provider}"), version)
+        .sealed_aad();
     let opened = e
         .sealing
         .open(
             polydev_sandbox::login::LOGIN_CREDENTIAL_PURPOSE,
-            format!("credential.{provider}").as_bytes(),
+            &aad,
             &sealed,
         )
         .unwrap();
@@ -280,11 +290,7 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
     // The sealed credential is in the vault; only the user's key opens it.
     let item = app.get("/api/vault/items/credential.codex", t).await;
     assert_eq!(item.status, StatusCode::OK, "{}", item.text);
-    let plain = open_credential(
-        &enrollment,
-        item.body["envelope"].as_str().unwrap(),
-        "codex",
-    );
+    let plain = open_credential(&enrollment, &uid, &item.body, "codex");
     let creds: Value = serde_json::from_str(&plain).unwrap();
     let refresh = creds["stubOauth"]["refreshToken"]
         .as_str()
@@ -460,17 +466,35 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
         (r.status, r.error_code()),
         (StatusCode::BAD_REQUEST, "not_a_websocket")
     );
+    let origin: &'static str = Box::leak(app.url("").into_boxed_str());
     // No ticket, a made-up one: 401.
     assert_eq!(
-        status_of(connect(String::new(), None, None).await.unwrap_err()),
+        status_of(
+            connect(String::new(), Some(origin), None)
+                .await
+                .unwrap_err()
+        ),
         401
     );
     assert_eq!(
-        status_of(connect("f".repeat(64), None, None).await.unwrap_err()),
+        status_of(
+            connect("f".repeat(64), Some(origin), None)
+                .await
+                .unwrap_err()
+        ),
         401
     );
-    // A foreign page's Origin: 403 (the ticket is not spent on it).
+    // A foreign page's Origin, or none (not a browser page of ours): 403
+    // (the ticket is not spent on it).
     let (_, tk) = ticket(token.clone()).await;
+    assert_eq!(
+        status_of(
+            connect(tk.clone(), None, Some(token.clone()))
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
     assert_eq!(
         status_of(
             connect(tk.clone(), Some("http://evil.example"), None)
@@ -482,12 +506,15 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
     // The owner's ticket presented by another signed-in user: 403.
     let (_, tk2) = ticket(token.clone()).await;
     assert_eq!(
-        status_of(connect(tk2, None, Some(other.clone())).await.unwrap_err()),
+        status_of(
+            connect(tk2, Some(origin), Some(other.clone()))
+                .await
+                .unwrap_err()
+        ),
         403
     );
 
     // The owner, same origin: the VNC server greets through the bridge.
-    let origin: &'static str = Box::leak(app.url("").into_boxed_str());
     let (mut ws, resp) = connect(tk.clone(), Some(origin), Some(token.clone()))
         .await
         .unwrap();
@@ -566,17 +593,38 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
         "{ws_base}/api/auth/session/{failing}/novnc/websock?ticket={}",
         r.body["ticket"].as_str().unwrap()
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("origin", origin.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let first = ws.next().await.unwrap().unwrap();
     assert!(first.into_data().starts_with(b"RFB "));
+    // Nobody may exec in a login sandbox: the test kills its VNC server
+    // from outside, by pid, from the sandbox's cgroup.
     let r = app
         .post(
             &format!("/api/sandboxes/{}/exec", v["sandboxId"].as_str().unwrap()),
             t,
-            json!({"cmd": ["pkill", "-KILL", "-x", "Xvnc|Xtigervnc"]}),
+            json!({"cmd": ["true"]}),
         )
         .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    let sid = polydev_sandbox::SandboxId::parse(v["sandboxId"].as_str().unwrap()).unwrap();
+    let xvnc: Vec<i32> = app
+        .cgroups()
+        .unwrap()
+        .processes(&sid)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| ["Xvnc", "Xtigervnc"].contains(&c.trim()))
+        })
+        .collect();
+    assert!(!xvnc.is_empty(), "no VNC server in the sandbox");
+    for pid in xvnc {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
     assert_eq!(close_code(&mut ws).await, 1011);
     // ...and the session fails, saying so, with the desktop's log.
     let v = wait_state(&app, &failing, &token, |v| v["state"] == "failed").await;
@@ -828,11 +876,7 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     // The client opens the item and seals the file to the run's sandbox.
     let item = app.get("/api/vault/items/credential.claude_code", t).await;
     assert_eq!(item.body["version"], 1);
-    let file = open_credential(
-        &enrollment,
-        item.body["envelope"].as_str().unwrap(),
-        "claude_code",
-    );
+    let file = open_credential(&enrollment, &uid, &item.body, "claude_code");
     let access = serde_json::from_str::<Value>(&file).unwrap()["claudeAiOauth"]["accessToken"]
         .as_str()
         .unwrap()
@@ -884,11 +928,7 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     // The file came back sealed to the user, as the item's next version.
     let item = app.get("/api/vault/items/credential.claude_code", t).await;
     assert_eq!(item.body["version"], 2, "{}", item.text);
-    let back = open_credential(
-        &enrollment,
-        item.body["envelope"].as_str().unwrap(),
-        "claude_code",
-    );
+    let back = open_credential(&enrollment, &uid, &item.body, "claude_code");
     assert!(back.contains(&access));
     app.assert_nowhere(&[&access]).await;
 }

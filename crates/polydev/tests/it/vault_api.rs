@@ -298,7 +298,7 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
         app.post("/api/users", None, body.clone()).await.status,
         StatusCode::CREATED
     );
-    let user_id = body["userId"].as_str().unwrap().to_owned();
+
     let token = app
         .post(
             "/api/auth/login",
@@ -364,45 +364,19 @@ async fn the_cli_round_trip_leaves_no_plaintext_anywhere(backend: Backend) {
         (json!("codex"), json!(2))
     );
 
-    // Seal the credential to a sandbox's key and relay it through the controller.
-    let sandbox = SealingKeyPair::generate();
-    let sealed = sandbox.public().seal(
-        "sandbox-credential",
-        user_id.as_bytes(),
-        credential.as_bytes(),
-    );
-    let relay = |body: serde_json::Value| {
-        let app = &app;
-        let token = token.clone();
-        async move {
-            app.post("/api/vault/relay/sandbox-1", Some(&token), body)
-                .await
-        }
-    };
-    assert_eq!(
-        relay(json!({"sealed": B64.encode(&sealed)})).await.status,
-        StatusCode::ACCEPTED
-    );
-    let r = relay(json!({"sealed": B64.encode(&sealed)})).await;
-    assert_eq!(
-        (r.status, r.error_code()),
-        (StatusCode::CONFLICT, "mailbox_occupied")
-    );
+    // The relay mailboxes are gone: sealed credentials reach a sandbox
+    // through its run (POST /api/runs/{id}/credentials) only.
     let r = app
         .post(
-            "/api/vault/relay/sandbox-2",
+            "/api/vault/relay/sandbox-1",
             Some(&token),
-            json!({"sealed": B64.encode(credential.as_bytes())}),
+            json!({"sealed": "UAEE"}),
         )
         .await;
-    assert_eq!(r.error_code(), "invalid_envelope", "plaintext is refused");
-    assert_eq!(
-        sandbox
-            .open("sandbox-credential", user_id.as_bytes(), &sealed)
-            .unwrap()
-            .as_slice(),
-        credential.as_bytes(),
-        "the recipient opens what was relayed"
+    assert!(
+        [StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED].contains(&r.status),
+        "{}",
+        r.text
     );
 
     // Nowhere in plaintext: the store (file or dump), the debug logs, /metrics.
