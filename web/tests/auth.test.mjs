@@ -4,7 +4,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startServer, startBrowser, artifactPath } from "./harness.mjs";
+import { startServer, startBrowser, artifactPath, logIn } from "./harness.mjs";
 
 const PASSWORD = "correct horse battery";
 let server;
@@ -95,4 +95,44 @@ test("a new user signs up, unlocks after a reload, is auto-locked, logs out and 
   assert.ok(failed.includes("401 /api/auth/login"), failed.join(", "));
   assert.deepEqual(failed.filter((f) => !f.startsWith("401 ")), []);
   assert.deepEqual(scriptErrors, []);
+});
+
+test("a vault item the server hands back older, or relabelled, is refused", async () => {
+  server.addUser("rollback@example.com", PASSWORD);
+  const page = await chrome.browser.newPage();
+  page.setDefaultTimeout(15_000);
+  await logIn(page, server.base, "rollback@example.com", PASSWORD);
+  // Two versions of one item, written (and so seen) by this browser.
+  const first = await page.evaluate(async () => {
+    const s = await import("/session.js");
+    await s.putSecret("apikey.codex", "the old key");
+    const v1 = await (await fetch("/api/vault/items/apikey.codex")).json();
+    await s.putSecret("apikey.codex", "the new key");
+    return v1;
+  });
+  assert.equal(first.version, 1);
+  assert.equal(await page.evaluate(async () => (await import("/session.js")).getSecret("apikey.codex")), "the new key");
+  // A server that serves version 1 again: refused, not shown.
+  await page.route("**/api/vault/items/apikey.codex", (route) => route.fulfill({ json: first }));
+  const rolledBack = await page.evaluate(async () => {
+    try {
+      return await (await import("/session.js")).getSecret("apikey.codex");
+    } catch (e) {
+      return `refused: ${e.message}`;
+    }
+  });
+  assert.match(rolledBack, /^refused: .*older than version 2.*rollback/);
+  // ...nor can it pass version 1's envelope off as version 2 (the AAD binds it).
+  await page.unroute("**/api/vault/items/apikey.codex");
+  await page.route("**/api/vault/items/apikey.codex", (route) => route.fulfill({ json: { ...first, version: 2 } }));
+  const relabelled = await page.evaluate(async () => {
+    try {
+      return await (await import("/session.js")).getSecret("apikey.codex");
+    } catch (e) {
+      return `refused: ${e.message}`;
+    }
+  });
+  assert.match(relabelled, /^refused: /);
+  assert.doesNotMatch(relabelled, /the old key/);
+  await page.close();
 });

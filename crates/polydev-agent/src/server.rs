@@ -437,6 +437,9 @@ impl Agent {
             }
         };
         let pid = child.id().unwrap_or(0);
+        // Should this request end early (the controller went away, or
+        // stopped reading), the whole group goes, not only its leader.
+        let mut group = GroupGuard(Some(pid));
         if let Ok(mut c) = self.children.lock() {
             c.insert(pid);
         }
@@ -493,6 +496,9 @@ impl Agent {
             }
         }
         let status = status.flatten();
+        // Ended normally: what it left running in the background (e.g. the
+        // login desktop) stays.
+        group.0 = None;
         if let Ok(mut c) = self.children.lock() {
             c.remove(&pid);
         }
@@ -504,6 +510,20 @@ impl Agent {
             timed_out,
         };
         write_frame(out, &reply(event)).await
+    }
+}
+
+/// Kills a command's process group when dropped while still armed.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.filter(|p| *p > 0) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 

@@ -30,8 +30,10 @@ pub struct EgressConfig {
     /// servers such names, so a client that bypasses the proxy cannot reach
     /// them). The deny ranges still apply to the address.
     pub hosts: BTreeMap<String, std::net::IpAddr>,
-    /// Per sandbox template: which destination hosts are allowed. A
-    /// template without a policy may reach any public host.
+    /// Per sandbox template: which destination hosts are allowed; replaces
+    /// the built-in policy of `runtime` and `browser` (`builtin_policy`). A
+    /// template without either may reach any public host. Names in `hosts`
+    /// are allowed for every template.
     pub policies: BTreeMap<String, PolicyConfig>,
     pub max_tunnels_per_user: u32,
     /// New tunnels plus forwarded requests per second, per user.
@@ -80,7 +82,73 @@ impl Default for EgressConfig {
     }
 }
 
+/// What the `runtime` template's sandboxes (the CLIs' runs) may reach: the
+/// providers' API and token endpoints, nothing else. A prompt-injected CLI
+/// cannot post a key to a host of its choosing.
+pub const RUNTIME_HOSTS: &[&str] = &[
+    "api.anthropic.com",
+    "console.anthropic.com",
+    "platform.claude.com",
+    "api.openai.com",
+    "auth.openai.com",
+    "chatgpt.com",
+    "generativelanguage.googleapis.com",
+    "cloudcode-pa.googleapis.com",
+    "oauth2.googleapis.com",
+    "aiplatform.googleapis.com",
+];
+
+/// What the `browser` template's sandboxes (login sessions) may reach: the
+/// providers' sign-in pages, the assets and checks those pages load, and
+/// the token endpoints the CLIs call when the sign-in returns.
+pub const BROWSER_HOSTS: &[&str] = &[
+    "claude.ai",
+    "*.claude.ai",
+    "claude.com",
+    "*.claude.com",
+    "anthropic.com",
+    "*.anthropic.com",
+    "auth.openai.com",
+    "api.openai.com",
+    "chatgpt.com",
+    "*.chatgpt.com",
+    "openai.com",
+    "*.oaistatic.com",
+    "accounts.google.com",
+    "oauth2.googleapis.com",
+    "www.googleapis.com",
+    "cloudcode-pa.googleapis.com",
+    "fonts.googleapis.com",
+    "*.gstatic.com",
+    "www.google.com",
+    "challenges.cloudflare.com",
+];
+
+/// The built-in allow-list of a template (`runtime`, `browser`), if any.
+pub fn builtin_policy(template: &str) -> Option<PolicyConfig> {
+    let hosts = match template {
+        "runtime" => RUNTIME_HOSTS,
+        "browser" => BROWSER_HOSTS,
+        _ => return None,
+    };
+    Some(PolicyConfig {
+        allow_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+    })
+}
+
 impl EgressConfig {
+    /// The allow-list a template's sandboxes go by: the operator's, else
+    /// the built-in one, plus every name in `hosts`; `None`: any host.
+    pub fn policy_for(&self, template: &str) -> Option<PolicyConfig> {
+        let mut policy = self
+            .policies
+            .get(template)
+            .cloned()
+            .or_else(|| builtin_policy(template))?;
+        policy.allow_hosts.extend(self.hosts.keys().cloned());
+        Some(policy)
+    }
+
     /// The per-user port range, when per-user ports are on.
     pub fn user_port_range(&self) -> Option<PortRange> {
         self.per_user_ports.then_some(self.user_ports)
@@ -135,4 +203,51 @@ fn default_username_format() -> String {
 pub struct UpstreamUser {
     pub port: Option<u16>,
     pub session: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guard::host_allowed;
+
+    #[test]
+    fn runtime_and_browser_have_allow_lists_the_operator_can_replace_or_widen() {
+        let config = EgressConfig::default();
+        let runtime = config.policy_for("runtime");
+        assert!(host_allowed(runtime.as_ref(), "api.anthropic.com"));
+        assert!(host_allowed(
+            runtime.as_ref(),
+            "generativelanguage.googleapis.com"
+        ));
+        // A prompt-injected CLI cannot post a key to a host of its choosing.
+        for exfil in [
+            "evil.example",
+            "gist.github.com",
+            "storage.googleapis.com",
+            "pastebin.com",
+        ] {
+            assert!(!host_allowed(runtime.as_ref(), exfil), "{exfil} allowed");
+        }
+        let browser = config.policy_for("browser");
+        assert!(host_allowed(browser.as_ref(), "claude.ai"));
+        assert!(host_allowed(browser.as_ref(), "accounts.google.com"));
+        assert!(!host_allowed(browser.as_ref(), "evil.example"));
+        // Other templates: any public host (the guard still applies).
+        assert!(config.policy_for("minimal").is_none());
+        // The operator's policy replaces the built-in one; named hosts join.
+        let mut custom = EgressConfig::default();
+        custom.policies.insert(
+            "runtime".into(),
+            PolicyConfig {
+                allow_hosts: vec!["llm.internal.example".into()],
+            },
+        );
+        custom
+            .hosts
+            .insert("stub.test".into(), "127.0.0.1".parse().unwrap());
+        let p = custom.policy_for("runtime");
+        assert!(host_allowed(p.as_ref(), "llm.internal.example"));
+        assert!(host_allowed(p.as_ref(), "stub.test"));
+        assert!(!host_allowed(p.as_ref(), "api.anthropic.com"));
+    }
 }

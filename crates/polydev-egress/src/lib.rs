@@ -104,6 +104,8 @@ pub(crate) struct Inner {
     new_ports: mpsc::UnboundedSender<(u16, UserId)>,
     new_ports_rx: Mutex<Option<mpsc::UnboundedReceiver<(u16, UserId)>>>,
     tasks: Mutex<JoinSet<()>>,
+    /// Effective allow-lists per template (computed once per template).
+    policies: RwLock<HashMap<String, Option<Arc<PolicyConfig>>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -115,6 +117,25 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    /// The allow-list of `template` (`None`: any host).
+    pub(crate) fn policy(&self, template: &str) -> Option<Arc<PolicyConfig>> {
+        if let Some(p) = self
+            .policies
+            .read()
+            .ok()
+            .and_then(|p| p.get(template).cloned())
+        {
+            return p;
+        }
+        let p = self.config.policy_for(template).map(Arc::new);
+        if let Ok(mut all) = self.policies.write() {
+            if all.len() < 1024 {
+                all.insert(template.to_owned(), p.clone());
+            }
+        }
+        p
+    }
+
     /// Runs `work` as part of the proxy: aborted when it stops.
     pub(crate) fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         if let Ok(mut t) = self.tasks.lock() {
@@ -273,6 +294,7 @@ impl Egress {
                 new_ports: tx,
                 new_ports_rx: Mutex::new(Some(rx)),
                 tasks: Mutex::new(JoinSet::new()),
+                policies: RwLock::new(HashMap::new()),
             }),
         })
     }

@@ -284,7 +284,7 @@ async fn handle(
 
 /// Policy check on the destination host, for the identity's template.
 fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Refusal> {
-    if host_allowed(inner.config.policies.get(&identity.template), host) {
+    if host_allowed(inner.policy(&identity.template).as_deref(), host) {
         return None;
     }
     inner.accounting.metrics().deny("policy");

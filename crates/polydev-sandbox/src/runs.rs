@@ -41,9 +41,6 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const MAX_ANSWER: usize = 4 << 20;
 /// The most events one run records (its history, replayed to viewers).
 pub const MAX_EVENTS: usize = 20_000;
-/// How long a finished run stays in memory for late viewers (its states
-/// and sealed answers are in the store).
-const LINGER: Duration = Duration::from_secs(60);
 /// Finished runs kept in memory at most, whatever their age.
 const MAX_FINISHED: usize = 256;
 
@@ -85,6 +82,8 @@ pub struct RunsConfig {
     pub openai_base_url: Option<String>,
     pub gemini_base_url: Option<String>,
     pub limits: Limits,
+    /// How long a finished run stays followable live (its history stays).
+    pub linger: Duration,
 }
 
 impl Default for RunsConfig {
@@ -102,6 +101,7 @@ impl Default for RunsConfig {
                 pids: 1024,
                 disk_bytes: 1024 << 20,
             },
+            linger: Duration::from_secs(60),
         }
     }
 }
@@ -241,6 +241,10 @@ pub enum RunError {
     Busy(String, String),
     #[error("no run {0}")]
     NotFound(String),
+    /// Finished and no longer followed live; its states and sealed answers
+    /// are in the history.
+    #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
+    Finished(String),
     #[error(transparent)]
     Sandbox(#[from] ManagerError),
 }
@@ -290,7 +294,7 @@ impl Runs {
         finished.sort();
         let excess = finished.len().saturating_sub(MAX_FINISHED);
         for (i, (at, id)) in finished.iter().enumerate() {
-            if i < excess || at.elapsed() > LINGER {
+            if i < excess || at.elapsed() > self.cfg.linger {
                 runs.remove(id);
             }
         }
@@ -440,8 +444,50 @@ impl Runs {
         Ok(run.view())
     }
 
-    pub fn view(&self, id: &str, user: UserId) -> Result<RunView, RunError> {
-        Ok(self.get(id, user)?.view())
+    /// The run as it is now; for one no longer in memory, as the store
+    /// recorded it.
+    pub async fn view(&self, id: &str, user: UserId) -> Result<RunView, RunError> {
+        match self.get(id, user) {
+            Ok(run) => Ok(run.view()),
+            Err(RunError::NotFound(_)) => {
+                let r = match self.manager.store().run(user, id).await {
+                    Ok(r) => r,
+                    Err(polydev_store::StoreError::NotFound) => {
+                        return Err(RunError::NotFound(id.to_owned()))
+                    }
+                    Err(e) => return Err(ManagerError::from(e).into()),
+                };
+                let providers: Vec<Value> = serde_json::from_str(&r.providers).unwrap_or_default();
+                let sandboxes = providers
+                    .iter()
+                    .filter_map(|p| {
+                        Some((
+                            p["provider"].as_str()?.to_owned(),
+                            ProviderView {
+                                sandbox_id: p["sandboxId"].as_str().unwrap_or_default().to_owned(),
+                                public_key: String::new(),
+                                state: p["state"].as_str().unwrap_or_default().to_owned(),
+                            },
+                        ))
+                    })
+                    .collect();
+                Ok(RunView {
+                    run_id: r.id,
+                    state: r.state,
+                    sandboxes,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `NotFound` for a run the store knows but memory no longer holds
+    /// becomes `Finished` (a clear 410 for a late viewer).
+    async fn finished_or_missing(&self, id: &str, user: UserId) -> RunError {
+        match self.manager.store().run(user, id).await {
+            Ok(_) => RunError::Finished(id.to_owned()),
+            Err(_) => RunError::NotFound(id.to_owned()),
+        }
     }
 
     /// Hands each provider its sealed credential and starts its CLI.
@@ -853,12 +899,16 @@ impl Runs {
     }
 
     /// Past events, and a receiver for the rest (None once all finished).
-    pub fn subscribe(
+    pub async fn subscribe(
         &self,
         id: &str,
         user: UserId,
     ) -> Result<(Vec<RunEvent>, Option<broadcast::Receiver<RunEvent>>), RunError> {
-        let run = self.get(id, user)?;
+        let run = match self.get(id, user) {
+            Ok(r) => r,
+            Err(RunError::NotFound(_)) => return Err(self.finished_or_missing(id, user).await),
+            Err(e) => return Err(e),
+        };
         // Under the events lock: the history and the live feed neither
         // overlap nor leave a gap.
         let (past, rx) = match run.events.lock() {
@@ -1008,5 +1058,36 @@ pub fn normalise(provider: Provider, line: &str) -> Option<(&'static str, Value)
             "result" => Some(("error", json!({"stage": "provider", "message": v["error"]}))),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_output_is_split_into_bounded_lines() {
+        let mut out = Output::default();
+        let line = |t: &str| {
+            format!("{{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"{t}\"}}\n")
+        };
+        // A line across chunks.
+        let l = line("hello");
+        let (a, b) = l.as_bytes().split_at(10);
+        assert!(out.lines(Provider::GeminiCli, a).is_empty());
+        let ev = out.lines(Provider::GeminiCli, b);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].1["text"], "hello");
+        assert_eq!(out.answer, 5);
+        // A line longer than MAX_LINE is dropped whole; the next one counts.
+        let huge = vec![b'x'; MAX_LINE + 10];
+        assert!(out.lines(Provider::GeminiCli, &huge).is_empty());
+        assert!(out.partial.is_empty(), "nothing of it is kept");
+        assert!(out.lines(Provider::GeminiCli, &huge).is_empty());
+        let tail = format!("tail of the long line\n{}", line("after"));
+        let ev = out.lines(Provider::GeminiCli, tail.as_bytes());
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].1["text"], "after");
+        assert!(out.partial.len() <= MAX_LINE);
     }
 }

@@ -74,7 +74,8 @@ impl Default for Limits {
 
 impl Limits {
     /// The most one sandbox may have on this host unless an operator says
-    /// otherwise: a third of its memory (8 GiB on a 24 GiB host), all its
+    /// otherwise: a third of its memory (8 GiB on a 24 GiB host; 4 GiB at
+    /// least, the aggregate budget still guards a small host), all its
     /// cores, 4096 processes, an 8 GiB writable layer (a tmpfs, so memory:
     /// its pages count against the sandbox's memory limit too).
     pub fn host_maxima() -> Self {
@@ -85,11 +86,13 @@ impl Limits {
                     .find_map(|l| l.strip_prefix("MemTotal:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
-            .map_or(8 << 30, |kb| kb * 1024 / 3);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            .map_or(8 << 30, |kb| kb * 1024 / 3)
+            // Never below what the controller's own runs ask for.
+            .max(4 << 30);
+        let cores = (std::thread::available_parallelism().map_or(1, |n| n.get()) as u32).max(2);
         Self {
             cpu_millis: cores.saturating_mul(1000),
-            memory_bytes: total.max(512 << 20),
+            memory_bytes: total,
             pids: 4096,
             disk_bytes: 8 << 30,
         }

@@ -82,4 +82,18 @@ impl Store {
         .map_err(StoreError::internal)?;
         rows.iter().map(record).collect()
     }
+
+    /// One run of `user` (`NotFound` for another user's, as if absent).
+    pub async fn run(&self, user: UserId, id: &str) -> Result<RunRecord, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at FROM runs WHERE id = $1 AND user_id = $2",
+        )
+        .bind(id.to_owned())
+        .bind(user.to_string())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(StoreError::internal)?
+        .ok_or(StoreError::NotFound)?;
+        record(&row)
+    }
 }

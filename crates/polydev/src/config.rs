@@ -31,6 +31,15 @@ pub struct SandboxFile {
     pids: Option<u32>,
     cpu_millis: Option<u32>,
     disk_mb: Option<u64>,
+    /// The most one sandbox may have (what an admin may ask for; a plain
+    /// user gets at most the template's defaults) [default: a third of the
+    /// host's memory, all its cores, 4096 processes, 8 GiB of disk].
+    max_memory_mb: Option<u64>,
+    max_pids: Option<u32>,
+    max_cpu_millis: Option<u32>,
+    max_disk_mb: Option<u64>,
+    /// How often the store and the running sandboxes are compared [default: 30].
+    reconcile_interval_secs: Option<u64>,
 }
 
 /// The [runs] TOML section.
@@ -43,6 +52,8 @@ pub struct RunsFile {
     deadline_secs: Option<u64>,
     /// How long a run waits for its sealed credentials [default: 120].
     credential_wait_secs: Option<u64>,
+    /// How long a finished run stays followable live [default: 60].
+    linger_secs: Option<u64>,
     /// Provider API base URLs (default: each CLI's own).
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
@@ -60,6 +71,9 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sandbox::runs::RunsConfig
     }
     if let Some(s) = f.credential_wait_secs {
         c.credential_wait = Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = f.linger_secs {
+        c.linger = Duration::from_secs(s);
     }
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;
@@ -179,6 +193,22 @@ pub fn sandbox_config(
     }
     if let Some(v) = f.disk_mb {
         d.disk_bytes = v << 20;
+    }
+    let max = &mut m.max_limits;
+    if let Some(v) = f.max_memory_mb {
+        max.memory_bytes = v << 20;
+    }
+    if let Some(v) = f.max_pids {
+        max.pids = v;
+    }
+    if let Some(v) = f.max_cpu_millis {
+        max.cpu_millis = v;
+    }
+    if let Some(v) = f.max_disk_mb {
+        max.disk_bytes = v << 20;
+    }
+    if let Some(s) = f.reconcile_interval_secs {
+        m.reconcile_interval = Duration::from_secs(s.max(1));
     }
     Ok(SandboxSettings {
         enabled: args.enabled.or(f.enabled).unwrap_or(true),
@@ -485,6 +515,30 @@ impl ServeConfig {
             login.template.clone(),
             polydev_sandbox::login::desktop_command(login.width, login.height),
         );
+        // Defaults above the maxima would refuse the controller's own runs.
+        let max = m.max_limits;
+        let over = |what: &str, l: &polydev_sandbox::Limits| -> anyhow::Result<()> {
+            use polydev_sandbox::LimitKind::*;
+            for (kind, key) in [
+                (Memory, "max_memory_mb"),
+                (Pids, "max_pids"),
+                (Cpu, "max_cpu_millis"),
+                (Disk, "max_disk_mb"),
+            ] {
+                if kind.of(l) > kind.of(&max) {
+                    bail!(
+                        "{what} ask for {} where [sandbox] {key} allows {}",
+                        kind.of(l),
+                        kind.of(&max)
+                    );
+                }
+            }
+            Ok(())
+        };
+        over("[sandbox] defaults", &m.default_limits)?;
+        for (template, l) in &m.template_limits {
+            over(&format!("the {template} template's limits"), l)?;
+        }
         Ok(Self {
             store,
             listen,

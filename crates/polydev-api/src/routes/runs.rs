@@ -46,6 +46,7 @@ fn run_error(e: RunError) -> ApiError {
             "run_not_found",
             format!("no run {id}"),
         ),
+        e @ RunError::Finished(_) => ApiError::new(StatusCode::GONE, "run_finished", e.to_string()),
         RunError::Sandbox(e) => manager_error(e),
     }
 }
@@ -165,7 +166,10 @@ pub(crate) async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunView>> {
     Ok(Json(
-        runs(&state)?.view(&id, user.0.user.id).map_err(run_error)?,
+        runs(&state)?
+            .view(&id, user.0.user.id)
+            .await
+            .map_err(run_error)?,
     ))
 }
 
@@ -197,7 +201,7 @@ pub(crate) async fn events(
 ) -> ApiResult<Response> {
     let runs = runs(&state)?.clone();
     let uid = user.0.user.id;
-    let (past, rx) = runs.subscribe(&id, uid).map_err(run_error)?;
+    let (past, rx) = runs.subscribe(&id, uid).await.map_err(run_error)?;
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let to_sse = |e: &polydev_sandbox::runs::RunEvent| {
         let mut data = e.data.clone();
@@ -233,7 +237,9 @@ pub(crate) async fn events(
                         return;
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                // Fallen behind the live feed: end here (nothing is skipped
+                // silently); a reconnect replays the whole run.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
                 Err(_) => return,
             }
         }

@@ -111,6 +111,16 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
         ManagerError::Driver(DriverError::Unavailable(m)) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandboxes_unavailable", m)
         }
+        ManagerError::Driver(DriverError::Agent(polydev_agent::ClientError::Timeout(d))) => {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "agent_timeout",
+                format!(
+                    "the sandbox's agent did not answer within {} s (the sandbox may be stuck; delete it to end it)",
+                    d.as_secs()
+                ),
+            )
+        }
         ManagerError::Driver(DriverError::NotFound(id)) => ApiError::new(
             StatusCode::GONE,
             "sandbox_gone",

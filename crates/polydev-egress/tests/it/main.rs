@@ -23,7 +23,7 @@ fn auth(access: &polydev_egress::ProxyAccess) -> (String, String) {
 async fn curl_and_a_rust_client_reach_http_and_https_origins_through_the_proxy() {
     let proxy = Proxy::start(loopback_config()).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let (https, ca_pem) = https_stub().await;
@@ -93,7 +93,7 @@ async fn curl_and_a_rust_client_reach_http_and_https_origins_through_the_proxy()
 async fn missing_wrong_and_revoked_credentials_get_407() {
     let proxy = Proxy::start(loopback_config()).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let target = format!("127.0.0.1:{}", http.port());
@@ -140,7 +140,7 @@ async fn missing_wrong_and_revoked_credentials_get_407() {
         "revoked at once"
     );
     // Revoking a sandbox revokes all its credentials.
-    let other = proxy.access(user, "runtime").await;
+    let other = proxy.access(user, "work").await;
     assert_eq!(
         proxy
             .egress
@@ -195,8 +195,8 @@ async fn a_users_port_accepts_only_that_users_credentials() {
         proxy.user("ada@example.com").await,
         proxy.user("bob@example.com").await,
     );
-    let ada_access = proxy.access(ada, "runtime").await;
-    let bob_access = proxy.access(bob, "runtime").await;
+    let ada_access = proxy.access(ada, "work").await;
+    let bob_access = proxy.access(bob, "work").await;
     assert_eq!(ada_access.user_port, Some(base));
     assert_eq!(bob_access.user_port, Some(base + 1));
     assert_eq!(
@@ -242,7 +242,7 @@ async fn ssrf_attempts_are_refused_in_every_form() {
     })
     .await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let port = http.port();
@@ -280,7 +280,7 @@ async fn ssrf_attempts_are_refused_in_every_form() {
     })
     .await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     for to in [
         "http://169.254.169.254/latest/meta-data/",
@@ -313,7 +313,7 @@ async fn template_allow_lists_limit_destinations() {
     let proxy = Proxy::start(config).await;
     let user = proxy.user("ada@example.com").await;
     let runtime = proxy.access(user, "runtime").await;
-    let browser = proxy.access(user, "browser").await;
+    let browser = proxy.access(user, "other").await;
     let http = http_stub().await;
     let (u, p) = auth(&runtime);
     let (_, code, _) = curl(
@@ -362,7 +362,7 @@ async fn traffic_can_chain_through_an_upstream_proxy() {
     };
     let proxy = Proxy::start(config).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let (ok, code, body) = curl(
@@ -406,8 +406,8 @@ async fn per_user_limits_hold() {
         proxy.user("ada@example.com").await,
         proxy.user("bob@example.com").await,
     );
-    let a = proxy.access(ada, "runtime").await;
-    let b = proxy.access(bob, "runtime").await;
+    let a = proxy.access(ada, "work").await;
+    let b = proxy.access(bob, "work").await;
     let (au, ap) = auth(&a);
     let (bu, bp) = auth(&b);
     let echo = echo_server().await;
@@ -477,7 +477,7 @@ async fn request_rates_are_limited_per_user() {
     })
     .await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let mut codes = Vec::new();
@@ -504,7 +504,7 @@ async fn request_rates_are_limited_per_user() {
 async fn usage_is_recorded_per_user_and_sandbox_and_totals_exported() {
     let proxy = Proxy::start(loopback_config()).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let http = http_stub().await;
     let echo = echo_server().await;
@@ -548,7 +548,7 @@ async fn a_connect_after_a_forwarded_request_on_one_connection_still_tunnels() {
     use base64::Engine;
     let proxy = Proxy::start(loopback_config()).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
     let http = http_stub().await;
@@ -620,7 +620,7 @@ async fn a_connect_after_a_forwarded_request_on_one_connection_still_tunnels() {
 async fn unreachable_destinations_get_502() {
     let proxy = Proxy::start(loopback_config()).await;
     let user = proxy.user("ada@example.com").await;
-    let access = proxy.access(user, "runtime").await;
+    let access = proxy.access(user, "work").await;
     let (u, p) = auth(&access);
     // A loopback port nobody listens on (allowed by the exception, refused by the kernel).
     let closed = std::net::TcpListener::bind("127.0.0.1:0")

@@ -99,7 +99,7 @@ fn open_credential(
 }
 
 /// Starts a login session (202 expected); its id.
-async fn start_session(
+pub(crate) async fn start_session(
     app: &TestApp,
     token: &str,
     uid: &str,

@@ -8,6 +8,7 @@ mod clis;
 mod deploy;
 mod egress;
 mod egress_standalone;
+mod hostile;
 mod login;
 mod observability;
 mod process;
