@@ -78,6 +78,9 @@ pub fn denied() -> Vec<(&'static str, i64)> {
         ("ptrace", SYS_ptrace),
         ("process_vm_readv", SYS_process_vm_readv),
         ("process_vm_writev", SYS_process_vm_writev),
+        // Another process's descriptors (bwrap's init holds the agent's
+        // listening socket).
+        ("pidfd_getfd", SYS_pidfd_getfd),
         ("setns", SYS_setns),
         ("unshare", SYS_unshare),
         ("syslog", SYS_syslog),
