@@ -208,9 +208,17 @@ impl SignupLimiter {
     }
 
     /// Counts one sign-up; `Err` (429 with the wait) when over the limit.
+    /// IPv6 addresses count per /64 (what one subscriber usually holds).
     pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let key = match ip {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        };
         let clock = governor::clock::DefaultClock::default();
-        self.per_ip.check_key(&ip).map_err(|n| {
+        self.per_ip.check_key(&key).map_err(|n| {
             ApiError::too_many_requests(
                 "too many sign-ups from this address; wait and try again",
                 n.wait_time_from(governor::clock::Clock::now(&clock))
@@ -460,6 +468,20 @@ mod tests {
             client_ip(&with([127, 0, 0, 1], "not an ip"), &trusted),
             ip("127.0.0.1")
         );
+    }
+
+    #[test]
+    fn sign_ups_count_per_address_and_per_ipv6_64() {
+        let limiter = SignupLimiter::new(2);
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(limiter.check(v6("2001:db8:1:2::1")).is_ok());
+        assert!(limiter.check(v6("2001:db8:1:2::ffff")).is_ok());
+        assert!(
+            limiter.check(v6("2001:db8:1:2:abcd::9")).is_err(),
+            "same /64"
+        );
+        assert!(limiter.check(v6("2001:db8:1:3::1")).is_ok());
+        assert!(limiter.check(IpAddr::from([198, 51, 100, 1])).is_ok());
     }
 
     #[test]

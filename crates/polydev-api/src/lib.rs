@@ -126,6 +126,8 @@ pub struct AppState {
     pub runs: Option<Arc<polydev_sandbox::runs::Runs>>,
     /// Login sessions (need sandboxes and the egress proxy).
     pub logins: Option<Arc<polydev_sandbox::login::Logins>>,
+    /// Bounds the JSON exec answers held at once.
+    pub exec_gate: Arc<routes::sandboxes::ExecGate>,
 }
 
 impl AppState {
@@ -152,6 +154,7 @@ impl AppState {
             sandboxes: Err("sandboxes are not enabled on this controller".into()),
             runs: None,
             logins: None,
+            exec_gate: Arc::default(),
         }
     }
 

@@ -36,6 +36,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     }
 }
 
+fn trusted_peer(peer: Option<SocketAddr>, config: &ApiConfig) -> bool {
+    peer.is_some_and(|p| config.trusted_proxies.iter().any(|n| n.contains(&p.ip())))
+}
+
 /// Whether `origin` (an `Origin` header value) is this server or allowed.
 fn origin_is_ours(
     origin: &str,
@@ -46,10 +50,10 @@ fn origin_is_ours(
     if config.allowed_origins.iter().any(|a| a == origin) {
         return true;
     }
-    let authority = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-        .unwrap_or("");
+    let (scheme, authority) = match origin.split_once("://") {
+        Some((s @ ("http" | "https"), a)) => (s, a),
+        _ => return false,
+    };
     if authority.is_empty() {
         return false;
     }
@@ -61,12 +65,23 @@ fn origin_is_ours(
             .map(str::trim)
             .map(str::to_owned)
     };
-    if first("host").as_deref() == Some(authority) {
+    let host_matches = first("host").as_deref() == Some(authority);
+    if host_matches && !trusted_peer(peer, config) {
         return true;
     }
-    // The forwarded host counts only from a reverse proxy we trust.
-    let trusted = peer.is_some_and(|p| config.trusted_proxies.iter().any(|n| n.contains(&p.ip())));
-    trusted && first("x-forwarded-host").as_deref() == Some(authority)
+    // Behind a reverse proxy we trust, its view counts: the scheme the
+    // browser used and the host it asked for.
+    if trusted_peer(peer, config) {
+        if let Some(proto) = first("x-forwarded-proto") {
+            if proto != scheme {
+                return false;
+            }
+        }
+        if first("x-forwarded-host").as_deref() == Some(authority) || host_matches {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether a browser request comes from one of our pages: its `Origin` is

@@ -216,6 +216,15 @@ impl Provider {
             Provider::GeminiCli => "gemini_cli",
         }
     }
+
+    /// The CLI's name as people say it.
+    pub fn display_name(&self) -> &'static str {
+        match self {
+            Provider::ClaudeCode => "Claude Code",
+            Provider::Codex => "Codex",
+            Provider::GeminiCli => "Gemini CLI",
+        }
+    }
 }
 
 impl FromStr for Provider {

@@ -25,6 +25,9 @@ pub struct EgressConfig {
     /// CIDRs exempt from the built-in deny of loopback/private/link-local
     /// ranges. Empty by default; tests use it for their loopback stubs.
     pub allow_private: Vec<String>,
+    /// CIDRs never reachable, whatever else says (e.g. this host's public
+    /// address behind a 1:1 NAT, which no interface carries).
+    pub deny: Vec<String>,
     /// Names the proxy resolves itself, before DNS: `name = "IP"`. For
     /// hosts only the proxy should know (tests give their stub provider
     /// servers such names, so a client that bypasses the proxy cannot reach
@@ -67,6 +70,7 @@ impl Default for EgressConfig {
                 last: 10999,
             },
             allow_private: Vec::new(),
+            deny: Vec::new(),
             hosts: BTreeMap::new(),
             policies: BTreeMap::new(),
             max_tunnels_per_user: 256,

@@ -61,6 +61,8 @@ pub enum ConnectError {
 pub struct Guard {
     denied: Vec<IpNet>,
     exceptions: Vec<IpNet>,
+    /// The operator's own denials; they beat the exceptions.
+    always_denied: Vec<IpNet>,
     /// Names resolved here before DNS (lower case).
     hosts: std::collections::HashMap<String, IpAddr>,
     /// This host's own addresses (any interface): services listening on
@@ -104,9 +106,23 @@ impl Guard {
         Ok(Self {
             denied,
             exceptions,
+            always_denied: Vec::new(),
             hosts: Default::default(),
             own: std::sync::Arc::new(std::sync::RwLock::new(host_addresses())),
         })
+    }
+
+    /// Adds the operator's `deny` CIDRs (or single addresses).
+    pub fn with_denied(mut self, deny: &[String]) -> Result<Self, String> {
+        self.always_denied = deny
+            .iter()
+            .map(|c| {
+                c.parse::<IpNet>()
+                    .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("deny entry {c:?} is not a CIDR or IP address"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 
     /// Reads this host's addresses again (interfaces come and go).
@@ -128,6 +144,9 @@ impl Guard {
     /// Why `ip` may not be reached, or `None` when it may.
     pub fn refusal(&self, ip: IpAddr) -> Option<ConnectError> {
         let ip = canonical(ip);
+        if self.always_denied.iter().any(|n| n.contains(&ip)) {
+            return Some(ConnectError::Denied(ip));
+        }
         if self.exceptions.iter().any(|n| n.contains(&ip)) {
             return None;
         }
@@ -377,6 +396,18 @@ mod tests {
         let real = Guard::new(&[]).unwrap();
         assert!(host_addresses().iter().any(|a| a.is_loopback()));
         assert!(real.refusal("127.0.0.1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn the_operator_s_denials_beat_every_exception() {
+        let guard = Guard::new(&["127.0.0.0/8".into()])
+            .unwrap()
+            .with_denied(&["127.0.0.9".into(), "198.51.100.0/24".into()])
+            .unwrap();
+        assert!(guard.refusal("127.0.0.1".parse().unwrap()).is_none());
+        assert!(guard.refusal("127.0.0.9".parse().unwrap()).is_some());
+        assert!(guard.refusal("198.51.100.20".parse().unwrap()).is_some());
+        assert!(Guard::new(&[]).unwrap().with_denied(&["x".into()]).is_err());
     }
 
     #[test]

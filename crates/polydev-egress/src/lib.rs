@@ -106,7 +106,20 @@ pub(crate) struct Inner {
     tasks: Mutex<JoinSet<()>>,
     /// Effective allow-lists per template (computed once per template).
     policies: RwLock<HashMap<String, Option<Arc<PolicyConfig>>>>,
+    /// The last destination each sandbox could not reach, and why (for a
+    /// run to say in plain words why its CLI failed). Bounded.
+    refusals: Mutex<HashMap<String, Refused>>,
 }
+
+/// A destination a sandbox could not reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub host: String,
+    /// Finishes "`host` …", e.g. "cannot be resolved from this server".
+    pub why: String,
+}
+
+const MAX_REFUSALS: usize = 4096;
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +130,21 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    pub(crate) fn note_refusal(&self, sandbox_id: &str, host: &str, why: &str) {
+        if let Ok(mut r) = self.refusals.lock() {
+            if r.len() >= MAX_REFUSALS && !r.contains_key(sandbox_id) {
+                r.clear();
+            }
+            r.insert(
+                sandbox_id.to_owned(),
+                Refused {
+                    host: host.chars().take(256).collect(),
+                    why: why.to_owned(),
+                },
+            );
+        }
+    }
+
     /// The allow-list of `template` (`None`: any host).
     pub(crate) fn policy(&self, template: &str) -> Option<Arc<PolicyConfig>> {
         if let Some(p) = self
@@ -251,6 +279,7 @@ impl Egress {
         registry: &mut Registry,
     ) -> Result<Self, EgressError> {
         let guard = Guard::new(&config.allow_private)
+            .and_then(|g| g.with_denied(&config.deny))
             .map_err(EgressError::Config)?
             .with_hosts(&config.hosts);
         if let Some(r) = config.user_port_range() {
@@ -295,6 +324,7 @@ impl Egress {
                 new_ports_rx: Mutex::new(Some(rx)),
                 tasks: Mutex::new(JoinSet::new()),
                 policies: RwLock::new(HashMap::new()),
+                refusals: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -392,8 +422,16 @@ impl Egress {
         Ok(())
     }
 
+    /// The last destination `sandbox_id` could not reach, and why.
+    pub fn last_refusal(&self, sandbox_id: &str) -> Option<Refused> {
+        self.inner.refusals.lock().ok()?.get(sandbox_id).cloned()
+    }
+
     /// Revokes every credential of a sandbox (when it ends).
     pub async fn revoke_sandbox(&self, sandbox_id: &str) -> Result<usize, EgressError> {
+        if let Ok(mut r) = self.inner.refusals.lock() {
+            r.remove(sandbox_id);
+        }
         let names = self
             .inner
             .store

@@ -288,6 +288,11 @@ fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Refu
         return None;
     }
     inner.accounting.metrics().deny("policy");
+    inner.note_refusal(
+        &identity.sandbox_id,
+        host,
+        "is not on this server's allow-list for this kind of sandbox",
+    );
     tracing::info!(sandbox_id = %identity.sandbox_id, host, template = %identity.template, "egress destination not allowed by policy");
     Some(Refusal::denied(
         StatusCode::FORBIDDEN,
@@ -299,8 +304,18 @@ fn policy_refusal(inner: &Inner, identity: &Identity, host: &str) -> Option<Refu
     ))
 }
 
-fn connect_failure(inner: &Inner, identity: &Identity, err: ConnectError) -> Refusal {
+fn connect_failure(inner: &Inner, identity: &Identity, host: &str, err: ConnectError) -> Refusal {
     let metrics = inner.accounting.metrics();
+    let why = match &err {
+        ConnectError::Host(_) => "is this server itself".to_owned(),
+        ConnectError::Denied(ip) => format!("resolves to {ip}, a private or reserved address"),
+        ConnectError::Resolve(_) => {
+            "cannot be resolved from this server (no such name, or no DNS)".to_owned()
+        }
+        ConnectError::Timeout(_) => "did not answer in time".to_owned(),
+        ConnectError::Refused { source, .. } => format!("refused the connection ({source})"),
+    };
+    inner.note_refusal(&identity.sandbox_id, host, &why);
     match err {
         ConnectError::Host(ip) => {
             metrics.deny("host_address");
@@ -362,7 +377,7 @@ pub(crate) async fn open_tunnel(
     let origin = inner
         .dial(&host, port, identity)
         .await
-        .map_err(|e| connect_failure(inner, identity, e))?;
+        .map_err(|e| connect_failure(inner, identity, &host, e))?;
     Ok((origin, permit))
 }
 
@@ -463,7 +478,7 @@ async fn forward(inner: Arc<Inner>, req: Request<Incoming>, identity: Identity) 
     }
     let origin = match inner.dial(&host, port, &identity).await {
         Ok(s) => s,
-        Err(e) => return connect_failure(&inner, &identity, e).into_response(),
+        Err(e) => return connect_failure(&inner, &identity, &host, e).into_response(),
     };
     let cell = inner
         .accounting

@@ -25,6 +25,9 @@ pub struct Cgroups {
     /// v1 controllers we make groups in (cpuacct too when it is mounted
     /// apart from cpu).
     v1: Vec<&'static str>,
+    /// The instance's aggregate limits, applied whenever the parents are
+    /// (re)made.
+    budget: crate::local::Budget,
 }
 
 /// What the kernel counts for one sandbox.
@@ -80,6 +83,7 @@ impl Cgroups {
             parent: parent.to_owned(),
             version,
             v1,
+            budget: crate::local::Budget::default(),
         };
         me.prepare_parent()?;
         Ok(me)
@@ -90,7 +94,9 @@ impl Cgroups {
     }
 
     fn prepare_parent(&self) -> std::io::Result<()> {
+        let mut made = false;
         for parent in self.parents() {
+            made |= !parent.is_dir();
             std::fs::create_dir_all(&parent)?;
             if self.version == Version::V2 {
                 // Delegate the controllers down to the sandboxes' groups.
@@ -99,6 +105,11 @@ impl Cgroups {
                         let _ = write(&dir.join("cgroup.subtree_control"), c);
                     }
                 }
+            }
+        }
+        if made && self.budget != crate::local::Budget::default() {
+            if let Err(e) = self.apply_budget() {
+                tracing::warn!(error = %e, "cannot set the sandboxes' aggregate budget on the remade parent");
             }
         }
         Ok(())
@@ -131,8 +142,15 @@ impl Cgroups {
     }
 
     /// Limits what all of this instance's sandboxes together may use (on
-    /// the parent groups; children cannot exceed them).
-    pub fn set_budget(&self, budget: crate::local::Budget) -> std::io::Result<()> {
+    /// the parent groups; children cannot exceed them), now and whenever
+    /// the parents are made again.
+    pub fn set_budget(&mut self, budget: crate::local::Budget) -> std::io::Result<()> {
+        self.budget = budget;
+        self.apply_budget()
+    }
+
+    fn apply_budget(&self) -> std::io::Result<()> {
+        let budget = self.budget;
         match self.version {
             Version::V1 => {
                 if let Some(bytes) = budget.memory_bytes {

@@ -127,6 +127,16 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         )))
     }
 
+    /// Whether sandboxes a previous controller process made can be served
+    /// by this one (the local driver's die with their controller: no).
+    fn adopts(&self) -> bool {
+        false
+    }
+
+    /// After the last sandbox: remove what the driver made for itself (e.g.
+    /// the local driver's parent cgroups, if empty). Default: nothing.
+    async fn shutdown(&self) {}
+
     /// A byte stream to a service inside the sandbox that listens on the
     /// Unix socket `/run/polydev/<name>` (e.g. the login desktop's VNC
     /// server, `vnc.sock`). `name` is a plain file name.

@@ -3,6 +3,7 @@
 //! golden image), the image store, and — above the drivers — the pools
 //! and the reaper that keep what runs equal to what the store says.
 
+pub mod build;
 pub mod cgroup;
 pub mod driver;
 pub mod image;

@@ -100,7 +100,42 @@ impl Budget {
     }
 }
 
+/// The first directory from the root down to `path` (which need not exist
+/// yet) that others (the sandboxes' uids) cannot traverse.
+fn untraversable_ancestor(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let abs = std::path::absolute(path).ok()?;
+    let mut at = PathBuf::new();
+    for part in abs.components() {
+        at.push(part);
+        match std::fs::metadata(&at) {
+            Ok(m) if m.is_dir() && m.permissions().mode() & 0o001 == 0 => return Some(at),
+            Ok(_) => {}
+            Err(_) => return None, // from here on we create it (0711)
+        }
+    }
+    None
+}
+
+/// Where sandbox state goes when the data dir lies under a directory the
+/// sandboxes' uids cannot traverse (a checkout in a private home): a
+/// directory of the controller's under /run.
+pub const RUN_STATE_DIR: &str = "/run/polydev";
+
 impl LocalConfig {
+    /// For image validation next to a live controller on the same data
+    /// dir: its own cgroup parent, state directory and uid range, so the
+    /// two never touch each other's sandboxes.
+    pub fn for_validation(data_dir: &Path) -> Self {
+        let mut cfg = Self::for_data_dir(data_dir);
+        cfg.instance.push_str("-build");
+        cfg.state_dir = data_dir.join("sandboxes-build");
+        let slot = (cfg.uid_base - 3_000_000) / UID_RANGE;
+        cfg.uid_base = 3_000_000 + ((slot + 128) % 256) * UID_RANGE;
+        cfg.budget = Budget::default();
+        cfg
+    }
+
     /// Defaults for a data directory: the launcher next to the running
     /// binary, bwrap from PATH.
     pub fn for_data_dir(data_dir: &Path) -> Self {
@@ -318,10 +353,32 @@ impl LocalDriver {
                 "the local driver needs root or these capabilities for cgroups, mounts and sandbox uids: {missing} (sandboxes themselves run unprivileged)"
             )));
         }
-        let cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.instance)
+        let mut cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.instance)
             .map_err(|e| DriverError::Unavailable(format!("cgroups: {e}")))?;
         if let Err(e) = cgroups.set_budget(cfg.budget) {
             tracing::warn!(error = %e, "cannot set the sandboxes' aggregate memory and pids budget");
+        }
+        let mut cfg = cfg;
+        // bubblewrap, already running as the sandbox's uid, must traverse
+        // the state directory; a data dir in a private home cannot serve.
+        if let Some(closed) = untraversable_ancestor(&cfg.state_dir) {
+            let moved = Path::new(RUN_STATE_DIR).join(&cfg.instance);
+            tracing::info!(
+                closed = %closed.display(),
+                state = %moved.display(),
+                "the sandboxes' uids cannot traverse the data dir's parents; their state lives under /run instead"
+            );
+            private_dir(Path::new(RUN_STATE_DIR), 0o711)
+                .and_then(|()| private_dir(&moved, 0o711))
+                .map_err(|e| {
+                    DriverError::Unavailable(format!(
+                        "sandboxes cannot use {}: {} is not traversable by other users (mode 0700?), and {} cannot be made: {e}; make the directory traversable (chmod o+x) or choose --data-dir outside it",
+                        cfg.state_dir.display(),
+                        closed.display(),
+                        moved.display()
+                    ))
+                })?;
+            cfg.state_dir = moved;
         }
         private_dir(&cfg.state_dir, 0o711).map_err(io("state directory"))?;
         let probe = cfg.state_dir.join("sb-0000000000000000/ctl/agent.sock");
@@ -434,13 +491,20 @@ impl LocalDriver {
     /// sandbox's own credential (whatever the sandbox sent is replaced), at
     /// most `MAX_RELAY_CONNECTIONS` at once, its head read within a deadline
     /// before the proxy is dialled.
-    fn start_relay(&self, path: &Path, route: Option<Route>) -> std::io::Result<Relay> {
+    fn start_relay(&self, path: &Path, route: Option<Route>, uid: u32) -> std::io::Result<Relay> {
         use std::os::unix::fs::PermissionsExt;
         let route = Arc::new(std::sync::RwLock::new(route));
         let current = route.clone();
         let listener = tokio::net::UnixListener::bind(path)?;
-        // In a directory only the controller can write: no race on the path.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        // Only the sandbox's uid may connect (any other host account could
+        // otherwise ride on the sandbox's credential). In a directory only
+        // the controller can write: no race on the path.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(uid)),
+        )?;
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RELAY_CONNECTIONS));
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -550,6 +614,32 @@ impl Driver for LocalDriver {
             .ok_or_else(|| {
                 DriverError::Unavailable("every sandbox uid of this host is in use".into())
             })?;
+        // Held in the table from now on: a destroy that comes meanwhile
+        // finds the uid there (and releases it once, from there).
+        let (console_done_tx, console_done) = tokio::sync::watch::channel(false);
+        let console = Arc::new(Mutex::new(Console::default()));
+        {
+            let mut l = self
+                .live
+                .lock()
+                .map_err(|_| DriverError::Io("sandbox table poisoned".into()))?;
+            if l.contains_key(id) {
+                if let Ok(mut u) = self.uids.lock() {
+                    u.release(uid);
+                }
+                return Err(DriverError::Io(format!("sandbox {id} exists already")));
+            }
+            l.insert(
+                id.clone(),
+                Live {
+                    uid,
+                    console: console.clone(),
+                    console_done,
+                    task: None,
+                    relay: None,
+                },
+            );
+        }
         let made = (|| -> std::io::Result<()> {
             private_dir(&dir, 0o711)?;
             private_dir(&dir.join("ctl"), 0o700)?;
@@ -560,31 +650,15 @@ impl Driver for LocalDriver {
             write_private(&dir.join("labels.json"), &labels)
         })();
         if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&dir);
-            if let Ok(mut u) = self.uids.lock() {
-                u.release(uid);
-            }
+            let _ = self.destroy(id).await;
             return Err(DriverError::Io(format!("sandbox directory: {e}")));
         }
         let procs = match self.cgroups.create(id, &spec.limits) {
             Ok(p) => p,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = self.cgroups.destroy(id, Duration::from_secs(2));
-                if let Ok(mut u) = self.uids.lock() {
-                    u.release(uid);
-                }
+                let _ = self.destroy(id).await;
                 return Err(DriverError::Io(format!("cgroups: {e}")));
             }
-        };
-        let (console_done_tx, console_done) = tokio::sync::watch::channel(false);
-        let console = Arc::new(Mutex::new(Console::default()));
-        let mut live = Live {
-            uid,
-            console: console.clone(),
-            console_done,
-            task: None,
-            relay: None,
         };
         let mut command = vec![AGENT_PATH.to_owned()];
         let mut egress_dir = None;
@@ -595,29 +669,31 @@ impl Driver for LocalDriver {
                 auth: spec.egress_auth.clone().map(Arc::<str>::from),
             });
             let relay = private_dir(&host, 0o711)
-                .and_then(|()| self.start_relay(&host.join("egress.sock"), route));
-            match relay {
-                Ok(r) => {
-                    live.relay = Some(r);
-                    egress_dir = Some(host);
-                    command.extend([
-                        "--egress-relay".to_owned(),
-                        crate::spec::EGRESS_INSIDE.to_owned(),
-                        "--egress-socket".to_owned(),
-                        format!("{}/egress.sock", polydev_agent::launch::EGRESS_DIR_INSIDE),
-                    ]);
-                }
+                .and_then(|()| self.start_relay(&host.join("egress.sock"), route, uid));
+            let kept = match relay {
+                Ok(r) => self
+                    .live
+                    .lock()
+                    .ok()
+                    .and_then(|mut l| l.get_mut(id).map(|live| live.relay = Some(r)))
+                    .is_some(),
                 Err(e) => {
-                    if let Ok(mut l) = self.live.lock() {
-                        l.insert(id.clone(), live);
-                    }
                     let _ = self.destroy(id).await;
                     return Err(DriverError::Io(format!("egress relay: {e}")));
                 }
+            };
+            if !kept {
+                // Destroyed while being made.
+                let _ = self.destroy(id).await;
+                return Err(DriverError::NotFound(id.to_string()));
             }
-        }
-        if let Ok(mut l) = self.live.lock() {
-            l.insert(id.clone(), live);
+            egress_dir = Some(host);
+            command.extend([
+                "--egress-relay".to_owned(),
+                crate::spec::EGRESS_INSIDE.to_owned(),
+                "--egress-socket".to_owned(),
+                format!("{}/egress.sock", polydev_agent::launch::EGRESS_DIR_INSIDE),
+            ]);
         }
         let mut stages = vec![Stage::now("created")];
 
@@ -676,10 +752,20 @@ impl Driver for LocalDriver {
             let _ = console_done_tx.send(true);
             let _ = child.wait().await;
         });
-        if let Ok(mut l) = self.live.lock() {
-            if let Some(live) = l.get_mut(id) {
-                live.task = Some(task.abort_handle());
-            }
+        let tracked = self
+            .live
+            .lock()
+            .ok()
+            .and_then(|mut l| {
+                l.get_mut(id)
+                    .map(|live| live.task = Some(task.abort_handle()))
+            })
+            .is_some();
+        if !tracked {
+            // Destroyed while being made: take what just started with it.
+            task.abort();
+            let _ = self.destroy(id).await;
+            return Err(DriverError::NotFound(id.to_string()));
         }
 
         let remaining = |at: Instant| deadline.saturating_sub(at.duration_since(started_at));
@@ -768,6 +854,12 @@ impl Driver for LocalDriver {
             .map_err(|e| DriverError::Io(format!("cannot reach {name} in sandbox {id}: {e}")))
     }
 
+    async fn shutdown(&self) {
+        // Only empty parents go: another process on the same instance (an
+        // image build's validation has an instance of its own) keeps its.
+        self.cgroups.remove_parent_if_empty();
+    }
+
     async fn destroy(&self, id: &SandboxId) -> Result<(), DriverError> {
         let live = self.live.lock().ok().and_then(|mut l| l.remove(id));
         if let Some(l) = &live {
@@ -796,9 +888,18 @@ impl Driver for LocalDriver {
         if let Some(task) = live.as_ref().and_then(|l| l.task.as_ref()) {
             task.abort();
         }
-        // The uid is free once no process of the sandbox is left.
+        // The uid is free once no process of the sandbox is left: the
+        // table's entry says which; without one (a previous process's
+        // leftover), the file does, unless a live sandbox holds that uid.
         let uid = match &result {
-            Ok(from_file) => live.as_ref().map(|l| l.uid).or(*from_file),
+            Ok(from_file) => live.as_ref().map(|l| l.uid).or_else(|| {
+                from_file.filter(|u| {
+                    self.live
+                        .lock()
+                        .map(|l| !l.values().any(|x| x.uid == *u))
+                        .unwrap_or(false)
+                })
+            }),
             Err(_) => None,
         };
         if let (Some(uid), Ok(mut pool)) = (uid, self.uids.lock()) {

@@ -510,6 +510,8 @@ impl Logins {
         provider: Provider,
         mode: Mode,
     ) -> Result<LoginView, LoginError> {
+        // Said at once (the session itself starts in the background).
+        self.manager.ready(&self.cfg.template)?;
         let command = self.cfg.commands.get(&provider).ok_or_else(|| {
             LoginError::Invalid(format!(
                 "no login flow is configured for {}",

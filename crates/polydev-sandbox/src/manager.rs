@@ -47,6 +47,12 @@ pub trait EgressGate: Send + Sync + std::fmt::Debug {
         template: &str,
     ) -> Result<EgressGrant, String>;
     async fn close(&self, sandbox: &str);
+    /// The last destination `sandbox` could not reach: (host, why), the
+    /// reason finishing "it …".
+    fn last_refusal(&self, sandbox: &str) -> Option<(String, String)> {
+        let _ = sandbox;
+        None
+    }
 }
 
 /// The spec as stored: environment values are left out (they may be
@@ -78,6 +84,13 @@ pub struct ManagerConfig {
     pub pool_warmup: BTreeMap<String, Vec<String>>,
     /// Live sandboxes one user may hold (429 beyond).
     pub per_user_max: u32,
+    /// The most memory (the sum of memory limits) one user's live
+    /// sandboxes may have (429 beyond); `None`: no such limit.
+    pub per_user_memory: Option<u64>,
+    /// The most memory all live sandboxes together may have as limits,
+    /// pools included (503 beyond): the host's sandbox budget times an
+    /// overcommit factor; `None`: no such limit.
+    pub memory_commit_max: Option<u64>,
     /// Live sandboxes on this host, pools included (503 beyond).
     pub host_max: u32,
     /// Warm sandboxes kept per template.
@@ -100,6 +113,8 @@ impl Default for ManagerConfig {
             template_max: BTreeMap::new(),
             pool_warmup: BTreeMap::new(),
             per_user_max: 10,
+            per_user_memory: Some(8 << 30),
+            memory_commit_max: None,
             host_max: 2000,
             pools: BTreeMap::new(),
             pool_refresh: Duration::from_secs(1800),
@@ -173,10 +188,24 @@ pub enum ManagerError {
     },
     #[error("this host runs its maximum of {0} sandboxes; try again shortly")]
     HostCapacity(u32),
+    #[error("your live sandboxes already have {held_mb} MiB of memory and this one asks for {asked_mb} MiB more, above your {max_mb} MiB; delete one first")]
+    UserMemory {
+        held_mb: u64,
+        asked_mb: u64,
+        max_mb: u64,
+    },
+    #[error("this host's memory for sandboxes is committed; try again shortly")]
+    HostMemory,
     #[error("no sandbox {0}")]
     NotFound(String),
     #[error("sandbox {0} has ended")]
     Gone(String),
+    /// The template's image is being built (first start); try again.
+    #[error("the {template} environment is being prepared")]
+    Preparing {
+        template: String,
+        state: crate::build::Prepared,
+    },
     #[error(transparent)]
     Driver(#[from] DriverError),
     #[error(transparent)]
@@ -242,11 +271,15 @@ pub struct Manager {
     pools: Mutex<HashMap<String, VecDeque<Warm>>>,
     /// Sandboxes this process holds (creating, pooled or ready).
     live: AtomicUsize,
+    /// Their memory limits, per sandbox and per user.
+    commitments: Mutex<Commitments>,
     refill: tokio::sync::Notify,
     egress: std::sync::OnceLock<Arc<dyn EgressGate>>,
     /// One admission at a time per user: the quota is counted and the
     /// sandbox's record written under it, so the count is exact.
     admission: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The images this controller builds at start, and how far along.
+    preparation: std::sync::OnceLock<Arc<crate::build::Preparation>>,
 }
 
 impl Manager {
@@ -265,10 +298,45 @@ impl Manager {
             metrics,
             pools: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            commitments: Mutex::new(Commitments::default()),
             refill: tokio::sync::Notify::new(),
             egress: std::sync::OnceLock::new(),
             admission: Mutex::new(HashMap::new()),
+            preparation: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells the manager which images are being prepared (once).
+    pub fn set_preparation(&self, p: Arc<crate::build::Preparation>) {
+        let _ = self.preparation.set(p);
+    }
+
+    pub fn preparation(&self) -> Option<&Arc<crate::build::Preparation>> {
+        self.preparation.get()
+    }
+
+    /// Whether sandboxes of `template` can be made now (its image exists),
+    /// or why not (being prepared, with how far along; missing).
+    pub fn ready(&self, template: &str) -> Result<(), ManagerError> {
+        self.image_for(template).map(|_| ())
+    }
+
+    /// The template's current image, or why there is none: being prepared
+    /// (with how far along), or simply missing.
+    fn image_for(&self, template: &str) -> Result<crate::image::Image, ManagerError> {
+        match self.images.current(template) {
+            Ok(i) => Ok(i),
+            Err(e) => match self.preparation.get().and_then(|p| p.of(template)) {
+                Some(
+                    state @ (crate::build::Prepared::Queued
+                    | crate::build::Prepared::Building { .. }),
+                ) => Err(ManagerError::Preparing {
+                    template: template.to_owned(),
+                    state,
+                }),
+                _ => Err(e.into()),
+            },
+        }
     }
 
     /// Enables network mode `egress` (once; later calls are ignored).
@@ -438,23 +506,42 @@ impl Manager {
         })
     }
 
-    /// Claims one slot of host capacity.
-    fn claim(&self) -> Result<(), ManagerError> {
+    /// Claims one slot of host capacity and the sandbox's memory (for
+    /// `user`, or a pool when `None`).
+    fn claim(&self, id: &SandboxId, user: Option<UserId>, memory: u64) -> Result<(), ManagerError> {
+        let mut c = self
+            .commitments
+            .lock()
+            .map_err(|_| ManagerError::Invalid("commitments poisoned".into()))?;
+        if let Some(max) = self.cfg.memory_commit_max {
+            if c.total.saturating_add(memory) > max {
+                return Err(ManagerError::HostMemory);
+            }
+        }
         let max = self.cfg.host_max as usize;
         self.live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .map(|_| ())
-            .map_err(|_| ManagerError::HostCapacity(self.cfg.host_max))
+            .map_err(|_| ManagerError::HostCapacity(self.cfg.host_max))?;
+        c.add(id.clone(), user, memory);
+        Ok(())
     }
 
-    fn release(&self) {
-        let _ = self
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(1))
-            });
+    /// Gives back what `claim` took (idempotent per sandbox).
+    fn release(&self, id: &SandboxId) {
+        let held = self
+            .commitments
+            .lock()
+            .map(|mut c| c.remove(id))
+            .unwrap_or(false);
+        if held {
+            let _ = self
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(1))
+                });
+        }
     }
 
     /// The admission lock of `user`.
@@ -470,13 +557,28 @@ impl Manager {
         map.entry(user).or_default().clone()
     }
 
-    /// Checks `user`'s quota under their admission lock; the caller writes
-    /// the sandbox's record before dropping the guard.
-    async fn admit(&self, user: UserId) -> Result<tokio::sync::OwnedMutexGuard<()>, ManagerError> {
+    /// Checks `user`'s quotas (count and memory, for a sandbox of
+    /// `memory`) under their admission lock; the caller writes the
+    /// sandbox's record before dropping the guard.
+    async fn admit(
+        &self,
+        user: UserId,
+        memory: u64,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ManagerError> {
         let guard = self.admission(user).lock_owned().await;
         let held = self.store.count_live_sandboxes(user).await?;
         if held >= i64::from(self.cfg.per_user_max) {
             return Err(ManagerError::UserQuota(self.cfg.per_user_max));
+        }
+        if let Some(max) = self.cfg.per_user_memory {
+            let held = self.commitments.lock().map(|c| c.of(user)).unwrap_or(0);
+            if held.saturating_add(memory) > max {
+                return Err(ManagerError::UserMemory {
+                    held_mb: held >> 20,
+                    asked_mb: memory >> 20,
+                    max_mb: max >> 20,
+                });
+            }
         }
         Ok(guard)
     }
@@ -488,7 +590,7 @@ impl Manager {
         req: CreateRequest,
     ) -> Result<SandboxView, ManagerError> {
         let spec = self.spec_for(&req)?;
-        let image = self.images.current(&req.template)?;
+        let image = self.image_for(&req.template)?;
         let poolable = req.limits.is_none();
         if self.cfg.pools.get(&req.template).copied().unwrap_or(0) > 0 {
             if poolable {
@@ -507,17 +609,17 @@ impl Manager {
         }
         let mut spec = spec;
         let id = SandboxId::generate();
-        let admitted = self.admit(user).await?;
-        self.claim()?;
+        let admitted = self.admit(user, spec.limits.memory_bytes).await?;
+        self.claim(&id, Some(user), spec.limits.memory_bytes)?;
         if let Err(e) = self.record(&id, Some(user), &spec, &image).await {
-            self.release();
+            self.release(&id);
             return Err(e);
         }
         drop(admitted);
         let mut env = spec.env.clone();
         if spec.network == Network::Egress {
             if let Err(e) = self.open_egress(user, &id, &mut spec, &mut env).await {
-                self.release();
+                self.release(&id);
                 let _ = self
                     .store
                     .set_sandbox_status(id.as_str(), "failed", None, None, Some(now_ms()))
@@ -527,7 +629,7 @@ impl Manager {
         }
         let result = self.boot_recorded(&id, &spec, &image, "ready").await;
         if result.is_err() {
-            self.release();
+            self.release(&id);
             self.close_egress(&id).await;
         }
         result?;
@@ -543,6 +645,11 @@ impl Manager {
             }
         }
         self.get(&id, None).await
+    }
+
+    /// Why `id`'s last egress attempt failed, if it did: (host, why).
+    pub fn egress_refusal(&self, id: &SandboxId) -> Option<(String, String)> {
+        self.egress.get()?.last_refusal(id.as_str())
     }
 
     /// Revokes whatever egress credential sandbox `id` has (idempotent:
@@ -698,7 +805,7 @@ impl Manager {
                 continue;
             }
             // Counted and assigned under the user's admission lock.
-            let admitted = match self.admit(user).await {
+            let admitted = match self.admit(user, spec.limits.memory_bytes).await {
                 Ok(g) => g,
                 Err(e) => {
                     if let Ok(mut p) = self.pools.lock() {
@@ -718,6 +825,9 @@ impl Manager {
                 .await?
             {
                 continue; // reaped meanwhile
+            }
+            if let Ok(mut c) = self.commitments.lock() {
+                c.assign(&warm.id, user);
             }
             drop(admitted);
             let mut spec = spec.clone();
@@ -807,7 +917,7 @@ impl Manager {
             .set_sandbox_status(id.as_str(), status, None, None, Some(now_ms()))
             .await?
         {
-            self.release();
+            self.release(id);
             if let Some(r) = record {
                 if r.status == "ready" || r.status == "pooled" {
                     self.gauge_active(&r.template, -1);
@@ -862,7 +972,9 @@ impl Manager {
         for e in &existing {
             let keep = match known.get(e.id.as_str()) {
                 None => false,
-                Some(r) if startup => r.status == "ready" && e.alive,
+                // A driver that cannot take over a previous process's
+                // sandboxes (the local one: they die with it) keeps none.
+                Some(r) if startup => self.driver.adopts() && r.status == "ready" && e.alive,
                 Some(r) => r.status != "pooled" || in_pool.contains(&r.id) || !e.alive,
             };
             if !keep {
@@ -902,8 +1014,8 @@ impl Manager {
                     .await?
                 {
                     report.lost += 1;
-                    if !startup {
-                        self.release();
+                    if let Some(id) = SandboxId::parse(&r.id) {
+                        self.release(&id);
                     }
                 }
             }
@@ -957,7 +1069,9 @@ impl Manager {
                     .lock()
                     .map(|p| p.get(template).map_or(0, VecDeque::len))
                     .unwrap_or(size);
-                if have >= size || self.claim().is_err() {
+                let id = SandboxId::generate();
+                let memory = self.limits_of(template).memory_bytes;
+                if have >= size || self.claim(&id, None, memory).is_err() {
                     break;
                 }
                 // With the egress proxy on, pool members get an egress relay
@@ -978,7 +1092,6 @@ impl Manager {
                     egress: None,
                     egress_auth: None,
                 };
-                let id = SandboxId::generate();
                 let booted = match self.boot(&id, None, &spec, &image, "pooled").await {
                     Ok(()) => self.warm_up(&id, template).await,
                     Err(e) => Err(e),
@@ -999,7 +1112,7 @@ impl Manager {
                         }
                     }
                     Err(e) => {
-                        self.release();
+                        self.release(&id);
                         tracing::warn!(template = %template, error = %e, "pool refill failed; retrying later");
                         break;
                     }
@@ -1088,8 +1201,14 @@ impl Manager {
         self.shutdown().await;
     }
 
-    /// Destroys every live sandbox (a clean stop leaves nothing running).
+    /// Destroys every live sandbox (a clean stop leaves nothing running),
+    /// then lets the driver remove what it made for itself.
     pub async fn shutdown(&self) {
+        self.destroy_all().await;
+        self.driver.shutdown().await;
+    }
+
+    async fn destroy_all(&self) {
         if let Ok(mut p) = self.pools.lock() {
             p.clear();
         }
@@ -1100,6 +1219,56 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// The memory limits of the live sandboxes this process holds: in all,
+/// and per user (pool members belong to nobody until handed out).
+#[derive(Debug, Default)]
+struct Commitments {
+    by_id: HashMap<SandboxId, (Option<UserId>, u64)>,
+    by_user: HashMap<UserId, u64>,
+    total: u64,
+}
+
+impl Commitments {
+    fn add(&mut self, id: SandboxId, user: Option<UserId>, memory: u64) {
+        if self.by_id.insert(id, (user, memory)).is_none() {
+            self.total += memory;
+            if let Some(u) = user {
+                *self.by_user.entry(u).or_default() += memory;
+            }
+        }
+    }
+
+    fn assign(&mut self, id: &SandboxId, user: UserId) {
+        if let Some((owner, memory)) = self.by_id.get_mut(id) {
+            if owner.is_none() {
+                *owner = Some(user);
+                *self.by_user.entry(user).or_default() += *memory;
+            }
+        }
+    }
+
+    /// True when `id` was held.
+    fn remove(&mut self, id: &SandboxId) -> bool {
+        let Some((user, memory)) = self.by_id.remove(id) else {
+            return false;
+        };
+        self.total = self.total.saturating_sub(memory);
+        if let Some(u) = user {
+            if let Some(m) = self.by_user.get_mut(&u) {
+                *m = m.saturating_sub(memory);
+                if *m == 0 {
+                    self.by_user.remove(&u);
+                }
+            }
+        }
+        true
+    }
+
+    fn of(&self, user: UserId) -> u64 {
+        self.by_user.get(&user).copied().unwrap_or(0)
     }
 }
 

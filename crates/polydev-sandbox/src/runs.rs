@@ -41,6 +41,12 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const MAX_ANSWER: usize = 4 << 20;
 /// The most events one run records (its history, replayed to viewers).
 pub const MAX_EVENTS: usize = 20_000;
+/// The most bytes of event data one run records.
+pub const MAX_HISTORY_BYTES: usize = 16 << 20;
+/// The longest message a retry notice or failure carries.
+const MAX_MESSAGE: usize = 1000;
+/// Viewers one run's event stream may have at once.
+pub const MAX_VIEWERS: usize = 16;
 /// Finished runs kept in memory at most, whatever their age.
 const MAX_FINISHED: usize = 256;
 
@@ -142,13 +148,20 @@ struct ProviderRun {
     times: Mutex<(Option<i64>, Option<i64>)>,
 }
 
+/// A run's events so far (what a new viewer is replayed), and their size.
+#[derive(Debug, Default)]
+struct History {
+    events: Vec<Arc<RunEvent>>,
+    bytes: usize,
+}
+
 #[derive(Debug)]
 struct Run {
     id: String,
     user: UserId,
     providers: Vec<ProviderRun>,
-    events: Mutex<Vec<RunEvent>>,
-    tx: broadcast::Sender<RunEvent>,
+    events: Mutex<History>,
+    tx: broadcast::Sender<Arc<RunEvent>>,
     cancelled: AtomicBool,
     created_ms: i64,
     /// The stored answers were written (once, when every provider ended).
@@ -158,25 +171,37 @@ struct Run {
 }
 
 impl Run {
-    /// Records and broadcasts an event; false when the run's history is
-    /// full (the provider must stop).
+    /// Records and broadcasts an event from a provider's CLI; false when
+    /// the run's history is full (the provider must stop).
     fn emit(&self, provider: Provider, kind: &str, data: Value) -> bool {
-        let e = RunEvent {
-            provider: provider.as_str().to_owned(),
+        self.record(provider.as_str(), kind, data, false)
+    }
+
+    /// The controller's own last word for a provider (or the run): always
+    /// recorded, once per provider and once for the run's end.
+    fn emit_final(&self, provider: Option<Provider>, kind: &str, data: Value) {
+        self.record(provider.map_or("", |p| p.as_str()), kind, data, true);
+    }
+
+    fn record(&self, provider: &str, kind: &str, data: Value, last: bool) -> bool {
+        let size = data.to_string().len();
+        let e = Arc::new(RunEvent {
+            provider: provider.to_owned(),
             kind: kind.to_owned(),
             data,
-        };
+        });
         // Recorded and broadcast under one lock, so a subscriber (which
         // takes the same lock) sees each event exactly once.
-        match self.events.lock() {
-            // Final events always fit (one per provider past the cap).
-            Ok(mut ev) if ev.len() < MAX_EVENTS || kind == "done" || kind == "error" => {
-                ev.push(e.clone());
-                let _ = self.tx.send(e);
-                true
-            }
-            _ => false,
+        let Ok(mut h) = self.events.lock() else {
+            return false;
+        };
+        if !last && (h.events.len() >= MAX_EVENTS || h.bytes + size > MAX_HISTORY_BYTES) {
+            return false;
         }
+        h.bytes += size;
+        h.events.push(e.clone());
+        let _ = self.tx.send(e);
+        true
     }
 
     fn set_state(&self, provider: Provider, state: &str) -> bool {
@@ -241,6 +266,8 @@ pub enum RunError {
     Busy(String, String),
     #[error("no run {0}")]
     NotFound(String),
+    #[error("this run has {MAX_VIEWERS} viewers already; close one")]
+    TooManyViewers,
     /// Finished and no longer followed live; its states and sealed answers
     /// are in the history.
     #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
@@ -326,6 +353,7 @@ impl Runs {
                 Provider::VALID
             )));
         }
+        self.sweep();
         let id = format!("run-{:016x}", rand::random::<u64>());
         // Never two live runs on one credential of a user.
         {
@@ -397,7 +425,7 @@ impl Runs {
             id: id.clone(),
             user,
             providers: made,
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(History::default()),
             tx,
             cancelled: AtomicBool::new(false),
             created_ms: now_ms(),
@@ -431,10 +459,10 @@ impl Runs {
                     .map(|s| *s == "awaiting_credentials")
                     .unwrap_or(false);
                 if waiting && r.set_state(p.provider, "failed") {
-                    r.emit(
-                        p.provider,
+                    r.emit_final(
+                        Some(p.provider),
                         "error",
-                        json!({"stage": "credentials", "message": "no credential arrived in time"}),
+                        json!({"stage": "credentials", "message": format!("no {} credential arrived within {} s, so it did not start", p.provider.display_name(), me.cfg.credential_wait.as_secs())}),
                     );
                     let _ = me.manager.destroy(&p.sandbox, "ended").await;
                 }
@@ -700,12 +728,27 @@ impl Runs {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(data)
                             .unwrap_or_default();
-                        for (kind, data) in out.lines(provider, &bytes) {
-                            if kind == "done" {
+                        for line in out.lines(provider, &bytes) {
+                            let emitted = match line {
+                                Line::Delta(text) => {
+                                    run.emit(provider, "delta", json!({"text": text}))
+                                }
+                                Line::Retrying(message) => {
+                                    out.retries += 1;
+                                    run.emit(provider, "retrying", json!({"message": message, "attempt": out.retries}))
+                                }
                                 // Sent once the provider's state says so,
                                 // so "done" is always its last word.
-                                out.done = Some(data);
-                            } else if !run.emit(provider, kind, data) {
+                                Line::Done(usage) => {
+                                    out.done = Some(usage);
+                                    true
+                                }
+                                Line::Failure(message) => {
+                                    out.failure = Some(message);
+                                    true
+                                }
+                            };
+                            if !emitted {
                                 return Ok(Ended::TooLarge("events"));
                             }
                         }
@@ -739,7 +782,7 @@ impl Runs {
                         if timed_out {
                             return Ok(Ended::TimedOut(code));
                         }
-                        return Ok::<_, crate::DriverError>(Ended::Exited(code, out.done, out.stderr));
+                        return Ok::<_, crate::DriverError>(Ended::Exited(code, out));
                     }
                     _ => {}
                 }
@@ -747,54 +790,73 @@ impl Runs {
         }
         .await;
         let cancelled = run.cancelled.load(Ordering::Relaxed);
+        let name = provider.display_name();
+        // Why its provider could not be reached, if the egress proxy refused
+        // or failed a destination of this sandbox (read before it ends).
+        let unreachable = self
+            .manager
+            .egress_refusal(&p.sandbox)
+            .map(|(host, why)| format!("{name} could not reach {host}: it {why}"));
+        let failed = |message: String, stage: &str, code: Option<i32>| {
+            if run.set_state(provider, "failed") {
+                run.emit_final(
+                    Some(provider),
+                    "error",
+                    json!({"stage": stage, "message": message, "exitCode": code}),
+                );
+            }
+        };
         match result {
             _ if cancelled => {}
             Ok(Ended::TimedOut(code)) => {
-                if run.set_state(provider, "failed") {
-                    run.emit(provider, "error", json!({"stage": "timeout", "message": format!("no answer within {} s", self.cfg.deadline.as_secs()), "exitCode": code}));
+                let mut message = format!(
+                    "{name} gave no answer within {} s (the run's deadline) and was stopped",
+                    self.cfg.deadline.as_secs()
+                );
+                if let Some(u) = &unreachable {
+                    message.push_str(&format!("; {u}"));
                 }
+                failed(message, "timeout", code);
             }
             Ok(Ended::TooLarge(what)) => {
-                if run.set_state(provider, "failed") {
-                    let message = match what {
-                        "answer" => {
-                            format!("the answer passed {} MiB and was stopped", MAX_ANSWER >> 20)
-                        }
-                        _ => format!("the CLI sent more than {MAX_EVENTS} events and was stopped"),
-                    };
-                    run.emit(
-                        provider,
-                        "error",
-                        json!({"stage": "output", "message": message}),
-                    );
-                }
+                let message = match what {
+                    "answer" => format!(
+                        "{name}'s answer passed {} MiB and was stopped there",
+                        MAX_ANSWER >> 20
+                    ),
+                    _ => format!("{name} sent more output than a run keeps and was stopped"),
+                };
+                failed(message, "output", None);
             }
-            Ok(Ended::Exited(Some(0), Some(data), _)) => {
+            Ok(Ended::Exited(
+                Some(0),
+                Output {
+                    done: Some(usage), ..
+                },
+            )) => {
                 if run.set_state(provider, "done") {
-                    run.emit(provider, "done", data);
+                    run.emit_final(Some(provider), "done", usage);
                 }
             }
-            Ok(Ended::Exited(code, _, stderr)) => {
-                if run.set_state(provider, "failed") {
-                    let tail: Vec<&str> = stderr
-                        .lines()
-                        .rev()
-                        .take(5)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    run.emit(provider, "error", json!({"stage": "cli", "message": format!("the CLI exited with {code:?}: {}", tail.join(" | ")), "exitCode": code}));
-                }
+            Ok(Ended::Exited(code, out)) => {
+                let reason = unreachable
+                    .or(out.failure)
+                    .or_else(|| last_meaningful_line(&out.stderr))
+                    .unwrap_or_else(|| "it gave no reason".into());
+                let how = match code {
+                    Some(0) => "ended without an answer".to_owned(),
+                    Some(c) => format!("stopped with exit code {c}"),
+                    None => "was stopped by a signal".to_owned(),
+                };
+                failed(format!("{name} {how}: {reason}"), "cli", code);
             }
             Err(e) => {
-                if run.set_state(provider, "failed") {
-                    run.emit(
-                        provider,
-                        "error",
-                        json!({"stage": "sandbox", "message": e.to_string()}),
-                    );
-                }
+                tracing::warn!(run = %run.id, provider = provider.as_str(), error = %e, "run sandbox failed");
+                failed(
+                    format!("{name}'s sandbox stopped answering before the CLI finished, so there is no answer"),
+                    "sandbox",
+                    None,
+                );
             }
         }
         let _ = self.manager.destroy(&p.sandbox, "ended").await;
@@ -811,7 +873,11 @@ impl Runs {
         if finished && !run.sealed.swap(true, Ordering::AcqRel) {
             if let Ok(keys) = store.vault_keys(run.user).await {
                 if let Ok(pk) = polydev_vault::SealingPublicKey::from_bytes(&keys.public_key) {
-                    let events = run.events.lock().map(|e| e.clone()).unwrap_or_default();
+                    let events = run
+                        .events
+                        .lock()
+                        .map(|h| h.events.clone())
+                        .unwrap_or_default();
                     let mut out = serde_json::Map::new();
                     for p in &run.providers {
                         let text: String = events
@@ -850,9 +916,20 @@ impl Runs {
             tracing::warn!(run = %run.id, error = %e, "cannot record the run");
         }
         if finished {
-            if let Ok(mut f) = run.finished_at.lock() {
-                f.get_or_insert_with(std::time::Instant::now);
+            let first = run
+                .finished_at
+                .lock()
+                .map(|mut f| {
+                    let first = f.is_none();
+                    f.get_or_insert_with(std::time::Instant::now);
+                    first
+                })
+                .unwrap_or(false);
+            if first {
+                // The stream's last event: every provider has ended.
+                run.emit_final(None, "end", json!({"state": state}));
             }
+            self.sweep();
         }
     }
 
@@ -886,8 +963,8 @@ impl Runs {
         run.cancelled.store(true, Ordering::Relaxed);
         for p in &run.providers {
             if run.set_state(p.provider, "cancelled") {
-                run.emit(
-                    p.provider,
+                run.emit_final(
+                    Some(p.provider),
                     "error",
                     json!({"stage": "cancelled", "message": "the run was cancelled"}),
                 );
@@ -903,7 +980,13 @@ impl Runs {
         &self,
         id: &str,
         user: UserId,
-    ) -> Result<(Vec<RunEvent>, Option<broadcast::Receiver<RunEvent>>), RunError> {
+    ) -> Result<
+        (
+            Vec<Arc<RunEvent>>,
+            Option<broadcast::Receiver<Arc<RunEvent>>>,
+        ),
+        RunError,
+    > {
         let run = match self.get(id, user) {
             Ok(r) => r,
             Err(RunError::NotFound(_)) => return Err(self.finished_or_missing(id, user).await),
@@ -911,8 +994,11 @@ impl Runs {
         };
         // Under the events lock: the history and the live feed neither
         // overlap nor leave a gap.
+        if run.tx.receiver_count() >= MAX_VIEWERS {
+            return Err(RunError::TooManyViewers);
+        }
         let (past, rx) = match run.events.lock() {
-            Ok(ev) => (ev.clone(), run.tx.subscribe()),
+            Ok(h) => (h.events.clone(), run.tx.subscribe()),
             Err(_) => return Err(RunError::Invalid("run events poisoned".into())),
         };
         Ok((past, (!run.finished()).then_some(rx)))
@@ -925,8 +1011,8 @@ impl Runs {
 
 /// How a provider's CLI ended.
 enum Ended {
-    /// Exit code, the `done` event its stream announced, its stderr's end.
-    Exited(Option<i32>, Option<Value>, String),
+    /// Exit code and what its output said.
+    Exited(Option<i32>, Output),
     /// The run's deadline passed (the exit code, when the agent reported one).
     TimedOut(Option<i32>),
     /// Its output passed a bound (`answer` or `events`).
@@ -941,12 +1027,16 @@ struct Output {
     /// Dropping an over-long line until its end.
     skipping: bool,
     answer: usize,
+    /// The usage its stream's last word announced.
     done: Option<Value>,
+    /// What its stream said went wrong (the last such line).
+    failure: Option<String>,
+    retries: u32,
     stderr: String,
 }
 
 impl Output {
-    fn lines(&mut self, provider: Provider, bytes: &[u8]) -> Vec<(&'static str, Value)> {
+    fn lines(&mut self, provider: Provider, bytes: &[u8]) -> Vec<Line> {
         let mut events = Vec::new();
         for chunk in bytes.split_inclusive(|b| *b == b'\n') {
             let complete = chunk.ends_with(b"\n");
@@ -960,11 +1050,11 @@ impl Output {
             if complete {
                 if !self.skipping {
                     let line = String::from_utf8_lossy(&self.partial).into_owned();
-                    if let Some((kind, data)) = normalise(provider, line.trim()) {
-                        if kind == "delta" {
-                            self.answer += data["text"].as_str().map_or(0, str::len);
+                    if let Some(l) = normalise(provider, line.trim()) {
+                        if let Line::Delta(text) = &l {
+                            self.answer += text.len();
                         }
-                        events.push((kind, data));
+                        events.push(l);
                     }
                 }
                 self.partial.clear();
@@ -1004,8 +1094,63 @@ fn providers_json(run: &Run) -> String {
     Value::Array(list).to_string()
 }
 
-/// One line of a CLI's stream format → an event.
-pub fn normalise(provider: Provider, line: &str) -> Option<(&'static str, Value)> {
+/// What one line of a CLI's stream format says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// Answer text.
+    Delta(String),
+    /// The CLI retries (a reconnect): not the end.
+    Retrying(String),
+    /// The CLI's stream says it failed, and why.
+    Failure(String),
+    /// The answer is complete; its usage.
+    Done(Value),
+}
+
+/// A message from a CLI's stream as one short sentence: a string as is, an
+/// object by its `message`, bounded.
+fn message_of(v: &Value) -> String {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => o
+            .get("message")
+            .or_else(|| o.get("error").and_then(|e| e.get("message")))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| "an error it did not describe".to_owned()),
+        Value::Null => "an error it did not describe".to_owned(),
+        other => other.to_string(),
+    };
+    let text = text.trim();
+    match text.char_indices().nth(MAX_MESSAGE) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// The last line of a CLI's stderr worth showing a person: not a stack
+/// frame, not blank.
+fn last_meaningful_line(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("at ")
+                && !l.starts_with("node:")
+                && !l.contains("node_modules/")
+                && !l.chars().all(|c| "^~-=*".contains(c) || c.is_whitespace())
+        })
+        .map(|l| message_of(&Value::String(l.to_owned())))
+}
+
+fn usage(input: &Value, output: &Value) -> Value {
+    json!({"exitCode": 0, "usage": {"inputTokens": input, "outputTokens": output}})
+}
+
+/// One line of a CLI's stream format, in general terms.
+pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
     let v: Value = serde_json::from_str(line).ok()?;
     match provider {
         // `claude -p --output-format stream-json --verbose`
@@ -1017,45 +1162,47 @@ pub fn normalise(provider: Provider, line: &str) -> Option<(&'static str, Value)
                     .filter(|c| c["type"] == "text")
                     .filter_map(|c| c["text"].as_str())
                     .collect();
-                (!text.is_empty()).then(|| ("delta", json!({"text": text})))
+                (!text.is_empty()).then_some(Line::Delta(text))
             }
-            "result" if v["is_error"] == true => Some((
-                "error",
-                json!({"stage": "provider", "message": v["result"]}),
-            )),
-            "result" => Some((
-                "done",
-                json!({"exitCode": 0, "usage": {"inputTokens": v["usage"]["input_tokens"], "outputTokens": v["usage"]["output_tokens"]}}),
-            )),
+            "result" if v["is_error"] == true => Some(Line::Failure(message_of(&v["result"]))),
+            "result" => Some(Line::Done(usage(
+                &v["usage"]["input_tokens"],
+                &v["usage"]["output_tokens"],
+            ))),
             _ => None,
         },
         // `codex exec --json`
         Provider::Codex => match v["type"].as_str()? {
             "item.completed" if v["item"]["type"] == "agent_message" => {
-                Some(("delta", json!({"text": v["item"]["text"]})))
+                Some(Line::Delta(v["item"]["text"].as_str()?.to_owned()))
             }
-            "turn.completed" => Some((
-                "done",
-                json!({"exitCode": 0, "usage": {"inputTokens": v["usage"]["input_tokens"], "outputTokens": v["usage"]["output_tokens"]}}),
-            )),
-            "turn.failed" => Some((
-                "error",
-                json!({"stage": "provider", "message": v["error"]["message"]}),
-            )),
-            "error" => Some((
-                "error",
-                json!({"stage": "provider", "message": v["message"]}),
-            )),
+            "turn.completed" => Some(Line::Done(usage(
+                &v["usage"]["input_tokens"],
+                &v["usage"]["output_tokens"],
+            ))),
+            "turn.failed" => Some(Line::Failure(message_of(&v["error"]))),
+            // "Reconnecting... 2/5": it tries again, it has not failed.
+            "error" => {
+                let m = message_of(&v["message"]);
+                let lower = m.to_ascii_lowercase();
+                if lower.starts_with("reconnecting") || lower.contains("retrying") {
+                    Some(Line::Retrying(m))
+                } else {
+                    Some(Line::Failure(m))
+                }
+            }
             _ => None,
         },
         // `gemini -p -o stream-json`
         Provider::GeminiCli => match v["type"].as_str()? {
-            "message" if v["role"] == "assistant" => Some(("delta", json!({"text": v["content"]}))),
-            "result" if v["status"] == "success" => Some((
-                "done",
-                json!({"exitCode": 0, "usage": {"inputTokens": v["stats"]["input_tokens"], "outputTokens": v["stats"]["output_tokens"]}}),
-            )),
-            "result" => Some(("error", json!({"stage": "provider", "message": v["error"]}))),
+            "message" if v["role"] == "assistant" => {
+                Some(Line::Delta(v["content"].as_str()?.to_owned()))
+            }
+            "result" if v["status"] == "success" => Some(Line::Done(usage(
+                &v["stats"]["input_tokens"],
+                &v["stats"]["output_tokens"],
+            ))),
+            "result" => Some(Line::Failure(message_of(&v["error"]))),
             _ => None,
         },
     }
@@ -1076,8 +1223,7 @@ mod tests {
         let (a, b) = l.as_bytes().split_at(10);
         assert!(out.lines(Provider::GeminiCli, a).is_empty());
         let ev = out.lines(Provider::GeminiCli, b);
-        assert_eq!(ev.len(), 1);
-        assert_eq!(ev[0].1["text"], "hello");
+        assert_eq!(ev, vec![Line::Delta("hello".into())]);
         assert_eq!(out.answer, 5);
         // A line longer than MAX_LINE is dropped whole; the next one counts.
         let huge = vec![b'x'; MAX_LINE + 10];
@@ -1086,8 +1232,7 @@ mod tests {
         assert!(out.lines(Provider::GeminiCli, &huge).is_empty());
         let tail = format!("tail of the long line\n{}", line("after"));
         let ev = out.lines(Provider::GeminiCli, tail.as_bytes());
-        assert_eq!(ev.len(), 1);
-        assert_eq!(ev[0].1["text"], "after");
+        assert_eq!(ev, vec![Line::Delta("after".into())]);
         assert!(out.partial.len() <= MAX_LINE);
     }
 }

@@ -30,8 +30,21 @@ fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
     })
 }
 
+/// Runs kept per user (older ones are deleted as new ones start): a run
+/// stores up to a few MiB of sealed answers, and the disk is shared.
+pub const RUNS_KEPT_PER_USER: i64 = 200;
+
 impl Store {
     pub async fn insert_run(&self, r: &RunRecord) -> Result<(), StoreError> {
+        // The oldest beyond what is kept go first.
+        sqlx::query(
+            "DELETE FROM runs WHERE user_id = $1 AND id NOT IN (SELECT id FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2)",
+        )
+        .bind(r.user_id.to_string())
+        .bind(RUNS_KEPT_PER_USER - 1)
+        .execute(self.pool())
+        .await
+        .map_err(|e| StoreError::on_write(e, "run"))?;
         sqlx::query(
             "INSERT INTO runs (id, user_id, state, providers, answers, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )

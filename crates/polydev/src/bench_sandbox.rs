@@ -58,7 +58,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("pdb").tempdir()?;
     let driver =
         Arc::new(crate::sandbox_cli::local_driver(dir.path(), false).map_err(anyhow::Error::msg)?);
-    let images = crate::sandbox_cli::images(dir.path());
+    let images = crate::sandbox_cli::images(&dir.path().join("images"));
     let image = images.build_minimal(&driver.config().launcher)?;
     images.activate("minimal", &image.manifest.hash)?;
     let mut figures = Map::new();

@@ -211,6 +211,14 @@ pub enum ImageCommand {
         )]
         mirror: String,
     },
+    /// Every template's image and what a controller is preparing.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// A template's images, the current one marked.
     List {
         template: String,
@@ -302,6 +310,9 @@ pub struct StoreArgs {
     /// Directory for the embedded database (SQLite) and local state: sandboxes, images [default: ./.polydev]
     #[arg(long, env = "POLYDEV_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Golden images (may be shared by several controllers on one host) [default: DATA_DIR/images]
+    #[arg(long, env = "POLYDEV_IMAGES_DIR", value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
     /// `postgres://…` for PostgreSQL; default is SQLite inside the data dir.
     #[arg(long, env = "POLYDEV_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
@@ -432,6 +443,22 @@ pub struct SandboxArgs {
         value_name = "BOOL"
     )]
     pub keep_failed: Option<bool>,
+    /// Templates whose missing images `serve` builds at start, in the
+    /// background; `none` for none [default: runtime,browser]
+    #[arg(
+        long = "sandbox-prepare",
+        env = "POLYDEV_SANDBOX_PREPARE",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub prepare: Option<Vec<String>>,
+    /// Debian mirror for building images [default: http://deb.debian.org/debian]
+    #[arg(
+        long = "debian-mirror",
+        env = "POLYDEV_DEBIAN_MIRROR",
+        value_name = "URL"
+    )]
+    pub debian_mirror: Option<String>,
 }
 
 /// The egress proxy's flags; everything else is the [egress] TOML section.

@@ -40,6 +40,14 @@ pub struct SandboxFile {
     max_disk_mb: Option<u64>,
     /// How often the store and the running sandboxes are compared [default: 30].
     reconcile_interval_secs: Option<u64>,
+    /// Templates whose missing images `serve` builds at start [default: runtime, browser].
+    prepare: Option<Vec<String>>,
+    /// The most memory (as limits) one user's live sandboxes may have [default: 8192].
+    per_user_memory_mb: Option<u64>,
+    /// How far the sum of all sandboxes' memory limits may exceed the
+    /// instance's memory budget [default: 1.5].
+    memory_overcommit: Option<f64>,
+    debian_mirror: Option<String>,
 }
 
 /// The [runs] TOML section.
@@ -145,6 +153,12 @@ pub struct SandboxSettings {
     pub enabled: bool,
     pub keep_failed: bool,
     pub manager: polydev_sandbox::ManagerConfig,
+    /// Templates built at start when missing (in the background).
+    pub prepare: Vec<String>,
+    /// All sandboxes' memory limits together may reach the instance's
+    /// memory budget times this.
+    pub memory_overcommit: f64,
+    pub debian_mirror: String,
 }
 
 pub fn sandbox_config(
@@ -210,10 +224,40 @@ pub fn sandbox_config(
     if let Some(s) = f.reconcile_interval_secs {
         m.reconcile_interval = Duration::from_secs(s.max(1));
     }
+    if let Some(mb) = f.per_user_memory_mb {
+        m.per_user_memory = (mb > 0).then_some(mb << 20);
+    }
+    let overcommit = f.memory_overcommit.unwrap_or(1.5);
+    if !(overcommit > 0.0 && overcommit.is_finite()) {
+        bail!("[sandbox] memory_overcommit must be above 0");
+    }
+    let prepare = args
+        .prepare
+        .clone()
+        .or(f.prepare.clone())
+        .unwrap_or_else(|| vec!["runtime".into(), "browser".into()])
+        .into_iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty() && t != "none")
+        .collect::<Vec<_>>();
+    for t in &prepare {
+        if !["base", "runtime", "browser"].contains(&t.as_str()) {
+            bail!(
+                "sandbox prepare: {t:?} is not a template polydev builds (base, runtime, browser)"
+            );
+        }
+    }
     Ok(SandboxSettings {
+        memory_overcommit: overcommit,
         enabled: args.enabled.or(f.enabled).unwrap_or(true),
         keep_failed: args.keep_failed.or(f.keep_failed).unwrap_or(false),
         manager: m,
+        prepare,
+        debian_mirror: args
+            .debian_mirror
+            .clone()
+            .or(f.debian_mirror.clone())
+            .unwrap_or_else(|| "http://deb.debian.org/debian".into()),
     })
 }
 
@@ -223,6 +267,7 @@ pub fn sandbox_config(
 pub struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
+    images_dir: Option<PathBuf>,
     database_url: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -268,6 +313,8 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub data_dir: PathBuf,
+    /// Golden images (default `<data_dir>/images`).
+    pub images_dir: PathBuf,
     /// Set for PostgreSQL; `None` means SQLite in `data_dir`.
     pub database_url: Option<String>,
     pub log_format: LogFormat,
@@ -292,12 +339,18 @@ impl StoreConfig {
                 file.database_url.clone()
             }
         });
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(".polydev"));
         Ok(Self {
-            data_dir: args
-                .data_dir
+            images_dir: args
+                .images_dir
                 .clone()
-                .or_else(|| file.data_dir.clone())
-                .unwrap_or_else(|| PathBuf::from(".polydev")),
+                .or_else(|| file.images_dir.clone())
+                .unwrap_or_else(|| data_dir.join("images")),
+            data_dir,
             database_url,
             log_format,
             log_level: args

@@ -97,19 +97,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     store, template, ..
                 }
                 | I::Rollback { store, template } => (store, template.clone()),
+                I::Status { store, .. } => (store, String::new()),
             };
             let file = FileConfig::load(store_args.config.as_deref())?;
             let store = StoreConfig::resolve(store_args, &file)?;
             init_logging(&store, None)?;
             match cmd {
                 I::Build { mirror, .. } => {
-                    sandbox_cli::build(&store.data_dir, &template, &mirror).await
+                    sandbox_cli::build(&store.data_dir, &store.images_dir, &template, &mirror).await
                 }
-                I::List { .. } => sandbox_cli::list(&store.data_dir, &template),
+                I::Status { json, .. } => sandbox_cli::status(&store.images_dir, json),
+                I::List { .. } => sandbox_cli::list(&store.images_dir, &template),
                 I::Activate { hash, .. } => {
-                    sandbox_cli::activate(&store.data_dir, &template, &hash)
+                    sandbox_cli::activate(&store.images_dir, &template, &hash)
                 }
-                I::Rollback { .. } => sandbox_cli::rollback(&store.data_dir, &template),
+                I::Rollback { .. } => sandbox_cli::rollback(&store.images_dir, &template),
             }
         }
         Command::Deploy(args) => {

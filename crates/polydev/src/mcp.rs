@@ -14,7 +14,7 @@ use base64::Engine;
 use polydev_domain::Provider;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler, ServiceExt};
 use serde_json::{json, Value};
 
@@ -55,21 +55,35 @@ pub async fn perspectives(
         .build()?;
     let server = server.trim_end_matches('/');
     let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
-    let r = http
-        .post(format!("{server}/api/runs"))
-        .bearer_auth(token)
-        .json(&json!({"prompt": prompt, "providers": names}))
-        .send()
-        .await
-        .context("cannot reach the polydev controller")?;
-    let status = r.status();
-    let run: Value = r.json().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!(
-            "the controller refused the run ({status}): {}",
-            run["error"]["message"]
-        );
-    }
+    // A first start prepares the CLIs' environment: wait for it (15 min).
+    let patience = std::time::Instant::now() + Duration::from_secs(900);
+    let run: Value = loop {
+        let r = http
+            .post(format!("{server}/api/runs"))
+            .bearer_auth(token)
+            .json(&json!({"prompt": prompt, "providers": names}))
+            .send()
+            .await
+            .context("cannot reach the polydev controller")?;
+        let status = r.status();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(10);
+        let run: Value = r.json().await.unwrap_or_default();
+        if status.is_success() {
+            break run;
+        }
+        let message = run["error"]["message"].as_str().unwrap_or("").to_owned();
+        if run["error"]["code"] == "environment_preparing" && std::time::Instant::now() < patience {
+            tracing::info!(%message, "waiting for the run environment");
+            tokio::time::sleep(Duration::from_secs(retry.clamp(1, 30))).await;
+            continue;
+        }
+        bail!("polydev refused the run ({status}): {message}");
+    };
     let id = run["runId"].as_str().context("no runId")?.to_owned();
     let mut creds = serde_json::Map::new();
     for p in &providers {
@@ -122,7 +136,9 @@ pub async fn perspectives(
             event = e.to_owned();
         } else if let Some(d) = line.strip_prefix("data: ") {
             let d: Value = serde_json::from_str(d).unwrap_or_default();
-            let p = d["provider"].as_str().unwrap_or_default().to_owned();
+            let Some(p) = d["provider"].as_str().map(str::to_owned) else {
+                continue; // the run's own events (`end`)
+            };
             let a = answers
                 .entry(p)
                 .or_insert_with(|| json!({"answer": "", "status": "running"}));
@@ -176,7 +192,7 @@ impl PerspectivesServer {
     async fn get_perspectives(
         &self,
         Parameters(req): Parameters<GetPerspectives>,
-    ) -> Result<String, ErrorData> {
+    ) -> Result<CallToolResult, ErrorData> {
         let providers = req
             .providers
             .map(|ps| {
@@ -186,17 +202,34 @@ impl PerspectivesServer {
             })
             .transpose()
             .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
-        let out = perspectives(&self.server, &self.token, &req.prompt, providers)
-            .await
-            .map_err(|e| ErrorData::internal_error(format!("{e:#}"), None))?;
-        Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
+        // A failed run is the tool's answer (isError), for the calling
+        // agent to read; protocol errors are only for bad parameters.
+        let out = match perspectives(&self.server, &self.token, &req.prompt, providers).await {
+            Ok(out) => out,
+            Err(e) => {
+                return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                    "{e:#}"
+                ))]))
+            }
+        };
+        let text = serde_json::to_string_pretty(&out).unwrap_or_default();
+        let answers = out["perspectives"].as_object();
+        let none_answered = answers.is_none_or(|a| a.values().all(|p| p["status"] != "done"));
+        Ok(if none_answered {
+            CallToolResult::error(vec![ContentBlock::text(text)])
+        } else {
+            CallToolResult::success(vec![ContentBlock::text(text)])
+        })
     }
 }
 
 #[tool_handler]
 impl ServerHandler for PerspectivesServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
+            Implementation::new("polydev", env!("CARGO_PKG_VERSION"))
+                .with_title("polydev: perspectives from several coding CLIs"),
+        )
     }
 }
 

@@ -1,50 +1,83 @@
-//! The sandbox runtime in the binary: starting the manager for `serve`,
-//! and `polydev image build|list|activate|rollback`.
+//! The sandbox runtime in the binary: starting the manager for `serve`
+//! (and preparing missing images in the background), and `polydev image
+//! build|list|activate|rollback|status`. Building itself lives in
+//! `polydev_sandbox::build`.
 
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use polydev_sandbox::{
-    Driver, Image, ImageStore, LocalConfig, LocalDriver, Manager, SandboxId, SandboxSpec,
-};
+use anyhow::bail;
+use polydev_sandbox::build::{BuildOptions, Preparation, Prepared, Progress};
+use polydev_sandbox::{ImageStore, LocalConfig, LocalDriver, Manager};
 use polydev_store::Store;
 use polydev_telemetry::metrics::SandboxMetrics;
 
 use crate::config::SandboxSettings;
 
-pub fn images(data_dir: &Path) -> ImageStore {
-    ImageStore::new(data_dir.join("images"))
+pub fn images(dir: &Path) -> ImageStore {
+    ImageStore::new(dir)
+}
+
+/// Makes the data dir traversable by the sandboxes' uids (not listable:
+/// mode 0711; the database file in it is 0600).
+fn traversable(data_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let mode = std::fs::metadata(data_dir)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            data_dir,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
+        )
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    }
+    Ok(())
 }
 
 pub fn local_driver(data_dir: &Path, keep_failed: bool) -> Result<LocalDriver, String> {
-    // The sandboxes' uids must traverse the data dir to their state
-    // directories (not list it): add o+x when it is missing.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-        let mode = std::fs::metadata(data_dir)
-            .map(|m| m.permissions().mode())
-            .unwrap_or(0);
-        if mode & 0o001 == 0 {
-            std::fs::set_permissions(
-                data_dir,
-                std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
-            )
-            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-        }
-    }
+    traversable(data_dir)?;
     let mut cfg = LocalConfig::for_data_dir(data_dir);
     cfg.keep_failed = keep_failed;
     LocalDriver::new(cfg).map_err(|e| e.to_string())
 }
 
+/// The driver image builds validate on: an instance of its own, so a build
+/// beside a live controller never touches the controller's sandboxes.
+pub fn validation_driver(data_dir: &Path) -> Result<LocalDriver, String> {
+    traversable(data_dir)?;
+    LocalDriver::new(LocalConfig::for_validation(data_dir)).map_err(|e| e.to_string())
+}
+
+/// The three CLIs at pinned versions, in one place
+/// (`crates/polydev/cli-packages.txt`, also read by scripts/test.sh;
+/// `POLYDEV_CLI_VERSION=latest` there overrides them for a test matrix).
+const CLI_PACKAGES_FILE: &str = include_str!("../cli-packages.txt");
+
+pub fn build_options(mirror: &str) -> BuildOptions {
+    BuildOptions {
+        mirror: mirror.to_owned(),
+        agent: polydev_sandbox::local::default_launcher(),
+        cli_packages: CLI_PACKAGES_FILE
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
 /// The manager for `serve`, or why there is none (the API then answers
-/// 503 with that reason). Makes the `minimal` image when none exists.
+/// 503 with that reason). Makes the `minimal` image when none exists; the
+/// templates in `settings.prepare` that have no image are built by
+/// `prepare` (in the background, by `serve`).
 pub async fn manager(
     data_dir: &Path,
+    images_dir: &Path,
     settings: &SandboxSettings,
     store: &Store,
     metrics: SandboxMetrics,
@@ -53,360 +86,151 @@ pub async fn manager(
         return Err("sandboxes are disabled on this controller (--sandboxes false)".into());
     }
     let driver = local_driver(data_dir, settings.keep_failed)?;
-    let images = images(data_dir);
+    let images = images(images_dir);
     if images.current("minimal").is_err() {
-        let image = images
-            .build_minimal(&driver.config().launcher)
-            .map_err(|e| format!("cannot build the minimal image: {e}"))?;
-        validate(&driver, &images, &image)
+        let validator = validation_driver(data_dir)?;
+        let opts = build_options("");
+        let image = polydev_sandbox::build::build(&images, &validator, "minimal", &opts, &Quiet)
             .await
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| format!("cannot build the minimal image: {e}"))?;
+        validator.cgroups().remove_parent_if_empty();
         images
             .activate("minimal", &image.manifest.hash)
             .map_err(|e| e.to_string())?;
     }
-    Ok(Manager::new(
+    let mut cfg = settings.manager.clone();
+    cfg.memory_commit_max = driver
+        .config()
+        .budget
+        .memory_bytes
+        .map(|b| (b as f64 * settings.memory_overcommit) as u64);
+    let manager = Manager::new(
         Arc::new(driver),
         store.clone(),
-        images,
-        settings.manager.clone(),
+        images.clone(),
+        cfg,
         metrics,
-    ))
+    );
+    if !settings.prepare.is_empty() {
+        manager.set_preparation(Arc::new(Preparation::new(&images, &settings.prepare)));
+    }
+    Ok(manager)
 }
 
-/// Boots one sandbox from `image` and checks its agent runs commands.
-pub async fn validate(
-    driver: &LocalDriver,
-    images: &ImageStore,
-    image: &Image,
-) -> anyhow::Result<()> {
-    let id = SandboxId::generate();
-    let spec = SandboxSpec {
-        template: image.manifest.template.clone(),
-        limits: Default::default(),
-        network: Default::default(),
-        env: vec![],
-        labels: [("purpose".to_owned(), "image-validation".to_owned())].into(),
-        ttl: Duration::from_secs(120),
-        egress: None,
-        egress_auth: None,
+/// Builds, in the background, the images the manager is preparing (what a
+/// first start needs for runs and logins); a failure is logged and shown in
+/// the status, and the controller keeps serving.
+pub async fn prepare(manager: Arc<Manager>, data_dir: std::path::PathBuf, mirror: String) {
+    let Some(preparation) = manager.preparation().cloned() else {
+        return;
     };
-    let result = async {
-        driver
-            .create(&id, &spec, image, Duration::from_secs(30))
-            .await
-            .map_err(|e| match e {
-                polydev_sandbox::DriverError::Boot {
-                    stage,
-                    message,
-                    log_tail,
-                    ..
-                } => anyhow::anyhow!(
-                    "image {} does not boot (stage {stage}): {message}\n{}",
-                    image.manifest.hash,
-                    log_tail.join("\n")
-                ),
-                other => anyhow::anyhow!(other),
-            })?;
-        let mut agent = driver.agent(&id, Duration::from_secs(5)).await?;
-        let health = agent.health().await?;
-        let out = agent
-            .exec(
-                &["/bin/sh", "-c", "echo ok"],
-                None,
-                Duration::from_secs(10),
-                |_| {},
-            )
-            .await?;
-        if health != "ready" || out.stdout != b"ok\n" {
-            bail!(
-                "image {}: the agent answered {health:?} and {:?}",
-                image.manifest.hash,
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        smoke_check(driver, &id, &image.manifest.template, &mut agent).await?;
-        anyhow::Ok(())
+    if preparation.missing().is_empty() {
+        return;
     }
+    tracing::info!(templates = ?preparation.missing(), "preparing the images runs and logins need (first start); this takes a few minutes");
+    let validator = match validation_driver(&data_dir) {
+        Ok(v) => v,
+        Err(e) => {
+            for t in preparation.missing() {
+                preparation.set(
+                    &t,
+                    Prepared::Failed {
+                        error: e.clone(),
+                        at_ms: polydev_store::now_ms(),
+                    },
+                );
+            }
+            return;
+        }
+    };
+    polydev_sandbox::build::prepare_missing(
+        manager.images(),
+        &validator,
+        &build_options(&mirror),
+        &preparation,
+    )
     .await;
-    let _ = driver.destroy(&id).await;
-    result?;
-    images.mark_validated(image)?;
-    Ok(())
+    validator.cgroups().remove_parent_if_empty();
 }
 
-/// What each template is for, tried in the booted sandbox: the runtime's
-/// three CLIs answer `--version`; the browser's login desktop (the one
-/// login sessions run) comes up and its VNC server greets.
-async fn smoke_check(
-    driver: &LocalDriver,
-    id: &SandboxId,
-    template: &str,
-    agent: &mut polydev_agent::AgentClient,
-) -> anyhow::Result<()> {
-    match template {
-        "runtime" => {
-            for cli in ["claude", "codex", "gemini"] {
-                let out = agent
-                    .exec(&[cli, "--version"], None, Duration::from_secs(60), |_| {})
-                    .await?;
-                if out.code != Some(0) {
-                    bail!(
-                        "`{cli} --version` failed in the runtime image: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
-        }
-        "browser" => {
-            let argv = polydev_sandbox::login::desktop_command(1280, 800);
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            agent
-                .exec(&argv, None, Duration::from_secs(10), |_| {})
-                .await?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if polydev_sandbox::login::vnc_greets(driver, id).await {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let log = agent
-                        .get_file(polydev_sandbox::login::DESKTOP_LOG)
-                        .await
-                        .unwrap_or_default();
-                    bail!(
-                        "the browser image's desktop did not serve VNC within 30 s\n{}",
-                        String::from_utf8_lossy(&log)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
+struct Quiet;
+
+impl Progress for Quiet {
+    fn step(&self, _: usize, _: usize, _: &str) {}
 }
 
-/// The three CLIs at pinned versions, in one place
-/// (`crates/polydev/cli-packages.txt`, also read by scripts/test.sh;
-/// `POLYDEV_CLI_VERSION=latest` there overrides them for a test matrix).
-const CLI_PACKAGES_FILE: &str = include_str!("../cli-packages.txt");
-
-fn cli_packages() -> Vec<&'static str> {
-    CLI_PACKAGES_FILE
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect()
-}
-/// TigerVNC's Xvnc is the X server and the VNC server in one process
-/// (greets in ~50 ms; Xvfb + x11vnc took ~230 ms and more memory).
-const BROWSER_PACKAGES: &[&str] = &[
-    "tigervnc-standalone-server",
-    "chromium",
-    "fonts-dejavu-core",
-];
-const RUNTIME_PACKAGES: &[&str] = &["ca-certificates", "git"];
-
+/// Steps on a terminal as a spinner; elsewhere (a log, CI) as plain lines.
 struct Steps {
-    total: usize,
-    n: usize,
-    bar: indicatif::ProgressBar,
+    bar: Option<indicatif::ProgressBar>,
     started: Instant,
 }
 
 impl Steps {
-    fn new(total: usize) -> Self {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})")
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{pos}/{len}] {msg} ({elapsed})",
+                )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.set_length(total as u64);
-        bar.enable_steady_tick(Duration::from_millis(120));
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
         Self {
-            total,
-            n: 0,
             bar,
             started: Instant::now(),
         }
     }
 
-    fn step(&mut self, msg: &str) {
-        self.n += 1;
-        self.bar.set_position(self.n as u64);
-        self.bar.set_message(msg.to_owned());
-        self.bar
-            .println(format!("[{}/{}] {msg}", self.n, self.total));
-    }
-
-    fn done(self, msg: &str) {
-        self.bar.finish_and_clear();
+    fn done(&self, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
         eprintln!("{msg} in {:.1}s", self.started.elapsed().as_secs_f64());
     }
 }
 
-fn run(cmd: &mut std::process::Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        bail!("{what} failed ({}):\n{}", out.status, tail.join("\n"));
+impl Progress for Steps {
+    fn step(&self, n: usize, of: usize, what: &str) {
+        let line = format!(
+            "[{n}/{of}] {what} ({:.0}s)",
+            self.started.elapsed().as_secs_f64()
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(of as u64);
+                bar.set_position(n as u64);
+                bar.set_message(what.to_owned());
+                bar.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
     }
-    Ok(())
-}
-
-/// Debian minbase, made once per image store and copied for each build.
-fn debootstrap_base(
-    images: &ImageStore,
-    mirror: &str,
-    steps: &mut Steps,
-) -> anyhow::Result<PathBuf> {
-    let cache = images.dir().join(".cache/bookworm-minbase");
-    if cache.join("etc/debian_version").exists() {
-        steps.step("debootstrap base (cached)");
-        return Ok(cache);
-    }
-    steps.step("debootstrap --variant=minbase bookworm (about half a minute)");
-    let tmp = images
-        .dir()
-        .join(format!(".cache/.bookworm-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let result = run(
-        std::process::Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&tmp)
-            .arg(mirror),
-        "debootstrap (install the `debootstrap` package)",
-    );
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &cache)?;
-    Ok(cache)
-}
-
-fn chroot_apt(root: &Path, packages: &[&str]) -> anyhow::Result<()> {
-    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
-    run(
-        std::process::Command::new("chroot")
-            .arg(root)
-            .args(["apt-get", "update", "-qq"]),
-        "apt-get update in the image",
-    )?;
-    run(
-        std::process::Command::new("chroot")
-            .arg(root)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["apt-get", "install", "-y", "-qq", "--no-install-recommends"])
-            .args(packages),
-        "apt-get install in the image",
-    )?;
-    run(
-        std::process::Command::new("chroot")
-            .arg(root)
-            .args(["apt-get", "clean"]),
-        "apt-get clean",
-    )?;
-    let _ = std::fs::remove_dir_all(root.join("var/lib/apt/lists"));
-    std::fs::create_dir_all(root.join("var/lib/apt/lists/partial"))?;
-    Ok(())
-}
-
-/// Node.js from this host (Debian's is too old for Gemini CLI) and the
-/// three CLIs from npm at their pinned versions.
-fn add_node_and_clis(root: &Path) -> anyhow::Result<()> {
-    let node = polydev_sandbox::local::which("node")
-        .context("the runtime template needs Node.js ≥ 20 on the build host")?;
-    let version = std::process::Command::new(&node)
-        .arg("--version")
-        .output()?;
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
-    let major: u32 = version
-        .trim_start_matches('v')
-        .split('.')
-        .next()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    if major < 20 {
-        bail!("the runtime template needs Node.js ≥ 20 on the build host, found {version}");
-    }
-    let dest = root.join("usr/local/bin/node");
-    std::fs::create_dir_all(root.join("usr/local/bin"))?;
-    std::fs::copy(&node, &dest)?;
-    run(
-        std::process::Command::new("npm")
-            .args(["install", "--global", "--no-audit", "--no-fund", "--prefix"])
-            .arg(root.join("usr/local"))
-            .args(cli_packages()),
-        "npm install of the CLIs",
-    )
 }
 
 /// `polydev image build TEMPLATE`.
-pub async fn build(data_dir: &Path, template: &str, mirror: &str) -> anyhow::Result<()> {
-    let driver = local_driver(data_dir, false).map_err(anyhow::Error::msg)?;
-    let images = images(data_dir);
-    let agent = driver.config().launcher.clone();
-    let image = match template {
-        "minimal" => {
-            let mut steps = Steps::new(2);
-            steps.step("skeleton + agent");
-            let image = images.build_minimal(&agent)?;
-            steps.step("validate: boot one sandbox");
-            validate(&driver, &images, &image).await?;
-            steps.done("built minimal");
-            image
-        }
-        "base" | "runtime" | "browser" => {
-            let mut steps = Steps::new(5);
-            let base = debootstrap_base(&images, mirror, &mut steps)?;
-            steps.step("copy base");
-            let work = images.scratch(template)?;
-            let root = work.join("rootfs");
-            run(
-                std::process::Command::new("cp")
-                    .arg("-a")
-                    .arg(&base)
-                    .arg(&root),
-                "copying the base",
-            )?;
-            steps.step(match template {
-                "runtime" => "packages, Node.js and the CLIs",
-                "browser" => "Xvnc (TigerVNC) and Chromium",
-                _ => "nothing to add",
-            });
-            let added = match template {
-                "runtime" => {
-                    chroot_apt(&root, RUNTIME_PACKAGES).and_then(|()| add_node_and_clis(&root))
-                }
-                "browser" => chroot_apt(&root, BROWSER_PACKAGES),
-                _ => Ok(()),
-            };
-            if let Err(e) = added {
-                let _ = std::fs::remove_dir_all(&work);
-                return Err(e);
-            }
-            polydev_sandbox::image::add_agent(&root, &agent)?;
-            steps.step("content hash and import");
-            let image = images.import(template, &root, Vec::new());
-            let _ = std::fs::remove_dir_all(&work);
-            let image = image?;
-            steps.step("validate: boot one sandbox");
-            validate(&driver, &images, &image).await?;
-            steps.done(&format!("built {template}"));
-            image
-        }
-        other => bail!("unknown template {other:?}: minimal, base, runtime or browser"),
-    };
+pub async fn build(
+    data_dir: &Path,
+    images_dir: &Path,
+    template: &str,
+    mirror: &str,
+) -> anyhow::Result<()> {
+    let validator = validation_driver(data_dir).map_err(anyhow::Error::msg)?;
+    let images = images(images_dir);
+    let steps = Steps::new();
+    let built = polydev_sandbox::build::build(
+        &images,
+        &validator,
+        template,
+        &build_options(mirror),
+        &steps,
+    )
+    .await;
+    validator.cgroups().remove_parent_if_empty();
+    let image = built?;
+    steps.done(&format!("built {template}"));
     let previous = images.current(template).ok().map(|i| i.manifest.hash);
     images.activate(template, &image.manifest.hash)?;
     println!(
@@ -420,8 +244,57 @@ pub async fn build(data_dir: &Path, template: &str, mirror: &str) -> anyhow::Res
     Ok(())
 }
 
-pub fn list(data_dir: &Path, template: &str) -> anyhow::Result<()> {
-    let all = images(data_dir).list(template)?;
+/// `polydev image status`: every template's current image, and what a
+/// controller is preparing (from its status file).
+pub fn status(images_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let images = images(images_dir);
+    let preparing = Preparation::read(&images);
+    let mut rows = Vec::new();
+    for template in polydev_sandbox::build::TEMPLATES {
+        let current = images.current(template).ok();
+        let state = match (&current, preparing.get(template)) {
+            (
+                _,
+                Some(p @ (Prepared::Building { .. } | Prepared::Queued | Prepared::Failed { .. })),
+            ) => serde_json::to_value(p).unwrap_or_default(),
+            (Some(_), _) => serde_json::json!({"state": "ready"}),
+            (None, _) => serde_json::json!({"state": "missing"}),
+        };
+        rows.push(serde_json::json!({
+            "template": template,
+            "image": current.as_ref().map(|i| i.manifest.hash.clone()),
+            "validated": current.as_ref().map(|i| i.manifest.validated),
+            "status": state,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    for r in rows {
+        let s = &r["status"];
+        let detail = match s["state"].as_str().unwrap_or("") {
+            "building" => format!(
+                "building: step {} of {}, {}",
+                s["step"],
+                s["of"],
+                s["what"].as_str().unwrap_or("")
+            ),
+            "queued" => "queued (after the template before it)".into(),
+            "failed" => format!("failed: {}", s["error"].as_str().unwrap_or("")),
+            other => other.to_owned(),
+        };
+        println!(
+            "{:8} {:18} {detail}",
+            r["template"].as_str().unwrap_or(""),
+            r["image"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+pub fn list(images_dir: &Path, template: &str) -> anyhow::Result<()> {
+    let all = images(images_dir).list(template)?;
     if all.is_empty() {
         bail!("no images for {template}: build one with `polydev image build {template}`");
     }
@@ -442,14 +315,14 @@ pub fn list(data_dir: &Path, template: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn activate(data_dir: &Path, template: &str, hash: &str) -> anyhow::Result<()> {
-    let image = images(data_dir).activate(template, hash)?;
+pub fn activate(images_dir: &Path, template: &str, hash: &str) -> anyhow::Result<()> {
+    let image = images(images_dir).activate(template, hash)?;
     println!("{template} {} active", image.manifest.hash);
     Ok(())
 }
 
-pub fn rollback(data_dir: &Path, template: &str) -> anyhow::Result<()> {
-    let image = images(data_dir).rollback(template)?;
+pub fn rollback(images_dir: &Path, template: &str) -> anyhow::Result<()> {
+    let image = images(images_dir).rollback(template)?;
     println!("{template} {} active (rolled back)", image.manifest.hash);
     Ok(())
 }
@@ -488,6 +361,10 @@ impl polydev_sandbox::EgressGate for EgressGateway {
             username: access.credential.username.clone(),
             password: access.credential.secret.clone(),
         })
+    }
+
+    fn last_refusal(&self, sandbox: &str) -> Option<(String, String)> {
+        self.0.last_refusal(sandbox).map(|r| (r.host, r.why))
     }
 
     async fn close(&self, sandbox: &str) {

@@ -150,6 +150,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         assemble(&config, &store)?;
     let sandboxes = crate::sandbox_cli::manager(
         &config.store.data_dir,
+        &config.store.images_dir,
         &config.sandbox,
         &store,
         sandbox_metrics,
@@ -240,6 +241,19 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
     }
     if let Ok(manager) = sandboxes {
+        // First start: the images runs and logins need, built meanwhile.
+        let (m, dir, mirror, mut stop) = (
+            manager.clone(),
+            config.store.data_dir.clone(),
+            config.sandbox.debian_mirror.clone(),
+            stop_rx.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = crate::sandbox_cli::prepare(m, dir, mirror) => {}
+                _ = stop.changed() => {}
+            }
+        });
         tasks.spawn(manager.run(stop_rx.clone()));
     }
     if let (Some(egress), Some(listener)) = (egress, egress_listener) {

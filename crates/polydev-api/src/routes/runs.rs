@@ -47,6 +47,7 @@ fn run_error(e: RunError) -> ApiError {
             format!("no run {id}"),
         ),
         e @ RunError::Finished(_) => ApiError::new(StatusCode::GONE, "run_finished", e.to_string()),
+        e @ RunError::TooManyViewers => ApiError::too_many_requests(e.to_string(), 5),
         RunError::Sandbox(e) => manager_error(e),
     }
 }
@@ -82,7 +83,7 @@ pub(crate) async fn start(
     let view = runs
         .start(user.0.user.id, body.prompt, providers)
         .await
-        .map_err(run_error)?;
+        .map_err(|e| crate::routes::sandboxes::for_caller(run_error(e), user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -205,35 +206,29 @@ pub(crate) async fn events(
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let to_sse = |e: &polydev_sandbox::runs::RunEvent| {
         let mut data = e.data.clone();
-        data["provider"] = serde_json::Value::String(e.provider.clone());
+        if !e.provider.is_empty() {
+            data["provider"] = serde_json::Value::String(e.provider.clone());
+        }
         SseEvent::default()
             .event(e.kind.clone())
             .data(data.to_string())
     };
     tokio::spawn(async move {
+        // `end` is the stream's last event: every provider has ended.
         for e in &past {
-            if tx.send(Ok(to_sse(e))).await.is_err() {
+            if tx.send(Ok(to_sse(e))).await.is_err() || e.kind == "end" {
                 return;
             }
         }
         let Some(mut rx) = rx else { return };
         loop {
-            // Also wake now and then: a run can finish between two events.
             let next = tokio::select! {
                 e = rx.recv() => e,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if runs.is_finished(&id, uid) && rx.is_empty() {
-                        return;
-                    }
-                    continue;
-                }
+                _ = tx.closed() => return,
             };
             match next {
                 Ok(e) => {
-                    if tx.send(Ok(to_sse(&e))).await.is_err() {
-                        return;
-                    }
-                    if runs.is_finished(&id, uid) && (e.kind == "done" || e.kind == "error") {
+                    if tx.send(Ok(to_sse(&e))).await.is_err() || e.kind == "end" {
                         return;
                     }
                 }

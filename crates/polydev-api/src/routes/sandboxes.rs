@@ -42,7 +42,40 @@ fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
 pub(crate) fn manager_error(e: ManagerError) -> ApiError {
     match e {
         ManagerError::Invalid(m) => ApiError::bad_request("invalid_sandbox_request", m),
+        ManagerError::Image(polydev_sandbox::ImageError::NoImage(t))
+            if !polydev_sandbox::build::TEMPLATES.contains(&t.as_str()) =>
+        {
+            ApiError::bad_request(
+                "unknown_template",
+                format!("there is no template {t:?} on this server"),
+            )
+        }
+        ManagerError::Image(polydev_sandbox::ImageError::NoImage(t)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "environment_missing",
+            format!("this server has no {t} environment yet; its operator needs to prepare it"),
+        ),
         ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
+        ManagerError::Preparing { template, state } => {
+            let how_far = match &state {
+                polydev_sandbox::build::Prepared::Building {
+                    step, of, what, since_ms,
+                } => {
+                    let mins = (polydev_store::now_ms() - since_ms).max(0) / 60_000;
+                    format!(" (step {step} of {of}: {what}; started {mins} min ago)")
+                }
+                _ => " (waiting for the one before it)".to_owned(),
+            };
+            ApiError {
+                retry_after: Some(10),
+                details: serde_json::to_value(&state).ok(),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "environment_preparing",
+                    format!("the {template} environment is being prepared on this server{how_far}; this takes a few minutes on a first start, try again shortly"),
+                )
+            }
+        }
         ManagerError::LimitTooHigh {
             limit,
             asked,
@@ -74,6 +107,15 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
                 "sandbox_quota",
                 e.to_string(),
             )
+        },
+        e @ ManagerError::UserMemory { .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "sandbox_memory_quota",
+            e.to_string(),
+        ),
+        e @ ManagerError::HostMemory => ApiError {
+            retry_after: Some(10),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity", e.to_string())
         },
         e @ ManagerError::HostCapacity(_) => ApiError {
             retry_after: Some(5),
@@ -129,6 +171,23 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
         ManagerError::Store(s) => s.into(),
         other => ApiError::internal("sandbox error", &other),
     }
+}
+
+/// What an admin can do about an error a user could not: the operator's
+/// command, added to the message for admins only.
+pub(crate) fn for_caller(mut e: ApiError, admin: bool) -> ApiError {
+    if admin && e.code == "environment_missing" {
+        let template = e
+            .message
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or("runtime")
+            .to_owned();
+        e.message.push_str(&format!(
+            " (as an operator: `polydev image build {template}`, or restart polydev, which prepares the runtime and browser environments)"
+        ));
+    }
+    e
 }
 
 fn parse_id(raw: &str) -> ApiResult<SandboxId> {
@@ -261,7 +320,10 @@ pub(crate) async fn create(
 ) -> ApiResult<(StatusCode, Json<SandboxView>)> {
     let m = manager(&state)?;
     let req = create_request(&user, m, body)?;
-    let view = m.create(user.0.user.id, req).await.map_err(manager_error)?;
+    let view = m
+        .create(user.0.user.id, req)
+        .await
+        .map_err(|e| for_caller(manager_error(e), user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -361,19 +423,102 @@ pub(crate) struct ExecAnswer {
 /// The most output (stdout and stderr together) a JSON exec answer holds.
 pub(crate) const MAX_JSON_OUTPUT: usize = 16 << 20;
 
-/// Appends `add` to `out` while `room` lasts (on a char boundary); past
-/// it, sets `truncated`.
-fn push_capped(out: &mut String, add: &str, room: usize, truncated: &mut bool) {
-    if add.len() <= room {
-        out.push_str(add);
-        return;
+/// What `c` costs in a JSON string (control characters are escaped as
+/// `\u00XX`, quotes and backslashes doubled).
+fn json_cost(c: char) -> usize {
+    match c {
+        '"' | '\\' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
     }
-    let mut cut = room;
-    while !add.is_char_boundary(cut) {
-        cut -= 1;
+}
+
+/// Appends `add` to `out` while the encoded answer stays within
+/// `MAX_JSON_OUTPUT` (`used` counts it); past it, sets `truncated`.
+fn push_capped(out: &mut String, add: &str, used: &mut usize, truncated: &mut bool) {
+    for c in add.chars() {
+        let cost = json_cost(c);
+        if *used + cost > MAX_JSON_OUTPUT {
+            *truncated = true;
+            return;
+        }
+        *used += cost;
+        out.push(c);
     }
-    out.push_str(&add[..cut]);
-    *truncated = true;
+}
+
+/// JSON exec answers held at once: in all, and per user (each is up to
+/// `MAX_JSON_OUTPUT` in memory until it is sent).
+#[derive(Debug)]
+pub struct ExecGate {
+    global: tokio::sync::Semaphore,
+    per_user: std::sync::Mutex<std::collections::HashMap<UserId, u32>>,
+    per_user_max: u32,
+}
+
+impl Default for ExecGate {
+    fn default() -> Self {
+        Self {
+            global: tokio::sync::Semaphore::new(64),
+            per_user: Default::default(),
+            per_user_max: 4,
+        }
+    }
+}
+
+/// A user's place at the gate, given back on drop.
+struct UserSlot<'a> {
+    gate: &'a ExecGate,
+    user: UserId,
+}
+
+impl Drop for UserSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.gate.per_user.lock() {
+            if let Some(n) = m.get_mut(&self.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.user);
+                }
+            }
+        }
+    }
+}
+
+/// Held while a JSON answer is gathered.
+struct ExecSlot<'a> {
+    _user: UserSlot<'a>,
+    _global: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl ExecGate {
+    async fn enter(&self, user: UserId) -> ApiResult<ExecSlot<'_>> {
+        {
+            let mut m = self
+                .per_user
+                .lock()
+                .map_err(|_| ApiError::unavailable("exec gate poisoned", 1))?;
+            let n = m.entry(user).or_insert(0);
+            if *n >= self.per_user_max {
+                return Err(ApiError::too_many_requests(
+                    format!("you have {} commands waiting for a JSON answer already; wait for one, or stream with Accept: text/event-stream", self.per_user_max),
+                    1,
+                ));
+            }
+            *n += 1;
+        }
+        let slot = UserSlot { gate: self, user };
+        match tokio::time::timeout(Duration::from_secs(10), self.global.acquire()).await {
+            Ok(Ok(permit)) => Ok(ExecSlot {
+                _user: slot,
+                _global: permit,
+            }),
+            _ => Err(ApiError::unavailable(
+                "this server answers too many commands at once; try again shortly",
+                2,
+            )),
+        }
+    }
 }
 
 fn text(data: &str) -> String {
@@ -419,6 +564,8 @@ pub(crate) async fn exec(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_sse {
+        let _slot = state.exec_gate.enter(user.0.user.id).await?;
+        let mut encoded = 0usize;
         let mut answer = ExecAnswer {
             exit_code: None,
             signal: None,
@@ -438,18 +585,17 @@ pub(crate) async fn exec(
                         "the sandbox's agent did not report the command's end in time",
                     )
                 })?;
-            let room = MAX_JSON_OUTPUT.saturating_sub(answer.stdout.len() + answer.stderr.len());
             match next {
                 Ok(AgentEvent::Stdout { data }) => push_capped(
                     &mut answer.stdout,
                     &text(&data),
-                    room,
+                    &mut encoded,
                     &mut answer.truncated,
                 ),
                 Ok(AgentEvent::Stderr { data }) => push_capped(
                     &mut answer.stderr,
                     &text(&data),
-                    room,
+                    &mut encoded,
                     &mut answer.truncated,
                 ),
                 Ok(AgentEvent::Exit {
@@ -666,7 +812,10 @@ pub(crate) async fn vm_create(
         privileged: user.0.is_admin(),
         ..Default::default()
     };
-    let v = m.create(owner, req).await.map_err(manager_error)?;
+    let v = m
+        .create(owner, req)
+        .await
+        .map_err(|e| for_caller(manager_error(e), user.0.is_admin()))?;
     Ok((
         StatusCode::CREATED,
         Json(VmView {
@@ -687,4 +836,47 @@ pub(crate) async fn vm_delete(
     id: Path<String>,
 ) -> ApiResult<StatusCode> {
     delete(state, user, id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_exec_gate_holds_a_few_answers_per_user_and_gives_them_back() {
+        let gate = ExecGate::default();
+        let (ada, bob) = (UserId::new(), UserId::new());
+        let mut held = Vec::new();
+        for _ in 0..gate.per_user_max {
+            held.push(gate.enter(ada).await.unwrap());
+        }
+        assert_eq!(
+            gate.enter(ada).await.err().unwrap().status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert!(gate.enter(bob).await.is_ok(), "another user is not held up");
+        held.pop();
+        assert!(gate.enter(ada).await.is_ok(), "a slot came back");
+        drop(held);
+        assert!(gate
+            .per_user
+            .lock()
+            .unwrap()
+            .get(&ada)
+            .is_none_or(|n| *n == 0));
+    }
+
+    #[test]
+    fn json_answers_are_capped_by_their_encoded_size() {
+        let (mut out, mut used, mut truncated) = (String::new(), 0, false);
+        push_capped(
+            &mut out,
+            &"\u{1}".repeat(MAX_JSON_OUTPUT),
+            &mut used,
+            &mut truncated,
+        );
+        assert!(truncated);
+        assert_eq!(out.len(), MAX_JSON_OUTPUT / 6);
+        assert!(serde_json::to_string(&out).unwrap().len() <= MAX_JSON_OUTPUT + 2);
+    }
 }

@@ -162,7 +162,7 @@ pub(crate) struct StartLogin {
         (status = 404, description = "Unknown user", body = ErrorBody),
         (status = 409, description = "A login for this provider is already running", body = ErrorBody),
         (status = 429, description = "Sandbox quota reached", body = ErrorBody),
-        (status = 503, description = "Login sessions are not available here", body = ErrorBody)))]
+        (status = 503, description = "Login sessions are not available here, or their environment is being prepared (Retry-After)", body = ErrorBody)))]
 pub(crate) async fn start(
     State(state): State<AppState>,
     CurrentUser(principal): CurrentUser,
@@ -186,10 +186,12 @@ pub(crate) async fn start(
         other => other.into(),
     })?;
     let logins = crate::routes::login::logins(&state)?;
-    let view = logins
-        .start(user_id, provider, mode)
-        .await
-        .map_err(crate::routes::login::login_error)?;
+    let view = logins.start(user_id, provider, mode).await.map_err(|e| {
+        crate::routes::sandboxes::for_caller(
+            crate::routes::login::login_error(e),
+            principal.is_admin(),
+        )
+    })?;
     Ok(crate::routes::login::accepted(&view))
 }
 

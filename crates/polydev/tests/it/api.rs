@@ -278,7 +278,27 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
 }
 
 async fn auth_start_validates_its_input(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    // Sessions on the template every test server has (the browser image is
+    // not built here: without it, a start is a clear 503, checked below).
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(&config, "[login]\ntemplate = \"minimal\"\n").unwrap();
+    let app = TestApp::spawn_with(backend, &["--config", config.to_str().unwrap()]).await;
+    let bare = TestApp::spawn(backend).await;
+    let (bare_id, bare_token) = bare.user("bare@example.com").await;
+    let r = bare
+        .post(
+            "/api/auth/start",
+            Some(&bare_token),
+            json!({"userId": bare_id, "provider": "codex"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "environment_missing"),
+        "{}",
+        r.text
+    );
     let admin = app.admin("root@example.com");
     let (ada_id, ada) = app.user("ada@example.com").await;
     let app = &app;

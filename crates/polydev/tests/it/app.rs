@@ -126,6 +126,9 @@ fn start(db: &TestDatabase, extra: &[String]) -> Started {
         // Tests sign many users up from one address; a test of the limit
         // passes the flag, which wins over the environment.
         .env("POLYDEV_SIGNUPS_PER_IP_PER_HOUR", "100000")
+        // No background image builds (debootstrap, apt, npm) unless a test
+        // asks; tests on the real images get them prebuilt.
+        .env("POLYDEV_SANDBOX_PREPARE", "none")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

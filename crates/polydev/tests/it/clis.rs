@@ -387,10 +387,13 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["state"], "cancelled");
     let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
-    assert_eq!(events.len(), 2, "{events:?}");
-    assert!(events
+    // One final error per provider, then the run's end.
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events[..2]
         .iter()
         .all(|(e, d)| e == "error" && d["stage"] == "cancelled"));
+    assert_eq!(events[2].0, "end");
+    assert_eq!(events[2].1["state"], "cancelled");
     let r = app.get("/api/sandboxes", t).await;
     assert!(
         r.body["sandboxes"]

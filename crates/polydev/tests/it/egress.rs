@@ -88,11 +88,12 @@ async fn admins_mint_and_revoke_proxy_credentials_and_users_see_their_usage() {
         (StatusCode::NOT_FOUND, "user_not_found")
     );
 
+    // A template without an allow-list (the default, runtime, has one).
     let minted = app
         .post(
             "/api/admin/egress/credentials",
             Some(&admin),
-            json!({"userId": ada_id}),
+            json!({"userId": ada_id, "template": "minimal"}),
         )
         .await;
     assert_eq!(minted.status, StatusCode::CREATED, "{}", minted.text);

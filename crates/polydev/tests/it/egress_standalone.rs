@@ -34,7 +34,7 @@ async fn the_standalone_proxy_serves_credentials_minted_into_the_shared_store() 
     };
     let minter =
         polydev_egress::Egress::new(config, store.clone(), &mut Default::default()).unwrap();
-    let access = minter.mint(user_id, "sandbox-1", "runtime").await.unwrap();
+    let access = minter.mint(user_id, "sandbox-1", "minimal").await.unwrap();
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -158,7 +158,7 @@ async fn bad_requests_get_clear_errors() {
             "unknown_template",
         ),
         (
-            json!({"template": "runtime"}),
+            json!({"template": "nope"}),
             StatusCode::BAD_REQUEST,
             "unknown_template",
         ),
@@ -183,6 +183,31 @@ async fn bad_requests_get_clear_errors() {
             "",
         ),
     ];
+    // A known template this server has no image for: not the caller's
+    // fault, and said so in a sentence (an admin also gets the command).
+    let r = app
+        .post("/api/sandboxes", t, json!({"template": "runtime"}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "environment_missing"),
+        "{}",
+        r.text
+    );
+    assert!(!r.message().contains("polydev image"), "{}", r.message());
+    let admin = app.admin("ops@example.com");
+    let r = app
+        .post(
+            "/api/sandboxes",
+            Some(&admin),
+            json!({"template": "runtime"}),
+        )
+        .await;
+    assert!(
+        r.message().contains("polydev image build runtime"),
+        "{}",
+        r.message()
+    );
     for (body, status, code) in cases {
         let r = app.post("/api/sandboxes", t, body.clone()).await;
         assert_eq!(r.status.as_u16() / 100, 4, "{body}: {}", r.text);
@@ -227,10 +252,10 @@ async fn bad_requests_get_clear_errors() {
         .await;
     assert_eq!(
         (r.status, r.error_code()),
-        (StatusCode::BAD_REQUEST, "unknown_template")
+        (StatusCode::SERVICE_UNAVAILABLE, "environment_missing")
     );
     assert!(
-        r.message().contains("polydev image build runtime"),
+        r.message().contains("no runtime environment yet"),
         "{}",
         r.message()
     );

@@ -1,0 +1,571 @@
+//! Building golden images: `minimal` from the host's binaries; `base`
+//! (Debian minbase), `runtime` (+ Node.js and the CLIs) and `browser` (the
+//! runtime's tree + TigerVNC's Xvnc and Chromium: a login runs the CLI
+//! whose sign-in it is) from a debootstrap base cached in the image store.
+//! Every build is validated by booting a sandbox from it before it can be
+//! activated. One build at a time per image store (a lock file), so a
+//! controller preparing images at first start and an operator's `polydev
+//! image build` never write one store at once.
+//!
+//! `Preparation` is what a controller shows while it builds the images it
+//! is missing at start (`serve`, in the background): which template, which
+//! step of how many, since when, or why it failed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{now_ms, Driver};
+use crate::image::{Image, ImageError, ImageStore};
+use crate::local::LocalDriver;
+use crate::spec::{SandboxId, SandboxSpec};
+
+/// TigerVNC's Xvnc is the X server and the VNC server in one process
+/// (greets in ~50 ms; Xvfb + x11vnc took ~230 ms and more memory).
+const BROWSER_PACKAGES: &[&str] = &[
+    "tigervnc-standalone-server",
+    "chromium",
+    "fonts-dejavu-core",
+];
+const RUNTIME_PACKAGES: &[&str] = &["ca-certificates", "git"];
+
+/// The templates a build knows.
+pub const TEMPLATES: [&str; 4] = ["minimal", "base", "runtime", "browser"];
+
+/// What a build needs from its caller.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Debian mirror for debootstrap.
+    pub mirror: String,
+    /// The `polydev-agent` binary copied into every image.
+    pub agent: PathBuf,
+    /// npm packages (with versions) of the CLIs the runtime carries.
+    pub cli_packages: Vec<String>,
+}
+
+/// Hears about a build's steps.
+pub trait Progress: Send + Sync {
+    /// Step `n` of `of` (1-based) begins.
+    fn step(&self, n: usize, of: usize, what: &str);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "another build of this image store is running ({0}); wait for it (`polydev image status`)"
+    )]
+    Busy(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+fn failed(e: impl std::fmt::Display) -> BuildError {
+    BuildError::Failed(e.to_string())
+}
+
+/// Runs a command to its end; its stderr's last lines when it fails.
+async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<(), BuildError> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| BuildError::Failed(format!("cannot run {what}: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(20).collect::<Vec<_>>();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(BuildError::Failed(format!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            tail.join("\n")
+        )));
+    }
+    Ok(())
+}
+
+/// Held while this process builds into an image store.
+#[derive(Debug)]
+pub struct BuildLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl BuildLock {
+    /// Takes the store's build lock, or says who holds it.
+    pub fn take(images: &ImageStore, holder: &str) -> Result<Self, BuildError> {
+        std::fs::create_dir_all(images.dir()).map_err(failed)?;
+        let path = images.dir().join(".build.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(failed)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                use std::io::{Seek, Write};
+                let _ = lock.set_len(0);
+                let _ = lock.seek(std::io::SeekFrom::Start(0));
+                let _ = write!(lock, "{holder} (pid {})", std::process::id());
+                Ok(Self { _lock: lock })
+            }
+            Err((_, _)) => Err(BuildError::Busy(
+                std::fs::read_to_string(&path).unwrap_or_else(|_| "another process".into()),
+            )),
+        }
+    }
+}
+
+/// Debian minbase, made once per image store and copied for each build.
+async fn debootstrap_base(
+    images: &ImageStore,
+    mirror: &str,
+    step: &(dyn Fn(&str) + Sync),
+) -> Result<PathBuf, BuildError> {
+    let cache = images.dir().join(".cache/bookworm-minbase");
+    if cache.join("etc/debian_version").exists() {
+        step("debootstrap base (cached)");
+        return Ok(cache);
+    }
+    step("debootstrap --variant=minbase bookworm (about half a minute)");
+    let tmp = images
+        .dir()
+        .join(format!(".cache/.bookworm-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(failed)?;
+    let result = run(
+        tokio::process::Command::new("debootstrap")
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&tmp)
+            .arg(mirror),
+        "debootstrap (install the `debootstrap` package)",
+    )
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &cache).map_err(failed)?;
+    Ok(cache)
+}
+
+async fn chroot_apt(root: &Path, packages: &[&str]) -> Result<(), BuildError> {
+    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
+    run(
+        tokio::process::Command::new("chroot")
+            .arg(root)
+            .args(["apt-get", "update", "-qq"]),
+        "apt-get update in the image",
+    )
+    .await?;
+    run(
+        tokio::process::Command::new("chroot")
+            .arg(root)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["apt-get", "install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages),
+        "apt-get install in the image",
+    )
+    .await?;
+    run(
+        tokio::process::Command::new("chroot")
+            .arg(root)
+            .args(["apt-get", "clean"]),
+        "apt-get clean",
+    )
+    .await?;
+    let _ = std::fs::remove_dir_all(root.join("var/lib/apt/lists"));
+    std::fs::create_dir_all(root.join("var/lib/apt/lists/partial")).map_err(failed)?;
+    Ok(())
+}
+
+/// Node.js from this host (Debian's is too old for Gemini CLI) and the
+/// CLIs from npm at their pinned versions.
+async fn add_node_and_clis(root: &Path, packages: &[String]) -> Result<(), BuildError> {
+    let node = crate::local::which("node").ok_or_else(|| {
+        BuildError::Failed("the runtime template needs Node.js ≥ 20 on the build host".into())
+    })?;
+    let version = tokio::process::Command::new(&node)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(failed)?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 20 {
+        return Err(BuildError::Failed(format!(
+            "the runtime template needs Node.js ≥ 20 on the build host, found {version}"
+        )));
+    }
+    std::fs::create_dir_all(root.join("usr/local/bin")).map_err(failed)?;
+    std::fs::copy(&node, root.join("usr/local/bin/node")).map_err(failed)?;
+    run(
+        tokio::process::Command::new("npm")
+            .args(["install", "--global", "--no-audit", "--no-fund", "--prefix"])
+            .arg(root.join("usr/local"))
+            .args(packages),
+        "npm install of the CLIs",
+    )
+    .await
+}
+
+/// Builds `template` into `images` (validated by booting one sandbox on
+/// `validator`; not activated). Takes the store's build lock.
+pub async fn build(
+    images: &ImageStore,
+    validator: &LocalDriver,
+    template: &str,
+    opts: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<Image, BuildError> {
+    let _lock = BuildLock::take(images, &format!("building {template}"))?;
+    let total = match template {
+        "minimal" => 2,
+        "base" => 5,
+        "runtime" | "browser" => 6,
+        other => {
+            return Err(BuildError::Failed(format!(
+                "unknown template {other:?}: minimal, base, runtime or browser"
+            )))
+        }
+    };
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let step = |what: &str| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        progress.step(i.min(total), total, what);
+    };
+    let image = if template == "minimal" {
+        step("skeleton + agent");
+        images.build_minimal(&opts.agent)?
+    } else {
+        let base = debootstrap_base(images, &opts.mirror, &step).await?;
+        let work = images.scratch(template)?;
+        let root = work.join("rootfs");
+        let made = async {
+            step("copy base");
+            run(
+                tokio::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(&base)
+                    .arg(&root),
+                "copying the base",
+            )
+            .await?;
+            match template {
+                "runtime" | "browser" => {
+                    step("packages (git, certificates)");
+                    chroot_apt(&root, RUNTIME_PACKAGES).await?;
+                    step("Node.js and the CLIs");
+                    add_node_and_clis(&root, &opts.cli_packages).await?;
+                    if template == "browser" {
+                        // The same CLIs: a login runs the CLI whose sign-in it is.
+                        step("Xvnc (TigerVNC) and Chromium");
+                        chroot_apt(&root, BROWSER_PACKAGES).await?;
+                    }
+                }
+                _ => step("nothing to add"),
+            }
+            crate::image::add_agent(&root, &opts.agent)?;
+            step("content hash and import");
+            images
+                .import(template, &root, Vec::new())
+                .map_err(BuildError::from)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        made?
+    };
+    step("validate: boot one sandbox");
+    validate(validator, images, &image).await?;
+    Ok(image)
+}
+
+/// Boots one sandbox from `image` and checks what the template is for:
+/// the agent runs commands; the runtime's CLIs answer `--version` (the
+/// browser's too); the browser's login desktop comes up and its VNC server
+/// greets. Marks the image validated.
+pub async fn validate(
+    driver: &LocalDriver,
+    images: &ImageStore,
+    image: &Image,
+) -> Result<(), BuildError> {
+    let id = SandboxId::generate();
+    let spec = SandboxSpec {
+        template: image.manifest.template.clone(),
+        limits: crate::spec::Limits {
+            memory_bytes: 2048 << 20,
+            pids: 1024,
+            ..Default::default()
+        },
+        network: Default::default(),
+        env: vec![],
+        labels: [("purpose".to_owned(), "image-validation".to_owned())].into(),
+        ttl: Duration::from_secs(120),
+        egress: None,
+        egress_auth: None,
+    };
+    let result = async {
+        driver
+            .create(&id, &spec, image, Duration::from_secs(30))
+            .await
+            .map_err(|e| match e {
+                crate::DriverError::Boot {
+                    stage,
+                    message,
+                    log_tail,
+                    ..
+                } => BuildError::Failed(format!(
+                    "image {} does not boot (stage {stage}): {message}\n{}",
+                    image.manifest.hash,
+                    log_tail.join("\n")
+                )),
+                other => failed(other),
+            })?;
+        let mut agent = driver
+            .agent(&id, Duration::from_secs(5))
+            .await
+            .map_err(failed)?;
+        let health = agent.health().await.map_err(failed)?;
+        let out = agent
+            .exec(
+                &["/bin/sh", "-c", "echo ok"],
+                None,
+                Duration::from_secs(10),
+                |_| {},
+            )
+            .await
+            .map_err(failed)?;
+        if health != "ready" || out.stdout != b"ok\n" {
+            return Err(BuildError::Failed(format!(
+                "image {}: the agent answered {health:?} and {:?}",
+                image.manifest.hash,
+                String::from_utf8_lossy(&out.stdout)
+            )));
+        }
+        smoke_check(driver, &id, &image.manifest.template, &mut agent).await
+    }
+    .await;
+    let _ = driver.destroy(&id).await;
+    result?;
+    images.mark_validated(image)?;
+    Ok(())
+}
+
+/// What each template is for, tried in the booted sandbox.
+async fn smoke_check(
+    driver: &LocalDriver,
+    id: &SandboxId,
+    template: &str,
+    agent: &mut polydev_agent::AgentClient,
+) -> Result<(), BuildError> {
+    if matches!(template, "runtime" | "browser") {
+        for cli in ["claude", "codex", "gemini"] {
+            let out = agent
+                .exec(&[cli, "--version"], None, Duration::from_secs(60), |_| {})
+                .await
+                .map_err(failed)?;
+            if out.code != Some(0) {
+                return Err(BuildError::Failed(format!(
+                    "`{cli} --version` failed in the {template} image: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+    }
+    if template == "browser" {
+        let argv = crate::login::desktop_command(1280, 800);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        agent
+            .exec(&argv, None, Duration::from_secs(10), |_| {})
+            .await
+            .map_err(failed)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if crate::login::vnc_greets(driver, id).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                let log = agent
+                    .get_file(crate::login::DESKTOP_LOG)
+                    .await
+                    .unwrap_or_default();
+                return Err(BuildError::Failed(format!(
+                    "the browser image's desktop did not serve VNC within 30 s\n{}",
+                    String::from_utf8_lossy(&log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Where one template's preparation stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "state")]
+pub enum Prepared {
+    /// Waiting for an earlier template's build.
+    Queued,
+    Building {
+        step: usize,
+        of: usize,
+        what: String,
+        since_ms: i64,
+    },
+    Ready,
+    Failed {
+        error: String,
+        at_ms: i64,
+    },
+}
+
+/// The images a controller builds at first start, and how far along it is
+/// (also written to `<images>/.prepare.json` for `polydev image status`).
+#[derive(Debug)]
+pub struct Preparation {
+    file: PathBuf,
+    states: Mutex<BTreeMap<String, Prepared>>,
+}
+
+impl Preparation {
+    pub fn new(images: &ImageStore, templates: &[String]) -> Self {
+        let states = templates
+            .iter()
+            .map(|t| {
+                let s = if images.current(t).is_ok() {
+                    Prepared::Ready
+                } else {
+                    Prepared::Queued
+                };
+                (t.clone(), s)
+            })
+            .collect();
+        let me = Self {
+            file: images.dir().join(".prepare.json"),
+            states: Mutex::new(states),
+        };
+        me.save();
+        me
+    }
+
+    /// The templates still to build, in order.
+    pub fn missing(&self) -> Vec<String> {
+        self.states
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter(|(_, p)| !matches!(p, Prepared::Ready))
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn set(&self, template: &str, state: Prepared) {
+        if let Ok(mut s) = self.states.lock() {
+            s.insert(template.to_owned(), state);
+        }
+        self.save();
+    }
+
+    /// Where `template` stands, if this controller prepares it.
+    pub fn of(&self, template: &str) -> Option<Prepared> {
+        self.states.lock().ok()?.get(template).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, Prepared> {
+        self.states.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn save(&self) {
+        let all = self.all();
+        if let Ok(bytes) = serde_json::to_vec_pretty(&all) {
+            let tmp = self.file.with_extension("json.tmp");
+            if std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(tmp, &self.file);
+            }
+        }
+    }
+
+    /// What a previous or running controller wrote (for `polydev image status`).
+    pub fn read(images: &ImageStore) -> BTreeMap<String, Prepared> {
+        std::fs::read(images.dir().join(".prepare.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A `Progress` that records into a `Preparation` and logs each step.
+#[derive(Debug)]
+pub struct Prepare<'a> {
+    pub preparation: &'a Preparation,
+    pub template: String,
+    pub since_ms: i64,
+}
+
+impl Progress for Prepare<'_> {
+    fn step(&self, n: usize, of: usize, what: &str) {
+        tracing::info!(template = %self.template, step = n, of, what, "preparing an image");
+        self.preparation.set(
+            &self.template,
+            Prepared::Building {
+                step: n,
+                of,
+                what: what.to_owned(),
+                since_ms: self.since_ms,
+            },
+        );
+    }
+}
+
+/// Builds and activates every template `preparation` is missing, one after
+/// the other; each ends `Ready` or `Failed` (the next is still tried).
+pub async fn prepare_missing(
+    images: &ImageStore,
+    validator: &LocalDriver,
+    opts: &BuildOptions,
+    preparation: &Preparation,
+) {
+    for template in preparation.missing() {
+        let since_ms = now_ms();
+        let progress = Prepare {
+            preparation,
+            template: template.clone(),
+            since_ms,
+        };
+        let started = Instant::now();
+        let built = build(images, validator, &template, opts, &progress).await;
+        let activated = built.and_then(|image| {
+            images
+                .activate(&template, &image.manifest.hash)
+                .map_err(BuildError::from)
+        });
+        match activated {
+            Ok(image) => {
+                tracing::info!(template = %template, hash = %image.manifest.hash, secs = started.elapsed().as_secs(), "image prepared and active");
+                preparation.set(&template, Prepared::Ready);
+            }
+            Err(e) => {
+                tracing::error!(template = %template, error = %e, "cannot prepare the image");
+                preparation.set(
+                    &template,
+                    Prepared::Failed {
+                        error: e.to_string(),
+                        at_ms: now_ms(),
+                    },
+                );
+            }
+        }
+    }
+}
