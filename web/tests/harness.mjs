@@ -22,6 +22,8 @@ export async function startServer(extraArgs = [], { sandboxes = false } = {}) {
   const sandboxArgs = sandboxes ? [] : ["--sandboxes", "false"];
   const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir, ...sandboxArgs, ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],
+    // No background image builds unless a test asks (and passes the flag).
+    env: { POLYDEV_SANDBOX_PREPARE: "none", ...process.env },
   });
   const logs = [];
   const base = await new Promise((resolveBase, reject) => {

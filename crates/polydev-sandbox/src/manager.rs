@@ -113,7 +113,7 @@ impl Default for ManagerConfig {
             template_max: BTreeMap::new(),
             pool_warmup: BTreeMap::new(),
             per_user_max: 10,
-            per_user_memory: Some(8 << 30),
+            per_user_memory: Some(12 << 30),
             memory_commit_max: None,
             host_max: 2000,
             pools: BTreeMap::new(),

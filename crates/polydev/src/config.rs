@@ -42,7 +42,7 @@ pub struct SandboxFile {
     reconcile_interval_secs: Option<u64>,
     /// Templates whose missing images `serve` builds at start [default: runtime, browser].
     prepare: Option<Vec<String>>,
-    /// The most memory (as limits) one user's live sandboxes may have [default: 8192].
+    /// The most memory (as limits) one user's live sandboxes may have [default: 12288].
     per_user_memory_mb: Option<u64>,
     /// How far the sum of all sandboxes' memory limits may exceed the
     /// instance's memory budget [default: 1.5].
