@@ -2,10 +2,11 @@
 // in an HttpOnly cookie; this module never sees it after login.
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, retryAfter = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -31,11 +32,14 @@ async function call(method, path, body) {
   }
   if (!response.ok) {
     const err = data && data.error;
-    throw new ApiError(
-      response.status,
-      err ? err.code : "http_" + response.status,
-      err ? err.message : `the server answered ${response.status}`,
-    );
+    let message = err ? err.message : `the server answered ${response.status}`;
+    // A server fault: the request id lets an operator find it in the log.
+    const requestId = response.headers.get("x-request-id");
+    if (response.status >= 500 && response.status !== 503 && requestId) {
+      message += ` (request id ${requestId}, for the server's operator)`;
+    }
+    const retry = Number(response.headers.get("retry-after")) || null;
+    throw new ApiError(response.status, err ? err.code : "http_" + response.status, message, retry);
   }
   return data;
 }
@@ -55,6 +59,7 @@ export const api = {
   startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
   runCredentials: (id, credentials, kinds = {}) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials, kinds }),
   cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
+  runs: () => call("GET", "/api/runs"),
   vaultItem: (id) => call("GET", `/api/vault/items/${encodeURIComponent(id)}`),
   vaultItems: () => call("GET", "/api/vault/items"),
   putVaultItem: (id, version, envelope) => call("PUT", `/api/vault/items/${encodeURIComponent(id)}`, { version, envelope }),

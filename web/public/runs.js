@@ -1,18 +1,20 @@
 // The run page: one prompt to Claude Code, Codex and Gemini CLI, answers
-// streaming in side by side. API keys typed here are sealed in this tab to
-// each run sandbox's key (HPKE, the same format as polydev-vault); the
-// server only relays the sealed boxes.
+// streaming in side by side, and the runs you made before. API keys typed
+// here are sealed in this tab to each run sandbox's key (HPKE, the same
+// format as polydev-vault); the server only relays the sealed boxes.
+// Answers are stored sealed to your vault key and opened here.
 
-import { api } from "/api.js";
+import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
-import { getSecret, openLoginCredential } from "/session.js";
+import { getSecret, openLoginCredential, openRunAnswer } from "/session.js";
 
 const PROVIDERS = [
-  { id: "claude_code", name: "Claude Code", key: "Anthropic API key" },
-  { id: "codex", name: "Codex", key: "OpenAI API key" },
-  { id: "gemini_cli", name: "Gemini CLI", key: "Gemini API key" },
+  { id: "claude_code", name: "Claude Code", keyLabel: "Anthropic API key" },
+  { id: "codex", name: "Codex", keyLabel: "OpenAI API key" },
+  { id: "gemini_cli", name: "Gemini CLI", keyLabel: "Gemini API key" },
 ];
+const NAMES = Object.fromEntries(PROVIDERS.map((p) => [p.id, p.name]));
 const PURPOSE = "polydev/run-credential/v1";
 const enc = new TextEncoder();
 
@@ -21,25 +23,43 @@ const b64 = {
   encode: (b) => btoa(String.fromCharCode(...b)),
 };
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/// Starts a run; while the server is still preparing the CLIs' environment
+/// (a first start), says how far along it is and tries again.
+async function startWhenReady(prompt, providers, say, stopped) {
+  for (;;) {
+    try {
+      return await api.startRun(prompt, providers);
+    } catch (e) {
+      if (!(e instanceof ApiError) || e.code !== "environment_preparing" || stopped()) throw e;
+      say(`${e.message} Waiting…`);
+      await sleep(Math.min(30, Math.max(2, e.retryAfter || 10)) * 1000);
+    }
+  }
+}
+
 export function renderRuns(view) {
   const prompt = el("textarea", { id: "prompt", rows: "4", required: true, placeholder: "Ask all three…" });
   const choices = PROVIDERS.map((p) => {
     const check = el("input", { type: "checkbox", id: `use-${p.id}`, checked: true });
-    const key = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.key });
-    return { ...p, check, key };
+    const keyInput = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.keyLabel });
+    return { ...p, check, keyInput };
   });
   const run = el("button", { type: "submit", id: "run" }, "Run");
   const cancel = el("button", { type: "button", id: "cancel", disabled: true }, "Cancel");
   const status = el("div", { class: "status", id: "run-status" });
   const columns = el("div", { class: "columns", id: "answers" });
+  const history = el("div", { id: "history" });
   let source = null;
   let current = null;
+  let gone = false;
 
   const form = el("form", { class: "card", novalidate: true },
     el("h1", {}, "Runs"),
     el("label", { for: "prompt" }, "Prompt"), prompt,
     ...choices.map((c) => el("div", { class: "provider-row" },
-      el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.key)),
+      el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.keyInput)),
     el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them. Keys saved on the Providers page fill in here."),
     el("div", { class: "actions" }, run, cancel), status);
 
@@ -47,16 +67,79 @@ export function renderRuns(view) {
   // a CLI signed in on the providers page can run on that login instead.
   const signedIn = new Set();
   for (const c of choices) {
-    getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.key.value) c.key.value = k; }).catch(() => {});
+    getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {});
   }
   api.vaultItems().then(({ items }) => {
     for (const c of choices) {
       if (items.some((i) => i.id === `credential.${c.id}`)) {
         signedIn.add(c.id);
-        c.key.placeholder = `${c.key.placeholder} (empty: use your ${c.name} login)`;
+        c.keyInput.placeholder = `${c.keyLabel} (empty: use your ${c.name} login)`;
       }
     }
   }).catch(() => {});
+
+  const finish = () => {
+    if (source) source.close();
+    source = null;
+    run.disabled = false;
+    cancel.disabled = true;
+    refreshHistory();
+  };
+
+  /// Follows a run's events until the server ends the stream (`end`). A
+  /// provider's failure ends only its column; a dropped connection is
+  /// reopened by the browser and the run replayed.
+  function follow(runId, cells) {
+    source = new EventSource(`/api/runs/${encodeURIComponent(runId)}/events`);
+    const started = Date.now();
+    const tick = setInterval(() => {
+      for (const cell of Object.values(cells)) {
+        if (!cell.ended) cell.clock.textContent = ` ${Math.round((Date.now() - started) / 1000)} s`;
+      }
+    }, 1000);
+    const on = (kind, fn) => source.addEventListener(kind, (e) => {
+      const data = JSON.parse(e.data);
+      const cell = cells[data.provider];
+      if (cell) fn(cell, data);
+    });
+    const seen = new Set();
+    on("started", (cell) => { cell.state.textContent = "running"; });
+    on("delta", (cell, d) => {
+      // A reconnect replays the run: skip what is already shown.
+      cell.n = (cell.n || 0) + 1;
+      if (cell.n <= (cell.shown || 0)) return;
+      cell.shown = cell.n;
+      cell.answer.textContent += d.text;
+    });
+    on("retrying", (cell, d) => { cell.state.textContent = `retrying (${d.attempt})`; cell.note.textContent = d.message; });
+    on("done", (cell, d) => {
+      cell.ended = true;
+      cell.state.textContent = "done";
+      const u = d.usage || {};
+      if (u.inputTokens != null || u.outputTokens != null) cell.note.textContent = `${u.inputTokens ?? "?"} tokens in, ${u.outputTokens ?? "?"} out`;
+      else cell.note.textContent = "";
+    });
+    on("error", (cell, d) => {
+      cell.ended = true;
+      cell.state.textContent = d.stage === "cancelled" ? "cancelled" : d.stage === "timeout" ? "timed out" : "failed";
+      cell.note.textContent = "";
+      if (!seen.has(cell)) cell.answer.append(el("span", { class: "error-text" }, `\n${d.message}`));
+      seen.add(cell);
+    });
+    source.addEventListener("end", () => { clearInterval(tick); finish(); });
+    // Connection trouble (a server-sent `error` event carries data and is
+    // handled above): the browser reconnects on its own; give up only
+    // when it has closed the stream for good.
+    source.onerror = (e) => {
+      if (e.data !== undefined) return;
+      for (const cell of Object.values(cells)) cell.n = 0;
+      if (source && source.readyState === EventSource.CLOSED) {
+        clearInterval(tick);
+        status.replaceChildren(errorBox("Lost the connection to the server; the run's answers will be in your runs below once it ends."));
+        finish();
+      }
+    };
+  }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -66,9 +149,9 @@ export function renderRuns(view) {
       status.replaceChildren(errorBox("Write a prompt and choose at least one provider."));
       return;
     }
-    const missing = chosen.find((c) => !c.key.value && !signedIn.has(c.id));
+    const missing = chosen.find((c) => !c.keyInput.value && !signedIn.has(c.id));
     if (missing) {
-      status.replaceChildren(errorBox(`Enter the ${missing.key} for ${missing.name}.`));
+      status.replaceChildren(errorBox(`Enter your ${missing.keyLabel} for ${missing.name}, or sign ${missing.name} in on the Providers page.`));
       return;
     }
     run.disabled = true;
@@ -76,45 +159,32 @@ export function renderRuns(view) {
     const cells = {};
     columns.replaceChildren(...chosen.map((c) => {
       const state = el("span", { class: "state", id: `state-${c.id}` }, "starting");
+      const clock = el("span", { class: "state" });
+      const note = el("p", { class: "muted small", id: `note-${c.id}` });
       const answer = el("pre", { class: "answer", id: `answer-${c.id}` });
-      cells[c.id] = { state, answer };
-      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state), answer);
+      cells[c.id] = { state, clock, note, answer };
+      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock), note, answer);
     }));
     try {
-      const started = await api.startRun(prompt.value, chosen.map((c) => c.id));
+      const say = (text) => status.replaceChildren(el("p", { class: "muted" }, text));
+      const started = await startWhenReady(prompt.value, chosen.map((c) => c.id), say, () => gone);
+      status.replaceChildren();
       current = started.runId;
       const credentials = {};
       const kinds = {};
       for (const c of chosen) {
         const pk = b64.decode(started.sandboxes[c.id].publicKey);
         // A typed (or saved) key wins; else the CLI's own login file.
-        let secret = c.key.value ? enc.encode(c.key.value) : await openLoginCredential(c.id);
-        kinds[c.id] = c.key.value ? "api_key" : "cli_login";
+        let secret = c.keyInput.value ? enc.encode(c.keyInput.value) : await openLoginCredential(c.id);
+        kinds[c.id] = c.keyInput.value ? "api_key" : "cli_login";
         const sealed = await seal(pk, PURPOSE, enc.encode(`${current}/${c.id}`), secret);
         secret.fill(0);
         credentials[c.id] = b64.encode(sealed);
       }
       await api.runCredentials(current, credentials, kinds);
       cancel.disabled = false;
-      source = new EventSource(`/api/runs/${encodeURIComponent(current)}/events`);
-      const on = (kind, fn) => source.addEventListener(kind, (e) => {
-        const data = JSON.parse(e.data);
-        const cell = cells[data.provider];
-        if (cell) fn(cell, data);
-      });
-      on("started", (cell) => { cell.state.textContent = "running"; });
-      on("delta", (cell, d) => { cell.answer.textContent += d.text; });
-      on("done", (cell) => { cell.state.textContent = "done"; });
-      on("error", (cell, d) => {
-        cell.state.textContent = d.stage === "cancelled" ? "cancelled" : "failed";
-        cell.answer.append(el("span", { class: "error-text" }, `\n${d.stage}: ${d.message}`));
-      });
-      // The server ends the stream once every provider has finished.
-      source.onerror = () => {
-        source.close();
-        run.disabled = false;
-        cancel.disabled = true;
-      };
+      follow(current, cells);
+      refreshHistory();
     } catch (e) {
       status.replaceChildren(errorBox(e.message));
       run.disabled = false;
@@ -129,6 +199,60 @@ export function renderRuns(view) {
       }
     }
   });
-  view.replaceChildren(form, columns);
-  return () => { if (source) source.close(); };
+
+  /// Your runs, newest first: running ones can be cancelled, finished ones
+  /// opened (their answers are sealed to your vault key).
+  async function refreshHistory() {
+    let runs;
+    try {
+      runs = (await api.runs()).runs || [];
+    } catch (e) {
+      history.replaceChildren(errorBox(e.message));
+      return;
+    }
+    if (runs.length === 0) {
+      history.replaceChildren();
+      return;
+    }
+    const rows = runs.map((r) => {
+      const when = new Date(r.createdAtMs).toLocaleString();
+      const states = (r.providers || []).map((p) => `${NAMES[p.provider] || p.provider}: ${p.state}`).join(", ");
+      const body = el("div", { class: "columns" });
+      const actions = el("div", { class: "actions" });
+      if (r.state === "running") {
+        const stop = el("button", { type: "button", class: "link", "data-cancel": r.runId }, "Cancel");
+        stop.addEventListener("click", async () => {
+          try {
+            await api.cancelRun(r.runId);
+          } catch (e) {
+            body.replaceChildren(errorBox(e.message));
+          }
+          refreshHistory();
+        });
+        actions.append(stop);
+      } else if (r.answers) {
+        const open = el("button", { type: "button", class: "link", "data-open": r.runId }, "Show answers");
+        open.addEventListener("click", async () => {
+          const cols = [];
+          for (const [provider, sealed] of Object.entries(r.answers)) {
+            let text;
+            try {
+              text = new TextDecoder().decode(await openRunAnswer(r.runId, provider, sealed));
+            } catch (e) {
+              text = `(cannot open: ${e.message})`;
+            }
+            cols.push(el("section", { class: "card column" }, el("h2", {}, NAMES[provider] || provider), el("pre", { class: "answer" }, text || "(no answer)")));
+          }
+          body.replaceChildren(...cols);
+        });
+        actions.append(open);
+      }
+      return el("li", { class: "run-row", "data-run": r.runId }, el("span", {}, `${when} — ${r.state} — ${states} `), actions, body);
+    });
+    history.replaceChildren(el("section", { class: "card" }, el("h2", {}, "Your runs"), el("ul", { class: "runs" }, ...rows)));
+  }
+  refreshHistory();
+
+  view.replaceChildren(form, columns, history);
+  return () => { gone = true; if (source) source.close(); };
 }

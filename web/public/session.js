@@ -223,3 +223,13 @@ export async function openLoginCredential(provider) {
   touch();
   return plain;
 }
+
+/// A run's stored answer from `provider` (sealed to this user's key inside
+/// the run's sandbox; info polydev/run-answer/v1, aad `<runId>/<provider>`).
+export async function openRunAnswer(runId, provider, sealedB64) {
+  if (!keys) throw new Error("unlock your vault first");
+  const plain = await v.open(keys.privateKey, "polydev/run-answer/v1",
+    new TextEncoder().encode(`${runId}/${provider}`), unb64(sealedB64));
+  touch();
+  return plain;
+}

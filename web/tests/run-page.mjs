@@ -14,7 +14,7 @@ const input = JSON.parse(await new Promise((resolve) => {
 
 const server = await startServer(["--config", input.config], { sandboxes: true });
 const chrome = await startBrowser();
-const out = { answers: {}, states: {} };
+const out = { answers: {}, states: {}, endedAt: {} };
 try {
   server.addUser("runner@example.com", "correct horse battery");
   const page = await chrome.browser.newPage();
@@ -22,12 +22,23 @@ try {
   await page.click("a[href='/runs']");
   await page.fill("#prompt", input.prompt);
   for (const p of ["claude_code", "codex", "gemini_cli"]) await page.fill(`#key-${p}`, input.key);
+  const t0 = Date.now();
   await page.click("#run");
-  for (const p of ["claude_code", "codex", "gemini_cli"]) {
-    await page.locator(`#state-${p}`).filter({ hasText: /done|failed/ }).waitFor({ timeout: 90_000 });
+  // Each column, whenever it ends (in whatever order).
+  await Promise.all(["claude_code", "codex", "gemini_cli"].map(async (p) => {
+    await page.locator(`#state-${p}`).filter({ hasText: /^(done|failed|timed out)$/ }).waitFor({ timeout: 90_000 });
+    out.endedAt[p] = Date.now() - t0;
     out.states[p] = await page.textContent(`#state-${p}`);
     out.answers[p] = await page.textContent(`#answer-${p}`);
-  }
+  }));
+  // The run's end reached the page: the Run button is back, and the run is
+  // in the history, whose answers open here.
+  await page.locator("#run:not([disabled])").waitFor({ timeout: 30_000 });
+  await page.locator("#history li.run-row").first().waitFor({ timeout: 30_000 });
+  out.history = await page.textContent("#history");
+  await page.click("#history li.run-row >> nth=0 >> button[data-open]");
+  await page.locator("#history li.run-row >> nth=0 >> pre.answer").first().waitFor({ timeout: 10_000 });
+  out.opened = await page.textContent("#history li.run-row >> nth=0");
   await page.screenshot({ path: artifactPath("run-page.png"), fullPage: true });
   out.logs = server.logs.join("\n");
 } finally {

@@ -30,6 +30,8 @@ struct Stub {
     answer: String,
     /// Answer every model call with this HTTP status instead (a failing provider).
     fail: Option<u16>,
+    /// Wait this long before answering a model call (a slow provider).
+    delay: std::time::Duration,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -67,10 +69,21 @@ pub async fn start(
     answer: &str,
     fail: Option<u16>,
 ) -> std::io::Result<StubServer> {
+    start_slow(provider, answer, fail, std::time::Duration::ZERO).await
+}
+
+/// `start`, answering each model call only after `delay`.
+pub async fn start_slow(
+    provider: Provider,
+    answer: &str,
+    fail: Option<u16>,
+    delay: std::time::Duration,
+) -> std::io::Result<StubServer> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let stub = Stub {
         answer: answer.to_owned(),
         fail,
+        delay,
         seen: seen.clone(),
     };
     let app = match provider {
@@ -111,6 +124,9 @@ async fn record(
                 .collect(),
             body: String::from_utf8_lossy(&bytes).into_owned(),
         });
+    }
+    if !stub.delay.is_zero() && parts.method == Method::POST {
+        tokio::time::sleep(stub.delay).await;
     }
     next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
         .await

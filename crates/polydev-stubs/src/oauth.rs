@@ -131,6 +131,7 @@ pub async fn start(token_prefix: &str) -> std::io::Result<StubServer> {
     let stub = Stub {
         answer: String::new(),
         fail: None,
+        delay: std::time::Duration::ZERO,
         seen: seen.clone(),
     };
     let app = Router::new()

@@ -505,13 +505,16 @@ async fn the_mcp_tool_returns_every_perspective() {
 /// there; the three answers stream into their columns.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_run_page_streams_three_answers_side_by_side() {
-    let anthropic = polydev_stubs::start(Provider::Anthropic, "page view of claude", None)
+    // Claude fails at once while the other two are still answering: its
+    // column ends on its own and the page keeps listening for the others.
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "never shown", Some(400))
         .await
         .unwrap();
-    let openai = polydev_stubs::start(Provider::OpenAi, "page view of codex", None)
+    let slow = std::time::Duration::from_secs(3);
+    let openai = polydev_stubs::start_slow(Provider::OpenAi, "page view of codex", None, slow)
         .await
         .unwrap();
-    let gemini = polydev_stubs::start(Provider::Gemini, "page view of gemini", None)
+    let gemini = polydev_stubs::start_slow(Provider::Gemini, "page view of gemini", None, slow)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -528,16 +531,33 @@ async fn the_run_page_streams_three_answers_side_by_side() {
     )
     .await;
     for (p, answer) in [
-        ("claude_code", "page view of claude"),
         ("codex", "page view of codex"),
         ("gemini_cli", "page view of gemini"),
     ] {
         assert_eq!(v["states"][p], "done", "{v}");
         assert!(v["answers"][p].as_str().unwrap().contains(answer), "{v}");
     }
+    assert_eq!(v["states"]["claude_code"], "failed", "{v}");
+    // Claude failed before the others were done, and said why in words.
+    let failed_at = v["endedAt"]["claude_code"].as_f64().unwrap();
+    assert!(failed_at < v["endedAt"]["codex"].as_f64().unwrap(), "{v}");
+    let why = v["answers"]["claude_code"].as_str().unwrap();
+    assert!(why.contains("Claude Code"), "{why}");
+    for internal in ["[object", "Some(", "None", "    at "] {
+        assert!(!why.contains(internal), "{why}");
+    }
+    // The run is in the page's history, and its stored answers open there.
+    assert!(v["history"].as_str().unwrap().contains("finished"), "{v}");
+    assert!(
+        v["opened"]
+            .as_str()
+            .unwrap()
+            .contains("page view of gemini"),
+        "{v}"
+    );
     // The key typed in the page reached the stubs, never the server's logs.
     assert!(!v["logs"].as_str().unwrap().contains(&key));
-    assert!(anthropic
+    assert!(openai
         .seen()
         .iter()
         .any(|s| s.headers.iter().any(|(_, h)| h.contains(&key))));
