@@ -20,6 +20,8 @@ pub struct TestDatabase {
     url: String,
     backend: Backend,
     dir: tempfile::TempDir,
+    /// The data dir within `dir` (`dir` itself unless nested).
+    data: PathBuf,
     pg_admin: Option<(String, String)>,
 }
 
@@ -36,6 +38,26 @@ impl TestDatabase {
         Self {
             url: Store::sqlite_url(dir.path()),
             backend: Backend::Sqlite,
+            data: dir.path().to_owned(),
+            dir,
+            pg_admin: None,
+        }
+    }
+
+    /// SQLite in a data dir `home/.polydev` under a directory of mode 0700
+    /// (a checkout in a private home, as root's usually is).
+    pub fn sqlite_under_private_parent() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("create a temp dir for the test database");
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).expect("create the private parent");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))
+            .expect("make the parent private");
+        let data = home.join(".polydev");
+        Self {
+            url: Store::sqlite_url(&data),
+            backend: Backend::Sqlite,
+            data,
             dir,
             pg_admin: None,
         }
@@ -67,10 +89,12 @@ impl TestDatabase {
         } else {
             format!("{server}/{name}?{query}")
         };
+        let dir = tempfile::tempdir().expect("create a temp dir");
         Self {
             url,
             backend: Backend::Postgres,
-            dir: tempfile::tempdir().expect("create a temp dir"),
+            data: dir.path().to_owned(),
+            dir,
             pg_admin: Some((admin, name)),
         }
     }
@@ -83,15 +107,15 @@ impl TestDatabase {
         self.backend
     }
 
-    /// A scratch directory that lives as long as the database (the SQLite
-    /// file is inside it on that backend).
+    /// A scratch directory that lives as long as the database (the data
+    /// dir: the SQLite file is inside it on that backend).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.data
     }
 
     /// The SQLite file, on that backend.
     pub fn sqlite_file(&self) -> Option<PathBuf> {
-        (self.backend == Backend::Sqlite).then(|| self.dir.path().join("polydev.db"))
+        (self.backend == Backend::Sqlite).then(|| self.data.join("polydev.db"))
     }
 
     /// A connected store with migrations applied.

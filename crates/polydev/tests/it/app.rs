@@ -174,7 +174,11 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, extra: &[&str]) -> Self {
-        let db = TestDatabase::new(backend).await;
+        Self::spawn_on(TestDatabase::new(backend).await, extra)
+    }
+
+    /// On a database (and data dir) the test made.
+    pub fn spawn_on(db: TestDatabase, extra: &[&str]) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let (child, base, egress, logs) = start(&db, &extra);
         Self {

@@ -226,42 +226,10 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         .await;
     let token = r.body["token"].as_str().unwrap().to_owned();
     let t = Some(token.as_str());
-    let r = app
-        .post("/api/runs", t, json!({"prompt": "what do you think?"}))
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let run = r.body["runId"].as_str().unwrap().to_owned();
     let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
-
     // The client seals the key to each sandbox's agent; the server relays it.
-    let mut creds = serde_json::Map::new();
-    for (provider, sb) in r.body["sandboxes"].as_object().unwrap() {
-        use base64::Engine;
-        let pk = base64::engine::general_purpose::STANDARD
-            .decode(sb["publicKey"].as_str().unwrap())
-            .unwrap();
-        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
-            .unwrap()
-            .seal(
-                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
-                format!("{run}/{provider}").as_bytes(),
-                key.as_bytes(),
-            );
-        creds.insert(
-            provider.clone(),
-            json!(base64::engine::general_purpose::STANDARD.encode(sealed)),
-        );
-    }
-    let r = app
-        .post(
-            &format!("/api/runs/{run}/credentials"),
-            t,
-            json!({"credentials": creds}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-
-    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    let (run, events) =
+        run_with_key(&app, &token, &["claude_code", "codex", "gemini_cli"], &key).await;
     let of = |p: &str| {
         events
             .iter()
@@ -616,4 +584,119 @@ async fn the_mcp_tool_over_http() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+/// Starts a run of `providers` with `key` sealed to each sandbox, as a
+/// client does; its id and its events to the end.
+async fn run_with_key(
+    app: &TestApp,
+    token: &str,
+    providers: &[&str],
+    key: &str,
+) -> (String, Vec<(String, Value)>) {
+    use base64::Engine;
+    let t = Some(token);
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "hello?", "providers": providers}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let mut creds = serde_json::Map::new();
+    for (provider, sb) in r.body["sandboxes"].as_object().unwrap() {
+        let pk = base64::engine::general_purpose::STANDARD
+            .decode(sb["publicKey"].as_str().unwrap())
+            .unwrap();
+        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+            .unwrap()
+            .seal(
+                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                format!("{run}/{provider}").as_bytes(),
+                key.as_bytes(),
+            );
+        creds.insert(
+            provider.clone(),
+            json!(base64::engine::general_purpose::STANDARD.encode(sealed)),
+        );
+    }
+    let r = app
+        .post(
+            &format!("/api/runs/{run}/credentials"),
+            t,
+            json!({"credentials": creds}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
+    (run, events)
+}
+
+/// A CLI whose provider never answers ends at the run's deadline with a
+/// `timeout` error that says so; one whose provider's host does not
+/// resolve says which host and why; a third answers meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_provider_times_out_and_an_unreachable_one_says_why() {
+    let hung = polydev_stubs::start_slow(
+        Provider::OpenAi,
+        "never",
+        None,
+        std::time::Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    let gemini = polydev_stubs::start(Provider::Gemini, "gemini is fine", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 12\ncredential_wait_secs = 60\nanthropic_base_url = \"http://nowhere.invalid:9\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
+            hung.addr.port(),
+            gemini.addr.port()
+        ),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("deadline@example.com").await;
+    let started = std::time::Instant::now();
+    let (_, events) = run_with_key(
+        &app,
+        &token,
+        &["claude_code", "codex", "gemini_cli"],
+        "sk-test",
+    )
+    .await;
+    let took = started.elapsed();
+    let last = |p: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|(e, d)| d["provider"] == p && (e == "error" || e == "done"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{p} never ended: {events:?}"))
+    };
+    let (kind, codex) = last("codex");
+    assert_eq!(
+        (kind.as_str(), codex["stage"].as_str()),
+        ("error", Some("timeout")),
+        "{codex}"
+    );
+    let m = codex["message"].as_str().unwrap();
+    assert!(m.contains("Codex") && m.contains("12 s"), "{m}");
+    let (kind, claude) = last("claude_code");
+    assert_eq!(kind, "error", "{claude}");
+    let m = claude["message"].as_str().unwrap();
+    assert!(
+        m.contains("nowhere.invalid") && m.contains("cannot be resolved"),
+        "{m}"
+    );
+    assert_eq!(last("gemini_cli").0, "done", "{events:?}");
+    assert_eq!(events.last().unwrap().0, "end", "{events:?}");
+    // The deadline ended it, not the sandbox's TTL (minutes later).
+    assert!(took < std::time::Duration::from_secs(40), "took {took:?}");
 }
