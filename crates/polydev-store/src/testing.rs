@@ -19,8 +19,9 @@ pub const PG_URL_VAR: &str = "POLYDEV_TEST_PG_URL";
 pub struct TestDatabase {
     url: String,
     backend: Backend,
-    dir: tempfile::TempDir,
-    /// The data dir within `dir` (`dir` itself unless nested).
+    /// Removed when dropped.
+    _tmp: tempfile::TempDir,
+    /// The data dir within it (itself unless nested).
     data: PathBuf,
     pg_admin: Option<(String, String)>,
 }
@@ -39,7 +40,7 @@ impl TestDatabase {
             url: Store::sqlite_url(dir.path()),
             backend: Backend::Sqlite,
             data: dir.path().to_owned(),
-            dir,
+            _tmp: dir,
             pg_admin: None,
         }
     }
@@ -58,7 +59,7 @@ impl TestDatabase {
             url: Store::sqlite_url(&data),
             backend: Backend::Sqlite,
             data,
-            dir,
+            _tmp: dir,
             pg_admin: None,
         }
     }
@@ -94,7 +95,7 @@ impl TestDatabase {
             url,
             backend: Backend::Postgres,
             data: dir.path().to_owned(),
-            dir,
+            _tmp: dir,
             pg_admin: Some((admin, name)),
         }
     }
