@@ -14,12 +14,17 @@ need_packages() {
     shift 2
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  echo "==> installing ${missing[*]} (Debian packages)"
+  install_packages "${missing[@]}"
+}
+
+# install_packages PKG...: installs Debian packages.
+install_packages() {
+  echo "==> installing $* (Debian packages)"
   if [ "$apt_updated" = 0 ]; then
     as_root apt-get update -qq
     apt_updated=1
   fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 need_rust() {

@@ -13,7 +13,8 @@ need_rust
 # --- what the tests need -----------------------------------------------------
 need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl \
   bwrap bubblewrap debootstrap debootstrap /usr/sbin/sshd openssh-server ssh-keygen openssh-client \
-  Xtigervnc tigervnc-standalone-server /usr/sbin/nginx nginx websockify websockify
+  Xtigervnc tigervnc-standalone-server /usr/sbin/nginx nginx websockify websockify \
+  openssl openssl
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # PostgreSQL: start the Debian cluster when nothing answers, and make a
@@ -44,6 +45,15 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 
 ./scripts/build-web.sh
 
+# The `mcp` package from PyPI, the MCP client a Python agent would use, in
+# a virtualenv of its own (Debian's python3 takes no pip installs).
+need_packages python3 python3
+python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
+[ -x target/py/bin/python ] || python3 -m venv target/py
+target/py/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("mcp") != "2.3.0")' 2>/dev/null \
+  || target/py/bin/python -m pip install --quiet --disable-pip-version-check "mcp==2.3.0"
+export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
+
 # The three AI CLIs at the pinned versions (crates/polydev/cli-packages.txt),
 # for the end-to-end test that runs them in a sandbox against local stubs.
 # POLYDEV_CLI_VERSION=latest tries the newest releases instead.
@@ -64,16 +74,24 @@ echo "==> browser tests (headless Chromium)"
 cargo build --locked -p polydev -p polydev-agent
 node --test --test-concurrency=1 web/tests/
 
-echo "==> Rust tests"
 profile=default
 [ -n "${CI:-}" ] && profile=ci
-cargo nextest run --locked --workspace --profile "$profile"
+# The real images, built the way a new user's first start builds them: a
+# test starts `polydev serve` on an empty images directory, watches it
+# prepare `runtime` and `browser` (debootstrap, apt, npm; each build booted
+# and checked), then runs the three CLIs and a login on them. The rest of
+# the suite finds the images there. The debootstrap base is kept between
+# local runs; everything else is made anew.
+export POLYDEV_TEST_IMAGES="$PWD/target/test-images"
+mkdir -p "$POLYDEV_TEST_IMAGES"
+find "$POLYDEV_TEST_IMAGES" -mindepth 1 -maxdepth 1 ! -name .cache -exec rm -rf {} +
+echo "==> first start: polydev prepares the real images, then runs and logs in on them"
+cargo nextest run --locked --workspace --profile "$profile" -E 'test(first_start_prepares)'
 
-echo "==> golden images: build, boot and check the real templates"
-images=$(mktemp -d)
-trap 'rm -rf "$images"' EXIT
-cargo build --locked -p polydev -p polydev-agent
-# One debootstrap base, cached in the image store, serves all three.
-for template in base runtime browser; do
-  target/debug/polydev image build "$template" --data-dir "$images"
-done
+echo "==> Rust tests"
+cargo nextest run --locked --workspace --profile "$profile" -E 'not test(first_start_prepares)'
+
+echo "==> the base template (from the cached debootstrap base)"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+target/debug/polydev image build base --images-dir "$POLYDEV_TEST_IMAGES" --data-dir "$scratch"

@@ -65,13 +65,15 @@ export function renderRuns(view) {
 
   // Keys saved on the providers page fill in (decrypted here, never sent);
   // a CLI signed in on the providers page can run on that login instead.
+  // Only items the list names are fetched (no 404 per missing key).
   const signedIn = new Set();
-  for (const c of choices) {
-    getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {});
-  }
   api.vaultItems().then(({ items }) => {
+    const has = (id) => items.some((i) => i.id === id);
     for (const c of choices) {
-      if (items.some((i) => i.id === `credential.${c.id}`)) {
+      if (has(`apikey.${c.id}`)) {
+        getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {});
+      }
+      if (has(`credential.${c.id}`)) {
         signedIn.add(c.id);
         c.keyInput.placeholder = `${c.keyLabel} (empty: use your ${c.name} login)`;
       }

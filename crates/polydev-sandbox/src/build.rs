@@ -412,7 +412,11 @@ async fn smoke_check(
 
 /// Where one template's preparation stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "state")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "state"
+)]
 pub enum Prepared {
     /// Waiting for an earlier template's build.
     Queued,
@@ -434,6 +438,8 @@ pub enum Prepared {
 #[derive(Debug)]
 pub struct Preparation {
     file: PathBuf,
+    /// The templates in the order they are built (runs' first).
+    order: Vec<String>,
     states: Mutex<BTreeMap<String, Prepared>>,
 }
 
@@ -452,23 +458,23 @@ impl Preparation {
             .collect();
         let me = Self {
             file: images.dir().join(".prepare.json"),
+            order: templates.to_vec(),
             states: Mutex::new(states),
         };
         me.save();
         me
     }
 
-    /// The templates still to build, in order.
+    /// The templates still to build, in the order given.
     pub fn missing(&self) -> Vec<String> {
-        self.states
-            .lock()
-            .map(|s| {
-                s.iter()
-                    .filter(|(_, p)| !matches!(p, Prepared::Ready))
-                    .map(|(t, _)| t.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Ok(states) = self.states.lock() else {
+            return Vec::new();
+        };
+        self.order
+            .iter()
+            .filter(|t| !matches!(states.get(*t), Some(Prepared::Ready)))
+            .cloned()
+            .collect()
     }
 
     pub fn set(&self, template: &str, state: Prepared) {

@@ -588,7 +588,7 @@ async fn the_mcp_tool_over_http() {
 
 /// Starts a run of `providers` with `key` sealed to each sandbox, as a
 /// client does; its id and its events to the end.
-async fn run_with_key(
+pub(crate) async fn run_with_key(
     app: &TestApp,
     token: &str,
     providers: &[&str],
@@ -699,4 +699,59 @@ async fn a_hung_provider_times_out_and_an_unreachable_one_says_why() {
     assert_eq!(events.last().unwrap().0, "end", "{events:?}");
     // The deadline ended it, not the sandbox's TTL (minutes later).
     assert!(took < std::time::Duration::from_secs(40), "took {took:?}");
+}
+
+/// The `mcp` package from PyPI, as a coding agent's client: `polydev mcp`
+/// names itself, and a run whose providers all failed comes back as a
+/// tool result with `isError` (for the agent to read), not a protocol
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_mcp_client_reads_a_failed_run_as_a_tool_error() {
+    let gemini = polydev_stubs::start(Provider::Gemini, "never", Some(400))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), 1, 1, gemini.addr.port());
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("py@example.com").await;
+    let script = format!("{}/tests/support/mcp_client.py", env!("CARGO_MANIFEST_DIR"));
+    let input = json!({
+        "bin": crate::app::BIN,
+        "server": app.base,
+        "token": token,
+        "providers": ["gemini_cli"],
+        "env": {"GEMINI_API_KEY": "sk-python"},
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let python = std::env::var("POLYDEV_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python with the mcp package (scripts/test.sh makes one in target/py)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["serverName"], "polydev", "{v}");
+    assert_eq!(v["serverVersion"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["tools"], json!(["get_perspectives"]));
+    assert_eq!(v["isError"], true, "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Gemini CLI"), "{text}");
 }

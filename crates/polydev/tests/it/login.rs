@@ -22,14 +22,7 @@ const EGRESS: &str = "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_port
 /// A config whose login flows all run the stub CLI login against the stub
 /// OAuth provider at `auth.stub.test` (a name only the proxy resolves).
 pub fn stub_login_config(dir: &std::path::Path, auth_port: u16, extra: &str) -> std::path::PathBuf {
-    let script = polydev_stubs::oauth::CLI_LOGIN_SCRIPT;
-    assert!(!script.contains("'''"));
-    let mut providers = String::new();
-    for p in ["claude_code", "codex", "gemini_cli"] {
-        providers.push_str(&format!(
-            "[login.providers.{p}]\nbrowser = 'exec node -e \"$STUB_LOGIN_JS\"'\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.stub/{p}.json\"\n[login.providers.{p}.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{auth_port}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.stub/{p}.json\"\nSTUB_LOGIN_JS = '''\n{script}'''\n"
-        ));
-    }
+    let providers = stub_login_providers(auth_port);
     let config = dir.join("polydev.toml");
     std::fs::write(
         &config,
@@ -37,6 +30,26 @@ pub fn stub_login_config(dir: &std::path::Path, auth_port: u16, extra: &str) -> 
     )
     .unwrap();
     config
+}
+
+/// `[login.providers.*]` tables running the stub CLI login against the stub
+/// OAuth provider at `auth.stub.test:<auth_port>`.
+pub fn stub_login_providers(auth_port: u16) -> String {
+    stub_login_providers_for(&["claude_code", "codex", "gemini_cli"], auth_port)
+}
+
+/// `stub_login_providers` for some providers only (the others keep their
+/// real CLIs' flows).
+pub fn stub_login_providers_for(which: &[&str], auth_port: u16) -> String {
+    let script = polydev_stubs::oauth::CLI_LOGIN_SCRIPT;
+    assert!(!script.contains("'''"));
+    let mut providers = String::new();
+    for p in which {
+        providers.push_str(&format!(
+            "[login.providers.{p}]\nbrowser = 'exec node -e \"$STUB_LOGIN_JS\"'\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.stub/{p}.json\"\n[login.providers.{p}.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{auth_port}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.stub/{p}.json\"\nSTUB_LOGIN_JS = '''\n{script}'''\n"
+        ));
+    }
+    providers
 }
 
 /// Signs up as the browser does (keeping the enrollment, whose sealing key
@@ -74,7 +87,7 @@ pub async fn wait_state(
 
 /// Opens a captured credential item (as the web client does: bound to the
 /// user, the item and the version the server reports).
-fn open_credential(
+pub(crate) fn open_credential(
     e: &polydev_vault::Enrollment,
     user: &str,
     item: &Value,
@@ -96,6 +109,28 @@ fn open_credential(
         )
         .unwrap();
     String::from_utf8(opened.to_vec()).unwrap()
+}
+
+/// The user's part of a code-relay sign-in: opens the sign-in page at the
+/// stub OAuth provider (directly: the test is outside the sandbox), signs
+/// in, and reads the code the page shows.
+pub(crate) async fn approve_at_stub(auth_url: &str, oauth: &polydev_stubs::StubServer) -> String {
+    let direct = auth_url.replace("auth.stub.test", "127.0.0.1");
+    let page = reqwest::get(&direct).await.unwrap().text().await.unwrap();
+    assert!(page.contains("Sign in"));
+    let query = direct.split_once('?').unwrap().1;
+    let approved = reqwest::get(format!("http://{}/approve?{query}", oauth.addr))
+        .await
+        .unwrap();
+    let shown = approved.text().await.unwrap();
+    shown
+        .split("<pre id=\"code\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 /// Starts a login session (202 expected); its id.
@@ -247,22 +282,7 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
 
     // The user signs in in their own browser (here: plain HTTP to the stub,
     // which the test reaches directly) and copies the code it shows.
-    let direct = auth_url.replace("auth.stub.test", "127.0.0.1");
-    let page = reqwest::get(&direct).await.unwrap().text().await.unwrap();
-    assert!(page.contains("Sign in"));
-    let query = direct.split_once('?').unwrap().1;
-    let approved = reqwest::get(format!("http://{}/approve?{query}", oauth.addr))
-        .await
-        .unwrap();
-    let shown = approved.text().await.unwrap();
-    let code = shown
-        .split("<pre id=\"code\">")
-        .nth(1)
-        .unwrap()
-        .split('<')
-        .next()
-        .unwrap()
-        .to_owned();
+    let code = approve_at_stub(&auth_url, &oauth).await;
 
     let r = app
         .post(
@@ -843,24 +863,7 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     let id = start_session(&app, &token, &uid, "claude_code", "code").await;
     let v = wait_state(&app, &id, &token, |v| v["authUrl"].is_string()).await;
     // The user's own browser (here: the test) reaches the stub directly.
-    let direct = v["authUrl"]
-        .as_str()
-        .unwrap()
-        .replace("auth.stub.test", "127.0.0.1");
-    let query = direct.split_once('?').unwrap().1.to_owned();
-    let shown = reqwest::get(format!("http://{}/approve?{query}", oauth.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let code = shown
-        .split("<pre id=\"code\">")
-        .nth(1)
-        .unwrap()
-        .split('<')
-        .next()
-        .unwrap();
+    let code = approve_at_stub(v["authUrl"].as_str().unwrap(), &oauth).await;
     app.post(
         &format!("/api/auth/session/{id}/code"),
         t,

@@ -8,6 +8,7 @@ mod clis;
 mod deploy;
 mod egress;
 mod egress_standalone;
+mod first_start;
 mod hostile;
 mod login;
 mod observability;
