@@ -232,7 +232,8 @@ pub async fn build(
     let total = match template {
         "minimal" => 2,
         "base" => 5,
-        "runtime" | "browser" => 6,
+        "runtime" => 6,
+        "browser" => 7,
         other => {
             return Err(BuildError::Failed(format!(
                 "unknown template {other:?}: minimal, base, runtime or browser"

@@ -641,6 +641,9 @@ impl Driver for LocalDriver {
             );
         }
         let made = (|| -> std::io::Result<()> {
+            // Made again with its mode if another process of this instance
+            // removed it empty at its shutdown.
+            private_dir(&self.cfg.state_dir, 0o711)?;
             private_dir(&dir, 0o711)?;
             private_dir(&dir.join("ctl"), 0o700)?;
             private_dir(&dir.join("fs"), 0o711)?;
@@ -855,9 +858,11 @@ impl Driver for LocalDriver {
     }
 
     async fn shutdown(&self) {
-        // Only empty parents go: another process on the same instance (an
-        // image build's validation has an instance of its own) keeps its.
+        // Only empty parents and state directories go: another process on
+        // the same instance (an image build's validation has an instance
+        // of its own) keeps its.
         self.cgroups.remove_parent_if_empty();
+        let _ = std::fs::remove_dir(&self.cfg.state_dir);
     }
 
     async fn destroy(&self, id: &SandboxId) -> Result<(), DriverError> {

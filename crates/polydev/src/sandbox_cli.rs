@@ -93,7 +93,7 @@ pub async fn manager(
         let image = polydev_sandbox::build::build(&images, &validator, "minimal", &opts, &Quiet)
             .await
             .map_err(|e| format!("cannot build the minimal image: {e}"))?;
-        validator.cgroups().remove_parent_if_empty();
+        polydev_sandbox::Driver::shutdown(&validator).await;
         images
             .activate("minimal", &image.manifest.hash)
             .map_err(|e| e.to_string())?;
@@ -150,7 +150,7 @@ pub async fn prepare(manager: Arc<Manager>, data_dir: std::path::PathBuf, mirror
         &preparation,
     )
     .await;
-    validator.cgroups().remove_parent_if_empty();
+    polydev_sandbox::Driver::shutdown(&validator).await;
 }
 
 struct Quiet;
@@ -228,7 +228,7 @@ pub async fn build(
         &steps,
     )
     .await;
-    validator.cgroups().remove_parent_if_empty();
+    polydev_sandbox::Driver::shutdown(&validator).await;
     let image = built?;
     steps.done(&format!("built {template}"));
     let previous = images.current(template).ok().map(|i| i.manifest.hash);

@@ -425,5 +425,11 @@ impl Drop for TestApp {
         if let Some(cg) = self.cgroups() {
             let _ = cg.remove_all(Duration::from_secs(5));
         }
+        // And, for a data dir under a private parent, its state directory
+        // under /run (empty once its sandboxes are gone).
+        let cfg = polydev_sandbox::LocalConfig::for_data_dir(self.db.dir());
+        let _ = std::fs::remove_dir(
+            std::path::Path::new(polydev_sandbox::local::RUN_STATE_DIR).join(cfg.instance),
+        );
     }
 }

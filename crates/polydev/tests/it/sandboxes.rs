@@ -727,4 +727,18 @@ async fn building_an_image_beside_a_live_controller_leaves_it_working() {
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     }
     assert_eq!(cg.list().len(), 3, "{:?}", cg.list());
+    // The build's own validation instance left nothing behind: no cgroup
+    // parent, no state directory (here or under /run).
+    let build = polydev_sandbox::LocalConfig::for_validation(app.db.dir());
+    let left: Vec<std::path::PathBuf> = [
+        build.cgroup_root.join(&build.instance),
+        build.cgroup_root.join("memory").join(&build.instance),
+        build.cgroup_root.join("pids").join(&build.instance),
+        build.state_dir.clone(),
+        std::path::Path::new(polydev_sandbox::local::RUN_STATE_DIR).join(&build.instance),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .collect();
+    assert!(left.is_empty(), "the image build left {left:?}");
 }
