@@ -199,6 +199,20 @@ impl Cgroups {
         }
     }
 
+    /// Memory all of this instance's sandboxes use now (the parent
+    /// group's charge: resident memory, page cache and tmpfs pages).
+    pub fn parent_memory_bytes(&self) -> u64 {
+        let file = match self.version {
+            Version::V1 => self
+                .root
+                .join("memory")
+                .join(&self.parent)
+                .join("memory.usage_in_bytes"),
+            Version::V2 => self.root.join(&self.parent).join("memory.current"),
+        };
+        read_u64(&file).unwrap_or(0)
+    }
+
     /// Whether process `pid` is in sandbox `id`'s groups (read from
     /// /proc, which no sandbox can change).
     pub fn holds(&self, id: &SandboxId, pid: i32) -> bool {

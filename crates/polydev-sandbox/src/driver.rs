@@ -133,6 +133,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Memory all of this driver's sandboxes use now, and the budget they
+    /// share (`None`: the driver cannot tell).
+    fn memory_in_use(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// After the last sandbox: remove what the driver made for itself (e.g.
     /// the local driver's parent cgroups, if empty). Default: nothing.
     async fn shutdown(&self) {}

@@ -857,6 +857,11 @@ impl Driver for LocalDriver {
             .map_err(|e| DriverError::Io(format!("cannot reach {name} in sandbox {id}: {e}")))
     }
 
+    fn memory_in_use(&self) -> Option<(u64, u64)> {
+        let budget = self.cfg.budget.memory_bytes?;
+        Some((self.cgroups.parent_memory_bytes(), budget))
+    }
+
     async fn shutdown(&self) {
         // Only empty parents and state directories go: another process on
         // the same instance (an image build's validation has an instance

@@ -91,6 +91,10 @@ pub struct ManagerConfig {
     /// pools included (503 beyond): the host's sandbox budget times an
     /// overcommit factor; `None`: no such limit.
     pub memory_commit_max: Option<u64>,
+    /// No new sandbox while the sandboxes together use more than this
+    /// share of their memory budget (503 beyond; what they use, not their
+    /// limits, which they mostly leave unused); `None`: no such check.
+    pub admit_memory_below: Option<f64>,
     /// Live sandboxes on this host, pools included (503 beyond).
     pub host_max: u32,
     /// Warm sandboxes kept per template.
@@ -115,6 +119,7 @@ impl Default for ManagerConfig {
             per_user_max: 10,
             per_user_memory: Some(12 << 30),
             memory_commit_max: None,
+            admit_memory_below: Some(0.9),
             host_max: 2000,
             pools: BTreeMap::new(),
             pool_refresh: Duration::from_secs(1800),
@@ -196,6 +201,8 @@ pub enum ManagerError {
     },
     #[error("this host's memory for sandboxes is committed; try again shortly")]
     HostMemory,
+    #[error("this host's sandboxes use {used_pct} % of their memory; try again shortly")]
+    HostMemoryInUse { used_pct: u64 },
     #[error("no sandbox {0}")]
     NotFound(String),
     #[error("sandbox {0} has ended")]
@@ -516,6 +523,15 @@ impl Manager {
         if let Some(max) = self.cfg.memory_commit_max {
             if c.total.saturating_add(memory) > max {
                 return Err(ManagerError::HostMemory);
+            }
+        }
+        if let (Some(share), Some((used, budget))) =
+            (self.cfg.admit_memory_below, self.driver.memory_in_use())
+        {
+            if budget > 0 && used as f64 > budget as f64 * share {
+                return Err(ManagerError::HostMemoryInUse {
+                    used_pct: used.saturating_mul(100) / budget,
+                });
             }
         }
         let max = self.cfg.host_max as usize;

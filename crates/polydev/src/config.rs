@@ -45,8 +45,11 @@ pub struct SandboxFile {
     /// The most memory (as limits) one user's live sandboxes may have [default: 12288].
     per_user_memory_mb: Option<u64>,
     /// How far the sum of all sandboxes' memory limits may exceed the
-    /// instance's memory budget [default: 1.5].
+    /// instance's memory budget [default: no such cap].
     memory_overcommit: Option<f64>,
+    /// No new sandbox while the sandboxes use more than this share (in
+    /// percent) of their memory budget [default: 90; 0: no such check].
+    admit_memory_percent: Option<u64>,
     debian_mirror: Option<String>,
 }
 
@@ -157,7 +160,7 @@ pub struct SandboxSettings {
     pub prepare: Vec<String>,
     /// All sandboxes' memory limits together may reach the instance's
     /// memory budget times this.
-    pub memory_overcommit: f64,
+    pub memory_overcommit: Option<f64>,
     pub debian_mirror: String,
 }
 
@@ -227,9 +230,19 @@ pub fn sandbox_config(
     if let Some(mb) = f.per_user_memory_mb {
         m.per_user_memory = (mb > 0).then_some(mb << 20);
     }
-    let overcommit = f.memory_overcommit.unwrap_or(1.5);
-    if !(overcommit > 0.0 && overcommit.is_finite()) {
-        bail!("[sandbox] memory_overcommit must be above 0");
+    let overcommit = f.memory_overcommit;
+    if let Some(o) = overcommit {
+        if !(o > 0.0 && o.is_finite()) {
+            bail!("[sandbox] memory_overcommit must be above 0");
+        }
+    }
+    match f.admit_memory_percent {
+        Some(0) => m.admit_memory_below = None,
+        Some(p) if p <= 100 => m.admit_memory_below = Some(p as f64 / 100.0),
+        Some(p) => bail!(
+            "[sandbox] admit_memory_percent is a percentage (1-100, or 0 for no check), not {p}"
+        ),
+        None => {}
     }
     let prepare = args
         .prepare

@@ -103,7 +103,8 @@ pub async fn manager(
         .config()
         .budget
         .memory_bytes
-        .map(|b| (b as f64 * settings.memory_overcommit) as u64);
+        .zip(settings.memory_overcommit)
+        .map(|(b, o)| (b as f64 * o) as u64);
     let manager = Manager::new(
         Arc::new(driver),
         store.clone(),

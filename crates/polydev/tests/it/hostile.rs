@@ -317,6 +317,113 @@ async fn a_terabyte_of_memory_and_other_huge_limits_are_refused() {
     assert!(pids.expect("a pids budget") < pid_max);
 }
 
+/// Memory limits are promised, not only enforced: one user's live
+/// sandboxes hold at most `per_user_memory_mb` of limits (429), all of
+/// them at most the budget times `memory_overcommit` (503 with
+/// Retry-After), and a deleted sandbox gives its share back.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_limits_are_committed_per_user_and_per_host() {
+    let budget = polydev_sandbox::local::Budget::for_host()
+        .memory_bytes
+        .expect("a memory budget");
+    // Room for three sandboxes of 512 MiB on the whole host, two per user.
+    let overcommit = (1792u64 << 20) as f64 / budget as f64;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!("[sandbox]\npools = {{}}\nper_user_memory_mb = 1024\nmemory_overcommit = {overcommit:.12}\n"),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, first) = app.user("hoarder@example.com").await;
+    let (_, second) = app.user("latecomer@example.com").await;
+    let minimal = json!({"template": "minimal"});
+    let a = sandbox(&app, &first, minimal.clone()).await;
+    sandbox(&app, &first, minimal.clone()).await;
+    let r = app
+        .post("/api/sandboxes", Some(&first), minimal.clone())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "sandbox_memory_quota"),
+        "{}",
+        r.text
+    );
+    assert!(r.message().contains("1024 MiB"), "{}", r.message());
+    sandbox(&app, &second, minimal.clone()).await;
+    let r = app
+        .post("/api/sandboxes", Some(&second), minimal.clone())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity"),
+        "{}",
+        r.text
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/sandboxes/{a}"),
+            Some(&first),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    sandbox(&app, &second, minimal).await;
+}
+
+/// What sandboxes really use is the host's admission check: while they use
+/// more than `admit_memory_percent` of their budget, no new sandbox (503,
+/// Retry-After); once the memory is given back, sandboxes come again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_whose_sandboxes_use_their_memory_admits_no_more() {
+    let budget = polydev_sandbox::local::Budget::for_host()
+        .memory_bytes
+        .expect("a memory budget");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(&config, "[sandbox]\npools = {}\nadmit_memory_percent = 1\n").unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let admin = app.admin("filler@example.com");
+    let (_, user) = app.user("next@example.com").await;
+    // Tmpfs pages are charged to the sandbox's memory: fill past 1 %.
+    let fill_mb = budget / 100 / (1 << 20) + 64;
+    let hog = sandbox(
+        &app,
+        &admin,
+        json!({"template": "minimal", "diskMb": fill_mb + 64, "memoryMb": fill_mb + 256}),
+    )
+    .await;
+    let r = sh(
+        &app,
+        &admin,
+        &hog,
+        &format!("dd if=/dev/zero of=/tmp/fill bs=1M count={fill_mb} 2>&1 | tail -1"),
+    )
+    .await;
+    assert_eq!(r.body["exitCode"], 0, "{}", r.text);
+    let r = app
+        .post(
+            "/api/sandboxes",
+            Some(&user),
+            json!({"template": "minimal"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity"),
+        "{}",
+        r.text
+    );
+    assert!(r.message().contains("% of their memory"), "{}", r.message());
+    assert!(r.headers.contains_key("retry-after"));
+    let r = sh(&app, &admin, &hog, "rm /tmp/fill").await;
+    assert_eq!(r.body["exitCode"], 0, "{}", r.text);
+    sandbox(&app, &user, json!({"template": "minimal"})).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn filling_the_sandbox_disk_and_console_never_grows_the_host_disk() {
     let app = TestApp::spawn(Backend::Sqlite).await;
