@@ -106,6 +106,11 @@ impl Server {
         Ok(server)
     }
 
+    /// The server's data directory.
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub(crate) fn admin_token(&self) -> anyhow::Result<String> {
         self.user_token("bench@example.com", true)
     }

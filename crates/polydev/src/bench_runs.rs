@@ -4,7 +4,7 @@
 //! concurrent three-provider runs. Needs the CLIs on PATH (scripts/test.sh
 //! installs the pinned versions) and root for the sandboxes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -226,6 +226,26 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for i in 0..CONCURRENT {
         tokens.push(server.user_token(&format!("bench{i}@example.com"), false)?);
     }
+    // The sandboxes' memory (the instance's parent cgroup), sampled while
+    // the runs go: what 3 x CONCURRENT CLIs really hold.
+    let cgroups = {
+        let cfg = polydev_sandbox::LocalConfig::for_data_dir(server.data_dir());
+        polydev_sandbox::cgroup::Cgroups::detect(&cfg.cgroup_root, &cfg.instance)?
+    };
+    let idle_bytes = cgroups.parent_memory_bytes();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(
+                    cgroups.parent_memory_bytes(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for tok in tokens {
@@ -237,6 +257,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         totals.push(r??.1);
     }
     let wall = t.elapsed().as_secs_f64();
+    sampler.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    figures.insert("concurrent_peak_memory_mib".into(), json!(peak >> 20));
+    figures.insert(
+        "concurrent_memory_per_cli_mib".into(),
+        json!(peak.saturating_sub(idle_bytes) as f64 / (3 * CONCURRENT) as f64 / 1048576.0),
+    );
     figures.insert("concurrent_runs".into(), json!(CONCURRENT));
     figures.insert("concurrent_wall_s".into(), json!(wall));
     figures.insert("concurrent_run_p50_ms".into(), json!(p50(totals)));

@@ -136,6 +136,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let cfg = ManagerConfig {
         pools: [("minimal".to_owned(), 100)].into(),
         per_user_max: 1000,
+        // 100 hand-outs to one user: speed, not the per-user memory cap.
+        per_user_memory: None,
         ..Default::default()
     };
     let manager = Manager::new(
