@@ -69,6 +69,9 @@ impl Server {
                 "json",
                 "--log-level",
                 "info",
+                // Benchmarks name their templates; no image builds beside them.
+                "--sandbox-prepare",
+                "none",
             ])
             .arg("--data-dir")
             .arg(dir.path())

@@ -160,8 +160,15 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 async fn connect(url: &str) -> anyhow::Result<Ws> {
     let mut req =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+    // As a browser on the server's own page would: the viewer requires
+    // its Origin.
+    let origin = match req.uri().authority() {
+        Some(a) => format!("http://{a}"),
+        None => bail!("no host in {url}"),
+    };
     req.headers_mut()
         .insert("sec-websocket-protocol", "binary".parse()?);
+    req.headers_mut().insert("origin", origin.parse()?);
     let (ws, _) = tokio_tungstenite::connect_async(req).await?;
     Ok(ws)
 }
@@ -234,8 +241,9 @@ async fn tcp_rtt(echo: std::net::SocketAddr) -> anyhow::Result<Vec<f64>> {
 }
 
 /// A login session from `POST /api/auth/start` to the first framebuffer
-/// update at an RFB client through the bridge; ms.
-async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64> {
+/// update at an RFB client through the bridge: (to `ready`, to the first
+/// frame), ms.
+async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<(f64, f64)> {
     let http = reqwest::Client::new();
     let t = Instant::now();
     let r: Value = http
@@ -252,7 +260,7 @@ async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64>
         .to_owned();
     let result = async {
         // Ready once the remote browser's VNC server greets.
-        loop {
+        let ready = loop {
             let v: Value = http
                 .get(format!("{base}/api/auth/session/{id}"))
                 .bearer_auth(token)
@@ -261,7 +269,7 @@ async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64>
                 .json()
                 .await?;
             match v["state"].as_str() {
-                Some("ready" | "awaiting_login") => break,
+                Some("ready" | "awaiting_login") => break t.elapsed().as_secs_f64() * 1e3,
                 Some("booting") => {}
                 _ => bail!("login session did not come up: {v}"),
             }
@@ -269,7 +277,7 @@ async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64>
                 bail!("login session not ready in 30 s");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
         let ticket: Value = http
             .post(format!("{base}/api/auth/session/{id}/ticket"))
             .bearer_auth(token)
@@ -321,7 +329,7 @@ async fn first_frame(base: &str, user: &str, token: &str) -> anyhow::Result<f64>
         if buf[0] != 0 {
             bail!("expected a FramebufferUpdate, got message type {}", buf[0]);
         }
-        anyhow::Ok(t.elapsed().as_secs_f64() * 1e3)
+        anyhow::Ok((ready, t.elapsed().as_secs_f64() * 1e3))
     }
     .await;
     let _ = http
@@ -423,12 +431,19 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let base = format!("http://{}", server.addr);
         let (user, token) = server.vault_user(&format!("{name}@example.com"))?;
         let mut times = Vec::new();
+        let mut readies = Vec::new();
         for _ in 0..LOGIN_ROUNDS {
             if pool > 0 {
                 wait_for_pool(&base).await?;
             }
-            times.push(first_frame(&base, &user, &token).await?);
+            let (ready, frame) = first_frame(&base, &user, &token).await?;
+            readies.push(ready);
+            times.push(frame);
         }
+        f.insert(
+            format!("{name}_ready_p50_ms"),
+            json!(percentile(readies, 0.5).round()),
+        );
         f.insert(
             format!("{name}_first_frame_p50_ms"),
             json!(percentile(times.clone(), 0.5).round()),
