@@ -209,12 +209,98 @@ async fn add_node_and_clis(root: &Path, packages: &[String]) -> Result<(), Build
     }
     std::fs::create_dir_all(root.join("usr/local/bin")).map_err(failed)?;
     std::fs::copy(&node, root.join("usr/local/bin/node")).map_err(failed)?;
+    npm_install_unprivileged(&root.join("usr/local"), packages).await
+}
+
+/// The uid npm runs as while it fetches and unpacks the CLIs: just below
+/// the sandboxes' uid ranges (which start at 3 000 000), never a
+/// sandbox's, owning nothing on the host but its own staging directory.
+pub const BUILD_UID: u32 = 2_999_999;
+
+/// The environment npm keeps when it drops to `BUILD_UID`: how to reach
+/// the registry (proxies, certificates, npm's own settings), nothing else
+/// of the controller's (its database URL, for one).
+fn npm_env_kept(name: &str) -> bool {
+    matches!(
+        name,
+        "PATH"
+            | "NODE_EXTRA_CA_CERTS"
+            | "SSL_CERT_FILE"
+            | "SSL_CERT_DIR"
+            | "HTTP_PROXY"
+            | "HTTPS_PROXY"
+            | "NO_PROXY"
+            | "http_proxy"
+            | "https_proxy"
+            | "no_proxy"
+    ) || name.to_ascii_lowercase().starts_with("npm_config_")
+}
+
+/// `npm install --global packages` into `prefix`, run as `BUILD_UID` (not
+/// as root: npm fetches and unpacks third-party tarballs and may run
+/// their install scripts) in a staging directory of its own, whose result
+/// is then owned by root and copied into `prefix`.
+async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let staging = tempfile::Builder::new()
+        .prefix("polydev-npm-")
+        .tempdir()
+        .map_err(failed)?;
+    let dir = staging.path();
+    for d in ["home", "cache", "prefix"] {
+        std::fs::create_dir(dir.join(d)).map_err(failed)?;
+        std::os::unix::fs::chown(dir.join(d), Some(BUILD_UID), Some(BUILD_UID)).map_err(failed)?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
+    // With --prefix, npm looks for its global config under the prefix:
+    // keep the host's (e.g. the registry's certificate authority).
+    let globalconfig = tokio::process::Command::new("npm")
+        .args(["config", "get", "globalconfig"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|p| Path::new(p).is_file());
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={BUILD_UID}"),
+        &format!("--regid={BUILD_UID}"),
+        "--clear-groups",
+        "--no-new-privs",
+        "npm",
+        "install",
+        "--global",
+        "--no-audit",
+        "--no-fund",
+        "--prefix",
+    ])
+    .arg(dir.join("prefix"))
+    .args(packages)
+    .current_dir(dir.join("home"))
+    .env_clear()
+    .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(npm_env_kept)))
+    .env("HOME", dir.join("home"))
+    .env("npm_config_cache", dir.join("cache"))
+    .env("npm_config_update_notifier", "false");
+    if let Some(g) = globalconfig {
+        cmd.env("npm_config_globalconfig", g);
+    }
+    run(&mut cmd, "npm install of the CLIs (as an unprivileged uid)").await?;
     run(
-        tokio::process::Command::new("npm")
-            .args(["install", "--global", "--no-audit", "--no-fund", "--prefix"])
-            .arg(root.join("usr/local"))
-            .args(packages),
-        "npm install of the CLIs",
+        tokio::process::Command::new("chown")
+            .args(["-R", "-h", "0:0"])
+            .arg(dir.join("prefix")),
+        "taking ownership of the CLIs",
+    )
+    .await?;
+    run(
+        tokio::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("prefix").join("."))
+            .arg(prefix),
+        "copying the CLIs into the image",
     )
     .await
 }
@@ -574,5 +660,39 @@ pub async fn prepare_missing(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npm_keeps_how_to_reach_the_registry_and_nothing_of_the_controllers() {
+        for kept in [
+            "PATH",
+            "NODE_EXTRA_CA_CERTS",
+            "https_proxy",
+            "npm_config_registry",
+            "NPM_CONFIG_CAFILE",
+        ] {
+            assert!(npm_env_kept(kept), "{kept}");
+        }
+        for dropped in [
+            "POLYDEV_DATABASE_URL",
+            "HOME",
+            "AWS_SECRET_ACCESS_KEY",
+            "ANTHROPIC_API_KEY",
+            "NPM_TOKEN",
+        ] {
+            assert!(!npm_env_kept(dropped), "{dropped}");
+        }
+    }
+
+    #[test]
+    fn the_build_uid_is_below_every_sandbox_uid_range() {
+        let cfg = crate::LocalConfig::for_data_dir(Path::new("/nonexistent/polydev"));
+        assert!(BUILD_UID < cfg.uid_base);
+        assert!(BUILD_UID < crate::LocalConfig::for_validation(Path::new("/x")).uid_base);
     }
 }

@@ -87,7 +87,8 @@ async fn start_polydev() -> anyhow::Result<ProxyProcess> {
         ..Default::default()
     };
     let minter = polydev_egress::Egress::new(config, store.clone(), &mut Default::default())?;
-    let access = minter.mint(user_id, "bench", "runtime").await?;
+    // A template without a built-in allow-list (runtime's names the providers only).
+    let access = minter.mint(user_id, "bench", "minimal").await?;
     store.close().await;
     let child = Command::new(&exe)
         .args([
