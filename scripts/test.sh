@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 need_rust
 
 # --- what the tests need -----------------------------------------------------
-need_packages psql postgresql /usr/bin/chromium chromium node nodejs npm npm promtool prometheus curl curl \
+need_node
+need_packages psql postgresql /usr/bin/chromium chromium promtool prometheus curl curl \
   bwrap bubblewrap debootstrap debootstrap /usr/sbin/sshd openssh-server ssh-keygen openssh-client \
   Xtigervnc tigervnc-standalone-server /usr/sbin/nginx nginx websockify websockify \
   openssl openssl
@@ -49,7 +50,7 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 # a virtualenv of its own (Debian's python3 takes no pip installs).
 need_packages python3 python3
 python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
-[ -x target/py/bin/python ] || python3 -m venv target/py
+[ -x target/py/bin/pip ] || python3 -m venv --clear target/py
 target/py/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("mcp") != "2.3.0")' 2>/dev/null \
   || target/py/bin/python -m pip install --quiet --disable-pip-version-check "mcp==2.3.0"
 export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"

@@ -68,21 +68,79 @@ fn failed(e: impl std::fmt::Display) -> BuildError {
     BuildError::Failed(e.to_string())
 }
 
-/// Runs a command to its end; its stderr's last lines when it fails.
+/// The longest one build step (debootstrap, apt, npm, a copy) may take.
+const STEP_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// How much of a step's stderr is kept (its end) for the error message.
+const STDERR_KEPT: usize = 16 << 10;
+
+/// Runs a command to its end within `STEP_DEADLINE`, in a process group
+/// of its own (killed whole on the deadline); its stdout is dropped and
+/// only the end of its stderr kept, for the error when it fails.
 async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<(), BuildError> {
-    let out = cmd
+    run_within(cmd, what, STEP_DEADLINE).await
+}
+
+async fn run_within(
+    cmd: &mut tokio::process::Command,
+    what: &str,
+    deadline: Duration,
+) -> Result<(), BuildError> {
+    use tokio::io::AsyncReadExt;
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .map_err(|e| BuildError::Failed(format!("cannot run {what}: {e}")))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let mut stderr = child.stderr.take();
+    let reader = tokio::spawn(async move {
+        let mut kept: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 8192];
+        if let Some(err) = stderr.as_mut() {
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * STDERR_KEPT {
+                    kept.drain(..kept.len() - STDERR_KEPT);
+                }
+            }
+        }
+        kept
+    });
+    let status = match tokio::time::timeout(deadline, child.wait()).await {
+        Ok(status) => status.map_err(failed)?,
+        Err(_) => {
+            if let Some(pg) = pgid {
+                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            reader.abort();
+            return Err(BuildError::Failed(format!(
+                "{what} did not finish within {} s and was stopped",
+                deadline.as_secs()
+            )));
+        }
+    };
+    // A leftover of the step that still holds its stderr ends with it.
+    if let Some(pg) = pgid {
+        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+    }
+    let kept = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    if !status.success() {
+        let err = String::from_utf8_lossy(&kept[kept.len().saturating_sub(STDERR_KEPT)..]);
         let tail: Vec<&str> = err.lines().rev().take(20).collect::<Vec<_>>();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(BuildError::Failed(format!(
-            "{what} failed ({}):\n{}",
-            out.status,
+            "{what} failed ({status}):\n{}",
             tail.join("\n")
         )));
     }
@@ -154,31 +212,36 @@ async fn debootstrap_base(
     Ok(cache)
 }
 
+/// `chroot ROOT ARGS` with the image's own PATH and nothing else of the
+/// controller's environment.
+fn chroot(root: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("chroot");
+    cmd.arg(root)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LANG", "C.UTF-8");
+    cmd
+}
+
+/// Debian packages into the image, as root in a chroot: always before
+/// anything from npm is in the tree (no root step ever runs in files an
+/// unprivileged step wrote).
 async fn chroot_apt(root: &Path, packages: &[&str]) -> Result<(), BuildError> {
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
     run(
-        tokio::process::Command::new("chroot")
-            .arg(root)
-            .args(["apt-get", "update", "-qq"]),
+        chroot(root).args(["apt-get", "update", "-qq"]),
         "apt-get update in the image",
     )
     .await?;
     run(
-        tokio::process::Command::new("chroot")
-            .arg(root)
+        chroot(root)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["apt-get", "install", "-y", "-qq", "--no-install-recommends"])
             .args(packages),
         "apt-get install in the image",
     )
     .await?;
-    run(
-        tokio::process::Command::new("chroot")
-            .arg(root)
-            .args(["apt-get", "clean"]),
-        "apt-get clean",
-    )
-    .await?;
+    run(chroot(root).args(["apt-get", "clean"]), "apt-get clean").await?;
     let _ = std::fs::remove_dir_all(root.join("var/lib/apt/lists"));
     std::fs::create_dir_all(root.join("var/lib/apt/lists/partial")).map_err(failed)?;
     Ok(())
@@ -221,6 +284,20 @@ pub const BUILD_UID: u32 = 2_999_999;
 /// the registry (proxies, certificates, npm's own settings), nothing else
 /// of the controller's (its database URL, for one).
 fn npm_env_kept(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    // Set below, whatever the controller's environment says.
+    if [
+        "npm_config_cache",
+        "npm_config_globalconfig",
+        "npm_config_update_notifier",
+        "npm_config_ignore_scripts",
+        "npm_config_prefix",
+        "npm_config_userconfig",
+    ]
+    .contains(&lower.as_str())
+    {
+        return false;
+    }
     matches!(
         name,
         "PATH"
@@ -233,13 +310,13 @@ fn npm_env_kept(name: &str) -> bool {
             | "http_proxy"
             | "https_proxy"
             | "no_proxy"
-    ) || name.to_ascii_lowercase().starts_with("npm_config_")
+    ) || lower.starts_with("npm_config_")
 }
 
-/// `npm install --global packages` into `prefix`, run as `BUILD_UID` (not
-/// as root: npm fetches and unpacks third-party tarballs and may run
-/// their install scripts) in a staging directory of its own, whose result
-/// is then owned by root and copied into `prefix`.
+/// `npm install --global --ignore-scripts packages` into `prefix`, run as
+/// `BUILD_UID` (not as root: npm fetches and unpacks third-party
+/// tarballs) in a staging directory of its own, whose result is then
+/// owned by root and copied into `prefix` as the image's last step.
 async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<(), BuildError> {
     use std::os::unix::fs::PermissionsExt;
     let staging = tempfile::Builder::new()
@@ -254,40 +331,67 @@ async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
     // With --prefix, npm looks for its global config under the prefix:
     // keep the host's (e.g. the registry's certificate authority).
-    let globalconfig = tokio::process::Command::new("npm")
-        .args(["config", "get", "globalconfig"])
-        .stdin(std::process::Stdio::null())
-        .output()
+    let globalconfig = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("npm")
+            .args(["config", "get", "globalconfig"])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .filter(|o| o.status.success())
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    .filter(|p| Path::new(p).is_file());
+    let npm = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={BUILD_UID}"),
+            &format!("--regid={BUILD_UID}"),
+            "--clear-groups",
+            "--no-new-privs",
+            "npm",
+        ])
+        .args(args)
+        .args(["--global", "--no-audit", "--no-fund", "--prefix"])
+        .arg(dir.join("prefix"))
+        .current_dir(dir.join("home"))
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(npm_env_kept)))
+        .env("HOME", dir.join("home"))
+        .env("npm_config_cache", dir.join("cache"))
+        .env("npm_config_update_notifier", "false");
+        if let Some(g) = &globalconfig {
+            cmd.env("npm_config_globalconfig", g);
+        }
+        cmd
+    };
+    // No dependency's install script runs (keytar, node-pty: the CLIs
+    // work without them)...
+    let mut install = npm(&["install", "--ignore-scripts"]);
+    install.args(packages);
+    run(
+        &mut install,
+        "npm install of the CLIs (as an unprivileged uid)",
+    )
+    .await?;
+    // ...only the pinned CLIs' own (Claude Code's links its native binary),
+    // still as the build uid.
+    let names: Vec<&str> = packages.iter().map(|p| package_name(p)).collect();
+    let mut rebuild = npm(&["rebuild", "--ignore-scripts=false", "--foreground-scripts"]);
+    rebuild.args(&names);
+    run(
+        &mut rebuild,
+        "the CLIs' own install scripts (as an unprivileged uid)",
+    )
+    .await?;
+    // Whatever those left running (even outside their process group) ends
+    // before root takes the files over: nothing can change them under us.
+    tokio::task::spawn_blocking(|| end_processes_of(BUILD_UID))
         .await
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|p| Path::new(p).is_file());
-    let mut cmd = tokio::process::Command::new("setpriv");
-    cmd.args([
-        &format!("--reuid={BUILD_UID}"),
-        &format!("--regid={BUILD_UID}"),
-        "--clear-groups",
-        "--no-new-privs",
-        "npm",
-        "install",
-        "--global",
-        "--no-audit",
-        "--no-fund",
-        "--prefix",
-    ])
-    .arg(dir.join("prefix"))
-    .args(packages)
-    .current_dir(dir.join("home"))
-    .env_clear()
-    .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(npm_env_kept)))
-    .env("HOME", dir.join("home"))
-    .env("npm_config_cache", dir.join("cache"))
-    .env("npm_config_update_notifier", "false");
-    if let Some(g) = globalconfig {
-        cmd.env("npm_config_globalconfig", g);
-    }
-    run(&mut cmd, "npm install of the CLIs (as an unprivileged uid)").await?;
+        .map_err(failed)??;
     run(
         tokio::process::Command::new("chown")
             .args(["-R", "-h", "0:0"])
@@ -352,13 +456,15 @@ pub async fn build(
                 "runtime" | "browser" => {
                     step("packages (git, certificates)");
                     chroot_apt(&root, RUNTIME_PACKAGES).await?;
-                    step("Node.js and the CLIs");
-                    add_node_and_clis(&root, &opts.cli_packages).await?;
                     if template == "browser" {
-                        // The same CLIs: a login runs the CLI whose sign-in it is.
                         step("Xvnc (TigerVNC) and Chromium");
                         chroot_apt(&root, BROWSER_PACKAGES).await?;
                     }
+                    // Last: no root step runs in the tree after npm wrote
+                    // to it. The browser gets the same CLIs (a login runs
+                    // the CLI whose sign-in it is).
+                    step("Node.js and the CLIs");
+                    add_node_and_clis(&root, &opts.cli_packages).await?;
                 }
                 _ => step("nothing to add"),
             }
@@ -528,6 +634,9 @@ pub struct Preparation {
     /// The templates in the order they are built (runs' first).
     order: Vec<String>,
     states: Mutex<BTreeMap<String, Prepared>>,
+    /// Held (`.prepare.lock`) while this controller prepares, so a reader
+    /// can tell a live preparation from one a dead controller left.
+    live: Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
 }
 
 impl Preparation {
@@ -543,13 +652,44 @@ impl Preparation {
                 (t.clone(), s)
             })
             .collect();
+        let live = std::fs::create_dir_all(images.dir())
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(images.dir().join(".prepare.lock"))
+            })
+            .ok()
+            .and_then(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+            });
         let me = Self {
             file: images.dir().join(".prepare.json"),
             order: templates.to_vec(),
             states: Mutex::new(states),
+            live: Mutex::new(live),
         };
         me.save();
         me
+    }
+
+    /// This controller is done preparing (whatever the outcome).
+    pub fn finish(&self) {
+        if let Ok(mut l) = self.live.lock() {
+            l.take();
+        }
+    }
+
+    /// Whether some process is preparing this image store now.
+    pub fn running(images: &ImageStore) -> bool {
+        let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(images.dir().join(".prepare.lock"))
+        else {
+            return false;
+        };
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
     }
 
     /// The templates still to build, in the order given.
@@ -565,6 +705,15 @@ impl Preparation {
     }
 
     pub fn set(&self, template: &str, state: Prepared) {
+        // A failure's text holds tool output: printable and short where it
+        // is shown (`polydev image status`, logs).
+        let state = match state {
+            Prepared::Failed { error, at_ms } => Prepared::Failed {
+                error: printable(&error, 4096),
+                at_ms,
+            },
+            other => other,
+        };
         if let Ok(mut s) = self.states.lock() {
             s.insert(template.to_owned(), state);
         }
@@ -583,7 +732,9 @@ impl Preparation {
     fn save(&self) {
         let all = self.all();
         if let Ok(bytes) = serde_json::to_vec_pretty(&all) {
-            let tmp = self.file.with_extension("json.tmp");
+            let tmp = self
+                .file
+                .with_extension(format!("json.{}.tmp", std::process::id()));
             if std::fs::write(&tmp, bytes).is_ok() {
                 let _ = std::fs::rename(tmp, &self.file);
             }
@@ -661,11 +812,148 @@ pub async fn prepare_missing(
             }
         }
     }
+    preparation.finish();
+}
+
+/// Kills every process running as `uid` (ours: only the build runs as
+/// it), until none is left (a few rounds, for one that forks meanwhile).
+fn end_processes_of(uid: u32) -> Result<(), BuildError> {
+    for _ in 0..20 {
+        let mut found = 0;
+        for entry in std::fs::read_dir("/proc").map_err(failed)?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim_start)
+            };
+            let owner = field("Uid:")
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|u| u.parse::<u32>().ok());
+            // A zombie runs nothing any more (its parent reaps it).
+            let dead = field("State:").is_some_and(|v| v.starts_with(['Z', 'X']));
+            if owner == Some(uid) && !dead {
+                found += 1;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if found == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(BuildError::Failed(format!(
+        "processes of the build uid {uid} kept coming back; the build stopped before taking their files"
+    )))
+}
+
+/// `@scope/name@1.2.3` → `@scope/name`; `name@1` → `name`.
+fn package_name(spec: &str) -> &str {
+    match spec.rfind('@') {
+        Some(at) if at > 0 => &spec[..at],
+        _ => spec,
+    }
+}
+
+/// `text` without control characters other than newlines and tabs, cut
+/// to at most `max` bytes (at a character boundary).
+fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_preparation_counts_as_running_only_while_its_controller_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = ImageStore::new(dir.path());
+        assert!(!Preparation::running(&images));
+        let p = Preparation::new(&images, &["runtime".to_owned()]);
+        assert!(Preparation::running(&images));
+        assert_eq!(Preparation::read(&images)["runtime"], Prepared::Queued);
+        // A controller that dies mid-build (here: drops it) leaves its
+        // states behind, but not the lock.
+        drop(p);
+        assert!(!Preparation::running(&images));
+        assert_eq!(Preparation::read(&images)["runtime"], Prepared::Queued);
+        let p = Preparation::new(&images, &["runtime".to_owned()]);
+        p.finish();
+        assert!(!Preparation::running(&images));
+    }
+
+    fn sh(line: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.args(["-c", line]);
+        cmd
+    }
+
+    #[tokio::test]
+    async fn a_build_step_keeps_only_the_end_of_its_output_and_its_deadline() {
+        // 10 MB of stderr: the error holds the last lines only.
+        let err = run(
+            &mut sh("yes flooding | head -c 10000000 >&2; echo the end >&2; exit 3"),
+            "flood",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.len() < STDERR_KEPT + 200, "{}", err.len());
+        assert!(
+            err.contains("the end") && err.contains("exit status: 3"),
+            "{}",
+            &err[err.len() - 100..]
+        );
+        // A step that hangs is stopped at its deadline, with what it left.
+        let t = Instant::now();
+        let err = run_within(
+            &mut sh("sleep 30 & sleep 30"),
+            "hang",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("did not finish within 1 s"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // A step that leaves a process holding its stderr still ends.
+        let t = Instant::now();
+        run(&mut sh("sleep 30 & exit 0"), "leftover").await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_failures_text_is_printable_and_short() {
+        let hostile = format!("\x1b]0;owned\x07bad\r\x1b[2Jnews\n{}", "é".repeat(5000));
+        let p = printable(&hostile, 4096);
+        assert!(!p.chars().any(|c| c.is_control() && c != '\n'), "{p:?}");
+        assert!(p.starts_with("]0;ownedbad[2Jnews\n"), "{p:?}");
+        assert!(p.len() <= 4096 + '…'.len_utf8());
+    }
 
     #[test]
     fn npm_keeps_how_to_reach_the_registry_and_nothing_of_the_controllers() {
@@ -687,6 +975,52 @@ mod tests {
         ] {
             assert!(!npm_env_kept(dropped), "{dropped}");
         }
+    }
+
+    #[test]
+    fn nothing_the_build_uid_left_running_survives() {
+        // A process detached into its own session, as an install script
+        // could leave one, running as the build uid.
+        let status = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={BUILD_UID}"),
+                &format!("--regid={BUILD_UID}"),
+                "--clear-groups",
+                "setsid",
+                "-f",
+                "sleep",
+                "300",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(200));
+        let of_build_uid = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
+                        s.lines()
+                            .any(|l| l.starts_with(&format!("Uid:\t{BUILD_UID}\t")))
+                            && !s.lines().any(|l| l.starts_with("State:\tZ"))
+                    })
+                })
+                .count()
+        };
+        assert_eq!(of_build_uid(), 1, "the detached process runs");
+        end_processes_of(BUILD_UID).unwrap();
+        assert_eq!(of_build_uid(), 0);
+    }
+
+    #[test]
+    fn package_specs_name_their_package() {
+        assert_eq!(
+            package_name("@anthropic-ai/claude-code@2.1.197"),
+            "@anthropic-ai/claude-code"
+        );
+        assert_eq!(package_name("@openai/codex"), "@openai/codex");
+        assert_eq!(package_name("left-pad@1.3.0"), "left-pad");
     }
 
     #[test]

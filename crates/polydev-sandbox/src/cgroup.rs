@@ -199,18 +199,38 @@ impl Cgroups {
         }
     }
 
-    /// Memory all of this instance's sandboxes use now (the parent
-    /// group's charge: resident memory, page cache and tmpfs pages).
+    /// Memory all of this instance's sandboxes hold now and cannot give
+    /// back without killing something: anonymous memory and tmpfs pages
+    /// (and, on v2, unreclaimable kernel memory), not the page cache, which
+    /// a tenant could inflate at will and the kernel reclaims on demand.
     pub fn parent_memory_bytes(&self) -> u64 {
-        let file = match self.version {
-            Version::V1 => self
-                .root
-                .join("memory")
-                .join(&self.parent)
-                .join("memory.usage_in_bytes"),
-            Version::V2 => self.root.join(&self.parent).join("memory.current"),
+        let sum = |file: PathBuf, keys: &[&str]| -> u64 {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(k, _)| keys.contains(k))
+                .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                .sum()
         };
-        read_u64(&file).unwrap_or(0)
+        match self.version {
+            Version::V1 => sum(
+                self.root
+                    .join("memory")
+                    .join(&self.parent)
+                    .join("memory.stat"),
+                &["total_rss", "total_shmem"],
+            ),
+            Version::V2 => sum(
+                self.root.join(&self.parent).join("memory.stat"),
+                &[
+                    "anon",
+                    "shmem",
+                    "kernel_stack",
+                    "pagetables",
+                    "slab_unreclaimable",
+                ],
+            ),
+        }
     }
 
     /// Whether process `pid` is in sandbox `id`'s groups (read from

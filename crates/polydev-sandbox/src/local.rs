@@ -642,9 +642,10 @@ impl Driver for LocalDriver {
         }
         let made = (|| -> std::io::Result<()> {
             // Made again with its mode if another process of this instance
-            // removed it empty at its shutdown.
+            // removed it empty at its shutdown (also in between).
             private_dir(&self.cfg.state_dir, 0o711)?;
             private_dir(&dir, 0o711)?;
+            private_dir(&self.cfg.state_dir, 0o711)?;
             private_dir(&dir.join("ctl"), 0o700)?;
             private_dir(&dir.join("fs"), 0o711)?;
             write_private(&dir.join("uid"), uid.to_string().as_bytes())?;

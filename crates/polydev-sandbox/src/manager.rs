@@ -201,8 +201,8 @@ pub enum ManagerError {
     },
     #[error("this host's memory for sandboxes is committed; try again shortly")]
     HostMemory,
-    #[error("this host's sandboxes use {used_pct} % of their memory; try again shortly")]
-    HostMemoryInUse { used_pct: u64 },
+    #[error("this host's sandboxes are using most of their memory; try again shortly")]
+    HostMemoryInUse,
     #[error("no sandbox {0}")]
     NotFound(String),
     #[error("sandbox {0} has ended")]
@@ -529,9 +529,12 @@ impl Manager {
             (self.cfg.admit_memory_below, self.driver.memory_in_use())
         {
             if budget > 0 && used as f64 > budget as f64 * share {
-                return Err(ManagerError::HostMemoryInUse {
-                    used_pct: used.saturating_mul(100) / budget,
-                });
+                tracing::warn!(
+                    used_mib = used >> 20,
+                    budget_mib = budget >> 20,
+                    "a sandbox was refused: the sandboxes use more than the admission share of their memory budget"
+                );
+                return Err(ManagerError::HostMemoryInUse);
             }
         }
         let max = self.cfg.host_max as usize;

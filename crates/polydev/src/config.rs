@@ -161,6 +161,9 @@ pub struct SandboxSettings {
     /// All sandboxes' memory limits together may reach the instance's
     /// memory budget times this.
     pub memory_overcommit: Option<f64>,
+    /// Whether `[sandbox] per_user_memory_mb` was set (else the default is
+    /// held to half the host's sandbox budget).
+    pub per_user_memory_set: bool,
     pub debian_mirror: String,
 }
 
@@ -262,6 +265,7 @@ pub fn sandbox_config(
     }
     Ok(SandboxSettings {
         memory_overcommit: overcommit,
+        per_user_memory_set: f.per_user_memory_mb.is_some(),
         enabled: args.enabled.or(f.enabled).unwrap_or(true),
         keep_failed: args.keep_failed.or(f.keep_failed).unwrap_or(false),
         manager: m,

@@ -105,6 +105,14 @@ pub async fn manager(
         .memory_bytes
         .zip(settings.memory_overcommit)
         .map(|(b, o)| (b as f64 * o) as u64);
+    // One user alone never holds most of a small host (the default 12 GiB
+    // is more than a 16 GiB host's whole budget).
+    if let (false, Some(budget)) = (
+        settings.per_user_memory_set,
+        driver.config().budget.memory_bytes,
+    ) {
+        cfg.per_user_memory = cfg.per_user_memory.map(|m| m.min(budget / 2));
+    }
     let manager = Manager::new(
         Arc::new(driver),
         store.clone(),
@@ -126,12 +134,21 @@ pub async fn prepare(manager: Arc<Manager>, data_dir: std::path::PathBuf, mirror
         return;
     };
     if preparation.missing().is_empty() {
+        preparation.finish();
         return;
     }
-    tracing::info!(templates = ?preparation.missing(), "preparing the images runs and logins need (first start); this takes a few minutes");
-    let validator = match validation_driver(&data_dir) {
+    let validator = if !nix::unistd::geteuid().is_root() {
+        // A service user (deploy/systemd) runs sandboxes with capabilities
+        // but cannot debootstrap or chroot.
+        Err("building images needs root (debootstrap, chroot): as root, run `polydev image build runtime` and `polydev image build browser` with this controller's --config or --data-dir".to_owned())
+    } else {
+        tracing::info!(templates = ?preparation.missing(), "preparing the images runs and logins need (first start); this takes a few minutes");
+        validation_driver(&data_dir)
+    };
+    let validator = match validator {
         Ok(v) => v,
         Err(e) => {
+            tracing::warn!(error = %e, templates = ?preparation.missing(), "cannot prepare the images runs and logins need");
             for t in preparation.missing() {
                 preparation.set(
                     &t,
@@ -141,6 +158,7 @@ pub async fn prepare(manager: Arc<Manager>, data_dir: std::path::PathBuf, mirror
                     },
                 );
             }
+            preparation.finish();
             return;
         }
     };
@@ -250,14 +268,20 @@ pub async fn build(
 pub fn status(images_dir: &Path, json: bool) -> anyhow::Result<()> {
     let images = images(images_dir);
     let preparing = Preparation::read(&images);
+    // A controller that died mid-build left "building" behind: it counts
+    // only while a preparation is alive.
+    let build_running = Preparation::running(&images);
     let mut rows = Vec::new();
     for template in polydev_sandbox::build::TEMPLATES {
         let current = images.current(template).ok();
         let state = match (&current, preparing.get(template)) {
-            (
-                _,
-                Some(p @ (Prepared::Building { .. } | Prepared::Queued | Prepared::Failed { .. })),
-            ) => serde_json::to_value(p).unwrap_or_default(),
+            (_, Some(p @ (Prepared::Building { .. } | Prepared::Queued))) if build_running => {
+                serde_json::to_value(p).unwrap_or_default()
+            }
+            // An image made since (e.g. by hand) outranks an old failure.
+            (None, Some(p @ Prepared::Failed { .. })) => {
+                serde_json::to_value(p).unwrap_or_default()
+            }
             (Some(_), _) => serde_json::json!({"state": "ready"}),
             (None, _) => serde_json::json!({"state": "missing"}),
         };

@@ -113,7 +113,7 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
             "sandbox_memory_quota",
             e.to_string(),
         ),
-        e @ (ManagerError::HostMemory | ManagerError::HostMemoryInUse { .. }) => ApiError {
+        e @ (ManagerError::HostMemory | ManagerError::HostMemoryInUse) => ApiError {
             retry_after: Some(10),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity", e.to_string())
         },

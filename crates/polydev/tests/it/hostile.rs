@@ -417,7 +417,11 @@ async fn a_host_whose_sandboxes_use_their_memory_admits_no_more() {
         "{}",
         r.text
     );
-    assert!(r.message().contains("% of their memory"), "{}", r.message());
+    assert!(
+        r.message().contains("using most of their memory"),
+        "{}",
+        r.message()
+    );
     assert!(r.headers.contains_key("retry-after"));
     let r = sh(&app, &admin, &hog, "rm /tmp/fill").await;
     assert_eq!(r.body["exitCode"], 0, "{}", r.text);
