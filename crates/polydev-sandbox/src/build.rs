@@ -392,6 +392,13 @@ async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<
     tokio::task::spawn_blocking(|| end_processes_of(BUILD_UID))
         .await
         .map_err(failed)??;
+    // Only what the build uid made itself is taken over: a hard link to
+    // someone else's file (possible where fs.protected_hardlinks is off)
+    // or a set-id bit would otherwise become root's in the image.
+    let staged = dir.join("prefix");
+    tokio::task::spawn_blocking(move || check_staged(&staged, BUILD_UID))
+        .await
+        .map_err(failed)??;
     run(
         tokio::process::Command::new("chown")
             .args(["-R", "-h", "0:0"])
@@ -858,6 +865,47 @@ fn end_processes_of(uid: u32) -> Result<(), BuildError> {
     )))
 }
 
+/// Walks `root` without following a symlink and refuses any entry not
+/// owned by `uid`, any set-id file and anything but files, directories and
+/// symlinks.
+fn check_staged(root: &Path, uid: u32) -> Result<(), BuildError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut pending = vec![root.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(path) = pending.pop() {
+        seen += 1;
+        if seen > 2_000_000 {
+            return Err(BuildError::Failed(
+                "the CLIs' install left more than two million files; the build stopped".into(),
+            ));
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(failed)?;
+        let shown = path.strip_prefix(root).unwrap_or(&path).display();
+        if meta.uid() != uid {
+            return Err(BuildError::Failed(format!(
+                "the CLIs' install left {shown}, owned by uid {} and not by the build uid: the build stopped before taking it into the image",
+                meta.uid()
+            )));
+        }
+        let kind = meta.file_type();
+        if !kind.is_dir() && meta.mode() & 0o6000 != 0 {
+            return Err(BuildError::Failed(format!(
+                "the CLIs' install left the set-id file {shown}: the build stopped before taking it into the image"
+            )));
+        }
+        if kind.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(failed)? {
+                pending.push(entry.map_err(failed)?.path());
+            }
+        } else if !kind.is_file() && !kind.is_symlink() {
+            return Err(BuildError::Failed(format!(
+                "the CLIs' install left {shown}, neither a file, a directory nor a symlink: the build stopped before taking it into the image"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `@scope/name@1.2.3` → `@scope/name`; `name@1` → `name`.
 fn package_name(spec: &str) -> &str {
     match spec.rfind('@') {
@@ -1011,6 +1059,42 @@ mod tests {
         assert_eq!(of_build_uid(), 1, "the detached process runs");
         end_processes_of(BUILD_UID).unwrap();
         assert_eq!(of_build_uid(), 0);
+    }
+
+    #[test]
+    fn only_what_the_build_uid_made_is_taken_into_the_image() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let owner = nix::unistd::getuid().as_raw();
+        let tree = dir.path().join("prefix");
+        std::fs::create_dir_all(tree.join("lib/node_modules/cli")).unwrap();
+        std::fs::write(tree.join("lib/node_modules/cli/index.js"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", tree.join("bin-link")).unwrap();
+        // A tree of the owner's own files and symlinks (not followed) passes.
+        check_staged(&tree, owner).unwrap();
+        // The same tree is refused for any other uid.
+        let err = check_staged(&tree, owner + 1).unwrap_err().to_string();
+        assert!(err.contains("not by the build uid"), "{err}");
+        // A hard link to a file someone else owns is refused by its owner.
+        let other = dir.path().join("someone-elses");
+        std::fs::write(&other, "secret").unwrap();
+        std::os::unix::fs::chown(&other, Some(owner + 7), None).ok();
+        if nix::unistd::getuid().is_root() {
+            std::fs::hard_link(&other, tree.join("lib/linked")).unwrap();
+            let err = check_staged(&tree, owner).unwrap_err().to_string();
+            assert!(err.contains("lib/linked") && err.contains(&format!("uid {}", owner + 7)), "{err}");
+            std::fs::remove_file(tree.join("lib/linked")).unwrap();
+        }
+        // A set-id file is refused.
+        let suid = tree.join("lib/node_modules/cli/index.js");
+        std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let err = check_staged(&tree, owner).unwrap_err().to_string();
+        assert!(err.contains("set-id"), "{err}");
+        std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A FIFO is refused.
+        nix::unistd::mkfifo(&tree.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = check_staged(&tree, owner).unwrap_err().to_string();
+        assert!(err.contains("neither a file"), "{err}");
     }
 
     #[test]
