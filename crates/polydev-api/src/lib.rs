@@ -123,9 +123,9 @@ pub struct AppState {
     /// The sandbox manager, or why this controller has none.
     pub sandboxes: Result<Arc<polydev_sandbox::Manager>, Arc<str>>,
     /// Runs (needs sandboxes and the egress proxy).
-    pub runs: Option<Arc<polydev_sandbox::runs::Runs>>,
+    pub runs: Option<Arc<polydev_sessions::runs::Runs>>,
     /// Login sessions (need sandboxes and the egress proxy).
-    pub logins: Option<Arc<polydev_sandbox::login::Logins>>,
+    pub logins: Option<Arc<polydev_sessions::login::Logins>>,
     /// Bounds the JSON exec answers held at once.
     pub exec_gate: Arc<routes::sandboxes::ExecGate>,
 }
@@ -158,12 +158,12 @@ impl AppState {
         }
     }
 
-    pub fn with_logins(mut self, logins: Option<Arc<polydev_sandbox::login::Logins>>) -> Self {
+    pub fn with_logins(mut self, logins: Option<Arc<polydev_sessions::login::Logins>>) -> Self {
         self.logins = logins;
         self
     }
 
-    pub fn with_runs(mut self, runs: Option<Arc<polydev_sandbox::runs::Runs>>) -> Self {
+    pub fn with_runs(mut self, runs: Option<Arc<polydev_sessions::runs::Runs>>) -> Self {
         self.runs = runs;
         self
     }

@@ -583,7 +583,7 @@ async fn smoke_check(
         }
     }
     if template == "browser" {
-        let argv = crate::login::desktop_command(1280, 800);
+        let argv = crate::desktop::desktop_command(1280, 800);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         agent
             .exec(&argv, None, Duration::from_secs(10), |_| {})
@@ -591,12 +591,12 @@ async fn smoke_check(
             .map_err(failed)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if crate::login::vnc_greets(driver, id).await {
+            if crate::desktop::vnc_greets(driver, id).await {
                 break;
             }
             if Instant::now() > deadline {
                 let log = agent
-                    .get_file(crate::login::DESKTOP_LOG)
+                    .get_file(crate::desktop::DESKTOP_LOG)
                     .await
                     .unwrap_or_default();
                 return Err(BuildError::Failed(format!(
@@ -1082,7 +1082,10 @@ mod tests {
         if nix::unistd::getuid().is_root() {
             std::fs::hard_link(&other, tree.join("lib/linked")).unwrap();
             let err = check_staged(&tree, owner).unwrap_err().to_string();
-            assert!(err.contains("lib/linked") && err.contains(&format!("uid {}", owner + 7)), "{err}");
+            assert!(
+                err.contains("lib/linked") && err.contains(&format!("uid {}", owner + 7)),
+                "{err}"
+            );
             std::fs::remove_file(tree.join("lib/linked")).unwrap();
         }
         // A set-id file is refused.
@@ -1092,7 +1095,11 @@ mod tests {
         assert!(err.contains("set-id"), "{err}");
         std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o755)).unwrap();
         // A FIFO is refused.
-        nix::unistd::mkfifo(&tree.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        nix::unistd::mkfifo(
+            &tree.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
         let err = check_staged(&tree, owner).unwrap_err().to_string();
         assert!(err.contains("neither a file"), "{err}");
     }

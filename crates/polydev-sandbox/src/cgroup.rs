@@ -8,6 +8,35 @@ use std::time::{Duration, Instant};
 
 use crate::spec::{Limits, SandboxId};
 
+/// Aggregate limits on the instance's parent cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+impl Budget {
+    /// This host less a reserve for the controller, the store and the
+    /// system: memory less max(2 GiB, 1/8), pids less max(2048, 1/4).
+    pub fn for_host() -> Self {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024);
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Self {
+            memory_bytes: total.map(|t| t.saturating_sub((2u64 << 30).max(t / 8))),
+            pids: pid_max.map(|p| p.saturating_sub(2048u64.max(p / 4))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     V1,
@@ -27,7 +56,7 @@ pub struct Cgroups {
     v1: Vec<&'static str>,
     /// The instance's aggregate limits, applied whenever the parents are
     /// (re)made.
-    budget: crate::local::Budget,
+    budget: Budget,
 }
 
 /// What the kernel counts for one sandbox.
@@ -83,7 +112,7 @@ impl Cgroups {
             parent: parent.to_owned(),
             version,
             v1,
-            budget: crate::local::Budget::default(),
+            budget: Budget::default(),
         };
         me.prepare_parent()?;
         Ok(me)
@@ -107,7 +136,7 @@ impl Cgroups {
                 }
             }
         }
-        if made && self.budget != crate::local::Budget::default() {
+        if made && self.budget != Budget::default() {
             if let Err(e) = self.apply_budget() {
                 tracing::warn!(error = %e, "cannot set the sandboxes' aggregate budget on the remade parent");
             }
@@ -144,7 +173,7 @@ impl Cgroups {
     /// Limits what all of this instance's sandboxes together may use (on
     /// the parent groups; children cannot exceed them), now and whenever
     /// the parents are made again.
-    pub fn set_budget(&mut self, budget: crate::local::Budget) -> std::io::Result<()> {
+    pub fn set_budget(&mut self, budget: Budget) -> std::io::Result<()> {
         self.budget = budget;
         self.apply_budget()
     }

@@ -31,7 +31,7 @@ use polydev_agent::launch::LaunchSpec;
 use polydev_agent::AgentClient;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-use crate::cgroup::Cgroups;
+use crate::cgroup::{Budget, Cgroups};
 use crate::driver::{Booted, Driver, DriverError, Existing, Stage, Stats};
 use crate::image::{Image, AGENT_PATH};
 use crate::spec::{Network, SandboxId, SandboxSpec};
@@ -69,35 +69,6 @@ pub struct LocalConfig {
     /// cgroup's limits), so their sum never takes the host. `None`: no
     /// aggregate limit.
     pub budget: Budget,
-}
-
-/// Aggregate limits on the instance's parent cgroup.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Budget {
-    pub memory_bytes: Option<u64>,
-    pub pids: Option<u64>,
-}
-
-impl Budget {
-    /// This host less a reserve for the controller, the store and the
-    /// system: memory less max(2 GiB, 1/8), pids less max(2048, 1/4).
-    pub fn for_host() -> Self {
-        let total = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kb| kb * 1024);
-        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        Self {
-            memory_bytes: total.map(|t| t.saturating_sub((2u64 << 30).max(t / 8))),
-            pids: pid_max.map(|p| p.saturating_sub(2048u64.max(p / 4))),
-        }
-    }
 }
 
 /// The first directory from the root down to `path` (which need not exist

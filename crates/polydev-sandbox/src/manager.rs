@@ -14,7 +14,7 @@ use polydev_telemetry::metrics::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{now_ms, Driver, DriverError, Stage};
+use crate::driver::{now_ms, Driver, DriverError, Stage, Stats};
 use crate::image::{ImageError, ImageStore};
 use crate::spec::{Limits, Network, SandboxId, SandboxSpec};
 
@@ -351,12 +351,40 @@ impl Manager {
         let _ = self.egress.set(gate);
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The driver's name (`local`, …), for logs.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
     }
 
-    pub fn driver(&self) -> &Arc<dyn Driver> {
-        &self.driver
+    /// A connection to the sandbox's agent (exec, files, unseal): the one
+    /// way sessions and routes act inside a sandbox. Ownership is the
+    /// caller's to have checked (`get` with the caller's scope).
+    pub async fn agent(
+        &self,
+        id: &SandboxId,
+        deadline: Duration,
+    ) -> Result<polydev_agent::AgentClient, DriverError> {
+        self.driver.agent(id, deadline).await
+    }
+
+    /// A byte stream to the service `/run/polydev/<name>` inside the
+    /// sandbox (dialled by its agent; no sandbox path is resolved here).
+    pub async fn connect_service(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<tokio::net::UnixStream, DriverError> {
+        self.driver.connect_service(id, name).await
+    }
+
+    /// What the sandbox uses now (memory, pids, CPU).
+    pub async fn stats(&self, id: &SandboxId) -> Result<Stats, DriverError> {
+        self.driver.stats(id).await
+    }
+
+    /// The last `lines` of the sandbox's console.
+    pub async fn log_tail(&self, id: &SandboxId, lines: usize) -> Vec<String> {
+        self.driver.log_tail(id, lines).await
     }
 
     pub fn images(&self) -> &ImageStore {

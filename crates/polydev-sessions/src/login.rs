@@ -29,79 +29,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::driver::now_ms;
-use crate::manager::{CreateRequest, Manager, ManagerError};
-use crate::spec::{Limits, Network, SandboxId};
+use polydev_sandbox::desktop::{
+    desktop_command, greets_as_vnc, DESKTOP_FAILED, DESKTOP_LOG, OPENER, OPENER_DIR, VNC_SERVICE,
+};
+use polydev_sandbox::{CreateRequest, Limits, Manager, ManagerError, Network, SandboxId};
+use polydev_store::{now_ms, Store};
 
-/// HPKE `info` of a captured CLI credential sealed to the user; the AAD
-/// binds the user, the vault item id (`credential.<provider>`) and the
-/// version it is stored as (`ItemContext::sealed_aad`).
-pub const LOGIN_CREDENTIAL_PURPOSE: &str = "polydev/login-credential/v2";
-/// The service socket of the login desktop's VNC server.
-pub const VNC_SERVICE: &str = "vnc.sock";
-
-/// The vault item a provider's captured credential is stored as.
-pub fn credential_item_id(provider: Provider) -> String {
-    format!("credential.{}", provider.as_str())
-}
-
-/// Has the agent of `sandbox` seal the CLI credential file at `path` to
-/// `recipient` (the user's vault public key) — only the sealed box leaves
-/// the sandbox — and stores it as the next version of the user's vault item
-/// `credential.<provider>`, whose id it returns. Login sessions capture
-/// with it; runs seal a CLI's (possibly refreshed) login back with it.
-pub(crate) async fn seal_credential_to_vault(
-    manager: &Manager,
-    user: UserId,
-    recipient: &[u8],
-    sandbox: &SandboxId,
-    provider: Provider,
-    path: &str,
-) -> Result<String, String> {
-    let item = credential_item_id(provider);
-    let store = manager.store();
-    // Sealed for the exact version it is stored as; a concurrent writer
-    // (another run sealing back) makes us seal again for the next one.
-    for _ in 0..3 {
-        let current = match store.vault_item(user, &item).await {
-            Ok(i) => i.version,
-            Err(StoreError::NotFound) => 0,
-            Err(e) => return Err(format!("cannot read the vault item: {e}")),
-        };
-        let aad = polydev_vault::ItemContext::new(&user.to_string(), &item, (current + 1) as u64)
-            .sealed_aad();
-        let mut agent = manager
-            .driver()
-            .agent(sandbox, Duration::from_secs(5))
-            .await
-            .map_err(|e| format!("cannot reach the sandbox's agent: {e}"))?;
-        let sealed = agent
-            .seal_file(path, recipient, LOGIN_CREDENTIAL_PURPOSE, &aad)
-            .await
-            .map_err(|e| format!("cannot seal the credential: {e}"))?;
-        match store
-            .put_vault_item(user, &item, current, &sealed, now_ms())
-            .await
-        {
-            Ok(_) => return Ok(item),
-            Err(StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(format!("cannot store the sealed credential: {e}")),
-        }
-    }
-    Err("the vault item kept changing while it was sealed; try again".into())
-}
-
-/// Whether the sandbox's login desktop answers on its VNC socket with the
-/// RFB banner (2 s at most).
-pub async fn vnc_greets(driver: &dyn crate::Driver, sandbox: &SandboxId) -> bool {
-    use tokio::io::AsyncReadExt;
-    let Ok(mut stream) = driver.connect_service(sandbox, VNC_SERVICE).await else {
-        return false;
-    };
-    let mut banner = [0u8; 12];
-    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut banner)).await;
-    matches!(read, Ok(Ok(_))) && banner.starts_with(b"RFB ")
-}
+pub use crate::providers::{login_commands, LoginCommand};
+use crate::vault::seal_credential_to_vault;
+pub use crate::vault::{credential_item_id, LOGIN_CREDENTIAL_PURPOSE};
 
 /// The login desktop's last log lines if it died (its failure marker exists).
 async fn desktop_failed(agent: &mut polydev_agent::AgentClient) -> Option<Vec<String>> {
@@ -131,79 +67,6 @@ async fn stat(agent: &mut polydev_agent::AgentClient, path: &str) -> Result<Opti
         .map_err(|_| ())?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok((out.code == Some(0) && !text.starts_with("0 ")).then_some(text))
-}
-
-/// How one provider's CLI signs in, as shell lines run in the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoginCommand {
-    /// Browser mode: opens its sign-in page with `$BROWSER`/`xdg-open`.
-    #[serde(default)]
-    pub browser: Option<String>,
-    /// Code-relay mode: prints a URL, reads a code on stdin (or polls a
-    /// device code). None: the CLI has no such flow.
-    #[serde(default)]
-    pub code: Option<String>,
-    /// Written to the command's stdin at start (kept open in code mode).
-    #[serde(default)]
-    pub stdin: Option<String>,
-    /// The file the CLI writes its credential to (absolute, in the sandbox).
-    pub credential_file: String,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-/// The real CLIs' login flows (see docs/LOGIN.md for what each supports).
-pub fn default_commands() -> BTreeMap<Provider, LoginCommand> {
-    let mut m = BTreeMap::new();
-    m.insert(
-        Provider::ClaudeCode,
-        LoginCommand {
-            // Opens claude.com's authorize page with a localhost callback;
-            // also prints a manual URL and reads a pasted code.
-            browser: Some("exec claude auth login".into()),
-            code: Some("exec claude auth login".into()),
-            stdin: None,
-            credential_file: crate::runs::cli_credential_file(Provider::ClaudeCode).into(),
-            env: BTreeMap::new(),
-        },
-    );
-    m.insert(
-        Provider::Codex,
-        LoginCommand {
-            // Callback server on localhost:1455; `--device-auth` is a
-            // device-code flow (the user types the shown code at OpenAI).
-            browser: Some(
-                "mkdir -p \"$CODEX_HOME\" && exec codex login -c cli_auth_credentials_store='\"file\"'"
-                    .into(),
-            ),
-            code: Some(
-                "mkdir -p \"$CODEX_HOME\" && exec codex login --device-auth -c cli_auth_credentials_store='\"file\"'"
-                    .into(),
-            ),
-            stdin: None,
-            credential_file: crate::runs::cli_credential_file(Provider::Codex).into(),
-            env: [("CODEX_HOME".to_owned(), "/home/sandbox/.codex".to_owned())].into(),
-        },
-    );
-    m.insert(
-        Provider::GeminiCli,
-        LoginCommand {
-            // No login subcommand: a headless prompt with OAuth selected
-            // asks for consent (stdin `y`), opens Google's page with a
-            // callback on 127.0.0.1:8085, then writes oauth_creds.json.
-            // Its paste-a-code flow needs an interactive terminal: no code mode.
-            browser: Some(
-                "mkdir -p ~/.gemini && printf '%s' '{\"security\":{\"auth\":{\"selectedType\":\"oauth-personal\"}},\"privacy\":{\"usageStatisticsEnabled\":false}}' > ~/.gemini/settings.json && exec gemini -p 'reply with ok' --skip-trust"
-                    .into(),
-            ),
-            code: None,
-            stdin: Some("y\n".into()),
-            credential_file: crate::runs::cli_credential_file(Provider::GeminiCli).into(),
-            env: [("OAUTH_CALLBACK_PORT".to_owned(), "8085".to_owned())].into(),
-        },
-    );
-    m
 }
 
 #[derive(Debug, Clone)]
@@ -240,7 +103,7 @@ impl Default for LoginConfig {
                 pids: 1024,
                 disk_bytes: 512 << 20,
             },
-            commands: default_commands(),
+            commands: login_commands(),
         }
     }
 }
@@ -424,6 +287,7 @@ pub struct Admitted {
 
 pub struct Logins {
     manager: Arc<Manager>,
+    store: Store,
     cfg: LoginConfig,
     metrics: LoginMetrics,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
@@ -446,12 +310,13 @@ impl Logins {
     /// Sessions a previous controller left live are marked expired.
     pub async fn new(
         manager: Arc<Manager>,
+        store: Store,
         cfg: LoginConfig,
         metrics: LoginMetrics,
     ) -> Result<Arc<Self>, LoginError> {
         // Sessions a previous controller left live are over (nobody can
         // finish them); their sandboxes go even if something still runs.
-        let left = manager.store().expire_live_login_sessions(now_ms()).await?;
+        let left = store.expire_live_login_sessions(now_ms()).await?;
         if !left.is_empty() {
             tracing::info!(
                 count = left.len(),
@@ -465,6 +330,7 @@ impl Logins {
         }
         Ok(Arc::new(Self {
             manager,
+            store,
             cfg,
             metrics,
             sessions: Mutex::new(HashMap::new()),
@@ -536,7 +402,7 @@ impl Logins {
         }
         // The credential is sealed to the user's vault key: without one
         // there would be nothing to seal to.
-        let keys = match self.manager.store().vault_keys(user).await {
+        let keys = match self.store.vault_keys(user).await {
             Ok(k) => k,
             Err(StoreError::NotFound) => {
                 return Err(LoginError::Invalid(
@@ -614,7 +480,7 @@ impl Logins {
                 s.snapshot()
             }
             None => {
-                let r = match self.manager.store().login_session(id).await {
+                let r = match self.store.login_session(id).await {
                     Ok(r) => r,
                     Err(StoreError::NotFound) => return Err(LoginError::NotFound(id.to_owned())),
                     Err(e) => return Err(e.into()),
@@ -691,7 +557,6 @@ impl Logins {
         let sandbox = self.sandbox_of(&s)?;
         let mut agent = self
             .manager
-            .driver()
             .agent(&sandbox, Duration::from_secs(5))
             .await
             .map_err(ManagerError::from)?;
@@ -840,7 +705,7 @@ impl Logins {
             created_at_ms: v.created_at_ms,
             updated_at_ms: now_ms(),
         };
-        if let Err(e) = self.manager.store().save_login_session(&record).await {
+        if let Err(e) = self.store.save_login_session(&record).await {
             tracing::warn!(session = %s.id, error = %e, "cannot record the login session");
         }
     }
@@ -893,12 +758,7 @@ impl Logins {
         let Ok(id) = self.sandbox_of(s) else {
             return Vec::new();
         };
-        let Ok(mut agent) = self
-            .manager
-            .driver()
-            .agent(&id, Duration::from_secs(2))
-            .await
-        else {
+        let Ok(mut agent) = self.manager.agent(&id, Duration::from_secs(2)).await else {
             return Vec::new();
         };
         let log = agent.get_file(DESKTOP_LOG).await.unwrap_or_default();
@@ -907,9 +767,17 @@ impl Logins {
         tail.lines()
     }
 
+    /// Whether the session's desktop answers on its VNC socket.
+    async fn vnc_greets(&self, sandbox: &SandboxId) -> bool {
+        match self.manager.connect_service(sandbox, VNC_SERVICE).await {
+            Ok(stream) => greets_as_vnc(stream).await,
+            Err(_) => false,
+        }
+    }
+
     async fn log_tail(&self, s: &Session) -> Vec<String> {
         match self.sandbox_of(s) {
-            Ok(id) => self.manager.driver().log_tail(&id, 20).await,
+            Ok(id) => self.manager.log_tail(&id, 20).await,
             Err(_) => Vec::new(),
         }
     }
@@ -978,12 +846,7 @@ impl Logins {
         let output = Arc::new(Mutex::new(Tail::new(40)));
         let (exit_tx, mut exit_rx) = watch::channel::<Option<Option<i32>>>(None);
         {
-            let mut agent = match self
-                .manager
-                .driver()
-                .agent(&sandbox, Duration::from_secs(5))
-                .await
-            {
+            let mut agent = match self.manager.agent(&sandbox, Duration::from_secs(5)).await {
                 Ok(a) => a,
                 Err(e) => {
                     let tail = self.log_tail(&s).await;
@@ -1082,7 +945,6 @@ impl Logins {
             if watcher.is_none() {
                 watcher = self
                     .manager
-                    .driver()
                     .agent(&sandbox, Duration::from_secs(5))
                     .await
                     .ok();
@@ -1152,6 +1014,7 @@ impl Logins {
     ) {
         match seal_credential_to_vault(
             &self.manager,
+            &self.store,
             s.user,
             recipient,
             sandbox,
@@ -1209,7 +1072,7 @@ impl Logins {
             Ok(v) => {
                 SandboxId::parse(&v.id).ok_or_else(|| ("bad sandbox id".to_owned(), vec![]))?
             }
-            Err(ManagerError::Driver(crate::DriverError::Boot {
+            Err(ManagerError::Driver(polydev_sandbox::DriverError::Boot {
                 stage,
                 message,
                 log_tail,
@@ -1228,7 +1091,6 @@ impl Logins {
         }
         let mut agent = self
             .manager
-            .driver()
             .agent(&sandbox, Duration::from_secs(5))
             .await
             .map_err(|e| (format!("cannot reach the sandbox's agent: {e}"), Vec::new()))?;
@@ -1245,7 +1107,7 @@ impl Logins {
             if s.snapshot().is_terminal() {
                 return Ok(());
             }
-            if vnc_greets(self.manager.driver().as_ref(), &sandbox).await {
+            if self.vnc_greets(&sandbox).await {
                 s.advance("ready", |_| {});
                 return Ok(());
             }
@@ -1258,58 +1120,6 @@ impl Logins {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-const OPENER_DIR: &str = "/tmp/polydev-bin";
-/// Where the login desktop writes its output (inside the sandbox).
-pub const DESKTOP_LOG: &str = "/tmp/polydev-desktop.log";
-const DESKTOP_FAILED: &str = "/tmp/polydev-desktop.failed";
-const DESKTOP_STARTED: &str = "/tmp/polydev-desktop.started";
-
-/// Starts the login desktop in the background (its output in
-/// `/tmp/polydev-desktop.log`; `/tmp/polydev-desktop.failed` appears if it
-/// dies) and returns at once; a second call does nothing. What a warm
-/// pool runs in its browser sandboxes ahead of time.
-pub fn desktop_command(width: u32, height: u32) -> Vec<String> {
-    vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!(
-            "[ -e {DESKTOP_STARTED} ] && exit 0; : > {DESKTOP_STARTED}; ( (\n{}\n) || : > {DESKTOP_FAILED} ) > {DESKTOP_LOG} 2>&1 < /dev/null &",
-            desktop_script(width, height)
-        ),
-    ]
-}
-const OPENER: &str = "/tmp/polydev-bin/xdg-open";
-
-/// The login desktop: Xvnc on the service socket (no TCP; the sandbox's
-/// network namespace has no peers anyway), then Chromium with a fresh
-/// profile through the sandbox's egress proxy, kiosk-style, and an opener
-/// (`$BROWSER`, `xdg-open`) that hands URLs to that Chromium.
-pub fn desktop_script(width: u32, height: u32) -> String {
-    let flags = "--no-sandbox --disable-gpu --disable-dev-shm-usage --no-first-run --no-default-browser-check --disable-background-networking --disable-component-update --disable-sync --disable-quic --disable-features=Translate,MediaRouter --password-store=basic --user-data-dir=/tmp/polydev-chromium --proxy-server=http://127.0.0.1:3128";
-    format!(
-        r#"export DISPLAY=:0
-mkdir -p {OPENER_DIR} /tmp/polydev-chromium
-browser=/usr/lib/chromium/chromium
-[ -x $browser ] || browser=$(command -v chromium) || {{ echo "this image has no Chromium" >&2; exit 127; }}
-# The opener waits for the kiosk Chromium's profile lock, so a URL a CLI
-# opens early lands in that window (not in a second, hidden browser).
-printf '#!/bin/sh\ni=0\nwhile [ ! -L /tmp/polydev-chromium/SingletonSocket ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\nexec %s {flags} "$@" >/dev/null 2>&1\n' "$browser" > {OPENER}
-chmod 755 {OPENER}
-xvnc=$(command -v Xvnc || command -v Xtigervnc) || {{ echo "this image has no VNC server (TigerVNC's Xvnc)" >&2; exit 127; }}
-"$xvnc" :0 -rfbunixpath /run/polydev/{VNC_SERVICE} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {width}x{height} -depth 24 -UseBlacklist=0 -AlwaysShared -AcceptSetDesktopSize=0 -desktop polydev &
-xpid=$!
-i=0
-while [ ! -S /run/polydev/{VNC_SERVICE} ]; do
-  kill -0 $xpid 2>/dev/null || {{ echo "the VNC server exited" >&2; exit 1; }}
-  [ $i -lt 1500 ] || {{ echo "the VNC server did not listen within 30 s" >&2; exit 1; }}
-  sleep 0.02; i=$((i+1))
-done
-$browser {flags} --kiosk --window-position=0,0 --window-size={width},{height} 'data:text/html,<body style="font:24px sans-serif;padding:3em;background:%23f4f4f4">Waiting for the CLI to open its sign-in page&hellip;</body>' &
-wait $xpid
-"#
-    )
 }
 
 /// The last lines of a process's output, and the first URL seen in it.
@@ -1454,16 +1264,5 @@ mod tests {
         u.push("Paste code here if prompted > ");
         assert_eq!(u.lines(), vec!["Paste code here if prompted >"]);
         assert_eq!(u.first_url(), None);
-    }
-
-    #[test]
-    fn every_default_flow_names_its_credential_file_and_gemini_has_no_code_mode() {
-        let c = default_commands();
-        assert_eq!(c.len(), 3);
-        assert!(c
-            .values()
-            .all(|c| c.credential_file.starts_with("/home/sandbox/")));
-        assert!(c[&Provider::GeminiCli].code.is_none());
-        assert!(c[&Provider::ClaudeCode].code.is_some() && c[&Provider::Codex].code.is_some());
     }
 }

@@ -20,20 +20,18 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::driver::now_ms;
-use crate::manager::{CreateRequest, Manager, ManagerError};
-use crate::spec::{Limits, Network, SandboxId};
+use polydev_sandbox::{CreateRequest, Limits, Manager, ManagerError, Network, SandboxId};
+use polydev_store::{now_ms, Store};
+
+use crate::providers::{
+    credential_file, last_meaningful_line, normalise, run_command, Line, RunSetup, CREDENTIAL_FILE,
+};
 
 /// HPKE `info` for run credentials; the AAD is `<run id>/<provider>`.
 pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
 /// HPKE `info` for answers stored sealed to the user's vault public key;
 /// the AAD is `<run id>/<provider>` too.
 pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
-
-const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
-/// Claude Code's `apiKeyHelper`: prints the unsealed key once and deletes
-/// it, so the key is never in an environment the CLI's tools inherit.
-const KEY_HELPER: &str = "/home/sandbox/.polydev/key-helper";
 
 /// Longest line of CLI output kept (longer ones are dropped whole).
 pub const MAX_LINE: usize = 1 << 20;
@@ -43,8 +41,6 @@ pub const MAX_ANSWER: usize = 4 << 20;
 pub const MAX_EVENTS: usize = 20_000;
 /// The most bytes of event data one run records.
 pub const MAX_HISTORY_BYTES: usize = 16 << 20;
-/// The longest message a retry notice or failure carries.
-const MAX_MESSAGE: usize = 1000;
 /// Viewers one run's event stream may have at once.
 pub const MAX_VIEWERS: usize = 16;
 /// Finished runs kept in memory at most, whatever their age.
@@ -90,6 +86,17 @@ pub struct RunsConfig {
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
+}
+
+impl RunsConfig {
+    /// The API base `provider`'s CLI is pointed at (None: the vendor's own).
+    pub fn base_url(&self, provider: Provider) -> Option<&str> {
+        match provider {
+            Provider::ClaudeCode => self.anthropic_base_url.as_deref(),
+            Provider::Codex => self.openai_base_url.as_deref(),
+            Provider::GeminiCli => self.gemini_base_url.as_deref(),
+        }
+    }
 }
 
 impl Default for RunsConfig {
@@ -279,14 +286,16 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct Runs {
     manager: Arc<Manager>,
+    store: Store,
     cfg: RunsConfig,
     runs: Mutex<HashMap<String, Arc<Run>>>,
 }
 
 impl Runs {
-    pub fn new(manager: Arc<Manager>, cfg: RunsConfig) -> Arc<Self> {
+    pub fn new(manager: Arc<Manager>, store: Store, cfg: RunsConfig) -> Arc<Self> {
         Arc::new(Self {
             manager,
+            store,
             cfg,
             runs: Mutex::new(HashMap::new()),
         })
@@ -407,7 +416,6 @@ impl Runs {
                 .ok_or_else(|| RunError::Invalid("bad sandbox id".into()))?;
             let agent = self
                 .manager
-                .driver()
                 .agent(&sandbox, Duration::from_secs(5))
                 .await
                 .map_err(ManagerError::from)?;
@@ -435,8 +443,7 @@ impl Runs {
         if let Ok(mut r) = self.runs.lock() {
             r.insert(id.clone(), run.clone());
         }
-        self.manager
-            .store()
+        self.store
             .insert_run(&polydev_store::RunRecord {
                 id: id.clone(),
                 user_id: user,
@@ -478,7 +485,7 @@ impl Runs {
         match self.get(id, user) {
             Ok(run) => Ok(run.view()),
             Err(RunError::NotFound(_)) => {
-                let r = match self.manager.store().run(user, id).await {
+                let r = match self.store.run(user, id).await {
                     Ok(r) => r,
                     Err(polydev_store::StoreError::NotFound) => {
                         return Err(RunError::NotFound(id.to_owned()))
@@ -512,7 +519,7 @@ impl Runs {
     /// `NotFound` for a run the store knows but memory no longer holds
     /// becomes `Finished` (a clear 410 for a late viewer).
     async fn finished_or_missing(&self, id: &str, user: UserId) -> RunError {
-        match self.manager.store().run(user, id).await {
+        match self.store.run(user, id).await {
             Ok(_) => RunError::Finished(id.to_owned()),
             Err(_) => RunError::NotFound(id.to_owned()),
         }
@@ -548,7 +555,6 @@ impl Runs {
             let opened = async {
                 let mut agent = self
                     .manager
-                    .driver()
                     .agent(&p.sandbox, Duration::from_secs(5))
                     .await?;
                 agent
@@ -560,7 +566,7 @@ impl Runs {
                         0o600,
                     )
                     .await
-                    .map_err(crate::DriverError::from)
+                    .map_err(polydev_sandbox::DriverError::from)
             }
             .await;
             match opened {
@@ -583,85 +589,6 @@ impl Runs {
         Ok(run.view())
     }
 
-    /// The shell line that runs the provider's CLI headless, and its
-    /// environment. An API key is read from the unsealed file into the
-    /// CLI's variable (the file is deleted); a CLI login file is moved to
-    /// where the CLI reads it.
-    fn command(&self, provider: Provider, kind: CredentialKind) -> (String, Vec<(String, String)>) {
-        let login = kind == CredentialKind::CliLogin;
-        let setup = |key_vars: &str| {
-            if login {
-                let file = cli_credential_file(provider);
-                format!("mkdir -p \"$(dirname {file})\" && mv -f {CREDENTIAL_FILE} {file} && chmod 600 {file}")
-            } else {
-                format!(
-                    "KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export {key_vars}"
-                )
-            }
-        };
-        let mut env = Vec::new();
-        let line = match provider {
-            Provider::ClaudeCode => {
-                env.push((
-                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
-                    "1".into(),
-                ));
-                if let Some(u) = &self.cfg.anthropic_base_url {
-                    env.push(("ANTHROPIC_BASE_URL".into(), u.clone()));
-                }
-                let run =
-                    "exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose";
-                if login {
-                    format!("{} && {run}", setup(""))
-                } else {
-                    // The key reaches Claude Code through its apiKeyHelper,
-                    // read once (then deleted), never through an
-                    // environment its tools would inherit.
-                    env.push((
-                        "CLAUDE_CODE_API_KEY_HELPER_TTL_MS".into(),
-                        (self.cfg.deadline.as_millis() as u64 + 600_000).to_string(),
-                    ));
-                    format!(
-                        "printf '#!/bin/sh\\ncat {CREDENTIAL_FILE} && rm -f {CREDENTIAL_FILE}\\n' > {KEY_HELPER} && chmod 700 {KEY_HELPER} && {run} --settings '{{\"apiKeyHelper\":\"{KEY_HELPER}\"}}'"
-                    )
-                }
-            }
-            Provider::Codex => {
-                env.push(("CODEX_HOME".into(), "/home/sandbox/.codex".into()));
-                // A custom API base takes the key from the environment.
-                let provider_cfg = match (&self.cfg.openai_base_url, login) {
-                    (Some(u), false) => format!(
-                        " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}'"
-                    ),
-                    _ => String::new(),
-                };
-                let setup = setup("OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"");
-                // The commands Codex runs do not inherit variables named
-                // like *KEY*, *SECRET*, *TOKEN* (its default excludes, off
-                // unless asked for).
-                format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} \"$POLYDEV_PROMPT\"")
-            }
-            Provider::GeminiCli => {
-                if let Some(u) = &self.cfg.gemini_base_url {
-                    env.push(("GOOGLE_GEMINI_BASE_URL".into(), u.clone()));
-                }
-                let auth = if login {
-                    "oauth-personal"
-                } else {
-                    "gemini-api-key"
-                };
-                // Its shell tool redacts the key from the environment of
-                // the commands it runs.
-                let settings = format!(
-                    r#"{{"security":{{"auth":{{"selectedType":"{auth}"}},"environmentVariableRedaction":{{"enabled":true,"blocked":["GEMINI_API_KEY","GOOGLE_API_KEY"]}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
-                );
-                let setup = setup("GEMINI_API_KEY=\"$KEY\"");
-                format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
-            }
-        };
-        (line, env)
-    }
-
     /// Seals the CLI's credential file, as the CLI left it, to the user's
     /// vault key inside the sandbox and stores it as the next version of
     /// `credential.<provider>` (rotated refresh tokens survive the run).
@@ -672,18 +599,18 @@ impl Runs {
         sandbox: &SandboxId,
     ) -> Result<(), String> {
         let keys = self
-            .manager
-            .store()
+            .store
             .vault_keys(run.user)
             .await
             .map_err(|e| e.to_string())?;
-        crate::login::seal_credential_to_vault(
+        crate::vault::seal_credential_to_vault(
             &self.manager,
+            &self.store,
             run.user,
             &keys.public_key,
             sandbox,
             provider,
-            cli_credential_file(provider),
+            credential_file(provider),
         )
         .await
         .map(|_| ())
@@ -700,14 +627,20 @@ impl Runs {
             json!({"sandboxId": p.sandbox.to_string()}),
         );
         let kind = p.kind.lock().map(|k| *k).unwrap_or_default();
-        let (line, env) = self.command(provider, kind);
+        let (line, env) = run_command(
+            provider,
+            &RunSetup {
+                login: kind == CredentialKind::CliLogin,
+                base_url: self.cfg.base_url(provider),
+                deadline: self.cfg.deadline,
+            },
+        );
         // The run's deadline ends the provider whatever the CLI (or the
         // sandbox's agent) does; the agent's own kill comes first.
         let until = tokio::time::Instant::now() + self.cfg.deadline + Duration::from_secs(5);
         let result = async {
             let mut agent = self
                 .manager
-                .driver()
                 .agent(&p.sandbox, Duration::from_secs(5))
                 .await?;
             agent
@@ -782,7 +715,7 @@ impl Runs {
                         if timed_out {
                             return Ok(Ended::TimedOut(code));
                         }
-                        return Ok::<_, crate::DriverError>(Ended::Exited(code, out));
+                        return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
                     _ => {}
                 }
@@ -867,7 +800,7 @@ impl Runs {
     /// its answers, each sealed to the user's vault public key (a user
     /// without vault keys gets states only).
     async fn persist(&self, run: &Run) {
-        let store = self.manager.store();
+        let store = &self.store;
         let finished = run.finished();
         let mut answers = None;
         if finished && !run.sealed.swap(true, Ordering::AcqRel) {
@@ -936,8 +869,7 @@ impl Runs {
     /// A user's runs from the store, newest first (answers sealed to them).
     pub async fn history(&self, user: UserId) -> Result<Vec<Value>, RunError> {
         let records = self
-            .manager
-            .store()
+            .store
             .list_runs(user, 100)
             .await
             .map_err(ManagerError::from)?;
@@ -1065,16 +997,6 @@ impl Output {
     }
 }
 
-/// Where each CLI keeps its login credential in a sandbox (the same file a
-/// login session captures).
-pub fn cli_credential_file(provider: Provider) -> &'static str {
-    match provider {
-        Provider::ClaudeCode => "/home/sandbox/.claude/.credentials.json",
-        Provider::Codex => "/home/sandbox/.codex/auth.json",
-        Provider::GeminiCli => "/home/sandbox/.gemini/oauth_creds.json",
-    }
-}
-
 /// States and timings per provider, for the store (no content).
 fn providers_json(run: &Run) -> String {
     let list: Vec<Value> = run
@@ -1092,120 +1014,6 @@ fn providers_json(run: &Run) -> String {
         })
         .collect();
     Value::Array(list).to_string()
-}
-
-/// What one line of a CLI's stream format says.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Line {
-    /// Answer text.
-    Delta(String),
-    /// The CLI retries (a reconnect): not the end.
-    Retrying(String),
-    /// The CLI's stream says it failed, and why.
-    Failure(String),
-    /// The answer is complete; its usage.
-    Done(Value),
-}
-
-/// A message from a CLI's stream as one short sentence: a string as is, an
-/// object by its `message`, bounded.
-fn message_of(v: &Value) -> String {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Object(o) => o
-            .get("message")
-            .or_else(|| o.get("error").and_then(|e| e.get("message")))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| "an error it did not describe".to_owned()),
-        Value::Null => "an error it did not describe".to_owned(),
-        other => other.to_string(),
-    };
-    let text = text.trim();
-    match text.char_indices().nth(MAX_MESSAGE) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
-
-/// The last line of a CLI's stderr worth showing a person: not a stack
-/// frame, not blank.
-fn last_meaningful_line(stderr: &str) -> Option<String> {
-    stderr
-        .lines()
-        .map(str::trim)
-        .rev()
-        .find(|l| {
-            !l.is_empty()
-                && !l.starts_with("at ")
-                && !l.starts_with("node:")
-                && !l.contains("node_modules/")
-                && !l.chars().all(|c| "^~-=*".contains(c) || c.is_whitespace())
-        })
-        .map(|l| message_of(&Value::String(l.to_owned())))
-}
-
-fn usage(input: &Value, output: &Value) -> Value {
-    json!({"exitCode": 0, "usage": {"inputTokens": input, "outputTokens": output}})
-}
-
-/// One line of a CLI's stream format, in general terms.
-pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    match provider {
-        // `claude -p --output-format stream-json --verbose`
-        Provider::ClaudeCode => match v["type"].as_str()? {
-            "assistant" => {
-                let text: String = v["message"]["content"]
-                    .as_array()?
-                    .iter()
-                    .filter(|c| c["type"] == "text")
-                    .filter_map(|c| c["text"].as_str())
-                    .collect();
-                (!text.is_empty()).then_some(Line::Delta(text))
-            }
-            "result" if v["is_error"] == true => Some(Line::Failure(message_of(&v["result"]))),
-            "result" => Some(Line::Done(usage(
-                &v["usage"]["input_tokens"],
-                &v["usage"]["output_tokens"],
-            ))),
-            _ => None,
-        },
-        // `codex exec --json`
-        Provider::Codex => match v["type"].as_str()? {
-            "item.completed" if v["item"]["type"] == "agent_message" => {
-                Some(Line::Delta(v["item"]["text"].as_str()?.to_owned()))
-            }
-            "turn.completed" => Some(Line::Done(usage(
-                &v["usage"]["input_tokens"],
-                &v["usage"]["output_tokens"],
-            ))),
-            "turn.failed" => Some(Line::Failure(message_of(&v["error"]))),
-            // "Reconnecting... 2/5": it tries again, it has not failed.
-            "error" => {
-                let m = message_of(&v["message"]);
-                let lower = m.to_ascii_lowercase();
-                if lower.starts_with("reconnecting") || lower.contains("retrying") {
-                    Some(Line::Retrying(m))
-                } else {
-                    Some(Line::Failure(m))
-                }
-            }
-            _ => None,
-        },
-        // `gemini -p -o stream-json`
-        Provider::GeminiCli => match v["type"].as_str()? {
-            "message" if v["role"] == "assistant" => {
-                Some(Line::Delta(v["content"].as_str()?.to_owned()))
-            }
-            "result" if v["status"] == "success" => Some(Line::Done(usage(
-                &v["stats"]["input_tokens"],
-                &v["stats"]["output_tokens"],
-            ))),
-            "result" => Some(Line::Failure(message_of(&v["error"]))),
-            _ => None,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -121,7 +121,7 @@ async fn through(
         let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .seal(
-                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                polydev_sessions::runs::CREDENTIAL_PURPOSE,
                 format!("{id}/{}", p.as_str()).as_bytes(),
                 b"bench",
             );

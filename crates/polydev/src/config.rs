@@ -71,9 +71,9 @@ pub struct RunsFile {
     gemini_base_url: Option<String>,
 }
 
-pub fn runs_config(file: Option<&RunsFile>) -> polydev_sandbox::runs::RunsConfig {
+pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfig {
     let f = file.cloned().unwrap_or_default();
-    let mut c = polydev_sandbox::runs::RunsConfig::default();
+    let mut c = polydev_sessions::runs::RunsConfig::default();
     if let Some(t) = f.template {
         c.template = t;
     }
@@ -113,14 +113,14 @@ pub struct LoginFile {
     /// Per-provider login flows (replace the built-in ones), e.g.
     /// `[login.providers.codex] browser = "exec codex login"`.
     #[serde(default)]
-    providers: std::collections::BTreeMap<String, polydev_sandbox::login::LoginCommand>,
+    providers: std::collections::BTreeMap<String, polydev_sessions::login::LoginCommand>,
 }
 
 pub fn login_config(
     file: Option<&LoginFile>,
-) -> anyhow::Result<polydev_sandbox::login::LoginConfig> {
+) -> anyhow::Result<polydev_sessions::login::LoginConfig> {
     let f = file.cloned().unwrap_or_default();
-    let mut c = polydev_sandbox::login::LoginConfig::default();
+    let mut c = polydev_sessions::login::LoginConfig::default();
     if let Some(t) = f.template {
         c.template = t;
     }
@@ -450,8 +450,8 @@ pub struct ServeConfig {
     pub alerts: AlertsConfig,
     pub egress: EgressConfig,
     pub sandbox: SandboxSettings,
-    pub runs: polydev_sandbox::runs::RunsConfig,
-    pub login: polydev_sandbox::login::LoginConfig,
+    pub runs: polydev_sessions::runs::RunsConfig,
+    pub login: polydev_sessions::login::LoginConfig,
     /// Serve on the listening socket passed as stdin (from `polydev supervise`).
     pub listen_stdin: bool,
 }
@@ -583,7 +583,7 @@ impl ServeConfig {
             .or_insert(login.limits);
         m.pool_warmup.insert(
             login.template.clone(),
-            polydev_sandbox::login::desktop_command(login.width, login.height),
+            polydev_sandbox::desktop::desktop_command(login.width, login.height),
         );
         // Defaults above the maxima would refuse the controller's own runs.
         let max = m.max_limits;

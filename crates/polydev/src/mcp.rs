@@ -101,7 +101,7 @@ pub async fn perspectives(
         let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
             .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?
             .seal(
-                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                polydev_sessions::runs::CREDENTIAL_PURPOSE,
                 format!("{id}/{}", p.as_str()).as_bytes(),
                 key.as_bytes(),
             );

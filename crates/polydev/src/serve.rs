@@ -161,7 +161,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     match &sandboxes {
         Ok(m) => {
-            tracing::info!(driver = m.driver().name(), templates = ?m.images().templates(), "sandboxes enabled")
+            tracing::info!(driver = m.driver_name(), templates = ?m.images().templates(), "sandboxes enabled")
         }
         Err(why) => tracing::warn!(reason = %why, "sandboxes unavailable"),
     }
@@ -182,17 +182,23 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     )
     .with_sandboxes(sandboxes.clone())
     .with_runs(match (&sandboxes, &egress) {
-        (Ok(m), Some(_)) => Some(polydev_sandbox::runs::Runs::new(
+        (Ok(m), Some(_)) => Some(polydev_sessions::runs::Runs::new(
             m.clone(),
+            store.clone(),
             config.runs.clone(),
         )),
         _ => None,
     });
     let logins = match (&sandboxes, &egress) {
         (Ok(m), Some(_)) => Some(
-            polydev_sandbox::login::Logins::new(m.clone(), config.login.clone(), login_metrics)
-                .await
-                .context("cannot start login sessions")?,
+            polydev_sessions::login::Logins::new(
+                m.clone(),
+                store.clone(),
+                config.login.clone(),
+                login_metrics,
+            )
+            .await
+            .context("cannot start login sessions")?,
         ),
         _ => None,
     };

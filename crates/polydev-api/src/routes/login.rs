@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use polydev_sandbox::login::{LoginError, LoginView, Logins, VNC_SERVICE};
+use polydev_sandbox::desktop::VNC_SERVICE;
+use polydev_sessions::login::{LoginError, LoginView, Logins};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -323,7 +324,6 @@ pub(crate) async fn websock(
     };
     let vnc = match logins
         .manager()
-        .driver()
         .connect_service(&admitted.sandbox, VNC_SERVICE)
         .await
     {

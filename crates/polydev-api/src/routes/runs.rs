@@ -15,7 +15,7 @@ use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::Provider;
-use polydev_sandbox::runs::{RunError, RunView, Runs};
+use polydev_sessions::runs::{RunError, RunView, Runs};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -123,7 +123,7 @@ pub(crate) async fn credentials(
         })?;
         let kind = match body.kinds.get(&p) {
             Some(k) => k
-                .parse::<polydev_sandbox::runs::CredentialKind>()
+                .parse::<polydev_sessions::runs::CredentialKind>()
                 .map_err(|m| ApiError::bad_request("invalid_run_request", format!("{p}: {m}")))?,
             None => Default::default(),
         };
@@ -204,7 +204,7 @@ pub(crate) async fn events(
     let uid = user.0.user.id;
     let (past, rx) = runs.subscribe(&id, uid).await.map_err(run_error)?;
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    let to_sse = |e: &polydev_sandbox::runs::RunEvent| {
+    let to_sse = |e: &polydev_sessions::runs::RunEvent| {
         let mut data = e.data.clone();
         if !e.provider.is_empty() {
             data["provider"] = serde_json::Value::String(e.provider.clone());

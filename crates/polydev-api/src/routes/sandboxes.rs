@@ -15,11 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use polydev_agent::protocol::Event as AgentEvent;
 use polydev_domain::{Role, UserId};
 use polydev_sandbox::{
-    CreateRequest, DriverError, LimitKind, Limits, Manager, ManagerError, Network, SandboxId,
-    SandboxView, RESERVED_LABELS, SYSTEM_LABEL,
+    AgentEvent, CreateRequest, DriverError, LimitKind, Limits, Manager, ManagerError, Network,
+    SandboxId, SandboxView, RESERVED_LABELS, SYSTEM_LABEL,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -153,7 +152,7 @@ pub(crate) fn manager_error(e: ManagerError) -> ApiError {
         ManagerError::Driver(DriverError::Unavailable(m)) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandboxes_unavailable", m)
         }
-        ManagerError::Driver(DriverError::Agent(polydev_agent::ClientError::Timeout(d))) => {
+        ManagerError::Driver(DriverError::Agent(polydev_sandbox::ClientError::Timeout(d))) => {
             ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "agent_timeout",
@@ -369,7 +368,7 @@ pub(crate) async fn get(
     let id = parse_id(&id)?;
     let sandbox = m.get(&id, scope(&user)).await.map_err(manager_error)?;
     let stats = if sandbox.status == "ready" {
-        m.driver().stats(&id).await.ok()
+        m.stats(&id).await.ok()
     } else {
         None
     };
@@ -704,7 +703,7 @@ async fn live_agent(
     state: &AppState,
     user: &CurrentUser,
     raw_id: &str,
-) -> ApiResult<polydev_agent::AgentClient> {
+) -> ApiResult<polydev_sandbox::AgentClient> {
     let m = manager(state)?;
     let id = parse_id(raw_id)?;
     let view = m.live_for(&id, scope(user)).await.map_err(manager_error)?;
@@ -713,8 +712,7 @@ async fn live_agent(
             "sandbox {id} belongs to a {kind} and holds your credential: nobody may run commands in it or read its files (delete it to end it)"
         )));
     }
-    m.driver()
-        .agent(&id, Duration::from_secs(5))
+    m.agent(&id, Duration::from_secs(5))
         .await
         .map_err(|e| manager_error(e.into()))
 }
@@ -736,7 +734,7 @@ pub(crate) async fn put_file(
         .put_file(&q.path, 0o644, &body)
         .await
         .map_err(|e| match e {
-            polydev_agent::ClientError::Refused { message, .. } => {
+            polydev_sandbox::ClientError::Refused { message, .. } => {
                 ApiError::bad_request("file_error", message)
             }
             other => manager_error(DriverError::from(other).into()),
@@ -757,7 +755,7 @@ pub(crate) async fn get_file(
     check_path(&q.path)?;
     let mut agent = live_agent(&state, &user, &id).await?;
     let bytes = agent.get_file(&q.path).await.map_err(|e| match e {
-        polydev_agent::ClientError::Refused { message, .. } => {
+        polydev_sandbox::ClientError::Refused { message, .. } => {
             ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message)
         }
         other => manager_error(DriverError::from(other).into()),

@@ -171,8 +171,8 @@ pub(crate) async fn start(
     let user_id = UserId::parse("userId", &body.user_id)?;
     let provider: Provider = body.provider.parse()?;
     let mode = match body.mode.as_deref().unwrap_or("browser") {
-        "browser" => polydev_sandbox::login::Mode::Browser,
-        "code" => polydev_sandbox::login::Mode::Code,
+        "browser" => polydev_sessions::login::Mode::Browser,
+        "code" => polydev_sessions::login::Mode::Code,
         other => {
             return Err(ApiError::bad_request(
                 "invalid_mode",

@@ -306,7 +306,7 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     let opened = enrollment
         .sealing
         .open(
-            polydev_sandbox::runs::ANSWER_PURPOSE,
+            polydev_sessions::runs::ANSWER_PURPOSE,
             format!("{run}/claude_code").as_bytes(),
             &sealed,
         )
@@ -613,7 +613,7 @@ pub(crate) async fn run_with_key(
         let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
             .unwrap()
             .seal(
-                polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+                polydev_sessions::runs::CREDENTIAL_PURPOSE,
                 format!("{run}/{provider}").as_bytes(),
                 key.as_bytes(),
             );

@@ -323,7 +323,7 @@ async fn a_terabyte_of_memory_and_other_huge_limits_are_refused() {
 /// Retry-After), and a deleted sandbox gives its share back.
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_limits_are_committed_per_user_and_per_host() {
-    let budget = polydev_sandbox::local::Budget::for_host()
+    let budget = polydev_sandbox::cgroup::Budget::for_host()
         .memory_bytes
         .expect("a memory budget");
     // Room for three sandboxes of 512 MiB on the whole host, two per user.
@@ -379,7 +379,7 @@ async fn memory_limits_are_committed_per_user_and_per_host() {
 /// Retry-After); once the memory is given back, sandboxes come again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_whose_sandboxes_use_their_memory_admits_no_more() {
-    let budget = polydev_sandbox::local::Budget::for_host()
+    let budget = polydev_sandbox::cgroup::Budget::for_host()
         .memory_bytes
         .expect("a memory budget");
     let dir = tempfile::tempdir().unwrap();

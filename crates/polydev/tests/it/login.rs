@@ -103,7 +103,7 @@ pub(crate) fn open_credential(
     let opened = e
         .sealing
         .open(
-            polydev_sandbox::login::LOGIN_CREDENTIAL_PURPOSE,
+            polydev_sessions::login::LOGIN_CREDENTIAL_PURPOSE,
             &aad,
             &sealed,
         )
@@ -904,7 +904,7 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
         .unwrap()
         .seal(
-            polydev_sandbox::runs::CREDENTIAL_PURPOSE,
+            polydev_sessions::runs::CREDENTIAL_PURPOSE,
             format!("{run}/claude_code").as_bytes(),
             file.as_bytes(),
         );

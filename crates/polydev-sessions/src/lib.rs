@@ -1,0 +1,12 @@
+//! Sessions built on sandboxes: runs (one prompt across the provider CLIs,
+//! each in its own sandbox) and login sessions (a CLI's sign-in done by the
+//! user inside a sandbox). They reach a sandbox only through the
+//! `polydev_sandbox::Manager` (create, the agent connection, a service
+//! connection, destroy) and keep their own records in the store.
+//! `providers` holds everything CLI-specific; `vault` seals a CLI's
+//! credential file to the user's vault inside its sandbox.
+
+pub mod login;
+pub mod providers;
+pub mod runs;
+pub mod vault;
