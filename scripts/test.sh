@@ -46,13 +46,19 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 
 ./scripts/build-web.sh
 
-# The `mcp` package from PyPI, the MCP client a Python agent would use, in
-# a virtualenv of its own (Debian's python3 takes no pip installs).
+# Python clients from PyPI, pinned, in a virtualenv of their own (Debian's
+# python3 takes no pip installs): `mcp`, the MCP client a Python agent
+# would use; openapi-spec-validator and openapi-python-client, which check
+# the OpenAPI document and generate a client from it.
 need_packages python3 python3
 python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
 [ -x target/py/bin/pip ] || python3 -m venv --clear target/py
-target/py/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("mcp") != "2.3.0")' 2>/dev/null \
-  || target/py/bin/python -m pip install --quiet --disable-pip-version-check "mcp==2.3.0"
+py_pins=("mcp==2.3.0" "openapi-spec-validator==0.9.0" "openapi-python-client==0.29.1")
+target/py/bin/python - "${py_pins[@]}" <<'PY' 2>/dev/null \
+  || target/py/bin/python -m pip install --quiet --disable-pip-version-check "${py_pins[@]}"
+import importlib.metadata as m, sys
+sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+PY
 export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
 
 # The three AI CLIs at the pinned versions (crates/polydev/cli-packages.txt),

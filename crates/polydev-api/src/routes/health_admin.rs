@@ -401,7 +401,7 @@ pub(crate) struct HistoryResponse {
 }
 
 /// Host history at 10 s resolution, up to 24 h.
-#[utoipa::path(get, path = "/api/admin/health/history", tag = "observability", params(HistoryQuery),
+#[utoipa::path(get, operation_id = "host_history", path = "/api/admin/health/history", tag = "observability", params(HistoryQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, body = HistoryResponse),

@@ -93,7 +93,7 @@ pub(crate) fn accepted(view: &LoginView) -> Response {
 
 /// Get a login session: 200 with its state and stage times; 410 once it
 /// expired or was cancelled, so stale clients stop.
-#[utoipa::path(get, path = "/api/auth/session/{id}", tag = "auth",
+#[utoipa::path(get, operation_id = "get_login_session", path = "/api/auth/session/{id}", tag = "auth",
     params(("id" = String, Path)), security(("bearer" = [])),
     responses(
         (status = 200, description = "The session (state, stages, error and log tail when failed)"),
@@ -114,7 +114,7 @@ pub(crate) async fn get(
 }
 
 /// Cancel a login session; its sandbox is destroyed.
-#[utoipa::path(delete, path = "/api/auth/session/{id}", tag = "auth",
+#[utoipa::path(delete, operation_id = "cancel_login_session", path = "/api/auth/session/{id}", tag = "auth",
     params(("id" = String, Path)), security(("bearer" = [])),
     responses((status = 200), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
@@ -132,7 +132,7 @@ pub(crate) async fn cancel(
 
 /// The session's state as Server-Sent Events (`state`), one per change,
 /// ending after a final state.
-#[utoipa::path(get, path = "/api/auth/session/{id}/events", tag = "auth",
+#[utoipa::path(get, operation_id = "login_session_events", path = "/api/auth/session/{id}/events", tag = "auth",
     params(("id" = String, Path)), security(("bearer" = [])),
     responses((status = 200, description = "text/event-stream of `state` events"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),

@@ -63,7 +63,7 @@ pub(crate) struct StartBody {
 
 /// Start a run: one sandbox per provider, each with a key to seal that
 /// provider's credential to.
-#[utoipa::path(post, path = "/api/runs", tag = "runs", request_body = StartBody, security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "start_run", path = "/api/runs", tag = "runs", request_body = StartBody, security(("bearer" = [])),
     responses((status = 201, body = Object, description = "{runId, state, sandboxes: {provider: {sandboxId, publicKey, state}}}"),
         (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn start(
@@ -145,7 +145,7 @@ pub(crate) struct RunHistory {
 /// Your runs, newest first: states and timings per provider, and each
 /// answer sealed to your vault public key (open it with your unlocked
 /// vault; the server cannot).
-#[utoipa::path(get, path = "/api/runs", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "list_runs", path = "/api/runs", tag = "runs", security(("bearer" = [])),
     responses((status = 200, body = RunHistory), (status = 401, body = ErrorBody)))]
 pub(crate) async fn history(
     State(state): State<AppState>,
@@ -159,7 +159,7 @@ pub(crate) async fn history(
 }
 
 /// A run's state.
-#[utoipa::path(get, path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "get_run", path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
@@ -175,7 +175,7 @@ pub(crate) async fn get(
 }
 
 /// Cancel a run: every provider still going ends with `error{stage: cancelled}`.
-#[utoipa::path(delete, path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "cancel_run", path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
@@ -193,7 +193,7 @@ pub(crate) async fn cancel(
 /// The run's events as SSE (`event:` started | delta | done | error; `data`
 /// carries `provider`): everything so far, then live until every provider
 /// has finished.
-#[utoipa::path(get, path = "/api/runs/{id}/events", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "run_events", path = "/api/runs/{id}/events", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
 pub(crate) async fn events(
     State(state): State<AppState>,

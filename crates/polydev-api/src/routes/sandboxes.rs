@@ -304,7 +304,7 @@ fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResul
 }
 
 /// Create a sandbox; answers once its agent is ready (or its boot failed).
-#[utoipa::path(post, path = "/api/sandboxes", tag = "sandboxes", request_body = CreateBody,
+#[utoipa::path(post, operation_id = "create_sandbox", path = "/api/sandboxes", tag = "sandboxes", request_body = CreateBody,
     security(("bearer" = [])),
     responses(
         (status = 201, body = Object, description = "The sandbox: id, status, stages, …"),
@@ -356,7 +356,7 @@ pub(crate) struct SandboxDetail {
 }
 
 /// One sandbox, with live usage while it runs.
-#[utoipa::path(get, path = "/api/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "get_sandbox", path = "/api/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get(
@@ -681,6 +681,7 @@ pub(crate) async fn exec(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileQuery {
     /// Absolute path inside the sandbox.

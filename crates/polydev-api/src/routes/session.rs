@@ -152,7 +152,7 @@ pub(crate) struct StartLogin {
 /// /api/auth/session/{id}` or its `/events`). Mode `browser` (default)
 /// streams a remote browser; `code` relays a code instead (see
 /// `/api/auth/providers` for what each provider offers).
-#[utoipa::path(post, path = "/api/auth/start", tag = "auth", request_body = StartLogin,
+#[utoipa::path(post, operation_id = "start_login_session", path = "/api/auth/start", tag = "auth", request_body = StartLogin,
     security(("bearer" = [])),
     responses(
         (status = 202, description = "Started: {sessionId, status, ...}"),

@@ -35,7 +35,7 @@ pub(crate) struct SignUp {
 }
 
 /// Create an account (role `user`).
-#[utoipa::path(post, path = "/api/users", tag = "users", request_body = SignUp,
+#[utoipa::path(post, operation_id = "create_user", path = "/api/users", tag = "users", request_body = SignUp,
     responses(
         (status = 201, description = "Created", body = UserView),
         (status = 400, description = "Invalid email, login credential or key material", body = ErrorBody),
@@ -108,7 +108,7 @@ pub(crate) fn ensure_self_or_admin(principal: &Principal, id: UserId) -> ApiResu
 }
 
 /// Look up a user: yourself, or anyone when you are an admin.
-#[utoipa::path(get, path = "/api/users/{id}", tag = "users",
+#[utoipa::path(get, operation_id = "get_user", path = "/api/users/{id}", tag = "users",
     params(("id" = String, Path, description = "User id (UUID)")),
     security(("bearer" = [])),
     responses(
