@@ -35,7 +35,7 @@ pub use auth::{mint_token, token_hash, MintedToken, PasswordHasherPool, SESSION_
 pub use error::{ApiError, ErrorBody};
 pub use metrics::HttpMetrics;
 pub use openapi::openapi_json;
-/// The viewer WebSocket ↔ stream pump (also measured by `polydev bench stream`).
+/// The viewer WebSocket ↔ stream pump (also measured by `polydev-bench stream`).
 pub use routes::login::bridge;
 
 /// Settings the API needs; the binary fills them from its config.

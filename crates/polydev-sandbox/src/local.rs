@@ -303,7 +303,42 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
+/// Makes the data dir traversable by the sandboxes' uids (not listable:
+/// mode 0711; the database file in it is 0600).
+fn traversable(data_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let mode = std::fs::metadata(data_dir)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            data_dir,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
+        )
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    }
+    Ok(())
+}
+
 impl LocalDriver {
+    /// The driver of the controller whose data dir is `data_dir` (made
+    /// traversable, not listable, by the sandboxes' uids).
+    pub fn for_data_dir(data_dir: &Path, keep_failed: bool) -> Result<Self, String> {
+        traversable(data_dir)?;
+        let mut cfg = LocalConfig::for_data_dir(data_dir);
+        cfg.keep_failed = keep_failed;
+        Self::new(cfg).map_err(|e| e.to_string())
+    }
+
+    /// The driver image builds validate on: an instance of its own, so a
+    /// build beside a live controller never touches its sandboxes.
+    pub fn for_validation(data_dir: &Path) -> Result<Self, String> {
+        traversable(data_dir)?;
+        Self::new(LocalConfig::for_validation(data_dir)).map_err(|e| e.to_string())
+    }
+
     /// Checks the tools and the cgroup hierarchy; a clear error if the
     /// host cannot run sandboxes.
     pub fn new(cfg: LocalConfig) -> Result<Self, DriverError> {

@@ -37,8 +37,6 @@ pub enum Command {
     Vault(VaultCommand),
     /// Run only the egress proxy (on its own host), against the shared store.
     Egress(EgressCommandArgs),
-    /// Measure performance against the real binary (see docs/PERFORMANCE.md).
-    Bench(BenchArgs),
     /// Golden images for sandboxes: build, list, activate, roll back.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -238,61 +236,6 @@ pub enum ImageCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum BenchArea {
-    /// wrk on /api/auth/health, /metrics, /api/admin/health/system, and the
-    /// cost of the HTTP metrics middleware.
-    Http,
-    /// The egress proxy side by side with tinyproxy: CONNECT throughput,
-    /// tunnel setup rate, latency over 1000 tunnels, memory per idle tunnel.
-    Egress,
-    /// Vault crypto: KDF time at the default parameters, item and sealing
-    /// throughput, in Rust and (through web/tests/vault-interop.mjs) in Chromium.
-    Vault,
-    /// Sandboxes on the local driver: cold create, concurrent creates, warm
-    /// hand-out, exec round trip, idle density and memory.
-    Sandboxes,
-    /// Deploys to a throw-away sshd on loopback under request load: time per
-    /// step, rollback time, failed requests.
-    Deploy,
-    /// Runs against loopback stub providers: request → first delta through
-    /// polydev vs the same CLI run directly; 20 concurrent 3-provider runs.
-    Runs,
-    /// The login viewer's WebSocket bridge vs websockify (throughput, round
-    /// trips) and login start → first framebuffer update.
-    Stream,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    #[arg(value_enum)]
-    pub area: BenchArea,
-    /// Print one flat JSON object of figures.
-    #[arg(long)]
-    pub json: bool,
-    /// Seconds per wrk run.
-    #[arg(long, default_value_t = 10)]
-    pub duration_secs: u64,
-    #[arg(long, default_value_t = 64)]
-    pub connections: u32,
-    #[arg(long, default_value_t = 2)]
-    pub threads: u32,
-    /// egress, stream: bytes for the throughput transfer.
-    #[arg(long, default_value_t = 1 << 30)]
-    pub transfer_bytes: u64,
-    /// sandboxes: idle sandboxes to hold for the density figure.
-    #[arg(long, default_value_t = 2000)]
-    pub idle_target: usize,
-    /// stream: serve only the bridge in front of this TCP address and print
-    /// its address (the bench runs its bridge in a process of its own, as
-    /// websockify runs in its own).
-    #[arg(long, hide = true)]
-    pub bridge_to: Option<std::net::SocketAddr>,
-    /// egress: tunnels held open for the latency and memory figures.
-    #[arg(long, default_value_t = 1000)]
-    pub tunnels: usize,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,12 +1,6 @@
 //! `polydev`: the one binary. Parses the command line, layers the config,
 //! and hands off to the command. Errors end here as one line and exit 1.
 
-mod bench;
-mod bench_deploy;
-mod bench_egress;
-mod bench_runs;
-mod bench_sandbox;
-mod bench_stream;
 mod cli;
 mod config;
 mod deploy;
@@ -81,10 +75,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()?;
             serve::egress_only(&store, egress, metrics_listen).await
-        }
-        Command::Bench(args) => {
-            polydev_telemetry::init(polydev_telemetry::LogFormat::Human, "warn")?;
-            bench::run(args).await
         }
         Command::Image(cmd) => {
             use cli::ImageCommand as I;

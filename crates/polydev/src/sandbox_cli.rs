@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use polydev_sandbox::build::{BuildOptions, Preparation, Prepared, Progress};
-use polydev_sandbox::{ImageStore, LocalConfig, LocalDriver, Manager};
+use polydev_sandbox::{ImageStore, LocalDriver, Manager};
 use polydev_store::Store;
 use polydev_telemetry::metrics::SandboxMetrics;
 
@@ -20,37 +20,14 @@ pub fn images(dir: &Path) -> ImageStore {
     ImageStore::new(dir)
 }
 
-/// Makes the data dir traversable by the sandboxes' uids (not listable:
-/// mode 0711; the database file in it is 0600).
-fn traversable(data_dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-    let mode = std::fs::metadata(data_dir)
-        .map(|m| m.permissions().mode())
-        .unwrap_or(0);
-    if mode & 0o001 == 0 {
-        std::fs::set_permissions(
-            data_dir,
-            std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
-        )
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-    }
-    Ok(())
-}
-
 pub fn local_driver(data_dir: &Path, keep_failed: bool) -> Result<LocalDriver, String> {
-    traversable(data_dir)?;
-    let mut cfg = LocalConfig::for_data_dir(data_dir);
-    cfg.keep_failed = keep_failed;
-    LocalDriver::new(cfg).map_err(|e| e.to_string())
+    LocalDriver::for_data_dir(data_dir, keep_failed)
 }
 
 /// The driver image builds validate on: an instance of its own, so a build
 /// beside a live controller never touches the controller's sandboxes.
 pub fn validation_driver(data_dir: &Path) -> Result<LocalDriver, String> {
-    traversable(data_dir)?;
-    LocalDriver::new(LocalConfig::for_validation(data_dir)).map_err(|e| e.to_string())
+    LocalDriver::for_validation(data_dir)
 }
 
 /// The three CLIs at pinned versions, in one place

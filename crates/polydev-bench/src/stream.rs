@@ -1,4 +1,4 @@
-//! `polydev bench stream`: the login viewer's WebSocket bridge side by side
+//! `polydev-bench stream`: the login viewer's WebSocket bridge side by side
 //! with websockify (Debian package) in front of the same TCP echo server —
 //! throughput each way and small-message round trips (raw TCP as the
 //! floor) — and a login session from start to the first framebuffer update
@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::{percentile, report, Server};
-use crate::cli::BenchArgs;
+use crate::kit::{percentile, report, Server};
+use crate::BenchArgs;
 
 const RTT_SAMPLES: usize = 2000;
 const LOGIN_ROUNDS: usize = 10;
@@ -47,13 +47,13 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
     Ok(addr)
 }
 
-/// A bridge in a `polydev bench stream --bridge-to ECHO` process of its own.
+/// A bridge in a `polydev-bench stream --bridge-to ECHO` process of its own.
 async fn bridge_process(
     echo: std::net::SocketAddr,
 ) -> anyhow::Result<(Websockify, std::net::SocketAddr)> {
     use std::io::BufRead;
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "stream", "--bridge-to"])
+        .args(["stream", "--bridge-to"])
         .arg(echo.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -366,7 +366,7 @@ pub(crate) async fn wait_for_pool(base: &str) -> anyhow::Result<()> {
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut f = Map::new();
-    let echo = crate::bench_egress::echo().await?;
+    let echo = crate::egress::echo().await?;
     let (_bridge, ours) = bridge_process(echo).await?;
     let (_wsfy, theirs) = websockify(echo).await?;
     let ours_url = format!("ws://{ours}/ws");

@@ -1,4 +1,4 @@
-//! `polydev bench egress`: the egress proxy (standalone `polydev egress`)
+//! `polydev-bench egress`: the egress proxy (standalone `polydev egress`)
 //! and tinyproxy (Debian package), one after the other, driven by the same
 //! client against the same loopback targets, both with Basic auth.
 
@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
 
 /// A proxy process under test; killed on drop.
 struct ProxyProcess {
@@ -60,7 +60,7 @@ async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// polydev's proxy, standalone, with one minted credential.
 async fn start_polydev() -> anyhow::Result<ProxyProcess> {
-    let exe = std::env::current_exe()?;
+    let exe = crate::polydev_exe()?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     std::fs::write(
@@ -279,14 +279,6 @@ async fn setup_rate(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 /// Latency figures over many open tunnels.
 struct ManyTunnels {
     /// One 32-byte round trip at a time, round-robin over every open
@@ -347,10 +339,10 @@ async fn many_tunnels(
     }
     burst.sort_by(|a, b| a.total_cmp(b));
     Ok(ManyTunnels {
-        p50_ms: percentile(&sequential, 0.5),
-        p99_ms: percentile(&sequential, 0.99),
-        burst_p50_ms: percentile(&burst, 0.5),
-        burst_p99_ms: percentile(&burst, 0.99),
+        p50_ms: crate::kit::percentile(sequential.clone(), 0.5),
+        p99_ms: crate::kit::percentile(sequential.clone(), 0.99),
+        burst_p50_ms: crate::kit::percentile(burst.clone(), 0.5),
+        burst_p99_ms: crate::kit::percentile(burst.clone(), 0.99),
         idle_kib,
     })
 }

@@ -1,4 +1,4 @@
-//! `polydev bench deploy`: deploys this build to a throw-away OpenSSH
+//! `polydev-bench deploy`: deploys this build to a throw-away OpenSSH
 //! server on loopback (own host key, own client key; Debian
 //! `openssh-server`), under a steady request load, and reports the
 //! duration of each step, the rollback time and the failed requests.
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
 
 fn keygen(path: &Path) -> anyhow::Result<()> {
     let ok = Command::new("ssh-keygen")
@@ -99,7 +99,7 @@ async fn bench(args: &BenchArgs, d: &Path, ssh_port: u16) -> anyhow::Result<()> 
         ),
     )?;
     let listen = format!("127.0.0.1:{}", port()?);
-    let exe = std::env::current_exe()?;
+    let exe = crate::polydev_exe()?;
     let ssh: Vec<String> = vec![
         "--host".into(),
         "root@127.0.0.1".into(),
@@ -199,21 +199,21 @@ async fn bench(args: &BenchArgs, d: &Path, ssh_port: u16) -> anyhow::Result<()> 
     let mut figures = Map::new();
     figures.insert(
         "deploy_wall_ms".into(),
-        json!(crate::bench::percentile(deploy_ms, 0.5)),
+        json!(crate::kit::percentile(deploy_ms, 0.5)),
     );
     for (k, v) in steps {
         figures.insert(
             format!("step_{k}_ms"),
-            json!(crate::bench::percentile(v, 0.5)),
+            json!(crate::kit::percentile(v, 0.5)),
         );
     }
     figures.insert(
         "rollback_wall_ms".into(),
-        json!(crate::bench::percentile(rollback_ms, 0.5)),
+        json!(crate::kit::percentile(rollback_ms, 0.5)),
     );
     figures.insert(
         "rollback_host_ms".into(),
-        json!(crate::bench::percentile(rollback_host, 0.5)),
+        json!(crate::kit::percentile(rollback_host, 0.5)),
     );
     figures.insert(
         "requests_during".into(),
@@ -223,6 +223,6 @@ async fn bench(args: &BenchArgs, d: &Path, ssh_port: u16) -> anyhow::Result<()> 
         "failed_requests".into(),
         json!(failed.load(Ordering::Relaxed)),
     );
-    crate::bench::report(args.json, figures);
+    crate::kit::report(args.json, figures);
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! `polydev bench <area>`: figures for docs/PERFORMANCE.md, measured against
-//! the real binary. `--json` prints one flat JSON object so runs compare.
+//! What every area shares: the polydev server a bench starts, percentiles,
+//! the report, and the http and vault areas.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,27 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 
-use crate::cli::{BenchArea, BenchArgs};
+use crate::BenchArgs;
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.area {
-        BenchArea::Http => http(&args).await,
-        BenchArea::Egress => crate::bench_egress::run(&args).await,
-        BenchArea::Vault => vault(&args),
-        BenchArea::Sandboxes => crate::bench_sandbox::run(&args).await,
-        BenchArea::Deploy => crate::bench_deploy::run(&args).await,
-        BenchArea::Runs => crate::bench_runs::run(&args).await,
-        BenchArea::Stream => match args.bridge_to {
-            Some(echo) => crate::bench_stream::serve_bridge(echo).await,
-            None => crate::bench_stream::run(&args).await,
-        },
-    }
-}
-
-/// The `p` quantile (0..=1) of `v` (nearest rank); 0 for no samples.
+/// The `p` quantile (0..=1) of `v` (nearest rank); NaN for no samples
+/// (reported as `null`: no figure, not a zero one).
 pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
-        return 0.0;
+        return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -56,7 +42,7 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the polydev binary")?;
+        let exe = crate::polydev_exe()?;
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(&exe)
             .args([
@@ -119,7 +105,7 @@ impl Server {
     }
 
     pub(crate) fn user_token(&self, email: &str, admin: bool) -> anyhow::Result<String> {
-        let exe = std::env::current_exe()?;
+        let exe = crate::polydev_exe()?;
         let out = Command::new(exe)
             .args(["user", "add", "--email", email])
             .args(if admin { &["--admin"][..] } else { &[][..] })
@@ -136,7 +122,7 @@ impl Server {
     /// A user with a vault (enrolled from a password); returns (id, token).
     pub(crate) fn vault_user(&self, email: &str) -> anyhow::Result<(String, String)> {
         use std::io::Write;
-        let exe = std::env::current_exe()?;
+        let exe = crate::polydev_exe()?;
         let mut child = Command::new(exe)
             .args(["user", "add", "--email", email, "--password-stdin"])
             .arg("--data-dir")
@@ -247,7 +233,7 @@ fn parse_wrk_duration(v: &str) -> anyhow::Result<f64> {
     })
 }
 
-async fn http(args: &BenchArgs) -> anyhow::Result<()> {
+pub(crate) async fn http(args: &BenchArgs) -> anyhow::Result<()> {
     let mut figures = Map::new();
     let mut put = |k: &str, v: f64| {
         figures.insert(k.to_owned(), json!((v * 1000.0).round() / 1000.0));
@@ -318,7 +304,7 @@ async fn http(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn vault(args: &BenchArgs) -> anyhow::Result<()> {
+pub(crate) fn vault(args: &BenchArgs) -> anyhow::Result<()> {
     use polydev_vault::{ItemContext, KdfParams, KdfSpec, SealingKeyPair, VaultKey};
     let mut figures = Map::new();
     let mut put = |k: &str, v: f64| {
@@ -414,7 +400,7 @@ fn vault(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut child = Command::new("node")
         .arg(&script)
-        .env("POLYDEV_BIN", std::env::current_exe()?)
+        .env("POLYDEV_BIN", crate::polydev_exe()?)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -456,7 +442,7 @@ fn vault(args: &BenchArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_wrk_duration;
+    use super::{parse_wrk_duration, percentile};
 
     #[test]
     fn wrk_durations_parse_to_milliseconds() {
@@ -464,5 +450,19 @@ mod tests {
         assert_eq!(parse_wrk_duration("1.50ms").unwrap(), 1.5);
         assert_eq!(parse_wrk_duration("2.00s").unwrap(), 2000.0);
         assert!(parse_wrk_duration("12").is_err());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_and_absent_without_samples() {
+        assert!(percentile(Vec::new(), 0.5).is_nan());
+        assert_eq!(
+            serde_json::json!(percentile(Vec::new(), 0.5)),
+            serde_json::Value::Null
+        );
+        let v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(v.clone(), 0.0), 1.0);
+        assert_eq!(percentile(v.clone(), 0.5), 3.0);
+        assert_eq!(percentile(v.clone(), 0.99), 5.0);
+        assert_eq!(percentile(vec![7.0], 0.99), 7.0);
     }
 }

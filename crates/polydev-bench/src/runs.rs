@@ -1,4 +1,4 @@
-//! `polydev bench runs`: the whole chain (API → sandbox → agent → CLI →
+//! `polydev-bench runs`: the whole chain (API → sandbox → agent → CLI →
 //! egress proxy → stub provider) against each CLI run directly on the host
 //! against the same stub, time to the first answer text; then 20
 //! concurrent three-provider runs. Needs the CLIs on PATH (scripts/test.sh
@@ -14,12 +14,12 @@ use polydev_stubs::Provider as Stub;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::Server;
+use crate::kit::Server;
 
 fn p50(v: Vec<f64>) -> f64 {
-    crate::bench::percentile(v, 0.5)
+    crate::kit::percentile(v, 0.5)
 }
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
 
 const ROUNDS: usize = 20;
 const CONCURRENT: usize = 20;
@@ -210,7 +210,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut p = Vec::new();
         for _ in 0..ROUNDS {
             d.push(direct(*provider, stubs[i].addr.port(), answer, &home).await?);
-            crate::bench_stream::wait_for_pool(&base).await?;
+            crate::stream::wait_for_pool(&base).await?;
             let (firsts, _) = through(&base, &token, &[*provider]).await?;
             p.push(firsts.first().map(|f| f.1).context("no delta")?);
         }
@@ -271,6 +271,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "concurrent_runs_per_min".into(),
         json!(CONCURRENT as f64 * 60.0 / wall),
     );
-    crate::bench::report(args.json, figures);
+    crate::kit::report(args.json, figures);
     Ok(())
 }

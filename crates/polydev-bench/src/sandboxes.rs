@@ -1,4 +1,4 @@
-//! `polydev bench sandboxes`: the local driver on this host — cold create
+//! `polydev-bench sandboxes`: the local driver on this host — cold create
 //! to agent ready (one at a time, then 50 at once), warm hand-out through
 //! the manager (pool + store), exec round trip, and idle density.
 
@@ -11,8 +11,8 @@ use polydev_sandbox::{
 };
 use serde_json::{json, Map, Value};
 
-use crate::bench::percentile;
-use crate::cli::BenchArgs;
+use crate::kit::percentile;
+use crate::BenchArgs;
 
 fn summary(v: Vec<f64>) -> (f64, f64) {
     (percentile(v.clone(), 0.5), percentile(v, 0.99))
@@ -56,9 +56,11 @@ async fn timed_create(
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("pdb").tempdir()?;
-    let driver =
-        Arc::new(crate::sandbox_cli::local_driver(dir.path(), false).map_err(anyhow::Error::msg)?);
-    let images = crate::sandbox_cli::images(&dir.path().join("images"));
+    let driver = Arc::new(
+        polydev_sandbox::LocalDriver::for_data_dir(dir.path(), false)
+            .map_err(anyhow::Error::msg)?,
+    );
+    let images = polydev_sandbox::ImageStore::new(dir.path().join("images"));
     let image = images.build_minimal(&driver.config().launcher)?;
     images.activate("minimal", &image.manifest.hash)?;
     let mut figures = Map::new();
@@ -230,6 +232,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     store.close().await;
     driver.cgroups().remove_all(Duration::from_secs(10))?;
 
-    crate::bench::report(args.json, figures);
+    crate::kit::report(args.json, figures);
     Ok(())
 }
