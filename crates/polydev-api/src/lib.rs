@@ -128,6 +128,9 @@ pub struct AppState {
     pub logins: Option<Arc<polydev_sessions::login::Logins>>,
     /// Bounds the JSON exec answers held at once.
     pub exec_gate: Arc<routes::sandboxes::ExecGate>,
+    /// The streams' pump tasks (SSE and exec streams), ended and joined on
+    /// shutdown.
+    pub tasks: Arc<polydev_sessions::tasks::Tasks>,
 }
 
 impl AppState {
@@ -155,6 +158,7 @@ impl AppState {
             runs: None,
             logins: None,
             exec_gate: Arc::default(),
+            tasks: Arc::default(),
         }
     }
 

@@ -9,4 +9,5 @@
 pub mod login;
 pub mod providers;
 pub mod runs;
+pub mod tasks;
 pub mod vault;

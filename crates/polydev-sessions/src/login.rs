@@ -36,6 +36,7 @@ use polydev_sandbox::{CreateRequest, Limits, Manager, ManagerError, Network, San
 use polydev_store::{now_ms, Store};
 
 pub use crate::providers::{login_commands, LoginCommand};
+use crate::tasks::Tasks;
 use crate::vault::seal_credential_to_vault;
 pub use crate::vault::{credential_item_id, LOGIN_CREDENTIAL_PURPOSE};
 
@@ -288,6 +289,7 @@ pub struct Admitted {
 pub struct Logins {
     manager: Arc<Manager>,
     store: Store,
+    tasks: Tasks,
     cfg: LoginConfig,
     metrics: LoginMetrics,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
@@ -331,6 +333,7 @@ impl Logins {
         Ok(Arc::new(Self {
             manager,
             store,
+            tasks: Tasks::new(),
             cfg,
             metrics,
             sessions: Mutex::new(HashMap::new()),
@@ -465,7 +468,8 @@ impl Logins {
         }
         self.persist(&session).await;
         let me = self.clone();
-        tokio::spawn(async move { me.drive(session, recipient).await });
+        self.tasks
+            .spawn(async move { me.drive(session, recipient).await });
         Ok(view)
     }
 
@@ -689,6 +693,12 @@ impl Logins {
             })
             .await;
         }
+        self.tasks.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// Tasks still running (session drivers, output readers, creates).
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.live()
     }
 
     async fn persist(&self, s: &Session) {
@@ -869,7 +879,7 @@ impl Logins {
                 return;
             }
             let (s2, out) = (s.clone(), output.clone());
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let mut code = None;
                 loop {
                     match agent.next_event().await {
@@ -1052,7 +1062,8 @@ impl Logins {
         // Created on its own task: should the deadline pass meanwhile, the
         // sandbox is still destroyed once it exists.
         let (manager, user, sid) = (self.manager.clone(), s.user, s.clone());
-        let created = tokio::spawn(async move {
+        let (made_tx, made_rx) = tokio::sync::oneshot::channel();
+        self.tasks.spawn(async move {
             let made = manager.create(user, req).await;
             if let Ok(v) = &made {
                 let id = v.id.clone();
@@ -1064,10 +1075,11 @@ impl Logins {
                     }
                 }
             }
-            made
-        })
-        .await
-        .map_err(|e| (format!("sandbox creation stopped: {e}"), Vec::new()))?;
+            let _ = made_tx.send(made);
+        });
+        let created = made_rx
+            .await
+            .map_err(|_| ("sandbox creation stopped".to_owned(), Vec::new()))?;
         let sandbox = match created {
             Ok(v) => {
                 SandboxId::parse(&v.id).ok_or_else(|| ("bad sandbox id".to_owned(), vec![]))?

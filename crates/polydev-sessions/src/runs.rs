@@ -23,6 +23,8 @@ use tokio::sync::broadcast;
 use polydev_sandbox::{CreateRequest, Limits, Manager, ManagerError, Network, SandboxId};
 use polydev_store::{now_ms, Store};
 
+use crate::tasks::Tasks;
+
 use crate::providers::{
     credential_file, last_meaningful_line, normalise, run_command, Line, RunSetup, CREDENTIAL_FILE,
 };
@@ -287,6 +289,7 @@ pub enum RunError {
 pub struct Runs {
     manager: Arc<Manager>,
     store: Store,
+    tasks: Tasks,
     cfg: RunsConfig,
     runs: Mutex<HashMap<String, Arc<Run>>>,
 }
@@ -296,6 +299,7 @@ impl Runs {
         Arc::new(Self {
             manager,
             store,
+            tasks: Tasks::new(),
             cfg,
             runs: Mutex::new(HashMap::new()),
         })
@@ -457,7 +461,7 @@ impl Runs {
             .map_err(ManagerError::from)?;
         // Providers never given credentials fail (and free their sandbox).
         let (me, r) = (self.clone(), run.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(me.cfg.credential_wait).await;
             for p in &r.providers {
                 let waiting = p
@@ -576,7 +580,7 @@ impl Runs {
                     }
                     run.set_state(*provider, "running");
                     let (me, r, prov) = (self.clone(), run.clone(), *provider);
-                    tokio::spawn(async move { me.drive(r, prov).await });
+                    self.tasks.spawn(async move { me.drive(r, prov).await });
                 }
                 Err(e) => {
                     return Err(RunError::Invalid(format!(
@@ -905,6 +909,36 @@ impl Runs {
         }
         self.persist(&run).await;
         Ok(run.view())
+    }
+
+    /// Ends every live run (as cancelled: its sandboxes go, its state is
+    /// stored) and joins the tasks that drove them.
+    pub async fn shutdown(&self) {
+        let live: Vec<Arc<Run>> = self
+            .runs
+            .lock()
+            .map(|r| r.values().filter(|r| !r.finished()).cloned().collect())
+            .unwrap_or_default();
+        for run in live {
+            run.cancelled.store(true, Ordering::Relaxed);
+            for p in &run.providers {
+                if run.set_state(p.provider, "cancelled") {
+                    run.emit_final(
+                        Some(p.provider),
+                        "error",
+                        json!({"stage": "cancelled", "message": "the controller shut down"}),
+                    );
+                }
+                let _ = self.manager.destroy(&p.sandbox, "ended").await;
+            }
+            self.persist(&run).await;
+        }
+        self.tasks.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// Tasks still running (provider drivers, credential deadlines).
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.live()
     }
 
     /// Past events, and a receiver for the rest (None once all finished).

@@ -237,13 +237,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let (streams, runs) = (state.tasks.clone(), state.runs.clone());
     tasks.spawn(housekeeping(state, stop_rx.clone()));
-    if let Some(logins) = logins {
-        // Live login sessions end (and their sandboxes go) on shutdown.
+    {
+        // On shutdown, live runs and login sessions end (their sandboxes go,
+        // their states are stored), their tasks and the streams' pumps are
+        // joined: open event streams end, so the drain need not wait for them.
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let _ = stop.changed().await;
-            logins.shutdown().await;
+            if let Some(runs) = runs {
+                runs.shutdown().await;
+            }
+            if let Some(logins) = logins {
+                logins.shutdown().await;
+            }
+            streams.shutdown(Duration::from_secs(1)).await;
         });
     }
     if let Ok(manager) = sandboxes {

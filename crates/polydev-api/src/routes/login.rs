@@ -151,7 +151,7 @@ pub(crate) async fn events(
             .event("state")
             .data(view_json(v).to_string())
     };
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         if tx.send(Ok(to_sse(&first))).await.is_err() || first.is_terminal() {
             return;
         }

@@ -213,7 +213,7 @@ pub(crate) async fn events(
             .event(e.kind.clone())
             .data(data.to_string())
     };
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         // `end` is the stream's last event: every provider has ended.
         for e in &past {
             if tx.send(Ok(to_sse(e))).await.is_err() || e.kind == "end" {

@@ -625,7 +625,7 @@ pub(crate) async fn exec(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let until = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         loop {
             let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
                 let payload = serde_json::json!({"code": "agent_timeout", "message": "the sandbox's agent did not report the command's end in time"});

@@ -107,6 +107,27 @@ pub fn store_args(db: &TestDatabase) -> Vec<String> {
 
 type Started = (Child, String, Option<String>, Arc<Mutex<Vec<String>>>);
 
+/// Polls `check` (every 50 ms) until it gives `Some`, for at most `within`;
+/// then fails the test naming `what`. The one way tests wait for something
+/// to become true: never a fixed sleep.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Spawns `polydev serve` and waits for its "listening" line.
 fn start(db: &TestDatabase, extra: &[String]) -> Started {
     let mut cmd = Command::new(BIN);
@@ -393,15 +414,43 @@ impl TestApp {
                 all.extend(std::fs::read(path).expect("store file"));
             }
         }
+        // On PostgreSQL the store is not in the data dir: everything it
+        // holds, as pg_dump writes it.
+        if self.db.backend() == Backend::Postgres {
+            let dump = std::process::Command::new("pg_dump")
+                .args(["--data-only", "--no-owner", "--dbname"])
+                .arg(self.db.url())
+                .output()
+                .expect("pg_dump (PostgreSQL's client tools, installed by scripts/test.sh)");
+            assert!(
+                dump.status.success(),
+                "pg_dump: {}",
+                String::from_utf8_lossy(&dump.stderr)
+            );
+            all.extend(dump.stdout);
+        }
         String::from_utf8_lossy(&all).into_owned()
     }
 
-    /// Asserts that no needle reached the logs so far, /metrics or the store files.
+    /// Asserts that no needle reached the logs so far, /metrics or the
+    /// store — after checking that each of the three was really read (a
+    /// line every log has, a metric always served, the store's migration
+    /// table), so an empty source cannot pass for a clean one.
     pub async fn assert_nowhere(&self, needles: &[&str]) {
         let logs = self.settled_logs().await;
         let metrics = self.get("/metrics", None).await.text;
         let at_rest = self.at_rest();
+        assert!(logs.contains("listening"), "the logs were not read");
+        assert!(
+            metrics.contains("polydev_build_info"),
+            "/metrics was not read"
+        );
+        assert!(
+            at_rest.contains("_sqlx_migrations"),
+            "the store was not read"
+        );
         for n in needles {
+            assert!(!n.is_empty(), "an empty needle is found everywhere");
             assert!(!logs.contains(n), "a secret reached the logs");
             assert!(!metrics.contains(n), "a secret reached /metrics");
             assert!(!at_rest.contains(n), "a secret reached the store");

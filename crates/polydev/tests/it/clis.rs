@@ -4,6 +4,8 @@
 //! (issue 8) build on. The CLIs come from scripts/test.sh (`npm install -g`
 //! of the pinned versions); the `minimal` template borrows the host's /usr.
 
+use std::time::Duration;
+
 use polydev_store::Backend;
 use polydev_stubs::Provider;
 use reqwest::StatusCode;
@@ -594,6 +596,18 @@ pub(crate) async fn run_with_key(
     providers: &[&str],
     key: &str,
 ) -> (String, Vec<(String, Value)>) {
+    let run = start_with_key(app, token, providers, key).await;
+    let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
+    (run, events)
+}
+
+/// Starts a run of `providers` with `key` sealed to each sandbox; its id.
+pub(crate) async fn start_with_key(
+    app: &TestApp,
+    token: &str,
+    providers: &[&str],
+    key: &str,
+) -> String {
     use base64::Engine;
     let t = Some(token);
     let r = app
@@ -630,8 +644,85 @@ pub(crate) async fn run_with_key(
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-    let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
-    (run, events)
+    run
+}
+
+/// A run still working when the controller is told to stop ends there:
+/// its viewers get the cancellation and the stream's end, the controller
+/// exits well before the run's deadline, and after a restart the run's
+/// stored state says it was cancelled (nothing is left "running").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_in_flight_at_shutdown_ends_cancelled_and_the_controller_exits() {
+    let hung = polydev_stubs::start_slow(
+        Provider::OpenAi,
+        "never",
+        None,
+        std::time::Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"openai.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 300\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\n",
+            hung.addr.port()
+        ),
+    )
+    .unwrap();
+    let mut app =
+        TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("shutdown@example.com").await;
+    let run = start_with_key(&app, &token, &["codex"], "sk-test").await;
+    let pid = app.pid();
+    let signal = async {
+        // Codex is waiting on its provider: the request reached the stub.
+        crate::app::eventually(
+            Duration::from_secs(60),
+            "codex reaches its provider",
+            || async { (!hung.seen().is_empty()).then_some(()) },
+        )
+        .await;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::time::Instant::now()
+    };
+    let events_path = format!("/api/runs/{run}/events");
+    let (events, signalled) = tokio::join!(
+        sse_events(&app, &events_path, &token),
+        signal
+    );
+    let (kind, data) = events
+        .iter()
+        .rev()
+        .find(|(_, d)| d["provider"] == "codex")
+        .cloned()
+        .expect("codex's last event");
+    assert_eq!(kind, "error", "{events:?}");
+    assert_eq!(data["stage"], "cancelled", "{data}");
+    assert!(
+        data["message"].as_str().unwrap().contains("shut down"),
+        "{data}"
+    );
+    assert_eq!(events.last().unwrap().0, "end", "{events:?}");
+    let exit = tokio::task::block_in_place(|| app.wait_exit(Duration::from_secs(20)));
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "the controller waited for the run"
+    );
+    app.restart().await;
+    let r = app.get(&format!("/api/runs/{run}"), Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["sandboxes"]["codex"]["state"], "cancelled",
+        "{}",
+        r.text
+    );
 }
 
 /// A CLI whose provider never answers ends at the run's deadline with a

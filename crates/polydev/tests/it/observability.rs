@@ -140,23 +140,33 @@ async fn host_health_is_for_admins_and_its_values_are_sane() {
     assert_eq!(s.status, StatusCode::OK, "{}", s.text);
     let b = &s.body;
     let pct = |v: &Value| v.as_f64().is_some_and(|p| (0.0..=100.0).contains(&p));
+    // Every figure must be there: a missing one is a failure, not a pass.
+    let n = |v: &Value, what: &str| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("{what} is not a number: {v}"))
+    };
     assert!(
         pct(&b["cpu"]["usage"])
-            && b["cpu"]["cores"].as_u64() >= Some(1)
-            && b["cpu"]["model"].is_string()
+            && n(&b["cpu"]["cores"], "cores") >= 1
+            && b["cpu"]["model"].is_string(),
+        "{b}"
     );
     let m = &b["memory"];
+    let total = n(&m["total"], "memory total");
     assert!(
-        m["total"].as_u64() >= m["used"].as_u64()
-            && m["total"].as_u64() >= m["free"].as_u64()
-            && pct(&m["percent"])
+        total > 0
+            && total >= n(&m["used"], "memory used")
+            && total >= n(&m["free"], "memory free")
+            && pct(&m["percent"]),
+        "{m}"
     );
     let disks = b["disk"].as_array().unwrap();
     assert!(!disks.is_empty());
     for d in disks {
+        let size = n(&d["size"], "disk size");
         assert!(
-            d["size"].as_u64() >= d["used"].as_u64()
-                && d["size"].as_u64() >= d["available"].as_u64()
+            size >= n(&d["used"], "disk used")
+                && size >= n(&d["available"], "disk available")
                 && pct(&d["percent"]),
             "{d}"
         );
