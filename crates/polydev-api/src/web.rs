@@ -71,3 +71,73 @@ async fn serve(req: Request) -> Response {
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
 }
+
+#[cfg(test)]
+mod state_names {
+    //! The web UI matches states by their text: every state it names must
+    //! be one its machine has, and the login page labels each of them.
+    use polydev_domain::{LoginState, RunState};
+    use std::collections::BTreeSet;
+
+    fn page(name: &str) -> String {
+        let path = format!("{}/../../web/public/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// Every `"word"` right after `marker` in `text`.
+    fn quoted_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+        text.match_indices(marker)
+            .filter_map(|(i, _)| {
+                let rest = text[i + marker.len()..].strip_prefix('"')?;
+                rest.split('"').next()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_login_page_knows_exactly_the_login_states() {
+        let js = page("providers.js");
+        let start = js.find("const LABELS = {").expect("the LABELS table");
+        let block = &js[start..start + js[start..].find("};").unwrap()];
+        let labelled: BTreeSet<&str> = block
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.trim().split_once(':').map(|(k, _)| k))
+            .collect();
+        let all: BTreeSet<&str> = LoginState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(labelled, all, "one label per login state");
+        let compared = quoted_after(&js, "state === ");
+        assert!(compared.len() >= 4, "{compared:?}");
+        for s in compared {
+            assert!(
+                s.parse::<LoginState>().is_ok(),
+                "providers.js compares with {s:?}"
+            );
+        }
+        let ended = js
+            .split("].includes(v.state)")
+            .next()
+            .and_then(|b| b.rsplit('[').next())
+            .expect("the terminal states list");
+        let ended: BTreeSet<&str> = ended
+            .split(',')
+            .map(|s| s.trim().trim_matches('"'))
+            .collect();
+        let terminal: BTreeSet<&str> = LoginState::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(ended, terminal, "the page's ended states");
+    }
+
+    #[test]
+    fn the_run_page_compares_with_run_states_only() {
+        let js = page("runs.js");
+        let compared = quoted_after(&js, "r.state === ");
+        assert!(!compared.is_empty());
+        for s in compared {
+            assert!(s.parse::<RunState>().is_ok(), "runs.js compares with {s:?}");
+        }
+    }
+}

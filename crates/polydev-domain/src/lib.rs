@@ -10,6 +10,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod state;
+pub use state::{LoginState, ProviderState, RunState, SandboxStatus, UnknownState};
+
 /// Why a value from outside could not become a domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {

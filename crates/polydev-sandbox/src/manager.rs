@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polydev_domain::UserId;
+use polydev_domain::{SandboxStatus, UserId};
 use polydev_store::{SandboxRecord, Store, StoreError};
 use polydev_telemetry::metrics::{
     SandboxMetrics, TemplateDriverLabels, TemplateLabels, TemplateStageLabels,
@@ -228,7 +228,7 @@ pub struct SandboxView {
     pub template: String,
     pub image: String,
     pub driver: String,
-    pub status: String,
+    pub status: SandboxStatus,
     pub stages: Vec<Stage>,
     pub error: Option<serde_json::Value>,
     pub created_at_ms: i64,
@@ -246,7 +246,7 @@ impl SandboxView {
             template: r.template.clone(),
             image: r.image.clone(),
             driver: r.driver.clone(),
-            status: r.status.clone(),
+            status: r.status,
             stages: serde_json::from_str(&r.stages).unwrap_or_default(),
             error: r
                 .error
@@ -669,12 +669,20 @@ impl Manager {
                 self.release(&id);
                 let _ = self
                     .store
-                    .set_sandbox_status(id.as_str(), "failed", None, None, Some(now_ms()))
+                    .set_sandbox_status(
+                        id.as_str(),
+                        SandboxStatus::Failed,
+                        None,
+                        None,
+                        Some(now_ms()),
+                    )
                     .await;
                 return Err(e);
             }
         }
-        let result = self.boot_recorded(&id, &spec, &image, "ready").await;
+        let result = self
+            .boot_recorded(&id, &spec, &image, SandboxStatus::Ready)
+            .await;
         if result.is_err() {
             self.release(&id);
             self.close_egress(&id).await;
@@ -687,7 +695,7 @@ impl Manager {
             }
             .await;
             if let Err(e) = configured {
-                let _ = self.destroy(&id, "failed").await;
+                let _ = self.destroy(&id, SandboxStatus::Failed).await;
                 return Err(e.into());
             }
         }
@@ -714,7 +722,7 @@ impl Manager {
         user: Option<UserId>,
         spec: &SandboxSpec,
         image: &crate::image::Image,
-        status: &str,
+        status: SandboxStatus,
     ) -> Result<(), ManagerError> {
         self.record(id, user, spec, image).await?;
         self.boot_recorded(id, spec, image, status).await
@@ -737,7 +745,7 @@ impl Manager {
                 template: spec.template.clone(),
                 image: image.manifest.hash.clone(),
                 driver: self.driver.name().to_owned(),
-                status: "creating".into(),
+                status: SandboxStatus::Creating,
                 stages: "[]".into(),
                 spec: spec_json,
                 error: None,
@@ -755,7 +763,7 @@ impl Manager {
         id: &SandboxId,
         spec: &SandboxSpec,
         image: &crate::image::Image,
-        status: &str,
+        status: SandboxStatus,
     ) -> Result<(), ManagerError> {
         let started = Instant::now();
         match self
@@ -814,7 +822,7 @@ impl Manager {
                     .store
                     .set_sandbox_status(
                         id.as_str(),
-                        "failed",
+                        SandboxStatus::Failed,
                         stages.as_deref(),
                         Some(&error.to_string()),
                         Some(now_ms()),
@@ -848,7 +856,7 @@ impl Manager {
             let egress = spec.network == Network::Egress;
             if egress && !warm.egress_ready {
                 // Made before the egress proxy was there: no relay to route.
-                let _ = self.destroy(&warm.id, "ended").await;
+                let _ = self.destroy(&warm.id, SandboxStatus::Ended).await;
                 continue;
             }
             // Counted and assigned under the user's admission lock.
@@ -892,7 +900,7 @@ impl Manager {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = routed {
-                    let _ = self.destroy(&warm.id, "lost").await;
+                    let _ = self.destroy(&warm.id, SandboxStatus::Lost).await;
                     tracing::warn!(error = %e, "cannot route a pooled sandbox's egress");
                     if matches!(e, ManagerError::Invalid(_)) {
                         return Err(e);
@@ -906,7 +914,7 @@ impl Manager {
                     Err(_) => false,
                 };
                 if !configured {
-                    let _ = self.destroy(&warm.id, "lost").await;
+                    let _ = self.destroy(&warm.id, SandboxStatus::Lost).await;
                     continue;
                 }
             }
@@ -937,7 +945,7 @@ impl Manager {
         user: Option<UserId>,
     ) -> Result<SandboxView, ManagerError> {
         let v = self.get(id, user).await?;
-        if v.status != "ready" {
+        if v.status != SandboxStatus::Ready {
             return Err(ManagerError::Gone(id.to_string()));
         }
         Ok(v)
@@ -954,7 +962,7 @@ impl Manager {
     }
 
     /// Destroys and records the end (`ended`, or `lost`/`failed`).
-    pub async fn destroy(&self, id: &SandboxId, status: &str) -> Result<(), ManagerError> {
+    pub async fn destroy(&self, id: &SandboxId, status: SandboxStatus) -> Result<(), ManagerError> {
         let record = self.store.sandbox(id.as_str()).await.ok();
         // Revoked first: a sandbox on its way out has no way out.
         self.close_egress(id).await;
@@ -966,7 +974,7 @@ impl Manager {
         {
             self.release(id);
             if let Some(r) = record {
-                if r.status == "ready" || r.status == "pooled" {
+                if matches!(r.status, SandboxStatus::Ready | SandboxStatus::Pooled) {
                     self.gauge_active(&r.template, -1);
                 }
             }
@@ -977,10 +985,10 @@ impl Manager {
     /// Ends a user's sandbox (`None` = admin).
     pub async fn delete(&self, id: &SandboxId, user: Option<UserId>) -> Result<(), ManagerError> {
         let v = self.get(id, user).await?;
-        if !["creating", "ready", "pooled"].contains(&v.status.as_str()) {
+        if !v.status.is_live() {
             return Err(ManagerError::Gone(id.to_string()));
         }
-        self.destroy(id, "ended").await
+        self.destroy(id, SandboxStatus::Ended).await
     }
 
     /// Destroys every live sandbox whose TTL has passed.
@@ -988,10 +996,10 @@ impl Manager {
         let now = now_ms();
         let mut n = 0;
         for r in self.store.live_sandboxes().await? {
-            if r.expires_at_ms <= now && r.status != "creating" {
+            if r.expires_at_ms <= now && r.status != SandboxStatus::Creating {
                 if let Some(id) = SandboxId::parse(&r.id) {
                     tracing::info!(sandbox = %r.id, "TTL passed; destroying");
-                    if self.destroy(&id, "ended").await.is_ok() {
+                    if self.destroy(&id, SandboxStatus::Ended).await.is_ok() {
                         n += 1;
                     }
                 }
@@ -1021,15 +1029,17 @@ impl Manager {
                 None => false,
                 // A driver that cannot take over a previous process's
                 // sandboxes (the local one: they die with it) keeps none.
-                Some(r) if startup => self.driver.adopts() && r.status == "ready" && e.alive,
-                Some(r) => r.status != "pooled" || in_pool.contains(&r.id) || !e.alive,
+                Some(r) if startup => {
+                    self.driver.adopts() && r.status == SandboxStatus::Ready && e.alive
+                }
+                Some(r) => r.status != SandboxStatus::Pooled || in_pool.contains(&r.id) || !e.alive,
             };
             if !keep {
                 if let Some(id) = SandboxId::parse(&e.id) {
                     let status = if known.contains_key(e.id.as_str()) {
-                        "lost"
+                        SandboxStatus::Lost
                     } else {
-                        "ended"
+                        SandboxStatus::Ended
                     };
                     self.close_egress(&id).await;
                     let _ = self.driver.destroy(&id).await;
@@ -1050,14 +1060,14 @@ impl Manager {
         for r in &live {
             let gone = !alive.get(r.id.as_str()).copied().unwrap_or(false);
             // A sandbox still being created by this process is not lost.
-            if gone && (startup || r.status != "creating") {
+            if gone && (startup || r.status != SandboxStatus::Creating) {
                 if let Some(id) = SandboxId::parse(&r.id) {
                     self.close_egress(&id).await;
                     let _ = self.driver.destroy(&id).await;
                 }
                 if self
                     .store
-                    .set_sandbox_status(&r.id, "lost", None, None, Some(now_ms()))
+                    .set_sandbox_status(&r.id, SandboxStatus::Lost, None, None, Some(now_ms()))
                     .await?
                 {
                     report.lost += 1;
@@ -1108,7 +1118,7 @@ impl Manager {
                     .pool_size
                     .get_or_create(&self.labels(template))
                     .dec();
-                let _ = self.destroy(&id, "ended").await;
+                let _ = self.destroy(&id, SandboxStatus::Ended).await;
             }
             loop {
                 let have = self
@@ -1139,7 +1149,10 @@ impl Manager {
                     egress: None,
                     egress_auth: None,
                 };
-                let booted = match self.boot(&id, None, &spec, &image, "pooled").await {
+                let booted = match self
+                    .boot(&id, None, &spec, &image, SandboxStatus::Pooled)
+                    .await
+                {
                     Ok(()) => self.warm_up(&id, template).await,
                     Err(e) => Err(e),
                 };
@@ -1194,7 +1207,7 @@ impl Manager {
         }
         .await;
         if let Err(e) = run {
-            let _ = self.destroy(id, "failed").await;
+            let _ = self.destroy(id, SandboxStatus::Failed).await;
             return Err(e.into());
         }
         Ok(())
@@ -1262,7 +1275,7 @@ impl Manager {
         if let Ok(live) = self.store.live_sandboxes().await {
             for r in live {
                 if let Some(id) = SandboxId::parse(&r.id) {
-                    let _ = self.destroy(&id, "ended").await;
+                    let _ = self.destroy(&id, SandboxStatus::Ended).await;
                 }
             }
         }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use polydev_agent::protocol::Event as AgentEvent;
-use polydev_domain::{Provider, UserId};
+use polydev_domain::{LoginState, Provider, SandboxStatus, UserId};
 use polydev_store::{LoginRecord, StoreError};
 use polydev_telemetry::metrics::LoginMetrics;
 use serde::{Deserialize, Serialize};
@@ -129,7 +129,7 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StageAt {
-    pub state: String,
+    pub state: LoginState,
     pub at_ms: i64,
 }
 
@@ -141,13 +141,13 @@ pub struct LoginView {
     pub user_id: String,
     pub provider: String,
     pub mode: String,
-    pub state: String,
+    pub state: LoginState,
     pub stages: Vec<StageAt>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The stage reached when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_stage: Option<String>,
+    pub failed_stage: Option<LoginState>,
     /// End of the sandbox's log when it failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub log_tail: Vec<String>,
@@ -168,17 +168,8 @@ pub struct LoginView {
 
 impl LoginView {
     pub fn is_terminal(&self) -> bool {
-        is_terminal(&self.state)
+        self.state.is_terminal()
     }
-}
-
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "expired" | "cancelled")
-}
-
-/// Ended sessions a client should stop asking about.
-pub fn is_gone(state: &str) -> bool {
-    matches!(state, "expired" | "cancelled")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,8 +233,9 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// Moves to `state` unless already ended; false when it had ended.
-    fn advance(&self, state: &str, edit: impl FnOnce(&mut LoginView)) -> bool {
+    /// Moves to `state` if the machine allows it (never out of an end);
+    /// false when it did not.
+    fn advance(&self, state: LoginState, edit: impl FnOnce(&mut LoginView)) -> bool {
         let mut moved = false;
         let metrics = &self.metrics;
         self.view.send_if_modified(|v| {
@@ -251,12 +243,16 @@ impl Session {
                 return false;
             }
             if v.state != state {
+                if !v.state.can_become(state) {
+                    tracing::warn!(from = %v.state, to = %state, "a login session may not move so; it stays");
+                    return false;
+                }
                 metrics.entered(state);
                 v.stages.push(StageAt {
-                    state: state.to_owned(),
+                    state,
                     at_ms: now_ms(),
                 });
-                v.state = state.to_owned();
+                v.state = state;
             }
             edit(v);
             moved = true;
@@ -326,7 +322,7 @@ impl Logins {
             );
         }
         for id in left.iter().filter_map(|id| SandboxId::parse(id)) {
-            if let Err(e) = manager.destroy(&id, "ended").await {
+            if let Err(e) = manager.destroy(&id, SandboxStatus::Ended).await {
                 tracing::warn!(sandbox = %id, error = %e, "cannot destroy a previous login sandbox");
             }
         }
@@ -423,9 +419,9 @@ impl Logins {
             user_id: user.to_string(),
             provider: provider.as_str().to_owned(),
             mode: mode.as_str().to_owned(),
-            state: "booting".into(),
+            state: LoginState::Booting,
             stages: vec![StageAt {
-                state: "booting".into(),
+                state: LoginState::Booting,
                 at_ms: now,
             }],
             error: None,
@@ -450,7 +446,7 @@ impl Logins {
             cancel: watch::Sender::new(None),
             metrics: self.metrics.clone(),
         });
-        self.metrics.entered("booting");
+        self.metrics.entered(LoginState::Booting);
         {
             let mut sessions = self
                 .sessions
@@ -495,7 +491,7 @@ impl Logins {
                 view_from_record(&r)
             }
         };
-        if is_gone(&view.state) {
+        if view.state.is_gone() {
             return Err(LoginError::Gone(Box::new(view)));
         }
         Ok(view)
@@ -518,7 +514,7 @@ impl Logins {
         if s.user != user {
             return Err(LoginError::Forbidden);
         }
-        self.finish(&s, "cancelled", |v| {
+        self.finish(&s, LoginState::Cancelled, |v| {
             v.error = Some("cancelled by the user".into())
         })
         .await;
@@ -539,10 +535,13 @@ impl Logins {
             return Err(LoginError::Forbidden);
         }
         let view = s.snapshot();
-        if is_gone(&view.state) {
+        if view.state.is_gone() {
             return Err(LoginError::Gone(Box::new(view)));
         }
-        if !matches!(view.state.as_str(), "awaiting_code" | "awaiting_login") {
+        if !matches!(
+            view.state,
+            LoginState::AwaitingCode | LoginState::AwaitingLogin
+        ) {
             return Err(LoginError::NotReady(format!(
                 "the session is {}; a code is accepted once the CLI waits for one",
                 view.state
@@ -643,7 +642,7 @@ impl Logins {
         if view.is_terminal() {
             return Err(LoginError::Gone(Box::new(view)));
         }
-        if view.state == "booting" {
+        if view.state == LoginState::Booting {
             return Err(LoginError::NotReady(
                 "the remote browser is still starting; connect once the session is ready".into(),
             ));
@@ -688,7 +687,7 @@ impl Logins {
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default();
         for s in live {
-            self.finish(&s, "expired", |v| {
+            self.finish(&s, LoginState::Expired, |v| {
                 v.error = Some("the controller shut down".into())
             })
             .await;
@@ -708,7 +707,7 @@ impl Logins {
             user_id: s.user,
             provider: v.provider.clone(),
             mode: v.mode.clone(),
-            state: v.state.clone(),
+            state: v.state,
             stages: serde_json::to_string(&v.stages).unwrap_or_else(|_| "[]".into()),
             error: v.error.clone(),
             sandbox_id: v.sandbox_id.clone(),
@@ -728,7 +727,7 @@ impl Logins {
             .as_deref()
             .and_then(SandboxId::parse);
         if let Some(id) = sandbox {
-            if let Err(e) = self.manager.destroy(&id, "ended").await {
+            if let Err(e) = self.manager.destroy(&id, SandboxStatus::Ended).await {
                 tracing::warn!(session = %s.id, sandbox = %id, error = %e, "cannot destroy the login sandbox");
             }
         }
@@ -737,25 +736,32 @@ impl Logins {
     /// Ends a live session: its work stops, its sandbox is destroyed, and
     /// only then does it enter `state` (so whoever sees a final state sees
     /// no sandbox). False when it had already ended.
-    async fn finish(&self, s: &Session, state: &str, edit: impl FnOnce(&mut LoginView)) -> bool {
+    async fn finish(
+        &self,
+        s: &Session,
+        state: LoginState,
+        edit: impl FnOnce(&mut LoginView),
+    ) -> bool {
         if s.snapshot().is_terminal() {
             return false;
         }
-        let _ = s
-            .cancel
-            .send(Some(if state == "failed" { 1011 } else { 1001 }));
+        let _ = s.cancel.send(Some(if state == LoginState::Failed {
+            1011
+        } else {
+            1001
+        }));
         self.destroy_sandbox(s).await;
         if !s.advance(state, edit) {
             return false;
         }
         self.persist(s).await;
-        tracing::info!(session = %s.id, provider = s.provider.as_str(), state, "login session ended");
+        tracing::info!(session = %s.id, provider = s.provider.as_str(), state = state.as_str(), "login session ended");
         true
     }
 
     async fn fail(&self, s: &Session, message: String, log_tail: Vec<String>) {
         let stage = s.snapshot().state;
-        self.finish(s, "failed", |v| {
+        self.finish(s, LoginState::Failed, |v| {
             v.error = Some(message);
             v.failed_stage = Some(stage);
             v.log_tail = log_tail;
@@ -921,8 +927,8 @@ impl Logins {
             });
         }
         let waiting = match s.mode {
-            Mode::Browser => "awaiting_login",
-            Mode::Code => "awaiting_code",
+            Mode::Browser => LoginState::AwaitingLogin,
+            Mode::Code => LoginState::AwaitingCode,
         };
         s.advance(waiting, |_| {});
         // Idle time counts from when there is something to do.
@@ -1009,7 +1015,7 @@ impl Logins {
     }
 
     async fn expire(&self, s: &Session, why: &str) {
-        self.finish(s, "expired", |v| v.error = Some(why.to_owned()))
+        self.finish(s, LoginState::Expired, |v| v.error = Some(why.to_owned()))
             .await;
     }
 
@@ -1034,7 +1040,7 @@ impl Logins {
         .await
         {
             Ok(item) => {
-                self.finish(s, "completed", |v| v.vault_item = Some(item))
+                self.finish(s, LoginState::Completed, |v| v.vault_item = Some(item))
                     .await;
             }
             Err(e) => self.fail(s, e, Vec::new()).await,
@@ -1071,7 +1077,7 @@ impl Logins {
                 sid.edit(|view| view.sandbox_id = Some(id.clone()));
                 if ended {
                     if let Some(id) = SandboxId::parse(&id) {
-                        let _ = manager.destroy(&id, "ended").await;
+                        let _ = manager.destroy(&id, SandboxStatus::Ended).await;
                     }
                 }
             }
@@ -1098,7 +1104,7 @@ impl Logins {
             Err(e) => return Err((format!("cannot make the login sandbox: {e}"), Vec::new())),
         };
         if s.mode == Mode::Code {
-            s.advance("ready", |_| {});
+            s.advance(LoginState::Ready, |_| {});
             return Ok(());
         }
         let mut agent = self
@@ -1120,7 +1126,7 @@ impl Logins {
                 return Ok(());
             }
             if self.vnc_greets(&sandbox).await {
-                s.advance("ready", |_| {});
+                s.advance(LoginState::Ready, |_| {});
                 return Ok(());
             }
             round += 1;
@@ -1242,7 +1248,7 @@ fn view_from_record(r: &LoginRecord) -> LoginView {
         user_id: r.user_id.to_string(),
         provider: r.provider.clone(),
         mode: r.mode.clone(),
-        state: r.state.clone(),
+        state: r.state,
         stages: serde_json::from_str(&r.stages).unwrap_or_default(),
         error: r.error.clone(),
         failed_stage: None,
@@ -1250,7 +1256,8 @@ fn view_from_record(r: &LoginRecord) -> LoginView {
         auth_url: None,
         instructions: Vec::new(),
         sandbox_id: r.sandbox_id.clone(),
-        vault_item: (r.state == "completed").then(|| format!("credential.{}", r.provider)),
+        vault_item: (r.state == LoginState::Completed)
+            .then(|| format!("credential.{}", r.provider)),
         created_at_ms: r.created_at_ms,
         expires_at_ms: r.created_at_ms,
     }

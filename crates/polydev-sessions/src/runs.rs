@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use polydev_agent::protocol::Event as AgentEvent;
-use polydev_domain::{Provider, UserId};
+use polydev_domain::{Provider, ProviderState, RunState, SandboxStatus, UserId};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -134,14 +134,14 @@ pub struct ProviderView {
     pub sandbox_id: String,
     /// The agent's key to seal this provider's credential to (base64).
     pub public_key: String,
-    pub state: String,
+    pub state: ProviderState,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunView {
     pub run_id: String,
-    pub state: String,
+    pub state: RunState,
     pub sandboxes: BTreeMap<String, ProviderView>,
 }
 
@@ -150,8 +150,7 @@ struct ProviderRun {
     provider: Provider,
     sandbox: SandboxId,
     public_key: Vec<u8>,
-    /// `awaiting_credentials | running | done | failed | cancelled`.
-    state: Mutex<String>,
+    state: Mutex<ProviderState>,
     kind: Mutex<CredentialKind>,
     /// When its CLI started and when it finished (Unix ms).
     times: Mutex<(Option<i64>, Option<i64>)>,
@@ -213,27 +212,36 @@ impl Run {
         true
     }
 
-    fn set_state(&self, provider: Provider, state: &str) -> bool {
+    /// Moves a provider to `state` if its machine allows it (a terminal
+    /// state is never left); whether it moved.
+    fn set_state(&self, provider: Provider, state: ProviderState) -> bool {
         let Some(p) = self.providers.iter().find(|p| p.provider == provider) else {
             return false;
         };
         let Ok(mut s) = p.state.lock() else {
             return false;
         };
-        if ["done", "failed", "cancelled"].contains(&s.as_str()) {
+        if !s.can_become(state) {
             return false;
         }
-        *s = state.to_owned();
+        *s = state;
         true
     }
 
+    fn state(&self) -> RunState {
+        if self.cancelled.load(Ordering::Relaxed) {
+            RunState::Cancelled
+        } else if self.finished() {
+            RunState::Finished
+        } else {
+            RunState::Running
+        }
+    }
+
     fn finished(&self) -> bool {
-        self.providers.iter().all(|p| {
-            p.state
-                .lock()
-                .map(|s| ["done", "failed", "cancelled"].contains(&s.as_str()))
-                .unwrap_or(true)
-        })
+        self.providers
+            .iter()
+            .all(|p| p.state.lock().map(|s| s.is_terminal()).unwrap_or(true))
     }
 
     fn view(&self) -> RunView {
@@ -246,20 +254,14 @@ impl Run {
                     ProviderView {
                         sandbox_id: p.sandbox.to_string(),
                         public_key: base64::engine::general_purpose::STANDARD.encode(&p.public_key),
-                        state: p.state.lock().map(|s| s.clone()).unwrap_or_default(),
+                        state: p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed),
                     },
                 )
             })
             .collect();
         RunView {
             run_id: self.id.clone(),
-            state: if self.cancelled.load(Ordering::Relaxed) {
-                "cancelled".into()
-            } else if self.finished() {
-                "finished".into()
-            } else {
-                "running".into()
-            },
+            state: self.state(),
             sandboxes,
         }
     }
@@ -379,11 +381,7 @@ impl Runs {
                 .filter(|r| r.user == user && !r.cancelled.load(Ordering::Relaxed))
             {
                 for p in &r.providers {
-                    let live = p
-                        .state
-                        .lock()
-                        .map(|s| !["done", "failed", "cancelled"].contains(&s.as_str()))
-                        .unwrap_or(false);
+                    let live = p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false);
                     if live && providers.contains(&p.provider) {
                         return Err(RunError::Busy(p.provider.as_str().to_owned(), r.id.clone()));
                     }
@@ -411,7 +409,7 @@ impl Runs {
                 Ok(v) => v,
                 Err(e) => {
                     for p in &made {
-                        let _ = self.manager.destroy(&p.sandbox, "ended").await;
+                        let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
                     }
                     return Err(e.into());
                 }
@@ -427,7 +425,7 @@ impl Runs {
                 provider: *provider,
                 sandbox,
                 public_key: agent.public_key.clone(),
-                state: Mutex::new("awaiting_credentials".into()),
+                state: Mutex::new(ProviderState::AwaitingCredentials),
                 kind: Mutex::new(CredentialKind::ApiKey),
                 times: Mutex::new((None, None)),
             });
@@ -451,7 +449,7 @@ impl Runs {
             .insert_run(&polydev_store::RunRecord {
                 id: id.clone(),
                 user_id: user,
-                state: "running".into(),
+                state: RunState::Running,
                 providers: providers_json(&run),
                 answers: None,
                 created_at_ms: run.created_ms,
@@ -467,15 +465,15 @@ impl Runs {
                 let waiting = p
                     .state
                     .lock()
-                    .map(|s| *s == "awaiting_credentials")
+                    .map(|s| *s == ProviderState::AwaitingCredentials)
                     .unwrap_or(false);
-                if waiting && r.set_state(p.provider, "failed") {
+                if waiting && r.set_state(p.provider, ProviderState::Failed) {
                     r.emit_final(
                         Some(p.provider),
                         "error",
                         json!({"stage": "credentials", "message": format!("no {} credential arrived within {} s, so it did not start", p.provider.display_name(), me.cfg.credential_wait.as_secs())}),
                     );
-                    let _ = me.manager.destroy(&p.sandbox, "ended").await;
+                    let _ = me.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
                 }
             }
             me.persist(&r).await;
@@ -505,7 +503,7 @@ impl Runs {
                             ProviderView {
                                 sandbox_id: p["sandboxId"].as_str().unwrap_or_default().to_owned(),
                                 public_key: String::new(),
-                                state: p["state"].as_str().unwrap_or_default().to_owned(),
+                                state: p["state"].as_str()?.parse().ok()?,
                             },
                         ))
                     })
@@ -547,7 +545,7 @@ impl Runs {
             let waiting = p
                 .state
                 .lock()
-                .map(|s| *s == "awaiting_credentials")
+                .map(|s| *s == ProviderState::AwaitingCredentials)
                 .unwrap_or(false);
             if !waiting {
                 return Err(RunError::Invalid(format!(
@@ -578,7 +576,7 @@ impl Runs {
                     if let Ok(mut k) = p.kind.lock() {
                         *k = *kind;
                     }
-                    run.set_state(*provider, "running");
+                    run.set_state(*provider, ProviderState::Running);
                     let (me, r, prov) = (self.clone(), run.clone(), *provider);
                     self.tasks.spawn(async move { me.drive(r, prov).await });
                 }
@@ -735,7 +733,7 @@ impl Runs {
             .egress_refusal(&p.sandbox)
             .map(|(host, why)| format!("{name} could not reach {host}: it {why}"));
         let failed = |message: String, stage: &str, code: Option<i32>| {
-            if run.set_state(provider, "failed") {
+            if run.set_state(provider, ProviderState::Failed) {
                 run.emit_final(
                     Some(provider),
                     "error",
@@ -771,7 +769,7 @@ impl Runs {
                     done: Some(usage), ..
                 },
             )) => {
-                if run.set_state(provider, "done") {
+                if run.set_state(provider, ProviderState::Done) {
                     run.emit_final(Some(provider), "done", usage);
                 }
             }
@@ -796,7 +794,7 @@ impl Runs {
                 );
             }
         }
-        let _ = self.manager.destroy(&p.sandbox, "ended").await;
+        let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
         self.persist(&run).await;
     }
 
@@ -833,13 +831,7 @@ impl Runs {
                 }
             }
         }
-        let state = if run.cancelled.load(Ordering::Relaxed) {
-            "cancelled"
-        } else if finished {
-            "finished"
-        } else {
-            "running"
-        };
+        let state = run.state();
         if let Err(e) = store
             .update_run(
                 &run.id,
@@ -898,14 +890,14 @@ impl Runs {
         let run = self.get(id, user)?;
         run.cancelled.store(true, Ordering::Relaxed);
         for p in &run.providers {
-            if run.set_state(p.provider, "cancelled") {
+            if run.set_state(p.provider, ProviderState::Cancelled) {
                 run.emit_final(
                     Some(p.provider),
                     "error",
                     json!({"stage": "cancelled", "message": "the run was cancelled"}),
                 );
             }
-            let _ = self.manager.destroy(&p.sandbox, "ended").await;
+            let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
         }
         self.persist(&run).await;
         Ok(run.view())
@@ -922,14 +914,14 @@ impl Runs {
         for run in live {
             run.cancelled.store(true, Ordering::Relaxed);
             for p in &run.providers {
-                if run.set_state(p.provider, "cancelled") {
+                if run.set_state(p.provider, ProviderState::Cancelled) {
                     run.emit_final(
                         Some(p.provider),
                         "error",
                         json!({"stage": "cancelled", "message": "the controller shut down"}),
                     );
                 }
-                let _ = self.manager.destroy(&p.sandbox, "ended").await;
+                let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
             }
             self.persist(&run).await;
         }
@@ -1041,7 +1033,7 @@ fn providers_json(run: &Run) -> String {
             json!({
                 "provider": p.provider.as_str(),
                 "sandboxId": p.sandbox.to_string(),
-                "state": p.state.lock().map(|s| s.clone()).unwrap_or_default(),
+                "state": p.state.lock().map(|s| s.as_str()).unwrap_or("failed"),
                 "startedAtMs": started,
                 "finishedAtMs": finished,
             })

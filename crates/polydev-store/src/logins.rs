@@ -1,4 +1,4 @@
-use polydev_domain::UserId;
+use polydev_domain::{LoginState, UserId};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -12,7 +12,7 @@ pub struct LoginRecord {
     pub user_id: UserId,
     pub provider: String,
     pub mode: String,
-    pub state: String,
+    pub state: LoginState,
     pub stages: String,
     pub error: Option<String>,
     pub sandbox_id: Option<String>,
@@ -30,7 +30,11 @@ fn record(row: &AnyRow) -> Result<LoginRecord, StoreError> {
         user_id: UserId::parse("user_id", &user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         provider: row.try_get("provider").map_err(StoreError::internal)?,
         mode: row.try_get("mode").map_err(StoreError::internal)?,
-        state: row.try_get("state").map_err(StoreError::internal)?,
+        state: row
+            .try_get::<String, _>("state")
+            .map_err(StoreError::internal)?
+            .parse()
+            .map_err(|e: polydev_domain::UnknownState| StoreError::Corrupt(e.to_string()))?,
         stages: row.try_get("stages").map_err(StoreError::internal)?,
         error: row.try_get("error").map_err(StoreError::internal)?,
         sandbox_id: row.try_get("sandbox_id").map_err(StoreError::internal)?,
@@ -45,7 +49,7 @@ impl Store {
         let updated = sqlx::query(
             "UPDATE login_sessions SET state = $1, stages = $2, error = $3, sandbox_id = $4, updated_at = $5 WHERE id = $6",
         )
-        .bind(r.state.clone())
+        .bind(r.state.as_str().to_owned())
         .bind(r.stages.clone())
         .bind(r.error.clone())
         .bind(r.sandbox_id.clone())
@@ -64,7 +68,7 @@ impl Store {
         .bind(r.user_id.to_string())
         .bind(r.provider.clone())
         .bind(r.mode.clone())
-        .bind(r.state.clone())
+        .bind(r.state.as_str().to_owned())
         .bind(r.stages.clone())
         .bind(r.error.clone())
         .bind(r.sandbox_id.clone())

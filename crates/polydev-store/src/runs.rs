@@ -1,4 +1,4 @@
-use polydev_domain::UserId;
+use polydev_domain::{RunState, UserId};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -10,7 +10,7 @@ use crate::{Store, StoreError};
 pub struct RunRecord {
     pub id: String,
     pub user_id: UserId,
-    pub state: String,
+    pub state: RunState,
     pub providers: String,
     pub answers: Option<String>,
     pub created_at_ms: i64,
@@ -22,7 +22,11 @@ fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
     Ok(RunRecord {
         id: row.try_get("id").map_err(StoreError::internal)?,
         user_id: UserId::parse("user_id", &user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        state: row.try_get("state").map_err(StoreError::internal)?,
+        state: row
+            .try_get::<String, _>("state")
+            .map_err(StoreError::internal)?
+            .parse()
+            .map_err(|e: polydev_domain::UnknownState| StoreError::Corrupt(e.to_string()))?,
         providers: row.try_get("providers").map_err(StoreError::internal)?,
         answers: row.try_get("answers").map_err(StoreError::internal)?,
         created_at_ms: row.try_get("created_at").map_err(StoreError::internal)?,
@@ -50,7 +54,7 @@ impl Store {
         )
         .bind(r.id.clone())
         .bind(r.user_id.to_string())
-        .bind(r.state.clone())
+        .bind(r.state.as_str().to_owned())
         .bind(r.providers.clone())
         .bind(r.answers.clone())
         .bind(r.created_at_ms)
@@ -64,7 +68,7 @@ impl Store {
     pub async fn update_run(
         &self,
         id: &str,
-        state: &str,
+        state: RunState,
         providers: &str,
         answers: Option<&str>,
         finished_at_ms: Option<i64>,
@@ -72,7 +76,7 @@ impl Store {
         sqlx::query(
             "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), finished_at = COALESCE($4, finished_at) WHERE id = $5",
         )
-        .bind(state.to_owned())
+        .bind(state.as_str().to_owned())
         .bind(providers.to_owned())
         .bind(answers.map(str::to_owned))
         .bind(finished_at_ms)

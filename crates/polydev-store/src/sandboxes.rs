@@ -1,4 +1,4 @@
-use polydev_domain::UserId;
+use polydev_domain::{SandboxStatus, UserId};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -15,8 +15,7 @@ pub struct SandboxRecord {
     pub template: String,
     pub image: String,
     pub driver: String,
-    /// `creating | pooled | ready | failed | ended | lost`.
-    pub status: String,
+    pub status: SandboxStatus,
     pub stages: String,
     pub spec: String,
     pub error: Option<String>,
@@ -38,7 +37,9 @@ fn record(row: &AnyRow) -> Result<SandboxRecord, StoreError> {
         template: get("template")?,
         image: get("image")?,
         driver: get("driver")?,
-        status: get("status")?,
+        status: get("status")?
+            .parse()
+            .map_err(|e: polydev_domain::UnknownState| StoreError::Corrupt(e.to_string()))?,
         stages: get("stages")?,
         spec: get("spec")?,
         error: row.try_get("error").map_err(StoreError::internal)?,
@@ -58,7 +59,7 @@ impl Store {
         .bind(r.template.clone())
         .bind(r.image.clone())
         .bind(r.driver.clone())
-        .bind(r.status.clone())
+        .bind(r.status.as_str().to_owned())
         .bind(r.stages.clone())
         .bind(r.spec.clone())
         .bind(r.error.clone())
@@ -137,7 +138,7 @@ impl Store {
     pub async fn set_sandbox_status(
         &self,
         id: &str,
-        status: &str,
+        status: SandboxStatus,
         stages: Option<&str>,
         error: Option<&str>,
         ended_at_ms: Option<i64>,
@@ -145,7 +146,7 @@ impl Store {
         let done = sqlx::query(
             "UPDATE sandboxes SET status = $1, stages = COALESCE($2, stages), error = COALESCE($3, error), ended_at = COALESCE($4, ended_at) WHERE id = $5 AND status IN ('creating', 'pooled', 'ready')",
         )
-        .bind(status.to_owned())
+        .bind(status.as_str().to_owned())
         .bind(stages.map(str::to_owned))
         .bind(error.map(str::to_owned))
         .bind(ended_at_ms)

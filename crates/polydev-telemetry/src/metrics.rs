@@ -185,17 +185,6 @@ pub const TEMPLATES: [&str; 2] = ["runtime", "browser"];
 pub const DRIVERS: [&str; 1] = ["local"];
 /// Boot stages after `created` (see the sandbox runtime).
 pub const BOOT_STAGES: [&str; 2] = ["started", "agent_ready"];
-/// Login session states.
-pub const LOGIN_STATES: [&str; 8] = [
-    "booting",
-    "ready",
-    "awaiting_login",
-    "awaiting_code",
-    "completed",
-    "failed",
-    "expired",
-    "cancelled",
-];
 
 /// Sandboxes and warm pools. Fed by the sandbox runtime; until it exists
 /// these export zero.
@@ -305,9 +294,9 @@ pub struct DirectionLabels {
 impl LoginMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        for state in LOGIN_STATES {
+        for state in polydev_domain::LoginState::ALL {
             let _ = m.sessions.get_or_create(&StateLabels {
-                state: state.to_owned(),
+                state: state.as_str().to_owned(),
             });
         }
         registry.register(
@@ -328,10 +317,10 @@ impl LoginMetrics {
         m
     }
 
-    pub fn entered(&self, state: &str) {
+    pub fn entered(&self, state: polydev_domain::LoginState) {
         self.sessions
             .get_or_create(&StateLabels {
-                state: state.to_owned(),
+                state: state.as_str().to_owned(),
             })
             .inc();
     }

@@ -80,11 +80,20 @@ pub(crate) fn login_error(e: LoginError) -> ApiError {
     }
 }
 
-/// The view, plus `status` (the state, under the name v1 clients read).
-fn view_json(view: &LoginView) -> Value {
-    let mut v = serde_json::to_value(view).unwrap_or_default();
-    v["status"] = Value::String(view.state.clone());
-    v
+/// A login session as the API answers it: the view, plus `status` (the
+/// state, under the name v1 clients read).
+#[derive(serde::Serialize)]
+pub(crate) struct SessionBody {
+    #[serde(flatten)]
+    view: LoginView,
+    status: polydev_domain::LoginState,
+}
+
+fn view_json(view: &LoginView) -> SessionBody {
+    SessionBody {
+        view: view.clone(),
+        status: view.state,
+    }
 }
 
 pub(crate) fn accepted(view: &LoginView) -> Response {
@@ -105,7 +114,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionBody>> {
     let view = logins(&state)?
         .get(&id, p.user.id)
         .await
@@ -122,7 +131,7 @@ pub(crate) async fn cancel(
     State(state): State<AppState>,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionBody>> {
     let view = logins(&state)?
         .cancel(&id, p.user.id)
         .await
@@ -149,7 +158,7 @@ pub(crate) async fn events(
     let to_sse = |v: &LoginView| {
         SseEvent::default()
             .event("state")
-            .data(view_json(v).to_string())
+            .data(serde_json::to_string(&view_json(v)).unwrap_or_default())
     };
     state.tasks.spawn(async move {
         if tx.send(Ok(to_sse(&first))).await.is_err() || first.is_terminal() {
@@ -200,7 +209,7 @@ pub(crate) async fn code(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CodeBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionBody>> {
     let view = logins(&state)?
         .submit_code(&id, p.user.id, &body.code)
         .await

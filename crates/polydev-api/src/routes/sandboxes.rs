@@ -367,7 +367,7 @@ pub(crate) async fn get(
     let m = manager(&state)?;
     let id = parse_id(&id)?;
     let sandbox = m.get(&id, scope(&user)).await.map_err(manager_error)?;
-    let stats = if sandbox.status == "ready" {
+    let stats = if sandbox.status == polydev_domain::SandboxStatus::Ready {
         m.stats(&id).await.ok()
     } else {
         None
@@ -820,7 +820,7 @@ pub(crate) async fn vm_create(
         Json(VmView {
             vm_id: v.id,
             ip_address: None,
-            status: v.status,
+            status: v.status.as_str().to_owned(),
         }),
     ))
 }

@@ -692,10 +692,7 @@ async fn a_run_in_flight_at_shutdown_ends_cancelled_and_the_controller_exits() {
         std::time::Instant::now()
     };
     let events_path = format!("/api/runs/{run}/events");
-    let (events, signalled) = tokio::join!(
-        sse_events(&app, &events_path, &token),
-        signal
-    );
+    let (events, signalled) = tokio::join!(sse_events(&app, &events_path, &token), signal);
     let (kind, data) = events
         .iter()
         .rev()
