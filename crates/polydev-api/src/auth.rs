@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::state::AppState;
 
 /// The web UI's session cookie.
 pub const SESSION_COOKIE: &str = "polydev_session";
@@ -368,6 +368,19 @@ pub struct AuthServices {
     pub hasher: Arc<PasswordHasherPool>,
     pub limiter: Arc<LoginLimiter>,
     pub signups: Arc<SignupLimiter>,
+}
+
+/// Non-admins may only name themselves; checked before existence so the
+/// answer does not reveal whether another account exists.
+pub(crate) fn ensure_self_or_admin(
+    principal: &Principal,
+    id: polydev_domain::UserId,
+) -> crate::error::ApiResult<()> {
+    if principal.user.id == id || principal.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("you may only act on your own account"))
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use crate::routes::{
         session::prelogin,
         session::change_password,
         session::logout,
-        session::start,
+        login::start,
         admin::list_users,
         health_admin::metrics,
         health_admin::system,

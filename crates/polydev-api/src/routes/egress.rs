@@ -11,11 +11,11 @@ use polydev_store::StoreError;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::auth::ensure_self_or_admin;
 use crate::auth::{AdminUser, CurrentUser};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery};
-use crate::routes::users::ensure_self_or_admin;
-use crate::AppState;
+use crate::state::AppState;
 
 fn egress(state: &AppState) -> ApiResult<&Egress> {
     state.egress.as_ref().ok_or_else(|| {

@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiQuery;
-use crate::AppState;
+use crate::state::AppState;
 
 /// Prometheus metrics: OpenMetrics 1.0 when the scraper's `Accept` asks
 /// for it (Prometheus does), else the classic text format 0.0.4.

@@ -12,18 +12,19 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use polydev_domain::{Provider, UserId};
 use polydev_sandbox::desktop::VNC_SERVICE;
 use polydev_sessions::login::{LoginError, LoginView, Logins};
+use polydev_store::StoreError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::{CurrentUser, Principal};
+use crate::auth::{ensure_self_or_admin, CurrentUser, Principal};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiJson;
-use crate::routes::sandboxes::manager_error;
-use crate::AppState;
+use crate::state::AppState;
 
 pub(crate) fn logins(state: &AppState) -> ApiResult<&Arc<Logins>> {
     state.logins.as_ref().ok_or_else(|| {
@@ -33,51 +34,6 @@ pub(crate) fn logins(state: &AppState) -> ApiResult<&Arc<Logins>> {
             "login sessions need sandboxes and the egress proxy, which are not both on here",
         )
     })
-}
-
-pub(crate) fn login_error(e: LoginError) -> ApiError {
-    match e {
-        LoginError::Invalid(m) => ApiError::bad_request("invalid_login_request", m),
-        LoginError::NotFound(id) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "login_session_not_found",
-            format!("no login session {id}"),
-        ),
-        LoginError::Forbidden => ApiError::forbidden("this login session belongs to another user"),
-        LoginError::Gone(view) => {
-            let mut e = ApiError::new(
-                StatusCode::GONE,
-                "login_session_gone",
-                format!(
-                    "login session {} has {}{}; start a new one",
-                    view.session_id,
-                    view.state,
-                    view.error
-                        .as_deref()
-                        .map(|e| format!(" ({e})"))
-                        .unwrap_or_default()
-                ),
-            );
-            e.details = serde_json::to_value(&*view).ok();
-            e
-        }
-        LoginError::Busy(provider, id) => {
-            let mut e = ApiError::new(
-                StatusCode::CONFLICT,
-                "login_in_progress",
-                format!("a {provider} login session ({id}) is already running for you; finish or cancel it first"),
-            );
-            e.details = Some(json!({ "sessionId": id }));
-            e
-        }
-        LoginError::NotReady(m) => ApiError::new(StatusCode::CONFLICT, "login_not_ready", m),
-        LoginError::Unavailable(m) => ApiError::unavailable(m, 5),
-        e @ LoginError::BadTicket => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_ticket", e.to_string())
-        }
-        LoginError::Manager(e) => manager_error(e),
-        LoginError::Store(e) => e.into(),
-    }
 }
 
 /// A login session as the API answers it: the view, plus `status` (the
@@ -118,7 +74,7 @@ pub(crate) async fn get(
     let view = logins(&state)?
         .get(&id, p.user.id)
         .await
-        .map_err(login_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(view_json(&view)))
 }
 
@@ -135,7 +91,7 @@ pub(crate) async fn cancel(
     let view = logins(&state)?
         .cancel(&id, p.user.id)
         .await
-        .map_err(login_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(view_json(&view)))
 }
 
@@ -152,7 +108,7 @@ pub(crate) async fn events(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let logins = logins(&state)?.clone();
-    let first = logins.get(&id, p.user.id).await.map_err(login_error)?;
+    let first = logins.get(&id, p.user.id).await.map_err(ApiError::from)?;
     let rx = logins.watch(&id, p.user.id);
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
     let to_sse = |v: &LoginView| {
@@ -213,7 +169,7 @@ pub(crate) async fn code(
     let view = logins(&state)?
         .submit_code(&id, p.user.id, &body.code)
         .await
-        .map_err(login_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(view_json(&view)))
 }
 
@@ -231,7 +187,7 @@ pub(crate) async fn ticket(
 ) -> ApiResult<Json<Value>> {
     let (ticket, ttl) = logins(&state)?
         .ticket(&id, p.user.id)
-        .map_err(login_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(json!({
         "ticket": ticket,
         "expiresInMs": ttl.as_millis() as u64,
@@ -325,11 +281,11 @@ pub(crate) async fn websock(
         );
     }
     let Some(ticket) = q.ticket.filter(|t| !t.is_empty()) else {
-        return refuse(login_error(LoginError::BadTicket), "no ticket");
+        return refuse(ApiError::from(LoginError::BadTicket), "no ticket");
     };
     let admitted = match logins.admit(&id, &ticket, caller.map(|p| p.user.id)) {
         Ok(a) => a,
-        Err(e) => return refuse(login_error(e), "ticket or session refused"),
+        Err(e) => return refuse(ApiError::from(e), "ticket or session refused"),
     };
     let vnc = match logins
         .manager()
@@ -489,4 +445,64 @@ where
             "client gone"
         }
     }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct StartLogin {
+    /// The user whose CLI gets logged in (UUID).
+    #[schema(value_type = String, format = Uuid)]
+    user_id: String,
+    /// `claude_code`, `codex` or `gemini_cli`.
+    #[schema(example = "claude_code")]
+    provider: String,
+    /// `browser` (default: a streamed remote browser) or `code` (code relay).
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// Start a provider login session: answers 202 at once with the session
+/// id; the sandbox boots in the background (watch `GET
+/// /api/auth/session/{id}` or its `/events`). Mode `browser` (default)
+/// streams a remote browser; `code` relays a code instead (see
+/// `/api/auth/providers` for what each provider offers).
+#[utoipa::path(post, operation_id = "start_login_session", path = "/api/auth/start", tag = "auth", request_body = StartLogin,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Started: {sessionId, status, ...}"),
+        (status = 400, description = "Malformed userId, unknown provider or mode, no vault", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Another user's id", body = ErrorBody),
+        (status = 404, description = "Unknown user", body = ErrorBody),
+        (status = 409, description = "A login for this provider is already running", body = ErrorBody),
+        (status = 429, description = "Sandbox quota reached", body = ErrorBody),
+        (status = 503, description = "Login sessions are not available here, or their environment is being prepared (Retry-After)", body = ErrorBody)))]
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+    ApiJson(body): ApiJson<StartLogin>,
+) -> ApiResult<axum::response::Response> {
+    let user_id = UserId::parse("userId", &body.user_id)?;
+    let provider: Provider = body.provider.parse()?;
+    let mode = match body.mode.as_deref().unwrap_or("browser") {
+        "browser" => polydev_sessions::login::Mode::Browser,
+        "code" => polydev_sessions::login::Mode::Code,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_mode",
+                format!("mode must be \"browser\" or \"code\", not {other:?}"),
+            ))
+        }
+    };
+    ensure_self_or_admin(&principal, user_id)?;
+    state.store.user_by_id(user_id).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::user_not_found(),
+        other => other.into(),
+    })?;
+    let logins = logins(&state)?;
+    let view = logins
+        .start(user_id, provider, mode)
+        .await
+        .map_err(|e| ApiError::from(e).for_caller(principal.is_admin()))?;
+    Ok(accepted(&view))
 }

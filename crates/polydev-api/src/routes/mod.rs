@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub(crate) mod egress;
 pub(crate) mod health;
 pub(crate) mod health_admin;
+pub(crate) mod keys;
 pub(crate) mod login;
 pub(crate) mod runs;
 pub(crate) mod sandboxes;
@@ -13,11 +14,9 @@ pub(crate) mod vault;
 
 use axum::routing::{get, post};
 use axum::Router;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 use crate::middleware::record_route;
-use crate::AppState;
+use crate::state::AppState;
 
 pub(crate) fn api_routes() -> Router<AppState> {
     Router::new()
@@ -34,7 +33,7 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/auth/prelogin", get(session::prelogin))
         .route("/api/auth/password", post(session::change_password))
         .route("/api/auth/logout", post(session::logout))
-        .route("/api/auth/start", post(session::start))
+        .route("/api/auth/start", post(login::start))
         .route("/api/auth/providers", get(login::providers))
         .route(
             "/api/auth/session/{id}",
@@ -98,30 +97,4 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/vms/create", post(sandboxes::vm_create))
         .route("/api/vms/{id}", axum::routing::delete(sandboxes::vm_delete))
         .route_layer(axum::middleware::from_fn(record_route))
-}
-
-/// A user as the API shows it (never the password hash).
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct UserView {
-    #[schema(value_type = String, format = Uuid)]
-    pub id: String,
-    #[schema(example = "ada@example.com")]
-    pub email: String,
-    /// `user` or `admin`.
-    #[schema(example = "user")]
-    pub role: String,
-    /// Unix milliseconds.
-    pub created_at: i64,
-}
-
-impl From<&polydev_store::User> for UserView {
-    fn from(user: &polydev_store::User) -> Self {
-        Self {
-            id: user.id.to_string(),
-            email: user.email.to_string(),
-            role: user.role.to_string(),
-            created_at: user.created_at_ms,
-        }
-    }
 }

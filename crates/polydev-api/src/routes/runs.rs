@@ -15,15 +15,14 @@ use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::Provider;
-use polydev_sessions::runs::{RunError, RunView, Runs};
+use polydev_sessions::runs::{RunView, Runs};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiJson;
-use crate::routes::sandboxes::manager_error;
-use crate::AppState;
+use crate::state::AppState;
 
 fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
     state.runs.as_ref().ok_or_else(|| {
@@ -33,23 +32,6 @@ fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
             "runs need sandboxes and the egress proxy, which are not both on here",
         )
     })
-}
-
-fn run_error(e: RunError) -> ApiError {
-    match e {
-        RunError::Invalid(m) => ApiError::bad_request("invalid_run_request", m),
-        e @ RunError::Busy(..) => {
-            ApiError::new(StatusCode::CONFLICT, "credential_busy", e.to_string())
-        }
-        RunError::NotFound(id) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "run_not_found",
-            format!("no run {id}"),
-        ),
-        e @ RunError::Finished(_) => ApiError::new(StatusCode::GONE, "run_finished", e.to_string()),
-        e @ RunError::TooManyViewers => ApiError::too_many_requests(e.to_string(), 5),
-        RunError::Sandbox(e) => manager_error(e),
-    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -83,7 +65,7 @@ pub(crate) async fn start(
     let view = runs
         .start(user.0.user.id, body.prompt, providers)
         .await
-        .map_err(|e| crate::routes::sandboxes::for_caller(run_error(e), user.0.is_admin()))?;
+        .map_err(|e| ApiError::from(e).for_caller(user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -132,7 +114,7 @@ pub(crate) async fn credentials(
     let view = runs
         .credentials(&id, user.0.user.id, sealed)
         .await
-        .map_err(run_error)?;
+        .map_err(ApiError::from)?;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
@@ -154,7 +136,7 @@ pub(crate) async fn history(
     let runs = runs(&state)?
         .history(user.0.user.id)
         .await
-        .map_err(run_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(RunHistory { runs }))
 }
 
@@ -170,7 +152,7 @@ pub(crate) async fn get(
         runs(&state)?
             .view(&id, user.0.user.id)
             .await
-            .map_err(run_error)?,
+            .map_err(ApiError::from)?,
     ))
 }
 
@@ -186,7 +168,7 @@ pub(crate) async fn cancel(
         runs(&state)?
             .cancel(&id, user.0.user.id)
             .await
-            .map_err(run_error)?,
+            .map_err(ApiError::from)?,
     ))
 }
 
@@ -202,7 +184,7 @@ pub(crate) async fn events(
 ) -> ApiResult<Response> {
     let runs = runs(&state)?.clone();
     let uid = user.0.user.id;
-    let (past, rx) = runs.subscribe(&id, uid).await.map_err(run_error)?;
+    let (past, rx) = runs.subscribe(&id, uid).await.map_err(ApiError::from)?;
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let to_sse = |e: &polydev_sessions::runs::RunEvent| {
         let mut data = e.data.clone();

@@ -17,8 +17,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::{Role, UserId};
 use polydev_sandbox::{
-    AgentEvent, CreateRequest, DriverError, LimitKind, Limits, Manager, ManagerError, Network,
-    SandboxId, SandboxView, RESERVED_LABELS, SYSTEM_LABEL,
+    AgentEvent, CreateRequest, DriverError, Limits, Manager, Network, SandboxId, SandboxView,
+    RESERVED_LABELS, SYSTEM_LABEL,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -26,7 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery};
-use crate::AppState;
+use crate::state::AppState;
 
 fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
     state.sandboxes.as_ref().map_err(|why| {
@@ -36,157 +36,6 @@ fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
             why.to_string(),
         )
     })
-}
-
-pub(crate) fn manager_error(e: ManagerError) -> ApiError {
-    match e {
-        ManagerError::Invalid(m) => ApiError::bad_request("invalid_sandbox_request", m),
-        ManagerError::Image(polydev_sandbox::ImageError::NoImage(t))
-            if !polydev_sandbox::build::TEMPLATES.contains(&t.as_str()) =>
-        {
-            ApiError::bad_request(
-                "unknown_template",
-                format!("there is no template {t:?} on this server"),
-            )
-        }
-        ManagerError::Image(polydev_sandbox::ImageError::NoImage(t)) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "environment_missing",
-            format!("this server has no {t} environment yet; its operator needs to prepare it"),
-        ),
-        ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
-        ManagerError::Preparing { template, state } => {
-            let how_far = match &state {
-                polydev_sandbox::build::Prepared::Building {
-                    step, of, what, since_ms,
-                } => {
-                    let mins = (polydev_store::now_ms() - since_ms).max(0) / 60_000;
-                    format!(" (step {step} of {of}: {what}; started {mins} min ago)")
-                }
-                _ => " (waiting for the one before it)".to_owned(),
-            };
-            ApiError {
-                retry_after: Some(10),
-                details: serde_json::to_value(&state).ok(),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "environment_preparing",
-                    format!("the {template} environment is being prepared on this server{how_far}; this takes a few minutes on a first start, try again shortly"),
-                )
-            }
-        }
-        ManagerError::LimitTooHigh {
-            limit,
-            asked,
-            max,
-            admin_only,
-        } => {
-            let field = match limit {
-                LimitKind::Memory => "memoryMb",
-                LimitKind::Pids => "pids",
-                LimitKind::Cpu => "cpuMillis",
-                LimitKind::Disk => "diskMb",
-            };
-            let message = if admin_only {
-                format!("{field} {asked} is above {max}, this template's default; only an admin may ask for more")
-            } else {
-                format!(
-                    "{field} {asked} is above {max}, the most a sandbox of this template may have"
-                )
-            };
-            ApiError {
-                details: Some(serde_json::json!({"limit": field, "max": max})),
-                ..ApiError::bad_request("limit_too_high", message)
-            }
-        }
-        e @ ManagerError::UserQuota(_) => ApiError {
-            retry_after: None,
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "sandbox_quota",
-                e.to_string(),
-            )
-        },
-        e @ ManagerError::UserMemory { .. } => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "sandbox_memory_quota",
-            e.to_string(),
-        ),
-        e @ (ManagerError::HostMemory | ManagerError::HostMemoryInUse) => ApiError {
-            retry_after: Some(10),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity", e.to_string())
-        },
-        e @ ManagerError::HostCapacity(_) => ApiError {
-            retry_after: Some(5),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "host_at_capacity",
-                e.to_string(),
-            )
-        },
-        ManagerError::NotFound(id) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "sandbox_not_found",
-            format!("no sandbox {id}"),
-        ),
-        ManagerError::Gone(id) => ApiError::new(
-            StatusCode::GONE,
-            "sandbox_gone",
-            format!("sandbox {id} has ended"),
-        ),
-        ManagerError::Driver(DriverError::Boot {
-            stage,
-            message,
-            stages,
-            log_tail,
-        }) => ApiError {
-            details: Some(
-                serde_json::json!({"stage": stage, "stages": stages, "logTail": log_tail}),
-            ),
-            ..ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "sandbox_boot_failed",
-                format!("the sandbox failed to boot after stage `{stage}`: {message}"),
-            )
-        },
-        ManagerError::Driver(DriverError::Unavailable(m)) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandboxes_unavailable", m)
-        }
-        ManagerError::Driver(DriverError::Agent(polydev_sandbox::ClientError::Timeout(d))) => {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "agent_timeout",
-                format!(
-                    "the sandbox's agent did not answer within {} s (the sandbox may be stuck; delete it to end it)",
-                    d.as_secs()
-                ),
-            )
-        }
-        ManagerError::Driver(DriverError::NotFound(id)) => ApiError::new(
-            StatusCode::GONE,
-            "sandbox_gone",
-            format!("sandbox {id} is no longer running"),
-        ),
-        ManagerError::Store(s) => s.into(),
-        other => ApiError::internal("sandbox error", &other),
-    }
-}
-
-/// What an admin can do about an error a user could not: the operator's
-/// command, added to the message for admins only.
-pub(crate) fn for_caller(mut e: ApiError, admin: bool) -> ApiError {
-    if admin && e.code == "environment_missing" {
-        let template = e
-            .message
-            .split_whitespace()
-            .nth(4)
-            .unwrap_or("runtime")
-            .to_owned();
-        e.message.push_str(&format!(
-            " (as an operator: `polydev image build {template}`, or restart polydev, which prepares the runtime and browser environments)"
-        ));
-    }
-    e
 }
 
 fn parse_id(raw: &str) -> ApiResult<SandboxId> {
@@ -322,7 +171,7 @@ pub(crate) async fn create(
     let view = m
         .create(user.0.user.id, req)
         .await
-        .map_err(|e| for_caller(manager_error(e), user.0.is_admin()))?;
+        .map_err(|e| ApiError::from(e).for_caller(user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -342,7 +191,7 @@ pub(crate) async fn list(
     let sandboxes = manager(&state)?
         .list(scope(&user))
         .await
-        .map_err(manager_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(SandboxList { sandboxes }))
 }
 
@@ -366,7 +215,7 @@ pub(crate) async fn get(
 ) -> ApiResult<Json<SandboxDetail>> {
     let m = manager(&state)?;
     let id = parse_id(&id)?;
-    let sandbox = m.get(&id, scope(&user)).await.map_err(manager_error)?;
+    let sandbox = m.get(&id, scope(&user)).await.map_err(ApiError::from)?;
     let stats = if sandbox.status == polydev_domain::SandboxStatus::Ready {
         m.stats(&id).await.ok()
     } else {
@@ -387,7 +236,7 @@ pub(crate) async fn delete(
     let m = manager(&state)?;
     m.delete(&parse_id(&id)?, scope(&user))
         .await
-        .map_err(manager_error)?;
+        .map_err(ApiError::from)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -446,80 +295,6 @@ fn push_capped(out: &mut String, add: &str, used: &mut usize, truncated: &mut bo
     }
 }
 
-/// JSON exec answers held at once: in all, and per user (each is up to
-/// `MAX_JSON_OUTPUT` in memory until it is sent).
-#[derive(Debug)]
-pub struct ExecGate {
-    global: tokio::sync::Semaphore,
-    per_user: std::sync::Mutex<std::collections::HashMap<UserId, u32>>,
-    per_user_max: u32,
-}
-
-impl Default for ExecGate {
-    fn default() -> Self {
-        Self {
-            global: tokio::sync::Semaphore::new(64),
-            per_user: Default::default(),
-            per_user_max: 4,
-        }
-    }
-}
-
-/// A user's place at the gate, given back on drop.
-struct UserSlot<'a> {
-    gate: &'a ExecGate,
-    user: UserId,
-}
-
-impl Drop for UserSlot<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.gate.per_user.lock() {
-            if let Some(n) = m.get_mut(&self.user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&self.user);
-                }
-            }
-        }
-    }
-}
-
-/// Held while a JSON answer is gathered.
-struct ExecSlot<'a> {
-    _user: UserSlot<'a>,
-    _global: tokio::sync::SemaphorePermit<'a>,
-}
-
-impl ExecGate {
-    async fn enter(&self, user: UserId) -> ApiResult<ExecSlot<'_>> {
-        {
-            let mut m = self
-                .per_user
-                .lock()
-                .map_err(|_| ApiError::unavailable("exec gate poisoned", 1))?;
-            let n = m.entry(user).or_insert(0);
-            if *n >= self.per_user_max {
-                return Err(ApiError::too_many_requests(
-                    format!("you have {} commands waiting for a JSON answer already; wait for one, or stream with Accept: text/event-stream", self.per_user_max),
-                    1,
-                ));
-            }
-            *n += 1;
-        }
-        let slot = UserSlot { gate: self, user };
-        match tokio::time::timeout(Duration::from_secs(10), self.global.acquire()).await {
-            Ok(Ok(permit)) => Ok(ExecSlot {
-                _user: slot,
-                _global: permit,
-            }),
-            _ => Err(ApiError::unavailable(
-                "this server answers too many commands at once; try again shortly",
-                2,
-            )),
-        }
-    }
-}
-
 fn text(data: &str) -> String {
     B64.decode(data)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -557,7 +332,7 @@ pub(crate) async fn exec(
             timeout,
         )
         .await
-        .map_err(|e| manager_error(DriverError::from(e).into()))?;
+        .map_err(|e| ApiError::from(DriverError::from(e)))?;
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -614,7 +389,7 @@ pub(crate) async fn exec(
                     ))
                 }
                 Ok(_) => {}
-                Err(e) => return Err(manager_error(DriverError::from(e).into())),
+                Err(e) => return Err(ApiError::from(DriverError::from(e))),
             }
             if answer.truncated {
                 // Dropping the connection makes the agent kill the command.
@@ -707,7 +482,7 @@ async fn live_agent(
 ) -> ApiResult<polydev_sandbox::AgentClient> {
     let m = manager(state)?;
     let id = parse_id(raw_id)?;
-    let view = m.live_for(&id, scope(user)).await.map_err(manager_error)?;
+    let view = m.live_for(&id, scope(user)).await.map_err(ApiError::from)?;
     if let Some(kind) = view.labels.get(SYSTEM_LABEL) {
         return Err(ApiError::forbidden(format!(
             "sandbox {id} belongs to a {kind} and holds your credential: nobody may run commands in it or read its files (delete it to end it)"
@@ -715,7 +490,7 @@ async fn live_agent(
     }
     m.agent(&id, Duration::from_secs(5))
         .await
-        .map_err(|e| manager_error(e.into()))
+        .map_err(ApiError::from)
 }
 
 /// Write a file into a sandbox (the body is the content).
@@ -738,7 +513,7 @@ pub(crate) async fn put_file(
             polydev_sandbox::ClientError::Refused { message, .. } => {
                 ApiError::bad_request("file_error", message)
             }
-            other => manager_error(DriverError::from(other).into()),
+            other => ApiError::from(DriverError::from(other)),
         })?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -759,7 +534,7 @@ pub(crate) async fn get_file(
         polydev_sandbox::ClientError::Refused { message, .. } => {
             ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message)
         }
-        other => manager_error(DriverError::from(other).into()),
+        other => ApiError::from(DriverError::from(other)),
     })?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
@@ -814,7 +589,7 @@ pub(crate) async fn vm_create(
     let v = m
         .create(owner, req)
         .await
-        .map_err(|e| for_caller(manager_error(e), user.0.is_admin()))?;
+        .map_err(|e| ApiError::from(e).for_caller(user.0.is_admin()))?;
     Ok((
         StatusCode::CREATED,
         Json(VmView {
@@ -840,30 +615,6 @@ pub(crate) async fn vm_delete(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn the_exec_gate_holds_a_few_answers_per_user_and_gives_them_back() {
-        let gate = ExecGate::default();
-        let (ada, bob) = (UserId::new(), UserId::new());
-        let mut held = Vec::new();
-        for _ in 0..gate.per_user_max {
-            held.push(gate.enter(ada).await.unwrap());
-        }
-        assert_eq!(
-            gate.enter(ada).await.err().unwrap().status,
-            StatusCode::TOO_MANY_REQUESTS
-        );
-        assert!(gate.enter(bob).await.is_ok(), "another user is not held up");
-        held.pop();
-        assert!(gate.enter(ada).await.is_ok(), "a slot came back");
-        drop(held);
-        assert!(gate
-            .per_user
-            .lock()
-            .unwrap()
-            .get(&ada)
-            .is_none_or(|n| *n == 0));
-    }
 
     #[test]
     fn json_answers_are_capped_by_their_encoded_size() {

@@ -2,20 +2,19 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use polydev_domain::{Email, Provider, UserId};
+use polydev_domain::Email;
 use polydev_store::{now_ms, NewToken, StoreError, TokenKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use utoipa::{IntoParams, ToSchema};
 
-use super::UserView;
+use super::keys::{login_credential, validate_keys, KdfView, VaultKeysView};
+use super::users::UserView;
 use crate::auth::{client_ip, CurrentUser, SESSION_COOKIE};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery};
-use crate::routes::users::ensure_self_or_admin;
-use crate::routes::vault::{login_credential, validate_keys, KdfView, VaultKeysView};
-use crate::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -131,68 +130,6 @@ pub(crate) async fn logout(
         StatusCode::NO_CONTENT,
         [(header::SET_COOKIE, session_cookie(&state, "", 0))],
     ))
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct StartLogin {
-    /// The user whose CLI gets logged in (UUID).
-    #[schema(value_type = String, format = Uuid)]
-    user_id: String,
-    /// `claude_code`, `codex` or `gemini_cli`.
-    #[schema(example = "claude_code")]
-    provider: String,
-    /// `browser` (default: a streamed remote browser) or `code` (code relay).
-    #[serde(default)]
-    mode: Option<String>,
-}
-
-/// Start a provider login session: answers 202 at once with the session
-/// id; the sandbox boots in the background (watch `GET
-/// /api/auth/session/{id}` or its `/events`). Mode `browser` (default)
-/// streams a remote browser; `code` relays a code instead (see
-/// `/api/auth/providers` for what each provider offers).
-#[utoipa::path(post, operation_id = "start_login_session", path = "/api/auth/start", tag = "auth", request_body = StartLogin,
-    security(("bearer" = [])),
-    responses(
-        (status = 202, description = "Started: {sessionId, status, ...}"),
-        (status = 400, description = "Malformed userId, unknown provider or mode, no vault", body = ErrorBody),
-        (status = 401, description = "Not signed in", body = ErrorBody),
-        (status = 403, description = "Another user's id", body = ErrorBody),
-        (status = 404, description = "Unknown user", body = ErrorBody),
-        (status = 409, description = "A login for this provider is already running", body = ErrorBody),
-        (status = 429, description = "Sandbox quota reached", body = ErrorBody),
-        (status = 503, description = "Login sessions are not available here, or their environment is being prepared (Retry-After)", body = ErrorBody)))]
-pub(crate) async fn start(
-    State(state): State<AppState>,
-    CurrentUser(principal): CurrentUser,
-    ApiJson(body): ApiJson<StartLogin>,
-) -> ApiResult<axum::response::Response> {
-    let user_id = UserId::parse("userId", &body.user_id)?;
-    let provider: Provider = body.provider.parse()?;
-    let mode = match body.mode.as_deref().unwrap_or("browser") {
-        "browser" => polydev_sessions::login::Mode::Browser,
-        "code" => polydev_sessions::login::Mode::Code,
-        other => {
-            return Err(ApiError::bad_request(
-                "invalid_mode",
-                format!("mode must be \"browser\" or \"code\", not {other:?}"),
-            ))
-        }
-    };
-    ensure_self_or_admin(&principal, user_id)?;
-    state.store.user_by_id(user_id).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::user_not_found(),
-        other => other.into(),
-    })?;
-    let logins = crate::routes::login::logins(&state)?;
-    let view = logins.start(user_id, provider, mode).await.map_err(|e| {
-        crate::routes::sandboxes::for_caller(
-            crate::routes::login::login_error(e),
-            principal.is_admin(),
-        )
-    })?;
-    Ok(crate::routes::login::accepted(&view))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -5,15 +5,14 @@ use axum::Json;
 use polydev_domain::{Email, Role, UserId};
 use polydev_store::{now_ms, NewUser, StoreError};
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::UserView;
-use crate::auth::{CurrentUser, Principal};
+use super::keys::{login_credential, validate_keys, VaultKeysView};
+use crate::auth::{ensure_self_or_admin, CurrentUser};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiJson;
-use crate::routes::vault::{login_credential, validate_keys, VaultKeysView};
-use crate::AppState;
+use crate::state::AppState;
 
 /// Sign-up request. The password never reaches the server: the client
 /// derives the login credential and the wrapped keys from it
@@ -97,16 +96,6 @@ pub(crate) async fn create(
     ))
 }
 
-/// Non-admins may only name themselves; checked before existence so the
-/// answer does not reveal whether another account exists.
-pub(crate) fn ensure_self_or_admin(principal: &Principal, id: UserId) -> ApiResult<()> {
-    if principal.user.id == id || principal.is_admin() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("you may only act on your own account"))
-    }
-}
-
 /// Look up a user: yourself, or anyone when you are an admin.
 #[utoipa::path(get, operation_id = "get_user", path = "/api/users/{id}", tag = "users",
     params(("id" = String, Path, description = "User id (UUID)")),
@@ -138,4 +127,30 @@ pub(crate) async fn get(
         (status = 401, description = "Not signed in", body = ErrorBody)))]
 pub(crate) async fn me(CurrentUser(principal): CurrentUser) -> Json<UserView> {
     Json(UserView::from(&principal.user))
+}
+
+/// A user as the API shows it (never the password hash).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UserView {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: String,
+    #[schema(example = "ada@example.com")]
+    pub email: String,
+    /// `user` or `admin`.
+    #[schema(example = "user")]
+    pub role: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl From<&polydev_store::User> for UserView {
+    fn from(user: &polydev_store::User) -> Self {
+        Self {
+            id: user.id.to_string(),
+            email: user.email.to_string(),
+            role: user.role.to_string(),
+            created_at: user.created_at_ms,
+        }
+    }
 }

@@ -1,0 +1,242 @@
+//! How the errors of the parts below the API become API errors: one
+//! `From` per part (sandboxes, runs, login sessions), so a route writes `?`.
+
+use axum::http::StatusCode;
+use polydev_sandbox::{DriverError, LimitKind, ManagerError};
+use polydev_sessions::login::LoginError;
+use polydev_sessions::runs::RunError;
+use serde_json::json;
+
+use crate::error::ApiError;
+
+impl From<DriverError> for ApiError {
+    fn from(e: DriverError) -> Self {
+        ManagerError::from(e).into()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::Invalid(m) => ApiError::bad_request("invalid_sandbox_request", m),
+            ManagerError::Image(polydev_sandbox::ImageError::NoImage(t))
+                if !polydev_sandbox::build::TEMPLATES.contains(&t.as_str()) =>
+            {
+                ApiError::bad_request(
+                    "unknown_template",
+                    format!("there is no template {t:?} on this server"),
+                )
+            }
+            ManagerError::Image(polydev_sandbox::ImageError::NoImage(t)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "environment_missing",
+                format!("this server has no {t} environment yet; its operator needs to prepare it"),
+            ),
+            ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
+            ManagerError::Preparing { template, state } => {
+                let how_far = match &state {
+                    polydev_sandbox::build::Prepared::Building {
+                        step, of, what, since_ms,
+                    } => {
+                        let mins = (polydev_store::now_ms() - since_ms).max(0) / 60_000;
+                        format!(" (step {step} of {of}: {what}; started {mins} min ago)")
+                    }
+                    _ => " (waiting for the one before it)".to_owned(),
+                };
+                ApiError {
+                    retry_after: Some(10),
+                    details: serde_json::to_value(&state).ok(),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "environment_preparing",
+                        format!("the {template} environment is being prepared on this server{how_far}; this takes a few minutes on a first start, try again shortly"),
+                    )
+                }
+            }
+            ManagerError::LimitTooHigh {
+                limit,
+                asked,
+                max,
+                admin_only,
+            } => {
+                let field = match limit {
+                    LimitKind::Memory => "memoryMb",
+                    LimitKind::Pids => "pids",
+                    LimitKind::Cpu => "cpuMillis",
+                    LimitKind::Disk => "diskMb",
+                };
+                let message = if admin_only {
+                    format!("{field} {asked} is above {max}, this template's default; only an admin may ask for more")
+                } else {
+                    format!(
+                        "{field} {asked} is above {max}, the most a sandbox of this template may have"
+                    )
+                };
+                ApiError {
+                    details: Some(serde_json::json!({"limit": field, "max": max})),
+                    ..ApiError::bad_request("limit_too_high", message)
+                }
+            }
+            e @ ManagerError::UserQuota(_) => ApiError {
+                retry_after: None,
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "sandbox_quota",
+                    e.to_string(),
+                )
+            },
+            e @ ManagerError::UserMemory { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "sandbox_memory_quota",
+                e.to_string(),
+            ),
+            e @ (ManagerError::HostMemory | ManagerError::HostMemoryInUse) => ApiError {
+                retry_after: Some(10),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity", e.to_string())
+            },
+            e @ ManagerError::HostCapacity(_) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "host_at_capacity",
+                    e.to_string(),
+                )
+            },
+            ManagerError::NotFound(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "sandbox_not_found",
+                format!("no sandbox {id}"),
+            ),
+            ManagerError::Gone(id) => ApiError::new(
+                StatusCode::GONE,
+                "sandbox_gone",
+                format!("sandbox {id} has ended"),
+            ),
+            ManagerError::Driver(DriverError::Boot {
+                stage,
+                message,
+                stages,
+                log_tail,
+            }) => ApiError {
+                details: Some(
+                    serde_json::json!({"stage": stage, "stages": stages, "logTail": log_tail}),
+                ),
+                ..ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "sandbox_boot_failed",
+                    format!("the sandbox failed to boot after stage `{stage}`: {message}"),
+                )
+            },
+            ManagerError::Driver(DriverError::Unavailable(m)) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sandboxes_unavailable", m)
+            }
+            ManagerError::Driver(DriverError::Agent(polydev_sandbox::ClientError::Timeout(d))) => {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "agent_timeout",
+                    format!(
+                        "the sandbox's agent did not answer within {} s (the sandbox may be stuck; delete it to end it)",
+                        d.as_secs()
+                    ),
+                )
+            }
+            ManagerError::Driver(DriverError::NotFound(id)) => ApiError::new(
+                StatusCode::GONE,
+                "sandbox_gone",
+                format!("sandbox {id} is no longer running"),
+            ),
+            ManagerError::Store(s) => s.into(),
+            other => ApiError::internal("sandbox error", &other),
+        }
+    }
+}
+
+/// What an admin can do about an error a user could not: the operator's
+/// command, added to the message for admins only.
+impl ApiError {
+    pub(crate) fn for_caller(self, admin: bool) -> ApiError {
+        let mut e = self;
+        if admin && e.code == "environment_missing" {
+            let template = e
+                .message
+                .split_whitespace()
+                .nth(4)
+                .unwrap_or("runtime")
+                .to_owned();
+            e.message.push_str(&format!(
+                " (as an operator: `polydev image build {template}`, or restart polydev, which prepares the runtime and browser environments)"
+            ));
+        }
+        e
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Invalid(m) => ApiError::bad_request("invalid_run_request", m),
+            e @ RunError::Busy(..) => {
+                ApiError::new(StatusCode::CONFLICT, "credential_busy", e.to_string())
+            }
+            RunError::NotFound(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "run_not_found",
+                format!("no run {id}"),
+            ),
+            e @ RunError::Finished(_) => {
+                ApiError::new(StatusCode::GONE, "run_finished", e.to_string())
+            }
+            e @ RunError::TooManyViewers => ApiError::too_many_requests(e.to_string(), 5),
+            RunError::Sandbox(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Invalid(m) => ApiError::bad_request("invalid_login_request", m),
+            LoginError::NotFound(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "login_session_not_found",
+                format!("no login session {id}"),
+            ),
+            LoginError::Forbidden => {
+                ApiError::forbidden("this login session belongs to another user")
+            }
+            LoginError::Gone(view) => {
+                let mut e = ApiError::new(
+                    StatusCode::GONE,
+                    "login_session_gone",
+                    format!(
+                        "login session {} has {}{}; start a new one",
+                        view.session_id,
+                        view.state,
+                        view.error
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    ),
+                );
+                e.details = serde_json::to_value(&*view).ok();
+                e
+            }
+            LoginError::Busy(provider, id) => {
+                let mut e = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "login_in_progress",
+                    format!("a {provider} login session ({id}) is already running for you; finish or cancel it first"),
+                );
+                e.details = Some(json!({ "sessionId": id }));
+                e
+            }
+            LoginError::NotReady(m) => ApiError::new(StatusCode::CONFLICT, "login_not_ready", m),
+            LoginError::Unavailable(m) => ApiError::unavailable(m, 5),
+            e @ LoginError::BadTicket => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_ticket", e.to_string())
+            }
+            LoginError::Manager(e) => ApiError::from(e),
+            LoginError::Store(e) => e.into(),
+        }
+    }
+}
