@@ -9,6 +9,8 @@ pub mod build;
 pub mod cgroup;
 pub mod desktop;
 pub mod driver;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fake;
 pub mod image;
 pub mod local;
 pub mod manager;

@@ -1338,3 +1338,7 @@ pub struct ReconcileReport {
     pub orphans_destroyed: usize,
     pub adopted: usize,
 }
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod tests;
