@@ -521,9 +521,20 @@ async fn usage_is_recorded_per_user_and_sandbox_and_totals_exported() {
     let mut back = vec![0u8; 10_000];
     tunnel.read_exact(&mut back).await.unwrap();
     drop(tunnel);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    proxy.egress.flush_usage().await;
-    let usage = proxy.store.egress_usage(user).await.unwrap();
+    // The tunnel is accounted once the proxy has seen it close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let usage = loop {
+        proxy.egress.flush_usage().await;
+        let usage = proxy.store.egress_usage(user).await.unwrap();
+        if usage.first().is_some_and(|u| u.tunnels == 1) {
+            break usage;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel was never accounted: {usage:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(usage.len(), 1);
     let u0 = &usage[0];
     assert_eq!(u0.sandbox_id, access.credential.sandbox_id);

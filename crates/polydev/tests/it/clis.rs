@@ -257,33 +257,33 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     assert!(!g.iter().any(|(e, _)| *e == "done"));
 
     // Every sandbox of the run is gone; the key reached no log, metric or store.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let r = app.get("/api/sandboxes", t).await;
-        if r.body["sandboxes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["status"] != "ready")
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", r.text);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    crate::app::eventually(
+        Duration::from_secs(10),
+        "the run's sandboxes end",
+        || async {
+            let r = app.get("/api/sandboxes", t).await;
+            r.body["sandboxes"]
+                .as_array()?
+                .iter()
+                .all(|s| s["status"] != "ready")
+                .then_some(())
+        },
+    )
+    .await;
     app.assert_nowhere(&[&key]).await;
     // The answers are stored sealed, never in the clear.
     assert!(!app.at_rest().contains("perspective of claude"));
 
     // History: states and timings, answers sealed to the user's vault key.
-    let mut h = app.get("/api/runs", t).await;
-    for _ in 0..50 {
-        if h.body["runs"][0]["state"] == "finished" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        h = app.get("/api/runs", t).await;
-    }
+    let h = crate::app::eventually(
+        Duration::from_secs(5),
+        "the run is stored finished",
+        || async {
+            let h = app.get("/api/runs", t).await;
+            (h.body["runs"][0]["state"] == "finished").then_some(h)
+        },
+    )
+    .await;
     let rec = &h.body["runs"][0];
     assert_eq!(rec["runId"], run.as_str(), "{}", h.text);
     assert_eq!(rec["state"], "finished");

@@ -112,21 +112,13 @@ async fn admins_mint_and_revoke_proxy_credentials_and_users_see_their_usage() {
 
     // Usage reaches the store within a flush interval; each user sees their own.
     let sandbox = minted.body["sandboxId"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let usage = crate::app::eventually(Duration::from_secs(10), "usage is recorded", || async {
         let usage = app.get("/api/egress/usage", Some(&ada)).await;
-        if usage.body["usage"][0]["requests"] == 1 {
-            assert_eq!(usage.body["usage"][0]["sandboxId"], sandbox.as_str());
-            assert!(usage.body["usage"][0]["bytesDown"].as_i64().unwrap() > 0);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "usage never recorded: {}",
-            usage.text
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (usage.body["usage"][0]["requests"] == 1).then_some(usage)
+    })
+    .await;
+    assert_eq!(usage.body["usage"][0]["sandboxId"], sandbox.as_str());
+    assert!(usage.body["usage"][0]["bytesDown"].as_i64().unwrap() > 0);
     let root_id = app.get("/api/me", Some(&admin)).await.body["id"]
         .as_str()
         .unwrap()

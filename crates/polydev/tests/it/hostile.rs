@@ -143,8 +143,9 @@ async fn a_symlink_planted_in_the_sandbox_never_leads_the_controller_to_a_host_s
 
     // The login flow plants symlinks where the VNC server's socket was.
     let dir = tempfile::tempdir().unwrap();
+    // It prints a URL once the links are in place: the session shows it.
     let plant = format!(
-        "rm -f /run/polydev/vnc.sock; ln -sf {canary_str} /run/polydev/vnc.sock; ln -sf {canary_str} /run/polydev/agent.sock; exec sleep 600"
+        "rm -f /run/polydev/vnc.sock; ln -sf {canary_str} /run/polydev/vnc.sock; ln -sf {canary_str} /run/polydev/agent.sock; echo https://planted.invalid/; exec sleep 600"
     );
     let cfg = config(
         dir.path(),
@@ -187,8 +188,14 @@ async fn a_symlink_planted_in_the_sandbox_never_leads_the_controller_to_a_host_s
     })
     .await;
     assert_eq!(v["state"], "awaiting_login", "{v}");
-    // The flow has just started: give it a moment to plant its links.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let v = crate::login::wait_state(&app, &session, &token, |v| {
+        v["authUrl"].is_string() || v["state"] != "awaiting_login"
+    })
+    .await;
+    assert_eq!(
+        v["authUrl"], "https://planted.invalid/",
+        "the links are planted: {v}"
+    );
     let r = app
         .post(
             &format!("/api/auth/session/{session}/ticket"),
@@ -565,8 +572,16 @@ time.sleep(6)
         }
     };
     let counting = async {
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        let during = controller_fds(&app);
+        // Counted once the hoard fills the relay (it holds it for 6 s).
+        let during = crate::app::eventually(
+            Duration::from_secs(5),
+            "the hoard fills the relay",
+            || async {
+                let now = controller_fds(&app);
+                (now >= before + polydev_sandbox::local::MAX_RELAY_CONNECTIONS).then_some(now)
+            },
+        )
+        .await;
         // The neighbour's egress still works meanwhile.
         let r = sh(
             &app,
@@ -874,22 +889,22 @@ async fn another_sandbox_s_credential_and_a_forged_host_buy_nothing() {
         r.text
     );
     // The traffic counts as the thief's sandbox, never the victim's.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mine = app.get("/api/egress/usage", Some(&token)).await;
-        if mine.body["usage"].as_array().is_some_and(|u| {
-            u.iter()
-                .any(|row| row["sandboxId"] == id.as_str() && row["requests"].as_i64() >= Some(1))
-        }) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no usage recorded: {}",
-            mine.text
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    crate::app::eventually(
+        Duration::from_secs(15),
+        "the thief's usage is recorded",
+        || async {
+            let mine = app.get("/api/egress/usage", Some(&token)).await;
+            mine.body["usage"]
+                .as_array()?
+                .iter()
+                .any(|row| {
+                    row["sandboxId"] == id.as_str()
+                        && row["requests"].as_i64().is_some_and(|n| n >= 1)
+                })
+                .then_some(())
+        },
+    )
+    .await;
     let theirs = app.get("/api/egress/usage", Some(&victim)).await;
     assert_eq!(theirs.body["usage"], json!([]), "{}", theirs.text);
 }
@@ -1082,7 +1097,26 @@ async fn a_stopped_agent_makes_requests_fail_within_their_deadline() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Seen from the host: the sandbox's agent (in its cgroup) is stopped.
+    crate::app::eventually(Duration::from_secs(10), "the agent is stopped", || async {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .any(|p| {
+                let path = p.path();
+                let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+                let in_sandbox = std::fs::read_to_string(path.join("cgroup"))
+                    .unwrap_or_default()
+                    .contains(&id);
+                in_sandbox
+                    && stat.contains(&format!("({AGENT_COMM})"))
+                    && stat
+                        .rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+            .then_some(())
+    })
+    .await;
     let started = Instant::now();
     let r = sh(&app, &token, &id, "echo hi").await;
     let took = started.elapsed();

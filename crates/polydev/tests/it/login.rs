@@ -72,17 +72,17 @@ pub async fn wait_state(
     token: &str,
     until: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = app
-            .get(&format!("/api/auth/session/{id}"), Some(token))
-            .await;
-        if until(&r.body) || r.status != StatusCode::OK {
-            return r.body;
-        }
-        assert!(Instant::now() < deadline, "session stuck: {}", r.text);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::app::eventually(
+        Duration::from_secs(60),
+        "the session reaches the state",
+        || async {
+            let r = app
+                .get(&format!("/api/auth/session/{id}"), Some(token))
+                .await;
+            (until(&r.body) || r.status != StatusCode::OK).then_some(r.body)
+        },
+    )
+    .await
 }
 
 /// Opens a captured credential item (as the web client does: bound to the
@@ -201,11 +201,14 @@ async fn code_relay_login_seals_the_credential_for_the_user_only() {
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (uid, token, enrollment) = vault_user(&app, "code@example.com").await;
     let pool_full = "polydev_pool_size{template=\"minimal\"} 2";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !app.get("/metrics", None).await.text.contains(pool_full) {
-        assert!(Instant::now() < deadline, "the pool never filled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::app::eventually(Duration::from_secs(30), "the pool fills", || async {
+        app.get("/metrics", None)
+            .await
+            .text
+            .contains(pool_full)
+            .then_some(())
+    })
+    .await;
     let t = Some(token.as_str());
 
     // Bad input first: clear 4xx, nothing started.
@@ -798,22 +801,18 @@ async fn each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser() {
         }
         // The remote Chromium asked for the sign-in page.
         let sandbox = v["sandboxId"].as_str().unwrap().to_owned();
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            let asked = app.logs().lines().any(|l| {
-                l.contains("egress destination not allowed by policy")
-                    && l.contains(&sandbox)
-                    && l.contains(&format!("\"host\":\"{host}\""))
-            });
-            if asked {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{provider}: the remote browser never asked for {host}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let what = format!("{provider}: the remote browser asks for {host}");
+        crate::app::eventually(Duration::from_secs(45), &what, || async {
+            app.logs()
+                .lines()
+                .any(|l| {
+                    l.contains("egress destination not allowed by policy")
+                        && l.contains(&sandbox)
+                        && l.contains(&format!("\"host\":\"{host}\""))
+                })
+                .then_some(())
+        })
+        .await;
         let r = app
             .send(
                 reqwest::Method::DELETE,

@@ -314,12 +314,17 @@ async fn quotas_ttl_and_warm_pool() {
         }
     };
     // The pool fills in the background; the first create takes from it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !app.settled_logs().await.contains("sandbox ready")
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::app::eventually(
+        Duration::from_secs(10),
+        "a pool member is ready",
+        || async {
+            app.settled_logs()
+                .await
+                .contains("sandbox ready")
+                .then_some(())
+        },
+    )
+    .await;
     let first = create(a.clone(), 1).await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
     let metrics = app.get("/metrics", None).await.text;
@@ -358,19 +363,15 @@ async fn quotas_ttl_and_warm_pool() {
 
     // TTL: the first sandbox (1 s) is reaped.
     let id = first.body["id"].as_str().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = app.get(&format!("/api/sandboxes/{id}"), Some(&a)).await;
-        if r.body["status"] == "ended" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not reaped: {}",
-            r.text
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::app::eventually(
+        Duration::from_secs(10),
+        "the 1 s sandbox is reaped",
+        || async {
+            let r = app.get(&format!("/api/sandboxes/{id}"), Some(&a)).await;
+            (r.body["status"] == "ended").then_some(())
+        },
+    )
+    .await;
     assert!(!app.cgroups().unwrap().list().contains(&id.to_owned()));
 }
 
@@ -419,11 +420,10 @@ async fn a_killed_controller_leaks_nothing_after_restart() {
     let again = &app;
     assert!(again.wait_for_log("sandboxes reconciled at start").await);
     let cg = again.cgroups().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !cg.list().is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(cg.list().is_empty(), "cgroups left: {:?}", cg.list());
+    crate::app::eventually(Duration::from_secs(10), "no cgroup is left", || async {
+        cg.list().is_empty().then_some(())
+    })
+    .await;
     let dirs: Vec<_> = std::fs::read_dir(again.db.dir().join("sandboxes"))
         .unwrap()
         .flatten()
