@@ -23,6 +23,7 @@ pub mod guard;
 pub mod limits;
 mod proxy;
 mod raw;
+pub mod relay_head;
 
 use std::collections::HashMap;
 use std::future::Future;
