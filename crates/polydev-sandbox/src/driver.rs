@@ -14,7 +14,7 @@ use crate::image::Image;
 use crate::spec::{SandboxId, SandboxSpec};
 
 /// A boot stage reached, in Unix milliseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Stage {
     pub name: String,
     pub at_ms: i64,
@@ -51,7 +51,7 @@ pub struct Existing {
     pub alive: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub memory_bytes: u64,

@@ -220,7 +220,7 @@ pub enum ManagerError {
 }
 
 /// A sandbox as callers see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxView {
     pub id: String,
@@ -230,6 +230,8 @@ pub struct SandboxView {
     pub driver: String,
     pub status: SandboxStatus,
     pub stages: Vec<Stage>,
+    /// Why it failed (JSON), when it did.
+    #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,

@@ -126,7 +126,7 @@ impl Mode {
 }
 
 /// A stage reached, with when (Unix ms).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StageAt {
     pub state: LoginState,
@@ -134,7 +134,7 @@ pub struct StageAt {
 }
 
 /// A session as clients see it (no credential material ever).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoginView {
     pub session_id: String,

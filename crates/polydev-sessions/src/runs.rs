@@ -128,7 +128,7 @@ pub struct RunEvent {
     pub data: Value,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderView {
     pub sandbox_id: String,
@@ -137,7 +137,7 @@ pub struct ProviderView {
     pub state: ProviderState,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunView {
     pub run_id: String,

@@ -38,7 +38,7 @@ pub(crate) fn logins(state: &AppState) -> ApiResult<&Arc<Logins>> {
 
 /// A login session as the API answers it: the view, plus `status` (the
 /// state, under the name v1 clients read).
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, ToSchema)]
 pub(crate) struct SessionBody {
     #[serde(flatten)]
     view: LoginView,
@@ -61,7 +61,7 @@ pub(crate) fn accepted(view: &LoginView) -> Response {
 #[utoipa::path(get, operation_id = "get_login_session", path = "/api/auth/session/{id}", tag = "auth",
     params(("id" = String, Path)), security(("bearer" = [])),
     responses(
-        (status = 200, description = "The session (state, stages, error and log tail when failed)"),
+        (status = 200, body = SessionBody, description = "The session (state, stages, error and log tail when failed)"),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Another user's session", body = ErrorBody),
         (status = 404, body = ErrorBody),
@@ -81,7 +81,7 @@ pub(crate) async fn get(
 /// Cancel a login session; its sandbox is destroyed.
 #[utoipa::path(delete, operation_id = "cancel_login_session", path = "/api/auth/session/{id}", tag = "auth",
     params(("id" = String, Path)), security(("bearer" = [])),
-    responses((status = 200), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = SessionBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
@@ -156,7 +156,7 @@ pub(crate) struct CodeBody {
 /// to the CLI waiting in the sandbox.
 #[utoipa::path(post, path = "/api/auth/session/{id}/code", tag = "auth",
     params(("id" = String, Path)), request_body = CodeBody, security(("bearer" = [])),
-    responses((status = 200), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, body = SessionBody), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "The CLI does not wait for a code (yet)", body = ErrorBody),
         (status = 410, body = ErrorBody)))]
@@ -469,7 +469,7 @@ pub(crate) struct StartLogin {
 #[utoipa::path(post, operation_id = "start_login_session", path = "/api/auth/start", tag = "auth", request_body = StartLogin,
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Started: {sessionId, status, ...}"),
+        (status = 202, body = SessionBody, description = "Started: the session, booting"),
         (status = 400, description = "Malformed userId, unknown provider or mode, no vault", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Another user's id", body = ErrorBody),

@@ -46,7 +46,7 @@ pub(crate) struct StartBody {
 /// Start a run: one sandbox per provider, each with a key to seal that
 /// provider's credential to.
 #[utoipa::path(post, operation_id = "start_run", path = "/api/runs", tag = "runs", request_body = StartBody, security(("bearer" = [])),
-    responses((status = 201, body = Object, description = "{runId, state, sandboxes: {provider: {sandboxId, publicKey, state}}}"),
+    responses((status = 201, body = RunView, description = "The run: each provider's sandbox and the key to seal its credential to"),
         (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn start(
     State(state): State<AppState>,
@@ -86,7 +86,7 @@ pub(crate) struct CredentialsBody {
 /// credential is open inside its sandbox.
 #[utoipa::path(post, path = "/api/runs/{id}/credentials", tag = "runs", request_body = CredentialsBody,
     security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 202, body = Object), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = RunView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn credentials(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -142,7 +142,7 @@ pub(crate) async fn history(
 
 /// A run's state.
 #[utoipa::path(get, operation_id = "get_run", path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RunView), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -158,7 +158,7 @@ pub(crate) async fn get(
 
 /// Cancel a run: every provider still going ends with `error{stage: cancelled}`.
 #[utoipa::path(delete, operation_id = "cancel_run", path = "/api/runs/{id}", tag = "runs", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RunView), (status = 404, body = ErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     user: CurrentUser,

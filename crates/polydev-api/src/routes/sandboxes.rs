@@ -156,7 +156,7 @@ fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResul
 #[utoipa::path(post, operation_id = "create_sandbox", path = "/api/sandboxes", tag = "sandboxes", request_body = CreateBody,
     security(("bearer" = [])),
     responses(
-        (status = 201, body = Object, description = "The sandbox: id, status, stages, …"),
+        (status = 201, body = SandboxView, description = "The sandbox: id, status, stages, …"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 429, description = "Per-user quota reached", body = ErrorBody),
         (status = 502, description = "Boot failed: stage reached and log tail in details", body = ErrorBody),
@@ -177,7 +177,6 @@ pub(crate) async fn create(
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct SandboxList {
-    #[schema(value_type = Vec<Object>)]
     sandboxes: Vec<SandboxView>,
 }
 
@@ -195,7 +194,7 @@ pub(crate) async fn list(
     Ok(Json(SandboxList { sandboxes }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SandboxDetail {
     #[serde(flatten)]
@@ -207,7 +206,7 @@ pub(crate) struct SandboxDetail {
 /// One sandbox, with live usage while it runs.
 #[utoipa::path(get, operation_id = "get_sandbox", path = "/api/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
     params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SandboxDetail), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -457,4 +457,7 @@ async fn the_served_openapi_document_is_valid_and_a_generated_client_works() {
     assert_eq!(v["email"], "openapi@example.com", "{v}");
     assert_eq!(v["missingIsErrorBody"], true, "{v}");
     assert_eq!(v["missingCode"], "sandbox_not_found", "{v}");
+    assert_eq!(v["created"], "ready", "{v}");
+    assert_eq!(v["detail"], "ready", "{v}");
+    assert_eq!(v["deleted"], 204, "{v}");
 }

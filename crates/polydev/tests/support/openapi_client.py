@@ -46,9 +46,15 @@ def main() -> None:
     import polydev_client
     from polydev_client import AuthenticatedClient, Client
     from polydev_client.api.health import health
-    from polydev_client.api.sandboxes import get_sandbox
+    from polydev_client.api.sandboxes import create_sandbox, delete, get_sandbox
     from polydev_client.api.users import me
-    from polydev_client.models import ErrorBody, UserView
+    from polydev_client.models import (
+        CreateBody,
+        ErrorBody,
+        SandboxDetail,
+        SandboxView,
+        UserView,
+    )
 
     modules = [
         m.name
@@ -63,6 +69,12 @@ def main() -> None:
     health_status = health.sync_detailed(client=anon).status_code
     you = me.sync(client=authed)
     missing = get_sandbox.sync(id="sb-0000000000000000", client=authed)
+    # A real sandbox through the typed models: the schemas match what the
+    # server answers (from_dict fails on a missing or mistyped field).
+    made = create_sandbox.sync(client=authed, body=CreateBody(template="minimal"))
+    made_ok = isinstance(made, SandboxView)
+    detail = get_sandbox.sync(id=made.id, client=authed) if made_ok else None
+    deleted = delete.sync_detailed(id=made.id, client=authed).status_code if made_ok else None
     print(json.dumps({
         "operations": len(operations),
         "documented": sum(
@@ -75,6 +87,9 @@ def main() -> None:
         "email": you.email if isinstance(you, UserView) else None,
         "missingIsErrorBody": isinstance(missing, ErrorBody),
         "missingCode": missing.error.code if isinstance(missing, ErrorBody) else None,
+        "created": made.status.value if made_ok else repr(made),
+        "detail": detail.status.value if isinstance(detail, SandboxDetail) else repr(detail),
+        "deleted": int(deleted) if deleted is not None else None,
     }))
 
 
