@@ -9,20 +9,19 @@ use std::time::Duration;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::request::Parts;
 use base64::Engine;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use polydev_domain::Role;
-use polydev_store::{now_ms, StoreError, TokenKind, User};
+use polydev_store::{now_ms, Store, StoreError, TokenKind, User};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// The web UI's session cookie.
 pub const SESSION_COOKIE: &str = "polydev_session";
@@ -313,13 +312,13 @@ pub fn client_ip(parts: &Parts, trusted: &[ipnet::IpNet]) -> IpAddr {
         .unwrap_or(peer)
 }
 
-async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<Principal, ApiError> {
+async fn authenticate(parts: &mut Parts, store: &Store) -> Result<Principal, ApiError> {
     if let Some(p) = parts.extensions.get::<Principal>() {
         return Ok(p.clone());
     }
     let token = presented_token(parts).ok_or_else(ApiError::unauthorized)?;
     let hash = token_hash(&token);
-    let owner = match state.store.token_owner(&hash, now_ms()).await {
+    let owner = match store.token_owner(&hash, now_ms()).await {
         Ok(owner) => owner,
         Err(StoreError::NotFound) => return Err(ApiError::unauthorized()),
         Err(e) => return Err(e.into()),
@@ -338,11 +337,19 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<Principal, 
 #[derive(Debug, Clone)]
 pub struct CurrentUser(pub Principal);
 
-impl FromRequestParts<AppState> for CurrentUser {
+/// Works on any router state the store can be taken from (`FromRef`), so
+/// this module needs nothing of the API's state.
+impl<S> FromRequestParts<S> for CurrentUser
+where
+    S: Send + Sync,
+    Store: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(parts, state).await.map(CurrentUser)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        authenticate(parts, &Store::from_ref(state))
+            .await
+            .map(CurrentUser)
     }
 }
 
@@ -350,11 +357,15 @@ impl FromRequestParts<AppState> for CurrentUser {
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub Principal);
 
-impl FromRequestParts<AppState> for AdminUser {
+impl<S> FromRequestParts<S> for AdminUser
+where
+    S: Send + Sync,
+    Store: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let principal = authenticate(parts, state).await?;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let principal = authenticate(parts, &Store::from_ref(state)).await?;
         if !principal.is_admin() {
             return Err(ApiError::forbidden("this needs the admin role"));
         }

@@ -171,3 +171,10 @@ impl AppState {
         }
     }
 }
+
+/// The extractors in `auth` take the store from whatever state a router has.
+impl axum::extract::FromRef<AppState> for Store {
+    fn from_ref(state: &AppState) -> Store {
+        state.store.clone()
+    }
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use polydev_domain::Provider;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Where a run's unsealed credential lands for the CLI's wrapper (deleted
 /// once read or moved).
@@ -130,7 +130,7 @@ pub enum Line {
     /// The CLI's stream says it failed, and why.
     Failure(String),
     /// The answer is complete; its usage.
-    Done(Value),
+    Done(Usage),
 }
 
 /// One line of a CLI's stream format, in general terms.
@@ -230,8 +230,20 @@ pub fn last_meaningful_line(stderr: &str) -> Option<String> {
         .map(|l| message_of(&Value::String(l.to_owned())))
 }
 
-fn usage(input: &Value, output: &Value) -> Value {
-    json!({"exitCode": 0, "usage": {"inputTokens": input, "outputTokens": output}})
+/// The tokens a CLI's stream reported for its answer (absent when it
+/// reported none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+fn usage(input: &Value, output: &Value) -> Usage {
+    Usage {
+        input_tokens: input.as_u64(),
+        output_tokens: output.as_u64(),
+    }
 }
 
 /// How one provider's CLI signs in, as shell lines run in the sandbox.
@@ -310,6 +322,7 @@ pub fn login_commands() -> BTreeMap<Provider, LoginCommand> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// What a whole stream (one fixture per CLI's format, shaped like the
     /// pinned CLIs' output) reads as.
@@ -321,7 +334,10 @@ mod tests {
     }
 
     fn done(input: u64, output: u64) -> Line {
-        Line::Done(json!({"exitCode": 0, "usage": {"inputTokens": input, "outputTokens": output}}))
+        Line::Done(Usage {
+            input_tokens: Some(input),
+            output_tokens: Some(output),
+        })
     }
 
     #[test]

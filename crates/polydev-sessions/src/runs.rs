@@ -26,7 +26,8 @@ use polydev_store::{now_ms, Store};
 use crate::tasks::Tasks;
 
 use crate::providers::{
-    credential_file, last_meaningful_line, normalise, run_command, Line, RunSetup, CREDENTIAL_FILE,
+    credential_file, last_meaningful_line, normalise, run_command, Line, RunSetup, Usage,
+    CREDENTIAL_FILE,
 };
 
 /// HPKE `info` for run credentials; the AAD is `<run id>/<provider>`.
@@ -121,11 +122,106 @@ impl Default for RunsConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct RunEvent {
-    pub provider: String,
-    pub kind: String,
-    pub data: Value,
+/// Why a provider ended without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorStage {
+    /// No credential arrived in time, or it could not be opened.
+    Credentials,
+    /// The CLI ended without an answer (its reason in the message).
+    Cli,
+    /// The run's deadline passed.
+    Timeout,
+    /// The CLI's output passed a bound.
+    Output,
+    /// The sandbox stopped answering.
+    Sandbox,
+    /// The run was cancelled (or the controller shut down).
+    Cancelled,
+}
+
+/// One event of a run's stream (`docs/RUNS.md`): per provider, then `End`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    Started {
+        provider: Provider,
+        sandbox_id: String,
+    },
+    Delta {
+        provider: Provider,
+        text: String,
+    },
+    Retrying {
+        provider: Provider,
+        message: String,
+        attempt: u32,
+    },
+    Done {
+        provider: Provider,
+        usage: Usage,
+    },
+    Error {
+        provider: Provider,
+        stage: ErrorStage,
+        message: String,
+        exit_code: Option<i32>,
+    },
+    /// Every provider has ended: the stream's last event.
+    End {
+        state: RunState,
+    },
+}
+
+impl RunEvent {
+    /// The event's name on the stream.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "started",
+            Self::Delta { .. } => "delta",
+            Self::Retrying { .. } => "retrying",
+            Self::Done { .. } => "done",
+            Self::Error { .. } => "error",
+            Self::End { .. } => "end",
+        }
+    }
+
+    pub fn provider(&self) -> Option<Provider> {
+        match self {
+            Self::Started { provider, .. }
+            | Self::Delta { provider, .. }
+            | Self::Retrying { provider, .. }
+            | Self::Done { provider, .. }
+            | Self::Error { provider, .. } => Some(*provider),
+            Self::End { .. } => None,
+        }
+    }
+
+    pub fn is_end(&self) -> bool {
+        matches!(self, Self::End { .. })
+    }
+
+    /// The event's data as the stream sends it (with its provider).
+    pub fn data(&self) -> Value {
+        let mut v = match self {
+            Self::Started { sandbox_id, .. } => json!({"sandboxId": sandbox_id}),
+            Self::Delta { text, .. } => json!({"text": text}),
+            Self::Retrying {
+                message, attempt, ..
+            } => json!({"message": message, "attempt": attempt}),
+            Self::Done { usage, .. } => json!({"exitCode": 0, "usage": usage}),
+            Self::Error {
+                stage,
+                message,
+                exit_code,
+                ..
+            } => json!({"stage": stage, "message": message, "exitCode": exit_code}),
+            Self::End { state } => json!({"state": state}),
+        };
+        if let Some(p) = self.provider() {
+            v["provider"] = json!(p.as_str());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -181,23 +277,19 @@ struct Run {
 impl Run {
     /// Records and broadcasts an event from a provider's CLI; false when
     /// the run's history is full (the provider must stop).
-    fn emit(&self, provider: Provider, kind: &str, data: Value) -> bool {
-        self.record(provider.as_str(), kind, data, false)
+    fn emit(&self, event: RunEvent) -> bool {
+        self.record(event, false)
     }
 
     /// The controller's own last word for a provider (or the run): always
     /// recorded, once per provider and once for the run's end.
-    fn emit_final(&self, provider: Option<Provider>, kind: &str, data: Value) {
-        self.record(provider.map_or("", |p| p.as_str()), kind, data, true);
+    fn emit_final(&self, event: RunEvent) {
+        self.record(event, true);
     }
 
-    fn record(&self, provider: &str, kind: &str, data: Value, last: bool) -> bool {
-        let size = data.to_string().len();
-        let e = Arc::new(RunEvent {
-            provider: provider.to_owned(),
-            kind: kind.to_owned(),
-            data,
-        });
+    fn record(&self, event: RunEvent, last: bool) -> bool {
+        let size = event.data().to_string().len();
+        let e = Arc::new(event);
         // Recorded and broadcast under one lock, so a subscriber (which
         // takes the same lock) sees each event exactly once.
         let Ok(mut h) = self.events.lock() else {
@@ -468,11 +560,16 @@ impl Runs {
                     .map(|s| *s == ProviderState::AwaitingCredentials)
                     .unwrap_or(false);
                 if waiting && r.set_state(p.provider, ProviderState::Failed) {
-                    r.emit_final(
-                        Some(p.provider),
-                        "error",
-                        json!({"stage": "credentials", "message": format!("no {} credential arrived within {} s, so it did not start", p.provider.display_name(), me.cfg.credential_wait.as_secs())}),
-                    );
+                    r.emit_final(RunEvent::Error {
+                        provider: p.provider,
+                        stage: ErrorStage::Credentials,
+                        message: format!(
+                            "no {} credential arrived within {} s, so it did not start",
+                            p.provider.display_name(),
+                            me.cfg.credential_wait.as_secs()
+                        ),
+                        exit_code: None,
+                    });
                     let _ = me.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
                 }
             }
@@ -623,11 +720,10 @@ impl Runs {
         let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
             return;
         };
-        run.emit(
+        run.emit(RunEvent::Started {
             provider,
-            "started",
-            json!({"sandboxId": p.sandbox.to_string()}),
-        );
+            sandbox_id: p.sandbox.to_string(),
+        });
         let kind = p.kind.lock().map(|k| *k).unwrap_or_default();
         let (line, env) = run_command(
             provider,
@@ -666,11 +762,11 @@ impl Runs {
                         for line in out.lines(provider, &bytes) {
                             let emitted = match line {
                                 Line::Delta(text) => {
-                                    run.emit(provider, "delta", json!({"text": text}))
+                                    run.emit(RunEvent::Delta { provider, text })
                                 }
                                 Line::Retrying(message) => {
                                     out.retries += 1;
-                                    run.emit(provider, "retrying", json!({"message": message, "attempt": out.retries}))
+                                    run.emit(RunEvent::Retrying { provider, message, attempt: out.retries })
                                 }
                                 // Sent once the provider's state says so,
                                 // so "done" is always its last word.
@@ -732,13 +828,14 @@ impl Runs {
             .manager
             .egress_refusal(&p.sandbox)
             .map(|(host, why)| format!("{name} could not reach {host}: it {why}"));
-        let failed = |message: String, stage: &str, code: Option<i32>| {
+        let failed = |message: String, stage: ErrorStage, exit_code: Option<i32>| {
             if run.set_state(provider, ProviderState::Failed) {
-                run.emit_final(
-                    Some(provider),
-                    "error",
-                    json!({"stage": stage, "message": message, "exitCode": code}),
-                );
+                run.emit_final(RunEvent::Error {
+                    provider,
+                    stage,
+                    message,
+                    exit_code,
+                });
             }
         };
         match result {
@@ -751,7 +848,7 @@ impl Runs {
                 if let Some(u) = &unreachable {
                     message.push_str(&format!("; {u}"));
                 }
-                failed(message, "timeout", code);
+                failed(message, ErrorStage::Timeout, code);
             }
             Ok(Ended::TooLarge(what)) => {
                 let message = match what {
@@ -761,7 +858,7 @@ impl Runs {
                     ),
                     _ => format!("{name} sent more output than a run keeps and was stopped"),
                 };
-                failed(message, "output", None);
+                failed(message, ErrorStage::Output, None);
             }
             Ok(Ended::Exited(
                 Some(0),
@@ -770,7 +867,7 @@ impl Runs {
                 },
             )) => {
                 if run.set_state(provider, ProviderState::Done) {
-                    run.emit_final(Some(provider), "done", usage);
+                    run.emit_final(RunEvent::Done { provider, usage });
                 }
             }
             Ok(Ended::Exited(code, out)) => {
@@ -783,13 +880,13 @@ impl Runs {
                     Some(c) => format!("stopped with exit code {c}"),
                     None => "was stopped by a signal".to_owned(),
                 };
-                failed(format!("{name} {how}: {reason}"), "cli", code);
+                failed(format!("{name} {how}: {reason}"), ErrorStage::Cli, code);
             }
             Err(e) => {
                 tracing::warn!(run = %run.id, provider = provider.as_str(), error = %e, "run sandbox failed");
                 failed(
                     format!("{name}'s sandbox stopped answering before the CLI finished, so there is no answer"),
-                    "sandbox",
+                    ErrorStage::Sandbox,
                     None,
                 );
             }
@@ -817,8 +914,12 @@ impl Runs {
                     for p in &run.providers {
                         let text: String = events
                             .iter()
-                            .filter(|e| e.provider == p.provider.as_str() && e.kind == "delta")
-                            .filter_map(|e| e.data["text"].as_str())
+                            .filter_map(|e| match &**e {
+                                RunEvent::Delta { provider, text } if *provider == p.provider => {
+                                    Some(text.as_str())
+                                }
+                                _ => None,
+                            })
                             .collect();
                         let aad = format!("{}/{}", run.id, p.provider.as_str());
                         let sealed = pk.seal(ANSWER_PURPOSE, aad.as_bytes(), text.as_bytes());
@@ -856,7 +957,7 @@ impl Runs {
                 .unwrap_or(false);
             if first {
                 // The stream's last event: every provider has ended.
-                run.emit_final(None, "end", json!({"state": state}));
+                run.emit_final(RunEvent::End { state });
             }
             self.sweep();
         }
@@ -891,11 +992,12 @@ impl Runs {
         run.cancelled.store(true, Ordering::Relaxed);
         for p in &run.providers {
             if run.set_state(p.provider, ProviderState::Cancelled) {
-                run.emit_final(
-                    Some(p.provider),
-                    "error",
-                    json!({"stage": "cancelled", "message": "the run was cancelled"}),
-                );
+                run.emit_final(RunEvent::Error {
+                    provider: p.provider,
+                    stage: ErrorStage::Cancelled,
+                    message: "the run was cancelled".into(),
+                    exit_code: None,
+                });
             }
             let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
         }
@@ -915,11 +1017,12 @@ impl Runs {
             run.cancelled.store(true, Ordering::Relaxed);
             for p in &run.providers {
                 if run.set_state(p.provider, ProviderState::Cancelled) {
-                    run.emit_final(
-                        Some(p.provider),
-                        "error",
-                        json!({"stage": "cancelled", "message": "the controller shut down"}),
-                    );
+                    run.emit_final(RunEvent::Error {
+                        provider: p.provider,
+                        stage: ErrorStage::Cancelled,
+                        message: "the controller shut down".into(),
+                        exit_code: None,
+                    });
                 }
                 let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
             }
@@ -986,7 +1089,7 @@ struct Output {
     skipping: bool,
     answer: usize,
     /// The usage its stream's last word announced.
-    done: Option<Value>,
+    done: Option<Usage>,
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,
@@ -1045,6 +1148,71 @@ fn providers_json(run: &Run) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_keep_their_wire_names_and_fields() {
+        let p = Provider::Codex;
+        let cases = [
+            (
+                RunEvent::Started {
+                    provider: p,
+                    sandbox_id: "sb-1".into(),
+                },
+                "started",
+                json!({"sandboxId": "sb-1", "provider": "codex"}),
+            ),
+            (
+                RunEvent::Delta {
+                    provider: p,
+                    text: "hi".into(),
+                },
+                "delta",
+                json!({"text": "hi", "provider": "codex"}),
+            ),
+            (
+                RunEvent::Retrying {
+                    provider: p,
+                    message: "again".into(),
+                    attempt: 2,
+                },
+                "retrying",
+                json!({"message": "again", "attempt": 2, "provider": "codex"}),
+            ),
+            (
+                RunEvent::Done {
+                    provider: p,
+                    usage: Usage {
+                        input_tokens: Some(3),
+                        output_tokens: None,
+                    },
+                },
+                "done",
+                json!({"exitCode": 0, "usage": {"inputTokens": 3, "outputTokens": null}, "provider": "codex"}),
+            ),
+            (
+                RunEvent::Error {
+                    provider: p,
+                    stage: ErrorStage::Timeout,
+                    message: "late".into(),
+                    exit_code: None,
+                },
+                "error",
+                json!({"stage": "timeout", "message": "late", "exitCode": null, "provider": "codex"}),
+            ),
+            (
+                RunEvent::End {
+                    state: RunState::Finished,
+                },
+                "end",
+                json!({"state": "finished"}),
+            ),
+        ];
+        for (event, kind, data) in cases {
+            assert_eq!(event.kind(), kind);
+            assert_eq!(event.data(), data, "{kind}");
+            assert_eq!(event.is_end(), kind == "end");
+        }
+    }
 
     #[test]
     fn cli_output_is_split_into_bounded_lines() {

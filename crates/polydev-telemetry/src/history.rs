@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::host::HostSample;
+use crate::sample::HostSample;
 
 /// What a history request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,6 +12,7 @@ pub mod host;
 mod json;
 pub mod metrics;
 mod redact;
+pub mod sample;
 mod sampler;
 
 pub use sampler::run_sampler;

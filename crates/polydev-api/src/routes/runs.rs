@@ -187,18 +187,14 @@ pub(crate) async fn events(
     let (past, rx) = runs.subscribe(&id, uid).await.map_err(ApiError::from)?;
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let to_sse = |e: &polydev_sessions::runs::RunEvent| {
-        let mut data = e.data.clone();
-        if !e.provider.is_empty() {
-            data["provider"] = serde_json::Value::String(e.provider.clone());
-        }
         SseEvent::default()
-            .event(e.kind.clone())
-            .data(data.to_string())
+            .event(e.kind())
+            .data(e.data().to_string())
     };
     state.tasks.spawn(async move {
         // `end` is the stream's last event: every provider has ended.
         for e in &past {
-            if tx.send(Ok(to_sse(e))).await.is_err() || e.kind == "end" {
+            if tx.send(Ok(to_sse(e))).await.is_err() || e.is_end() {
                 return;
             }
         }
@@ -210,7 +206,7 @@ pub(crate) async fn events(
             };
             match next {
                 Ok(e) => {
-                    if tx.send(Ok(to_sse(&e))).await.is_err() || e.kind == "end" {
+                    if tx.send(Ok(to_sse(&e))).await.is_err() || e.is_end() {
                         return;
                     }
                 }
