@@ -1,0 +1,320 @@
+//! The router in-process, over a real store (SQLite, and PostgreSQL when
+//! `POLYDEV_TEST_PG_URL` is set): route, auth and error-shape behaviour
+//! without spawning the binary. What needs a process (signals, logs,
+//! sockets, the kernel) stays in `crates/polydev/tests/it`.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use polydev_api::{ApiConfig, AppState, HttpMetrics, Observability};
+use polydev_domain::{Email, Role, UserId};
+use polydev_store::testing::TestDatabase;
+use polydev_store::{now_ms, Backend, NewToken, NewUser, TokenKind};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct App {
+    db: TestDatabase,
+    router: axum::Router,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Answer {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or_default()
+    }
+    fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or_default()
+    }
+}
+
+impl App {
+    async fn new(backend: Backend, config: ApiConfig) -> Self {
+        let db = TestDatabase::new(backend).await;
+        let store = db.store().await;
+        let mut registry = polydev_telemetry::metrics::MetricsRegistry::default();
+        let http = Some(HttpMetrics::register(&mut registry));
+        let alerts = Arc::new(polydev_telemetry::alerts::AlertEngine::new(
+            &Default::default(),
+            &mut registry,
+        ));
+        let observability = Observability {
+            registry: Arc::new(registry),
+            http,
+            host: Arc::new(polydev_telemetry::host::HostMonitor::default()),
+            alerts,
+        };
+        let state = AppState::new(store, config, observability, None);
+        Self {
+            db,
+            router: polydev_api::router(state),
+        }
+    }
+
+    /// One request through the whole router (layers included).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+        request_id: Option<&str>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(id) = request_id {
+            req = req.header("x-request-id", id);
+        }
+        let req = match body {
+            Some((content_type, bytes)) => req
+                .header("content-type", content_type)
+                .body(Body::from(bytes)),
+            None => req.body(Body::empty()),
+        };
+        let mut req = req.unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Answer {
+            status,
+            headers,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+        }
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Answer {
+        self.call(Method::GET, path, token, None, None).await
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> Answer {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.call(
+            Method::POST,
+            path,
+            None,
+            Some(("application/json", bytes)),
+            None,
+        )
+        .await
+    }
+
+    /// A user straight in the store, with an API token (as `user add` makes).
+    async fn user_with_token(&self, email: &str, role: Role) -> String {
+        let store = self.db.store().await;
+        let id = UserId::new();
+        store
+            .create_user(&NewUser {
+                id,
+                email: Email::parse(email).unwrap(),
+                password_hash: None,
+                role,
+                created_at_ms: now_ms(),
+            })
+            .await
+            .unwrap();
+        let minted = polydev_api::mint_token();
+        store
+            .create_token(&NewToken {
+                user_id: id,
+                kind: TokenKind::Api,
+                token_hash: minted.hash.clone(),
+                created_at_ms: now_ms(),
+                expires_at_ms: None,
+            })
+            .await
+            .unwrap();
+        minted.token.expose_secret().to_owned()
+    }
+}
+
+/// A sign-up body with real vault key material for `email`.
+fn signup(email: &str, password: &str) -> Value {
+    let user_id = uuid::Uuid::new_v4().to_string();
+    let e =
+        polydev_vault::Enrollment::new(&secrecy::SecretString::from(password.to_owned()), &user_id)
+            .unwrap();
+    json!({
+        "email": email,
+        "userId": user_id,
+        "loginCredential": B64.encode(e.login_credential.as_bytes()),
+        "vault": {
+            "kdf": {"algorithm": "pbkdf2-sha256", "iterations": 600000},
+            "salt": B64.encode(e.spec.salt),
+            "wrappedVaultKey": B64.encode(&e.wrapped_vault_key),
+            "publicKey": B64.encode(&e.public_key),
+            "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
+        },
+    })
+}
+
+async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
+    let app = App::new(
+        backend,
+        ApiConfig {
+            body_limit: 4096,
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = app.user_with_token("root@example.com", Role::Admin).await;
+    let ada = app
+        .post_json("/api/users", signup("ada@example.com", "correct horse"))
+        .await;
+    assert_eq!(ada.status, StatusCode::CREATED, "{}", ada.text);
+
+    let bad_uuid = app.get("/api/users/not-a-uuid", Some(&admin)).await;
+    assert_eq!(
+        (bad_uuid.status, bad_uuid.code()),
+        (StatusCode::BAD_REQUEST, "invalid_uuid")
+    );
+    assert!(
+        bad_uuid.message().contains("id must be a UUID"),
+        "{}",
+        bad_uuid.message()
+    );
+    let unknown_user = app
+        .get(
+            "/api/users/6f1c1a2e-0000-4000-8000-000000000000",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(
+        (unknown_user.status, unknown_user.code()),
+        (StatusCode::NOT_FOUND, "user_not_found")
+    );
+
+    let dup = app
+        .post_json("/api/users", signup("ADA@example.com", "another one"))
+        .await;
+    assert_eq!(
+        (dup.status, dup.code()),
+        (StatusCode::CONFLICT, "email_taken")
+    );
+    let r = app
+        .post_json("/api/users", signup("ada", "correct horse"))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_email")
+    );
+    let mut short = signup("bo@example.com", "correct horse");
+    short["loginCredential"] = json!("c2hvcnQ=");
+    let r = app.post_json("/api/users", short).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_login_credential")
+    );
+    let r = app
+        .post_json("/api/users", json!({"email": "bo@example.com"}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_body")
+    );
+    assert!(r.message().contains("missing field"), "{}", r.message());
+
+    let raw = |body: &str, content_type: &'static str| {
+        let bytes = body.as_bytes().to_vec();
+        app.call(
+            Method::POST,
+            "/api/users",
+            None,
+            Some((content_type, bytes)),
+            None,
+        )
+    };
+    let r = raw("{\"email\":", "application/json").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "malformed_json")
+    );
+    let r = raw("email=a", "application/x-www-form-urlencoded").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let big = format!(
+        "{{\"email\":\"{}@example.com\",\"password\":\"correct horse\"}}",
+        "a".repeat(8000)
+    );
+    let r = raw(&big, "application/json").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    let r = app
+        .call(Method::DELETE, "/api/users", None, None, None)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let r = app.get("/api/no/such/route", None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.get("/api/me", None).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let r = app.get("/api/me", Some("pd_not-a-token")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+
+    // A caller's request id is echoed (that it reaches the log, every
+    // binary test that reads the log proves: `TestApp::settled_logs`).
+    let r = app
+        .call(Method::GET, "/api/me", None, None, Some("trace-me-42"))
+        .await;
+    assert_eq!(r.headers["x-request-id"], "trace-me-42");
+
+    // None of the errors above leaked the database's own words.
+    let bodies = [&dup.text, &unknown_user.text, &bad_uuid.text].map(|t| t.to_lowercase());
+    for leak in [
+        "unique constraint",
+        "duplicate key",
+        "violates",
+        "invalid input syntax",
+        "sqlx",
+        "database",
+    ] {
+        assert!(
+            bodies.iter().all(|b| !b.contains(leak)),
+            "{leak} leaked: {bodies:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_error_in_one_shape_on_sqlite() {
+    bad_input_gets_a_clear_error_in_one_shape(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_error_in_one_shape_on_postgres() {
+    bad_input_gets_a_clear_error_in_one_shape(Backend::Postgres).await;
+}
