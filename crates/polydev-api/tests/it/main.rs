@@ -120,8 +120,9 @@ impl App {
         .await
     }
 
-    /// A user straight in the store, with an API token (as `user add` makes).
-    async fn user_with_token(&self, email: &str, role: Role) -> String {
+    /// A user straight in the store, with an API token (as `user add`
+    /// makes), created at `at_ms`: (id, token).
+    async fn user_with_token(&self, email: &str, role: Role, at_ms: i64) -> (UserId, String) {
         let store = self.db.store().await;
         let id = UserId::new();
         store
@@ -130,7 +131,7 @@ impl App {
                 email: Email::parse(email).unwrap(),
                 password_hash: None,
                 role,
-                created_at_ms: now_ms(),
+                created_at_ms: at_ms,
             })
             .await
             .unwrap();
@@ -145,7 +146,7 @@ impl App {
             })
             .await
             .unwrap();
-        minted.token.expose_secret().to_owned()
+        (id, minted.token.expose_secret().to_owned())
     }
 }
 
@@ -178,7 +179,9 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
         },
     )
     .await;
-    let admin = app.user_with_token("root@example.com", Role::Admin).await;
+    let (_, admin) = app
+        .user_with_token("root@example.com", Role::Admin, now_ms())
+        .await;
     let ada = app
         .post_json("/api/users", signup("ada@example.com", "correct horse"))
         .await;
@@ -309,12 +312,69 @@ async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_input_gets_a_clear_error_in_one_shape_on_sqlite() {
-    bad_input_gets_a_clear_error_in_one_shape(Backend::Sqlite).await;
+async fn admin_routes_need_the_admin_role(backend: Backend) {
+    let app = App::new(backend, ApiConfig::default()).await;
+    let (admin_id, admin) = app
+        .user_with_token("root@example.com", Role::Admin, 1)
+        .await;
+    let (user_id, user) = app.user_with_token("ada@example.com", Role::User, 2).await;
+
+    let list = app.get("/api/admin/users", Some(&admin)).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert_eq!(list.body["total"], 2);
+    let emails: Vec<_> = list.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["email"].clone())
+        .collect();
+    assert_eq!(
+        emails,
+        [json!("root@example.com"), json!("ada@example.com")]
+    );
+
+    let forbidden = app.get("/api/admin/users", Some(&user)).await;
+    assert_eq!(
+        (forbidden.status, forbidden.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    for token in [None, Some("pd_not-a-real-token")] {
+        let r = app.get("/api/admin/users", token).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNAUTHORIZED, "unauthorized")
+        );
+    }
+    let bad_page = app.get("/api/admin/users?limit=0", Some(&admin)).await;
+    assert_eq!(bad_page.code(), "invalid_query");
+    let bad_type = app.get("/api/admin/users?limit=lots", Some(&admin)).await;
+    assert_eq!(bad_type.code(), "invalid_query");
+
+    // Admins may look anyone up; users only themselves.
+    let r = app
+        .get(&format!("/api/users/{user_id}"), Some(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.get(&format!("/api/users/{user_id}"), Some(&user)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app
+        .get(&format!("/api/users/{admin_id}"), Some(&user))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_input_gets_a_clear_error_in_one_shape_on_postgres() {
-    bad_input_gets_a_clear_error_in_one_shape(Backend::Postgres).await;
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(polydev_store::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(polydev_store::Backend::Postgres).await })*
+        }
+    };
 }
+
+on_both_backends!(
+    bad_input_gets_a_clear_error_in_one_shape,
+    admin_routes_need_the_admin_role,
+);

@@ -9,7 +9,6 @@ use crate::on_both_backends;
 
 on_both_backends!(
     sign_up_log_in_and_use_the_token,
-    admin_routes_need_the_admin_role,
     auth_start_validates_its_input,
     logins_are_rate_limited_per_account,
     health_and_readiness,
@@ -82,52 +81,6 @@ async fn sign_up_log_in_and_use_the_token(backend: Backend) {
     let after = app.get("/api/me", Some(&token)).await;
     assert_eq!(after.status, StatusCode::UNAUTHORIZED);
     assert_eq!(after.error_code(), "unauthorized");
-}
-
-async fn admin_routes_need_the_admin_role(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
-    let admin = app.admin("root@example.com");
-    let (user_id, user) = app.user("ada@example.com").await;
-
-    let list = app.get("/api/admin/users", Some(&admin)).await;
-    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
-    assert_eq!(list.body["total"], 2);
-    let emails: Vec<_> = list.body["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["email"].clone())
-        .collect();
-    assert_eq!(
-        emails,
-        [json!("root@example.com"), json!("ada@example.com")]
-    );
-
-    let forbidden = app.get("/api/admin/users", Some(&user)).await;
-    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
-    assert_eq!(forbidden.error_code(), "forbidden");
-    for token in [None, Some("pd_not-a-real-token")] {
-        let r = app.get("/api/admin/users", token).await;
-        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-        assert_eq!(r.error_code(), "unauthorized");
-    }
-    let bad_page = app.get("/api/admin/users?limit=0", Some(&admin)).await;
-    assert_eq!(bad_page.error_code(), "invalid_query");
-    let bad_type = app.get("/api/admin/users?limit=lots", Some(&admin)).await;
-    assert_eq!(bad_type.error_code(), "invalid_query");
-
-    // Admins may look anyone up; users only themselves.
-    assert_eq!(
-        app.get(&format!("/api/users/{user_id}"), Some(&admin))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    let admin_id = list.body["users"][0]["id"].as_str().unwrap().to_owned();
-    let r = app
-        .get(&format!("/api/users/{admin_id}"), Some(&user))
-        .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
 async fn auth_start_validates_its_input(backend: Backend) {
