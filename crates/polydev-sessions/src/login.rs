@@ -695,11 +695,6 @@ impl Logins {
         self.tasks.shutdown(Duration::from_secs(5)).await;
     }
 
-    /// Tasks still running (session drivers, output readers, creates).
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
-    }
-
     async fn persist(&self, s: &Session) {
         let v = s.snapshot();
         let record = LoginRecord {

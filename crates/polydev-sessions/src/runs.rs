@@ -989,24 +989,30 @@ impl Runs {
     /// Cancels the providers still going; their sandboxes are destroyed.
     pub async fn cancel(&self, id: &str, user: UserId) -> Result<RunView, RunError> {
         let run = self.get(id, user)?;
+        self.end_cancelled(&run, "the run was cancelled").await;
+        Ok(run.view())
+    }
+
+    /// Ends `run` as cancelled: every provider still going gets `error`
+    /// (stage `cancelled`, `message`), its sandboxes go, its state is stored.
+    async fn end_cancelled(&self, run: &Run, message: &str) {
         run.cancelled.store(true, Ordering::Relaxed);
         for p in &run.providers {
             if run.set_state(p.provider, ProviderState::Cancelled) {
                 run.emit_final(RunEvent::Error {
                     provider: p.provider,
                     stage: ErrorStage::Cancelled,
-                    message: "the run was cancelled".into(),
+                    message: message.into(),
                     exit_code: None,
                 });
             }
             let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
         }
-        self.persist(&run).await;
-        Ok(run.view())
+        self.persist(run).await;
     }
 
-    /// Ends every live run (as cancelled: its sandboxes go, its state is
-    /// stored) and joins the tasks that drove them.
+    /// Ends every live run (as cancelled) and joins the tasks that drove
+    /// them.
     pub async fn shutdown(&self) {
         let live: Vec<Arc<Run>> = self
             .runs
@@ -1014,26 +1020,9 @@ impl Runs {
             .map(|r| r.values().filter(|r| !r.finished()).cloned().collect())
             .unwrap_or_default();
         for run in live {
-            run.cancelled.store(true, Ordering::Relaxed);
-            for p in &run.providers {
-                if run.set_state(p.provider, ProviderState::Cancelled) {
-                    run.emit_final(RunEvent::Error {
-                        provider: p.provider,
-                        stage: ErrorStage::Cancelled,
-                        message: "the controller shut down".into(),
-                        exit_code: None,
-                    });
-                }
-                let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
-            }
-            self.persist(&run).await;
+            self.end_cancelled(&run, "the controller shut down").await;
         }
         self.tasks.shutdown(Duration::from_secs(5)).await;
-    }
-
-    /// Tasks still running (provider drivers, credential deadlines).
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
     }
 
     /// Past events, and a receiver for the rest (None once all finished).

@@ -20,16 +20,6 @@ pub fn images(dir: &Path) -> ImageStore {
     ImageStore::new(dir)
 }
 
-pub fn local_driver(data_dir: &Path, keep_failed: bool) -> Result<LocalDriver, String> {
-    LocalDriver::for_data_dir(data_dir, keep_failed)
-}
-
-/// The driver image builds validate on: an instance of its own, so a build
-/// beside a live controller never touches the controller's sandboxes.
-pub fn validation_driver(data_dir: &Path) -> Result<LocalDriver, String> {
-    LocalDriver::for_validation(data_dir)
-}
-
 /// The three CLIs at pinned versions, in one place
 /// (`crates/polydev/cli-packages.txt`, also read by scripts/test.sh;
 /// `POLYDEV_CLI_VERSION=latest` there overrides them for a test matrix).
@@ -62,10 +52,10 @@ pub async fn manager(
     if !settings.enabled {
         return Err("sandboxes are disabled on this controller (--sandboxes false)".into());
     }
-    let driver = local_driver(data_dir, settings.keep_failed)?;
+    let driver = LocalDriver::for_data_dir(data_dir, settings.keep_failed)?;
     let images = images(images_dir);
     if images.current("minimal").is_err() {
-        let validator = validation_driver(data_dir)?;
+        let validator = LocalDriver::for_validation(data_dir)?;
         let opts = build_options("");
         let image = polydev_sandbox::build::build(&images, &validator, "minimal", &opts, &Quiet)
             .await
@@ -120,7 +110,7 @@ pub async fn prepare(manager: Arc<Manager>, data_dir: std::path::PathBuf, mirror
         Err("building images needs root (debootstrap, chroot): as root, run `polydev image build runtime` and `polydev image build browser` with this controller's --config or --data-dir".to_owned())
     } else {
         tracing::info!(templates = ?preparation.missing(), "preparing the images runs and logins need (first start); this takes a few minutes");
-        validation_driver(&data_dir)
+        LocalDriver::for_validation(&data_dir)
     };
     let validator = match validator {
         Ok(v) => v,
@@ -213,7 +203,7 @@ pub async fn build(
     template: &str,
     mirror: &str,
 ) -> anyhow::Result<()> {
-    let validator = validation_driver(data_dir).map_err(anyhow::Error::msg)?;
+    let validator = LocalDriver::for_validation(data_dir).map_err(anyhow::Error::msg)?;
     let images = images(images_dir);
     let steps = Steps::new();
     let built = polydev_sandbox::build::build(

@@ -221,37 +221,8 @@ async fn the_served_openapi_document_is_valid_and_a_generated_client_works() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let (_, token) = app.user("openapi@example.com").await;
     let dir = tempfile::tempdir().unwrap();
-    let script = format!(
-        "{}/tests/support/openapi_client.py",
-        env!("CARGO_MANIFEST_DIR")
-    );
     let input = json!({"server": app.base, "token": token, "dir": dir.path()});
-    let out = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let python = std::env::var("POLYDEV_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-        let mut child = std::process::Command::new(python)
-            .arg(script)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python with openapi-spec-validator and openapi-python-client (scripts/test.sh makes one in target/py)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = crate::app::python_script("openapi_client.py", input).await;
     assert_eq!(v["warnings"], 0, "every operation generated: {v}");
     assert_eq!(
         v["operations"], v["documented"],

@@ -128,6 +128,40 @@ where
     }
 }
 
+/// Runs `tests/support/<script>` with the test virtualenv's Python
+/// (`POLYDEV_TEST_PYTHON`, made by scripts/test.sh with the pinned PyPI
+/// packages), `input` as JSON on stdin; what it printed, as JSON. Fails the
+/// test with the script's stderr when it fails.
+pub async fn python_script(script: &str, input: Value) -> Value {
+    let path = format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let python = std::env::var("POLYDEV_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let mut child = Command::new(python)
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python with the pinned PyPI packages (scripts/test.sh makes it in target/py)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Spawns `polydev serve` and waits for its "listening" line.
 fn start(db: &TestDatabase, extra: &[String]) -> Started {
     let mut cmd = Command::new(BIN);

@@ -647,20 +647,20 @@ pub(crate) async fn start_with_key(
     run
 }
 
+/// An OpenAI stand-in that takes each request and never answers.
+async fn hung_openai() -> polydev_stubs::StubServer {
+    polydev_stubs::start_slow(Provider::OpenAi, "never", None, Duration::from_secs(600))
+        .await
+        .unwrap()
+}
+
 /// A run still working when the controller is told to stop ends there:
 /// its viewers get the cancellation and the stream's end, the controller
 /// exits well before the run's deadline, and after a restart the run's
 /// stored state says it was cancelled (nothing is left "running").
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_in_flight_at_shutdown_ends_cancelled_and_the_controller_exits() {
-    let hung = polydev_stubs::start_slow(
-        Provider::OpenAi,
-        "never",
-        None,
-        std::time::Duration::from_secs(600),
-    )
-    .await
-    .unwrap();
+    let hung = hung_openai().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("polydev.toml");
     std::fs::write(
@@ -727,14 +727,7 @@ async fn a_run_in_flight_at_shutdown_ends_cancelled_and_the_controller_exits() {
 /// resolve says which host and why; a third answers meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_provider_times_out_and_an_unreachable_one_says_why() {
-    let hung = polydev_stubs::start_slow(
-        Provider::OpenAi,
-        "never",
-        None,
-        std::time::Duration::from_secs(600),
-    )
-    .await
-    .unwrap();
+    let hung = hung_openai().await;
     let gemini = polydev_stubs::start(Provider::Gemini, "gemini is fine", None)
         .await
         .unwrap();
@@ -802,7 +795,6 @@ async fn a_python_mcp_client_reads_a_failed_run_as_a_tool_error() {
     let config = stub_config(dir.path(), 1, 1, gemini.addr.port());
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("py@example.com").await;
-    let script = format!("{}/tests/support/mcp_client.py", env!("CARGO_MANIFEST_DIR"));
     let input = json!({
         "bin": crate::app::BIN,
         "server": app.base,
@@ -810,32 +802,7 @@ async fn a_python_mcp_client_reads_a_failed_run_as_a_tool_error() {
         "providers": ["gemini_cli"],
         "env": {"GEMINI_API_KEY": "sk-python"},
     });
-    let out = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let python = std::env::var("POLYDEV_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-        let mut child = std::process::Command::new(python)
-            .arg(script)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python with the mcp package (scripts/test.sh makes one in target/py)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = crate::app::python_script("mcp_client.py", input).await;
     assert_eq!(v["serverName"], "polydev", "{v}");
     assert_eq!(v["serverVersion"], env!("CARGO_PKG_VERSION"), "{v}");
     assert_eq!(v["tools"], json!(["get_perspectives"]));
