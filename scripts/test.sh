@@ -53,7 +53,8 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 need_packages python3 python3
 python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
 [ -x target/py/bin/pip ] || python3 -m venv --clear target/py
-py_pins=("mcp==2.3.0" "openapi-spec-validator==0.9.0" "openapi-python-client==0.29.1")
+py_pins=("mcp==2.3.0" "openapi-spec-validator==0.9.0" "openapi-python-client==0.29.1"
+  "hypothesis==6.170.15" "hypothesis-jsonschema==0.23.1")
 target/py/bin/python - "${py_pins[@]}" <<'PY' 2>/dev/null \
   || target/py/bin/python -m pip install --quiet --disable-pip-version-check "${py_pins[@]}"
 import importlib.metadata as m, sys

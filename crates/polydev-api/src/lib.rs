@@ -20,6 +20,7 @@ mod middleware;
 mod openapi;
 mod origin;
 mod routes;
+mod schema;
 mod state;
 mod web;
 

@@ -38,6 +38,9 @@ pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
 
 /// Longest line of CLI output kept (longer ones are dropped whole).
 pub const MAX_LINE: usize = 1 << 20;
+/// A prompt's most bytes: it becomes one process argument, and the
+/// kernel takes at most 128 KiB there.
+pub const MAX_PROMPT_BYTES: usize = 100_000;
 /// The most answer text one provider may stream into a run.
 pub const MAX_ANSWER: usize = 4 << 20;
 /// The most events one run records (its history, replayed to viewers).
@@ -446,9 +449,9 @@ impl Runs {
         prompt: String,
         providers: Vec<Provider>,
     ) -> Result<RunView, RunError> {
-        if prompt.trim().is_empty() || prompt.len() > 100_000 {
+        if prompt.trim().is_empty() || prompt.len() > MAX_PROMPT_BYTES || prompt.contains('\0') {
             return Err(RunError::Invalid(
-                "prompt must be 1 to 100 000 bytes".into(),
+                "prompt must be 1 to 100 000 bytes, not only white space, without NUL".into(),
             ));
         }
         let mut providers = providers;

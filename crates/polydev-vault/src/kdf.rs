@@ -9,6 +9,9 @@ use crate::VaultError;
 
 /// The floor below which a PBKDF2 parameter set is refused (a downgrade).
 pub const MIN_PBKDF2_ITERATIONS: u32 = 600_000;
+/// The Argon2id floor (OWASP's smallest recommended set).
+pub const MIN_ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+pub const MIN_ARGON2_ITERATIONS: u32 = 2;
 
 /// Which slow KDF turns the password into the master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,7 @@ impl KdfParams {
                 format!("PBKDF2 with {iterations} iterations (minimum {MIN_PBKDF2_ITERATIONS})"),
             )),
             KdfParams::Argon2id { memory_kib, iterations, parallelism }
-                if memory_kib < 19 * 1024 || iterations < 2 || parallelism == 0 =>
+                if memory_kib < MIN_ARGON2_MEMORY_KIB || iterations < MIN_ARGON2_ITERATIONS || parallelism == 0 =>
             {
                 Err(VaultError::WeakKdf(format!(
                     "Argon2id m={memory_kib} KiB t={iterations} p={parallelism} (minimum m=19456 t=2 p=1)"

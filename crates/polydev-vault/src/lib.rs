@@ -23,7 +23,9 @@ mod seal;
 
 pub use enroll::Enrollment;
 pub use envelope::{ItemContext, Kind, FORMAT_VERSION, MAGIC};
-pub use kdf::{KdfParams, KdfSpec, MIN_PBKDF2_ITERATIONS};
+pub use kdf::{
+    KdfParams, KdfSpec, MIN_ARGON2_ITERATIONS, MIN_ARGON2_MEMORY_KIB, MIN_PBKDF2_ITERATIONS,
+};
 pub use keys::{LoginCredential, MasterKey, VaultKey, WrappingKey};
 pub use seal::{SealingKeyPair, SealingPublicKey};
 

@@ -42,12 +42,13 @@ fn egress_error(e: EgressError) -> ApiError {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct MintRequest {
-    #[schema(value_type = String, format = Uuid)]
+    #[schema(schema_with = crate::schema::uuid)]
     user_id: String,
     /// Sandbox template the credential is for (selects the policy); default `runtime`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", nullable)]
     template: Option<String>,
     /// The sandbox it belongs to (UUID); a new id when absent.
-    #[schema(value_type = Option<String>, format = Uuid)]
+    #[schema(schema_with = crate::schema::optional_uuid)]
     sandbox_id: Option<String>,
 }
 

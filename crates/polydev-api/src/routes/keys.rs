@@ -71,14 +71,15 @@ impl KdfView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct VaultKeysView {
+    #[schema(schema_with = crate::schema::kdf)]
     pub(crate) kdf: KdfView,
-    /// 16 bytes.
+    #[schema(schema_with = crate::schema::salt)]
     pub(crate) salt: String,
-    /// The vault key wrapped by the key-wrapping key (envelope kind 2).
+    #[schema(schema_with = crate::schema::wrapped_key_2)]
     pub(crate) wrapped_vault_key: String,
-    /// The sealing public key, 65-byte uncompressed P-256.
+    #[schema(schema_with = crate::schema::public_key)]
     pub(crate) public_key: String,
-    /// The sealing private key wrapped by the vault key (envelope kind 3).
+    #[schema(schema_with = crate::schema::wrapped_key_3)]
     pub(crate) wrapped_private_key: String,
 }
 

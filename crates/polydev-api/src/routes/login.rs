@@ -148,7 +148,7 @@ pub(crate) async fn events(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CodeBody {
-    /// The code the provider showed after sign-in.
+    #[schema(schema_with = crate::schema::login_code)]
     code: String,
 }
 
@@ -450,14 +450,13 @@ where
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct StartLogin {
-    /// The user whose CLI gets logged in (UUID).
-    #[schema(value_type = String, format = Uuid)]
+    /// The user whose CLI gets logged in.
+    #[schema(schema_with = crate::schema::uuid)]
     user_id: String,
-    /// `claude_code`, `codex` or `gemini_cli`.
-    #[schema(example = "claude_code")]
+    #[schema(schema_with = crate::schema::provider)]
     provider: String,
-    /// `browser` (default: a streamed remote browser) or `code` (code relay).
     #[serde(default)]
+    #[schema(schema_with = crate::schema::login_mode)]
     mode: Option<String>,
 }
 

@@ -37,9 +37,11 @@ fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct StartBody {
+    #[schema(schema_with = crate::schema::prompt)]
     prompt: String,
     /// `claude_code`, `codex`, `gemini_cli` (default: all three).
     #[serde(default)]
+    #[schema(schema_with = crate::schema::providers)]
     providers: Vec<String>,
 }
 
@@ -72,13 +74,10 @@ pub(crate) async fn start(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct CredentialsBody {
-    /// Provider → base64 HPKE box of its API key, sealed to that sandbox's
-    /// `publicKey` with info `polydev/run-credential/v1` and aad `<runId>/<provider>`.
+    #[schema(schema_with = crate::schema::credential_boxes)]
     credentials: BTreeMap<String, String>,
-    /// Provider → `api_key` (default) or `cli_login`: the box holds the
-    /// CLI's credential file from a login session (the vault item
-    /// `credential.<provider>`); it is sealed back to you after the run.
     #[serde(default)]
+    #[schema(schema_with = crate::schema::credential_kinds)]
     kinds: BTreeMap<String, String>,
 }
 

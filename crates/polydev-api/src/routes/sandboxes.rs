@@ -56,22 +56,109 @@ fn scope(user: &CurrentUser) -> Option<UserId> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct CreateBody {
-    /// `minimal`, `runtime`, `browser`, … (a template with a built image).
-    #[schema(example = "runtime")]
+    /// The template (its image must be built on this server).
+    #[schema(example = "runtime", value_type = Template)]
     template: String,
+    /// Above the template's default only for admins, up to its maximum
+    /// (400 `limit_too_high` names the limit and the most allowed).
+    #[schema(schema_with = memory_mb)]
     memory_mb: Option<u64>,
+    #[schema(schema_with = pids)]
     pids: Option<u32>,
-    /// Thousandths of a core.
+    #[schema(schema_with = cpu_millis)]
     cpu_millis: Option<u32>,
+    #[schema(schema_with = disk_mb)]
     disk_mb: Option<u64>,
     /// `none` (loopback only; the default) or `egress` (plus the user's
     /// egress proxy at 127.0.0.1:3128 inside, set in HTTP(S)_PROXY).
+    #[schema(value_type = Option<NetworkMode>)]
     network: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::env)]
     env: BTreeMap<String, String>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::labels)]
     labels: BTreeMap<String, String>,
+    #[schema(schema_with = ttl_secs)]
     ttl_secs: Option<u64>,
+}
+
+/// The templates a sandbox can be made from.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only: the field stays a string the manager checks
+#[schema(rename_all = "lowercase")]
+pub(crate) enum Template {
+    Minimal,
+    Base,
+    Runtime,
+    Browser,
+}
+
+/// A sandbox's network.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+#[schema(rename_all = "lowercase")]
+pub(crate) enum NetworkMode {
+    None,
+    Egress,
+}
+
+fn memory_mb() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(16, u64::MAX >> 20, "Memory in MiB (at least 16).")
+}
+fn pids() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(8, u32::MAX.into(), "Most processes (at least 8).")
+}
+fn cpu_millis() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(10, u32::MAX.into(), "Thousandths of a core (at least 10).")
+}
+fn disk_mb() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(1, u64::MAX >> 20, "Writable disk in MiB (at least 1).")
+}
+fn ttl_secs() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(
+        1,
+        polydev_sandbox::ManagerConfig::default().max_ttl.as_secs(),
+        "Seconds until the reaper destroys it (default: the server's `[sandbox] default_ttl_secs`; at most 24 h).",
+    )
+}
+
+/// Environment variables a request may set: how many and how long.
+pub(crate) const MAX_ENV_VARS: usize = 128;
+pub(crate) const MAX_ENV_NAME_BYTES: usize = 256;
+pub(crate) const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
+/// A command's most arguments (the program included).
+pub(crate) const MAX_EXEC_ARGS: usize = 4096;
+
+/// Environment variables as a process can take them: names without `=`
+/// or NUL, values without NUL, bounded in number and length.
+fn check_env(code: &'static str, env: &BTreeMap<String, String>) -> ApiResult<()> {
+    if let Some(k) = env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            code,
+            format!("env name {k:?} is not valid"),
+        ));
+    }
+    if let Some(k) = env.iter().find(|(_, v)| v.contains('\0')).map(|(k, _)| k) {
+        return Err(ApiError::bad_request(
+            code,
+            format!("env {k}: a value must not contain NUL"),
+        ));
+    }
+    if env.len() > MAX_ENV_VARS
+        || env
+            .iter()
+            .any(|(k, v)| k.len() > MAX_ENV_NAME_BYTES || v.len() > MAX_ENV_VALUE_BYTES)
+    {
+        return Err(ApiError::bad_request(
+            code,
+            "env: at most 128 variables, names ≤ 256 and values ≤ 64 KiB",
+        ));
+    }
+    Ok(())
 }
 
 fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResult<CreateRequest> {
@@ -100,14 +187,7 @@ fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResul
             .disk_mb
             .map_or(d.disk_bytes, |mb| mb.saturating_mul(1 << 20)),
     });
-    for k in body.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ApiError::bad_request(
-                "invalid_sandbox_request",
-                format!("env name {k:?} is not valid"),
-            ));
-        }
-    }
+    check_env("invalid_sandbox_request", &body.env)?;
     if body.labels.len() > 16
         || body
             .labels
@@ -127,17 +207,6 @@ fn create_request(user: &CurrentUser, m: &Manager, body: CreateBody) -> ApiResul
         return Err(ApiError::bad_request(
             "invalid_sandbox_request",
             format!("the label {k:?} is the controller's own; choose another name"),
-        ));
-    }
-    if body.env.len() > 128
-        || body
-            .env
-            .iter()
-            .any(|(k, v)| k.len() > 256 || v.len() > 64 * 1024)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_sandbox_request",
-            "env: at most 128 variables, names ≤ 256 and values ≤ 64 KiB",
         ));
     }
     Ok(CreateRequest {
@@ -242,15 +311,23 @@ pub(crate) async fn delete(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct ExecBody {
-    /// Program and arguments.
-    #[schema(example = json!(["sh", "-c", "echo hi"]))]
+    #[schema(schema_with = crate::schema::command)]
     cmd: Vec<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::env)]
     env: BTreeMap<String, String>,
     /// Text written to stdin (then closed).
     stdin: Option<String>,
-    /// Killed after this (default 60 000, at most 3 600 000).
+    #[schema(schema_with = exec_timeout_ms)]
     timeout_ms: Option<u64>,
+}
+
+fn exec_timeout_ms() -> utoipa::openapi::schema::Schema {
+    crate::schema::bounded(
+        1,
+        3_600_000,
+        "Killed after this many milliseconds (default 60 000, at most 3 600 000).",
+    )
 }
 
 /// One streamed exec event (SSE `event:` names: started, stdout, stderr, exit, error).
@@ -322,6 +399,13 @@ pub(crate) async fn exec(
             "cmd must name a program",
         ));
     }
+    if body.cmd.len() > MAX_EXEC_ARGS || body.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::bad_request(
+            "invalid_exec",
+            "cmd: at most 4096 arguments, none containing NUL",
+        ));
+    }
+    check_env("invalid_exec", &body.env)?;
     let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000).clamp(1, 3_600_000));
     agent
         .start_exec(
@@ -541,10 +625,20 @@ pub(crate) async fn get_file(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct VmCreate {
-    #[schema(value_type = String, format = Uuid)]
+    #[schema(schema_with = crate::schema::uuid)]
     user_id: String,
     /// `cli` (the runtime template) or `browser`.
+    #[schema(value_type = VmType)]
     vm_type: String,
+}
+
+/// v1's VM kinds.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+#[schema(rename_all = "lowercase")]
+pub(crate) enum VmType {
+    Cli,
+    Browser,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -19,10 +19,9 @@ use crate::state::AppState;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Login {
-    #[schema(example = "ada@example.com")]
+    #[schema(schema_with = crate::schema::email)]
     email: String,
-    /// Base64 of the 32-byte login credential derived on the client.
-    #[schema(value_type = String, format = Password)]
+    #[schema(schema_with = crate::schema::login_credential)]
     login_credential: SecretString,
 }
 
@@ -186,9 +185,9 @@ pub(crate) async fn prelogin(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct ChangePassword {
-    #[schema(value_type = String, format = Password)]
+    #[schema(schema_with = crate::schema::login_credential)]
     current_login_credential: SecretString,
-    #[schema(value_type = String, format = Password)]
+    #[schema(schema_with = crate::schema::login_credential)]
     new_login_credential: SecretString,
     /// The vault key re-wrapped under the new password (items are not re-encrypted).
     vault: VaultKeysView,

@@ -20,14 +20,13 @@ use crate::state::AppState;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SignUp {
-    #[schema(example = "ada@example.com")]
+    #[schema(schema_with = crate::schema::email)]
     email: String,
     /// The new account's id (a UUID the client generates: its wrapped keys
     /// are bound to it).
-    #[schema(value_type = String, format = Uuid)]
+    #[schema(schema_with = crate::schema::uuid)]
     user_id: String,
-    /// Base64 of the 32-byte login credential (HKDF of the master key).
-    #[schema(value_type = String, format = Password)]
+    #[schema(schema_with = crate::schema::login_credential)]
     login_credential: SecretString,
     /// The new vault's key material.
     vault: VaultKeysView,

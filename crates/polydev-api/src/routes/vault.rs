@@ -105,8 +105,9 @@ fn check_item_id(id: &str) -> ApiResult<()> {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct PutItem {
     /// The version you last saw (0 to create); the stored one becomes version + 1.
+    #[schema(minimum = 0)]
     version: i64,
-    /// The item envelope (kind 1), standard base64.
+    #[schema(schema_with = item_envelope)]
     envelope: String,
 }
 
@@ -276,4 +277,8 @@ pub(crate) async fn list_items(
         })
         .collect();
     Ok(Json(ItemList { items }))
+}
+
+fn item_envelope() -> utoipa::openapi::schema::Schema {
+    crate::schema::item_envelope(MAX_ITEM_BYTES)
 }

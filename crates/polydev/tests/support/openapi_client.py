@@ -53,6 +53,7 @@ def main() -> None:
         ErrorBody,
         SandboxDetail,
         SandboxView,
+        Template,
         UserView,
     )
 
@@ -71,7 +72,7 @@ def main() -> None:
     missing = get_sandbox.sync(id="sb-0000000000000000", client=authed)
     # A real sandbox through the typed models: the schemas match what the
     # server answers (from_dict fails on a missing or mistyped field).
-    made = create_sandbox.sync(client=authed, body=CreateBody(template="minimal"))
+    made = create_sandbox.sync(client=authed, body=CreateBody(template=Template.MINIMAL))
     made_ok = isinstance(made, SandboxView)
     detail = get_sandbox.sync(id=made.id, client=authed) if made_ok else None
     deleted = delete.sync_detailed(id=made.id, client=authed).status_code if made_ok else None
