@@ -49,12 +49,13 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 # Python clients from PyPI, pinned, in a virtualenv of their own (Debian's
 # python3 takes no pip installs): `mcp`, the MCP client a Python agent
 # would use; openapi-spec-validator and openapi-python-client, which check
-# the OpenAPI document and generate a client from it.
+# the OpenAPI document and generate a client from it; hypothesis-jsonschema,
+# the schema-driven fuzzer (with the last hypothesis its 0.23 works with).
 need_packages python3 python3
 python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
 [ -x target/py/bin/pip ] || python3 -m venv --clear target/py
 py_pins=("mcp==2.3.0" "openapi-spec-validator==0.9.0" "openapi-python-client==0.29.1"
-  "hypothesis==6.170.15" "hypothesis-jsonschema==0.23.1")
+  "hypothesis==6.100.0" "hypothesis-jsonschema==0.23.1")
 target/py/bin/python - "${py_pins[@]}" <<'PY' 2>/dev/null \
   || target/py/bin/python -m pip install --quiet --disable-pip-version-check "${py_pins[@]}"
 import importlib.metadata as m, sys
