@@ -50,7 +50,7 @@ export POLYDEV_TEST_PG_URL="postgres://polydev_test:polydev_test@127.0.0.1:$PG_P
 # python3 takes no pip installs): `mcp`, the MCP client a Python agent
 # would use; openapi-spec-validator and openapi-python-client, which check
 # the OpenAPI document and generate a client from it; hypothesis-jsonschema,
-# the schema-driven fuzzer (with the last hypothesis its 0.23 works with).
+# the schema-driven fuzzer (with a hypothesis release its 0.23 works with).
 need_packages python3 python3
 python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv
 [ -x target/py/bin/pip ] || python3 -m venv --clear target/py
