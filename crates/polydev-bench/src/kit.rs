@@ -1,8 +1,7 @@
 //! What every area shares: the polydev server a bench starts, percentiles,
 //! the report, and the http and vault areas.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -33,9 +32,9 @@ pub(crate) fn report(json: bool, figures: Map<String, Value>) {
     }
 }
 
-/// A `polydev serve` started for the benchmark; killed on drop.
+/// A `polydev serve` started for the benchmark; stopped on drop.
 pub(crate) struct Server {
-    child: Child,
+    serve: polydev_testkit::Serve,
     pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
@@ -44,55 +43,30 @@ impl Server {
     pub(crate) fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let exe = crate::polydev_exe()?;
         let dir = tempfile::tempdir()?;
-        let mut child = Command::new(&exe)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--egress-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                // Benchmarks name their templates; no image builds beside them.
-                "--sandbox-prepare",
-                "none",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Drain stderr for the server's whole life so it never blocks.
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["fields"]["message"] == "listening" {
-                        let _ =
-                            tx.send(v["fields"]["addr"].as_str().unwrap_or_default().to_owned());
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("polydev serve did not start within 30 s");
-            }
-        };
-        let server = Self {
-            child,
-            addr,
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--egress-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            // Benchmarks name their templates; no image builds beside them.
+            "--sandbox-prepare",
+            "none",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(extra);
+        let serve = polydev_testkit::Serve::start(cmd)?;
+        Ok(Self {
+            addr: serve.addr.clone(),
+            serve,
             _dir: dir,
-        };
-        Ok(server)
+        })
     }
 
     /// The server's data directory.
@@ -150,20 +124,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Graceful first: the controller destroys its sandboxes and removes
-        // its cgroups on the way out.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..200 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Graceful: the controller destroys its sandboxes and removes its
+        // cgroups on the way out.
+        self.serve.stop(Duration::from_secs(10));
     }
 }
 

@@ -10,8 +10,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use polydev_api::{ApiConfig, AppState, HttpMetrics, Observability};
 use polydev_domain::{Email, Role, UserId};
 use polydev_store::testing::TestDatabase;
@@ -152,22 +150,7 @@ impl App {
 
 /// A sign-up body with real vault key material for `email`.
 fn signup(email: &str, password: &str) -> Value {
-    let user_id = uuid::Uuid::new_v4().to_string();
-    let e =
-        polydev_vault::Enrollment::new(&secrecy::SecretString::from(password.to_owned()), &user_id)
-            .unwrap();
-    json!({
-        "email": email,
-        "userId": user_id,
-        "loginCredential": B64.encode(e.login_credential.as_bytes()),
-        "vault": {
-            "kdf": {"algorithm": "pbkdf2-sha256", "iterations": 600000},
-            "salt": B64.encode(e.spec.salt),
-            "wrappedVaultKey": B64.encode(&e.wrapped_vault_key),
-            "publicKey": B64.encode(&e.public_key),
-            "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
-        },
-    })
+    polydev_testkit::signup(email, password).0
 }
 
 async fn bad_input_gets_a_clear_error_in_one_shape(backend: Backend) {

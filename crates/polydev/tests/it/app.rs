@@ -1,15 +1,14 @@
 //! `TestApp`: the real `polydev` binary on port 0 against a fresh database,
 //! driven over HTTP.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use polydev_store::testing::TestDatabase;
 use polydev_store::Backend;
+use polydev_testkit::Serve;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
@@ -20,8 +19,7 @@ pub struct TestApp {
     /// The in-process egress proxy's address, when enabled.
     pub egress: Option<String>,
     pub client: reqwest::Client,
-    child: Option<Child>,
-    logs: Arc<Mutex<Vec<String>>>,
+    serve: Serve,
     extra: Vec<String>,
 }
 
@@ -53,43 +51,7 @@ impl Reply {
     }
 }
 
-/// What a client sends at sign-up for `email` and `password` (deriving
-/// keys as the browser does), and the enrollment it keeps.
-pub fn signup(email: &str, password: &str) -> (Value, polydev_vault::Enrollment) {
-    use base64::engine::general_purpose::STANDARD as B64;
-    use base64::Engine;
-    let user_id = uuid::Uuid::new_v4().to_string();
-    let e =
-        polydev_vault::Enrollment::new(&secrecy::SecretString::from(password.to_owned()), &user_id)
-            .unwrap();
-    let body = json!({
-        "email": email,
-        "userId": user_id,
-        "loginCredential": B64.encode(e.login_credential.as_bytes()),
-        "vault": {
-            "kdf": {"algorithm": "pbkdf2-sha256", "iterations": 600000},
-            "salt": B64.encode(e.spec.salt),
-            "wrappedVaultKey": B64.encode(&e.wrapped_vault_key),
-            "publicKey": B64.encode(&e.public_key),
-            "wrappedPrivateKey": B64.encode(&e.wrapped_private_key),
-        },
-    });
-    (body, e)
-}
-
-/// A login body with the credential an enrollment derived.
-pub fn login_body(email: &str, e: &polydev_vault::Enrollment) -> Value {
-    use base64::engine::general_purpose::STANDARD as B64;
-    use base64::Engine;
-    json!({"email": email, "loginCredential": B64.encode(e.login_credential.as_bytes())})
-}
-
-/// A login body with a credential that matches no account.
-pub fn wrong_login_body(email: &str) -> Value {
-    use base64::engine::general_purpose::STANDARD as B64;
-    use base64::Engine;
-    json!({"email": email, "loginCredential": B64.encode([0x77u8; 32])})
-}
+pub use polydev_testkit::{eventually, login_body, signup, wrong_login_body};
 
 /// Store flags for a database: `--data-dir` for SQLite, `--database-url` for PostgreSQL.
 pub fn store_args(db: &TestDatabase) -> Vec<String> {
@@ -102,29 +64,6 @@ pub fn store_args(db: &TestDatabase) -> Vec<String> {
             "--data-dir".into(),
             db.dir().display().to_string(),
         ],
-    }
-}
-
-type Started = (Child, String, Option<String>, Arc<Mutex<Vec<String>>>);
-
-/// Polls `check` (every 50 ms) until it gives `Some`, for at most `within`;
-/// then fails the test naming `what`. The one way tests wait for something
-/// to become true: never a fixed sleep.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -163,7 +102,7 @@ pub async fn python_script(script: &str, input: Value) -> Value {
 }
 
 /// Spawns `polydev serve` and waits for its "listening" line.
-fn start(db: &TestDatabase, extra: &[String]) -> Started {
+fn start(db: &TestDatabase, extra: &[String]) -> Serve {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
         .args([
@@ -183,44 +122,8 @@ fn start(db: &TestDatabase, extra: &[String]) -> Started {
         .env("POLYDEV_SIGNUPS_PER_IP_PER_HOUR", "100000")
         // No background image builds (debootstrap, apt, npm) unless a test
         // asks; tests on the real images get them prebuilt.
-        .env("POLYDEV_SANDBOX_PREPARE", "none")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("start polydev serve");
-    let stderr = child.stderr.take().expect("stderr pipe");
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let (egress_tx, egress_rx) = mpsc::channel();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["fields"]["message"] == "egress proxy listening" {
-                    let _ = egress_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
-                }
-                if v["fields"]["message"] == "listening" {
-                    let _ = addr_tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_owned());
-                }
-            }
-            sink.lock().expect("log lock").push(line);
-        }
-    });
-    let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => addr,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "polydev did not start within 30 s:\n{}",
-                logs.lock().expect("log lock").join("\n")
-            );
-        }
-    };
-    // Logged before the API's "listening" line when the proxy is on.
-    let egress = egress_rx.try_recv().ok();
-    (child, format!("http://{addr}"), egress, logs)
+        .env("POLYDEV_SANDBOX_PREPARE", "none");
+    Serve::start(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl TestApp {
@@ -235,17 +138,16 @@ impl TestApp {
     /// On a database (and data dir) the test made.
     pub fn spawn_on(db: TestDatabase, extra: &[&str]) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let (child, base, egress, logs) = start(&db, &extra);
+        let serve = start(&db, &extra);
         Self {
             db,
-            egress,
-            base,
+            egress: serve.egress.clone(),
+            base: format!("http://{}", serve.addr),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
                 .expect("http client"),
-            child: Some(child),
-            logs,
+            serve,
             extra,
         }
     }
@@ -253,15 +155,10 @@ impl TestApp {
     /// Starts the controller again on the same store and data dir (after
     /// it exited or was killed).
     pub async fn restart(&mut self) {
-        if let Some(mut old) = self.child.take() {
-            let _ = old.kill();
-            let _ = old.wait();
-        }
-        let (child, base, egress, logs) = start(&self.db, &self.extra);
-        self.child = Some(child);
-        self.base = base;
-        self.egress = egress;
-        self.logs = logs;
+        self.serve.kill();
+        self.serve = start(&self.db, &self.extra);
+        self.base = format!("http://{}", self.serve.addr);
+        self.egress = self.serve.egress.clone();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -269,7 +166,7 @@ impl TestApp {
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().expect("log lock").join("\n")
+        self.serve.logs()
     }
 
     /// Waits (up to 5 s) until a log line contains `needle`: lines written
@@ -303,24 +200,14 @@ impl TestApp {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("running")
+        self.serve.pid().expect("running")
     }
 
     /// Waits for the process to exit (after a signal), with a deadline.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("polydev did not exit within {within:?}:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.serve
+            .wait_exit(within)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub async fn send(
@@ -500,10 +387,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.serve.kill();
         // A killed controller leaves empty groups (its sandboxes died with it).
         if let Some(cg) = self.cgroups() {
             let _ = cg.remove_all(Duration::from_secs(5));

@@ -66,12 +66,9 @@ impl SshHost {
             .stderr(Stdio::null())
             .spawn()
             .expect("start sshd (Debian openssh-server)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        polydev_testkit::eventually_blocking(Duration::from_secs(5), "sshd listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
         Self { dir, sshd, port }
     }
 
@@ -143,23 +140,23 @@ impl Drop for SshHost {
 
 /// The release answering health, once it is `want`: for up to 1 s after a
 /// switch the old version still answers (with `Connection: close`) while it
-/// drains, so poll briefly.
+/// drains, so this waits (4 s at most) for `want`.
 async fn serving(addr: &str, want: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..40 {
-        let v: Value = reqwest::get(format!("http://{addr}/api/auth/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        last = v["release"].as_str().unwrap_or_default().to_owned();
-        if last == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    last
+    crate::app::eventually(
+        Duration::from_secs(4),
+        &format!("release {want} answers health"),
+        || async {
+            let v: Value = reqwest::get(format!("http://{addr}/api/auth/health"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let release = v["release"].as_str().unwrap_or_default().to_owned();
+            (release == want).then_some(release)
+        },
+    )
+    .await
 }
 
 fn text(o: &Output) -> String {
@@ -201,14 +198,19 @@ async fn deploy_switch_rollback_and_failed_migration() {
     assert!(out.status.success(), "{}", text(&out));
     let v1 = last_record(&out)["id"].as_str().unwrap().to_owned();
     assert_eq!(last_record(&out)["outcome"], "bootstrapped");
-    let mut h = Value::Null;
-    for _ in 0..100 {
-        if let Ok(r) = reqwest::get(format!("http://{listen}/api/auth/health")).await {
-            h = r.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let h: Value = crate::app::eventually(
+        Duration::from_secs(10),
+        "the bootstrapped release answers health",
+        || async {
+            reqwest::get(format!("http://{listen}/api/auth/health"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()
+        },
+    )
+    .await;
     assert_eq!(h["release"], v1.as_str());
     // A second bootstrap is refused.
     let out = host.polydev("deploy", &["--bootstrap"]);

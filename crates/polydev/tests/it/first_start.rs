@@ -6,7 +6,7 @@
 //! images, against the local stubs. `scripts/test.sh` runs this first, on
 //! its own, and the rest of the suite then finds the images there.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use polydev_store::Backend;
 use polydev_stubs::Provider;
@@ -119,10 +119,12 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
         "{rows}"
     );
 
-    // It waits, then runs (as the web page and `polydev mcp` do).
-    let deadline = Instant::now() + Duration::from_secs(15 * 60);
-    let mut seen_steps = std::collections::BTreeSet::new();
-    loop {
+    // It waits, then runs (as the web page and `polydev mcp` do). Every
+    // 3 s: each try starts work when the images are ready.
+    let seen_steps = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let every = Duration::from_secs(3);
+    let within = Duration::from_secs(15 * 60);
+    polydev_testkit::eventually_every(every, within, "the runtime image is ready", || async {
         let r = app
             .post(
                 "/api/runs",
@@ -134,22 +136,18 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
             let id = r.body["runId"].as_str().unwrap();
             app.send(reqwest::Method::DELETE, &format!("/api/runs/{id}"), t, None)
                 .await;
-            break;
+            return Some(());
         }
         assert_eq!(r.error_code(), "environment_preparing", "{}", r.text);
         if let Some(step) = r.body["error"]["details"]["what"].as_str() {
-            seen_steps.insert(step.to_owned());
+            seen_steps.borrow_mut().insert(step.to_owned());
         }
-        assert!(
-            Instant::now() < deadline,
-            "the images were not ready within 15 minutes:\n{}",
-            app.logs()
-        );
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    assert!(!seen_steps.is_empty(), "no step was ever reported");
+        None
+    })
+    .await;
+    assert!(!seen_steps.borrow().is_empty(), "no step was ever reported");
     // The browser image may still be building; wait for it too.
-    loop {
+    polydev_testkit::eventually_every(every, within, "the browser image is ready", || async {
         let r = app
             .post(
                 "/api/auth/start",
@@ -166,15 +164,12 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
                 None,
             )
             .await;
-            break;
+            return Some(());
         }
         assert_eq!(r.error_code(), "environment_preparing", "{}", r.text);
-        assert!(
-            Instant::now() < deadline,
-            "the browser image was not ready in time"
-        );
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
+        None
+    })
+    .await;
 
     // A run across the three real CLIs on the runtime image.
     let (_, events) = crate::clis::run_with_key(

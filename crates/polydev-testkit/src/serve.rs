@@ -1,0 +1,134 @@
+//! A `polydev serve` process: started, its JSON log collected, its
+//! addresses read from the log, stopped on drop.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// A running `polydev serve`; killed on drop unless stopped before.
+#[derive(Debug)]
+pub struct Serve {
+    child: Option<Child>,
+    /// The API's address (`host:port`).
+    pub addr: String,
+    /// The in-process egress proxy's address, when it is on.
+    pub egress: Option<String>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    /// Starts `command` (a `polydev serve` with its flags; it must log JSON
+    /// to stderr) and waits, at most 30 s, for its "listening" line.
+    pub fn start(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start polydev serve")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (egress_tx, egress_rx) = mpsc::channel();
+        let sink = logs.clone();
+        // Drains stderr for the server's whole life, so it never blocks.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let addr = v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
+                    match v["fields"]["message"].as_str() {
+                        Some("egress proxy listening") => {
+                            let _ = egress_tx.send(addr);
+                        }
+                        Some("listening") => {
+                            let _ = addr_tx.send(addr);
+                        }
+                        _ => {}
+                    }
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let mut serve = Self {
+            child: Some(child),
+            addr: String::new(),
+            egress: None,
+            logs,
+        };
+        match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => serve.addr = addr,
+            Err(_) => {
+                serve.kill();
+                bail!("polydev serve did not start within 30 s:\n{}", serve.logs());
+            }
+        }
+        // Logged before the API's "listening" line when the proxy is on.
+        serve.egress = egress_rx.try_recv().ok();
+        Ok(serve)
+    }
+
+    /// Every line logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for the process to exit (after a signal it was sent); kills
+    /// it and fails after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("polydev did not exit within {within:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it as an operator would: SIGTERM (the controller destroys
+    /// its sandboxes and removes its cgroups on the way out), SIGKILL
+    /// after `within`.
+    pub fn stop(&mut self, within: Duration) {
+        if let Some(pid) = self.pid() {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if self.wait_exit(within).is_err() {
+                self.kill();
+            }
+        }
+    }
+
+    /// Kills it at once (a crash, as far as the controller knows).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
