@@ -102,6 +102,43 @@ impl App {
         }
     }
 
+    /// A request with headers of the caller's choosing (a cookie) and a
+    /// JSON body or none.
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&b).unwrap())),
+            None => req.body(Body::empty()),
+        };
+        let mut req = req.unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Answer {
+            status,
+            headers,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+        }
+    }
+
     async fn get(&self, path: &str, token: Option<&str>) -> Answer {
         self.call(Method::GET, path, token, None, None).await
     }
@@ -346,6 +383,163 @@ async fn admin_routes_need_the_admin_role(backend: Backend) {
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
+async fn sign_up_log_in_and_use_the_token(backend: Backend) {
+    let app = App::new(backend, ApiConfig::default()).await;
+    let (ada_signup, ada) = polydev_testkit::signup("Ada@Example.com", "correct horse");
+    let r = app.post_json("/api/users", ada_signup).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["email"], "ada@example.com");
+    assert_eq!(r.body["role"], "user");
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(r.headers["location"], format!("/api/users/{id}").as_str());
+    assert!(r.body.get("passwordHash").is_none() && !r.text.contains("argon2"));
+
+    let r = app
+        .post_json(
+            "/api/auth/login",
+            polydev_testkit::login_body("ada@example.com", &ada),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let cookie = r.headers["set-cookie"].to_str().unwrap().to_owned();
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with(&format!("polydev_session={token};")),
+        "{cookie}"
+    );
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "cookie lacks {attr}: {cookie}");
+    }
+
+    // Bearer works, and so does the cookie the web UI uses.
+    let me = app.get("/api/me", Some(&token)).await;
+    assert_eq!(me.body["id"], id.as_str());
+    let session = format!("polydev_session={token}");
+    let by_cookie = app
+        .call_with(
+            Method::GET,
+            &format!("/api/users/{id}"),
+            &[("cookie", &session)],
+            None,
+        )
+        .await;
+    assert_eq!(by_cookie.status, StatusCode::OK, "{}", by_cookie.text);
+
+    // Wrong password and unknown account look the same.
+    let wrong = app
+        .post_json(
+            "/api/auth/login",
+            polydev_testkit::wrong_login_body("ada@example.com"),
+        )
+        .await;
+    let unknown = app
+        .post_json(
+            "/api/auth/login",
+            polydev_testkit::wrong_login_body("bob@example.com"),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (wrong.code(), wrong.message()),
+        (unknown.code(), unknown.message())
+    );
+
+    // Logout revokes the session token and clears the cookie.
+    let bearer = format!("Bearer {token}");
+    let out = app
+        .call_with(
+            Method::POST,
+            "/api/auth/logout",
+            &[("authorization", &bearer)],
+            None,
+        )
+        .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert!(out.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let after = app.get("/api/me", Some(&token)).await;
+    assert_eq!(
+        (after.status, after.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+}
+
+async fn logins_are_rate_limited_per_account(backend: Backend) {
+    let app = App::new(
+        backend,
+        ApiConfig {
+            login_per_account_per_minute: 3,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (body, ada) = polydev_testkit::signup("ada@example.com", "correct horse");
+    assert_eq!(
+        app.post_json("/api/users", body).await.status,
+        StatusCode::CREATED
+    );
+    let right = || {
+        app.post_json(
+            "/api/auth/login",
+            polydev_testkit::login_body("ada@example.com", &ada),
+        )
+    };
+    let wrong = || {
+        app.post_json(
+            "/api/auth/login",
+            polydev_testkit::wrong_login_body("ada@example.com"),
+        )
+    };
+    assert_eq!(right().await.status, StatusCode::OK); // one login used
+    assert_eq!(wrong().await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong().await.status, StatusCode::UNAUTHORIZED);
+    let limited = wrong().await;
+    assert_eq!(
+        (limited.status, limited.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // The right password does not get through either while limited.
+    assert_eq!(right().await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+async fn health_and_readiness(backend: Backend) {
+    let app = App::new(
+        backend,
+        ApiConfig {
+            build: polydev_api::BuildInfo {
+                version: "9.8.7".into(),
+                git_sha: "abc1234".into(),
+                release: None,
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = app.get("/api/auth/health", None).await;
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (StatusCode::OK, &json!("healthy"))
+    );
+    assert_eq!(
+        (&r.body["version"], &r.body["gitSha"]),
+        (&json!("9.8.7"), &json!("abc1234"))
+    );
+    // Not started from a release directory.
+    assert_eq!(r.body["release"], Value::Null);
+    let r = app.get("/readyz", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["checks"]["store"]["status"], "ok");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -360,4 +554,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     bad_input_gets_a_clear_error_in_one_shape,
     admin_routes_need_the_admin_role,
+    sign_up_log_in_and_use_the_token,
+    logins_are_rate_limited_per_account,
+    health_and_readiness,
 );

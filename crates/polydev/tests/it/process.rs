@@ -176,6 +176,12 @@ async fn secrets_never_reach_the_logs_or_the_store_in_plaintext() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_web_ui_and_the_openapi_document_are_served() {
     let app = TestApp::spawn(Backend::Sqlite).await;
+    // The binary tells the API what it is (the route itself is tested in
+    // polydev-api's suite); not started from a release directory.
+    let h = app.get("/api/auth/health", None).await;
+    assert_eq!(h.body["version"], env!("CARGO_PKG_VERSION"), "{}", h.text);
+    assert!(h.body["gitSha"].is_string(), "{}", h.text);
+    assert_eq!(h.body["release"], serde_json::Value::Null);
     for path in ["/", "/login", "/signup"] {
         let r = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
