@@ -15,6 +15,7 @@ mod error;
 mod error_map;
 mod exec_gate;
 mod extract;
+mod limits;
 mod metrics;
 mod middleware;
 mod openapi;

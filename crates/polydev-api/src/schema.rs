@@ -12,7 +12,9 @@ use polydev_domain::Provider;
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
 
-use crate::routes::keys::WRAPPED_KEY_LEN;
+use crate::limits::{
+    MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS, WRAPPED_KEY_LEN,
+};
 
 const B64_CHAR: &str = "[A-Za-z0-9+/]";
 
@@ -248,15 +250,15 @@ pub(crate) fn env() -> Schema {
             ObjectBuilder::new()
                 .schema_type(Type::String)
                 .pattern(Some("^[^=\\x00]+$"))
-                .max_length(Some(crate::routes::sandboxes::MAX_ENV_NAME_BYTES / 4)),
+                .max_length(Some(MAX_ENV_NAME_BYTES / 4)),
         ))
         .additional_properties(Some(
             ObjectBuilder::new()
                 .schema_type(Type::String)
                 .pattern(Some("^[^\\x00]*$"))
-                .max_length(Some(crate::routes::sandboxes::MAX_ENV_VALUE_BYTES / 4)),
+                .max_length(Some(MAX_ENV_VALUE_BYTES / 4)),
         ))
-        .max_properties(Some(crate::routes::sandboxes::MAX_ENV_VARS))
+        .max_properties(Some(MAX_ENV_VARS))
         .description(Some("Environment variables: at most 128; names ≤ 256 bytes without `=` or NUL, values ≤ 64 KiB without NUL."))
         .into()
 }
@@ -290,7 +292,7 @@ pub(crate) fn command() -> Schema {
                 .pattern(Some("^[^\\x00]+$")),
         )
         .min_items(Some(1))
-        .max_items(Some(crate::routes::sandboxes::MAX_EXEC_ARGS))
+        .max_items(Some(MAX_EXEC_ARGS))
         .description(Some("Program and arguments (no NUL; at most 4096)."))
         .examples([serde_json::json!(["sh", "-c", "echo hi"])])
         .into()

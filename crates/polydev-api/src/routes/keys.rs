@@ -12,8 +12,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 
-/// A wrapped 32-byte key: 3-byte header, 12-byte nonce, 32 bytes, 16-byte tag.
-pub(crate) const WRAPPED_KEY_LEN: usize = 3 + 12 + 32 + 16;
+pub(crate) use crate::limits::WRAPPED_KEY_LEN;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "algorithm", rename_all = "kebab-case", deny_unknown_fields)]

@@ -26,6 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery};
+use crate::limits::{MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS};
 use crate::state::AppState;
 
 fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
@@ -122,13 +123,6 @@ fn ttl_secs() -> utoipa::openapi::schema::Schema {
         "Seconds until the reaper destroys it (default: the server's `[sandbox] default_ttl_secs`; at most 24 h).",
     )
 }
-
-/// Environment variables a request may set: how many and how long.
-pub(crate) const MAX_ENV_VARS: usize = 128;
-pub(crate) const MAX_ENV_NAME_BYTES: usize = 256;
-pub(crate) const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
-/// A command's most arguments (the program included).
-pub(crate) const MAX_EXEC_ARGS: usize = 4096;
 
 /// Environment variables as a process can take them: names without `=`
 /// or NUL, values without NUL, bounded in number and length.
