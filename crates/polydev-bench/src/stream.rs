@@ -50,16 +50,18 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
 /// A bridge in a `polydev-bench stream --bridge-to ECHO` process of its own.
 async fn bridge_process(
     echo: std::net::SocketAddr,
-) -> anyhow::Result<(Websockify, std::net::SocketAddr)> {
+) -> anyhow::Result<(Owned, std::net::SocketAddr)> {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["stream", "--bridge-to"])
+    // Its stdin is a pipe from this process: when this process ends, in
+    // any way, the pipe closes and the bridge process ends with it.
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["stream", "--bridge-to"])
         .arg(echo.to_string())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().context("no stdout")?;
-    let guard = Websockify(child);
+        .stderr(std::process::Stdio::null());
+    let mut guard = Owned::spawn(cmd)?;
+    let out = guard.0.stdout.take().context("no stdout")?;
     let line = tokio::task::spawn_blocking(move || {
         std::io::BufReader::new(out).lines().next().transpose()
     })
@@ -68,17 +70,46 @@ async fn bridge_process(
     Ok((guard, line.trim().parse()?))
 }
 
-/// `--bridge-to`: serve the bridge until killed.
+/// `--bridge-to`: serve the bridge until stdin closes (the benchmark that
+/// started this process ended) or it is killed.
 pub async fn serve_bridge(echo: std::net::SocketAddr) -> anyhow::Result<()> {
     let addr = polydev_bridge(echo).await?;
     println!("{addr}");
-    std::future::pending::<()>().await;
+    tokio::task::spawn_blocking(|| {
+        let mut sink = [0u8; 64];
+        while std::io::Read::read(&mut std::io::stdin(), &mut sink).is_ok_and(|n| n > 0) {}
+    })
+    .await?;
     Ok(())
 }
 
-struct Websockify(std::process::Child);
+/// A process this benchmark started (and, in its own process group,
+/// whatever that process forks: websockify forks one per connection),
+/// killed and reaped on drop, so no run leaves one behind.
+struct Owned(std::process::Child);
 
-impl Websockify {
+impl Owned {
+    fn spawn(mut cmd: std::process::Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).spawn().map(Self)
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0.id()) {
+            // The group this process leads: it and its forks.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Owned {
     /// CPU seconds used so far by the process and its children (websockify
     /// forks one per connection): its own and reaped children's time, plus
     /// that of live descendants.
@@ -130,21 +161,18 @@ impl Websockify {
     }
 }
 
-async fn websockify(
-    echo: std::net::SocketAddr,
-) -> anyhow::Result<(Websockify, std::net::SocketAddr)> {
+async fn websockify(echo: std::net::SocketAddr) -> anyhow::Result<(Owned, std::net::SocketAddr)> {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let child = std::process::Command::new("websockify")
-        .arg(format!("127.0.0.1:{port}"))
+    let mut cmd = std::process::Command::new("websockify");
+    cmd.arg(format!("127.0.0.1:{port}"))
         .arg(echo.to_string())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("websockify is not installed (Debian package `websockify`)")?;
-    let guard = Websockify(child);
+        .stderr(std::process::Stdio::null());
+    let guard =
+        Owned::spawn(cmd).context("websockify is not installed (Debian package `websockify`)")?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     for _ in 0..200 {
         if TcpStream::connect(addr).await.is_ok() {
@@ -455,4 +483,43 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     report(args.json, f);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Owned;
+
+    fn alive(pid: i32) -> bool {
+        // A zombie is gone for our purpose: reaped or about to be.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    }
+
+    /// Dropping an owned process ends it and everything it forked (as
+    /// websockify forks per connection): nothing outlives the benchmark.
+    #[test]
+    fn an_owned_process_and_its_forks_end_on_drop() {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 300 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped());
+        let mut owned = Owned::spawn(cmd).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(owned.0.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let fork: i32 = line.trim().parse().unwrap();
+        let shell = i32::try_from(owned.0.id()).unwrap();
+        assert!(alive(fork) && alive(shell), "the control: both run");
+        drop(owned);
+        polydev_testkit::eventually_blocking(
+            std::time::Duration::from_secs(5),
+            "the fork ends with its owner",
+            || (!alive(fork)).then_some(()),
+        );
+        assert!(!alive(shell));
+    }
 }
