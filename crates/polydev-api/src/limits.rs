@@ -11,3 +11,7 @@ pub(crate) const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
 
 /// A command's most arguments (the program included).
 pub(crate) const MAX_EXEC_ARGS: usize = 4096;
+
+/// A command argument's most bytes: the kernel refuses longer ones
+/// (MAX_ARG_STRLEN, 128 KiB with the terminating NUL).
+pub(crate) const MAX_ARG_BYTES: usize = 128 * 1024 - 1;

@@ -13,7 +13,8 @@ use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema,
 use utoipa::openapi::RefOr;
 
 use crate::limits::{
-    MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS, WRAPPED_KEY_LEN,
+    MAX_ARG_BYTES, MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS,
+    WRAPPED_KEY_LEN,
 };
 
 const B64_CHAR: &str = "[A-Za-z0-9+/]";
@@ -35,9 +36,19 @@ pub(crate) fn b64_exact(n: usize) -> String {
     p
 }
 
-/// The regex body for canonical base64 of `min_groups * 3` bytes or more.
-fn b64_at_least(min_groups: usize) -> String {
-    format!("(?:{B64_CHAR}{{4}}){{{min_groups},}}(?:{B64_CHAR}{{2}}[AEIMQUYcgkosw048]=|{B64_CHAR}[AQgw]==)?")
+/// The regex body for canonical base64 of `min` bytes or more.
+pub(crate) fn b64_at_least(min: usize) -> String {
+    const TAIL: &str = "(?:[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=|[A-Za-z0-9+/][AQgw]==)";
+    let (groups, rem) = (min / 3, min % 3);
+    let more = format!("(?:{B64_CHAR}{{4}})+{TAIL}?");
+    let rest = match rem {
+        0 => format!("(?:{more}|{TAIL})?"),
+        // Exactly `groups` groups are one or two bytes short: a tail of
+        // at least `rem` bytes, or another group.
+        1 => format!("(?:{more}|{TAIL})"),
+        _ => format!("(?:{more}|{B64_CHAR}{{2}}[AEIMQUYcgkosw048]=)"),
+    };
+    format!("(?:{B64_CHAR}{{4}}){{{groups}}}{rest}")
 }
 
 /// The base64 text of an envelope header (magic, format version, kind):
@@ -117,8 +128,8 @@ pub(crate) fn public_key() -> Schema {
 /// `max_bytes`.
 pub(crate) fn item_envelope(max_bytes: usize) -> Schema {
     string(
-        format!("{}{}", envelope_prefix(1), b64_at_least(10)),
-        "The item envelope (kind 1), standard base64: at least 33 bytes (header, nonce, tag), at most 256 KiB.",
+        format!("{}{}", envelope_prefix(1), b64_at_least(12 + 16)),
+        "The item envelope (kind 1), standard base64: at least 31 bytes (header, nonce, tag), at most 256 KiB (the schema's length allows 262 143 bytes: base64 rounds).",
     )
     .max_length(Some(max_bytes / 3 * 4))
     .into()
@@ -222,11 +233,16 @@ pub(crate) fn credential_kinds() -> Schema {
         .into()
 }
 
+/// What Rust's `trim` takes away (Unicode White_Space), spelled out: a
+/// schema's `\s` is ECMAScript's, which differs (U+0085).
+const WHITE_SPACE: &str =
+    "\\t-\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
+
 /// A run's prompt: something besides white space, no NUL (it becomes a
 /// process argument), at most 100 000 bytes.
 pub(crate) fn prompt() -> Schema {
     string(
-        "[^\\x00]*[^\\x00\\s][^\\x00]*".into(),
+        format!("[^\\x00]*[^\\x00{WHITE_SPACE}][^\\x00]*"),
         "The prompt: at most 100 000 bytes of UTF-8 (25 000 characters always fit), not only white space, no NUL.",
     )
     .max_length(Some(polydev_sessions::runs::MAX_PROMPT_BYTES / 4))
@@ -236,7 +252,7 @@ pub(crate) fn prompt() -> Schema {
 /// The code a provider showed: printable, not blank, at most 4096 bytes.
 pub(crate) fn login_code() -> Schema {
     string(
-        "[^\\x00-\\x1f\\x7f-\\x9f]*[^\\x00-\\x1f\\x7f-\\x9f\\s][^\\x00-\\x1f\\x7f-\\x9f]*".into(),
+        format!("[^\\x00-\\x1f\\x7f-\\x9f]*[^\\x00-\\x1f\\x7f-\\x9f{WHITE_SPACE}][^\\x00-\\x1f\\x7f-\\x9f]*"),
         "The code the provider showed after sign-in: printable, at most 4096 bytes (1024 characters always fit).",
     )
     .max_length(Some(1024))
@@ -263,14 +279,20 @@ pub(crate) fn env() -> Schema {
         .into()
 }
 
+/// The label names the controller keeps for itself, as a pattern that
+/// refuses exactly them.
+pub(crate) fn unreserved_label() -> String {
+    format!("^(?!(?:{})$)", polydev_sandbox::RESERVED_LABELS.join("|"))
+}
+
 /// Labels: at most 16; keys ≤ 64 and values ≤ 256 bytes; the controller's
-/// own keys (`polydev.*`) are refused.
+/// own keys (`RESERVED_LABELS`) are refused.
 pub(crate) fn labels() -> Schema {
     ObjectBuilder::new()
         .property_names(Some(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some("^(?!polydev\\.)"))
+                .pattern(Some(unreserved_label()))
                 .max_length(Some(16)),
         ))
         .additional_properties(Some(
@@ -279,7 +301,7 @@ pub(crate) fn labels() -> Schema {
                 .max_length(Some(64)),
         ))
         .max_properties(Some(16))
-        .description(Some("Labels: at most 16; keys ≤ 64 bytes (16 characters always fit) and values ≤ 256 bytes (64 characters); keys starting `polydev.` are the controller's own."))
+        .description(Some("Labels: at most 16; keys ≤ 64 bytes (16 characters always fit) and values ≤ 256 bytes (64 characters); `system`, `run`, `login`, `pool`, `provider` and `purpose` are the controller's own."))
         .into()
 }
 
@@ -289,11 +311,12 @@ pub(crate) fn command() -> Schema {
         .items(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some("^[^\\x00]+$")),
+                .pattern(Some("^[^\\x00]+$"))
+                .max_length(Some(MAX_ARG_BYTES / 4)),
         )
         .min_items(Some(1))
         .max_items(Some(MAX_EXEC_ARGS))
-        .description(Some("Program and arguments (no NUL; at most 4096)."))
+        .description(Some("Program and arguments: at most 4096, none empty or containing NUL, each at most 131 071 bytes (the kernel's limit; 32 767 characters always fit)."))
         .examples([serde_json::json!(["sh", "-c", "echo hi"])])
         .into()
 }
@@ -396,6 +419,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `b64_at_least(n)` takes every length from `n` up and none below.
+    #[test]
+    fn at_least_patterns_take_exactly_the_lengths_from_their_minimum() {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for min in [1usize, 27, 28, 29, 30] {
+            for n in 0..40usize {
+                let text = b64.encode(vec![0xA5u8; n]);
+                assert_eq!(
+                    matches(&b64_at_least(min), &text),
+                    n >= min,
+                    "min {min}, {n} bytes"
+                );
+            }
+        }
+    }
+
+    /// The template enum in the document is the list of templates.
+    #[test]
+    fn the_template_schema_lists_the_templates() {
+        use utoipa::PartialSchema;
+        let s = serde_json::to_value(crate::routes::sandboxes::Template::schema()).unwrap();
+        let listed: Vec<&str> = s["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(listed, polydev_sandbox::build::TEMPLATES);
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Server {
         .arg("--data-dir")
         .arg(dir.path())
         .args(extra);
-        let serve = polydev_testkit::Serve::start(cmd)?;
+        let serve = polydev_testkit::Serve::start_discarding_logs(cmd)?;
         Ok(Self {
             addr: serve.addr.clone(),
             serve,

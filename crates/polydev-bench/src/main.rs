@@ -120,7 +120,25 @@ async fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    match run(args).await {
+    // Ctrl-C or SIGTERM ends the area's future, so its guards drop: the
+    // servers, proxies and bridge processes it started stop with it.
+    let stopped = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = run(args) => r,
+        () = stopped => Err(anyhow::anyhow!("interrupted; what it started is stopped")),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -528,6 +528,13 @@ impl Logins {
         user: UserId,
         code: &str,
     ) -> Result<LoginView, LoginError> {
+        // The code's shape first: it is wrong whatever the session is.
+        let code = code.trim();
+        if code.is_empty() || code.len() > 4096 || code.chars().any(char::is_control) {
+            return Err(LoginError::Invalid(
+                "code must be 1 to 4096 printable characters".into(),
+            ));
+        }
         let s = self
             .session(id)
             .ok_or_else(|| LoginError::NotFound(id.to_owned()))?;
@@ -546,12 +553,6 @@ impl Logins {
                 "the session is {}; a code is accepted once the CLI waits for one",
                 view.state
             )));
-        }
-        let code = code.trim();
-        if code.is_empty() || code.len() > 4096 || code.chars().any(char::is_control) {
-            return Err(LoginError::Invalid(
-                "code must be 1 to 4096 printable characters".into(),
-            ));
         }
         let pid =
             s.login_pid.lock().ok().and_then(|p| *p).ok_or_else(|| {

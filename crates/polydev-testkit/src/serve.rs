@@ -22,8 +22,19 @@ pub struct Serve {
 
 impl Serve {
     /// Starts `command` (a `polydev serve` with its flags; it must log JSON
-    /// to stderr) and waits, at most 30 s, for its "listening" line.
-    pub fn start(mut command: Command) -> anyhow::Result<Self> {
+    /// to stderr) and waits, at most 30 s, for its "listening" line; every
+    /// line it logs is kept for [`Serve::logs`].
+    pub fn start(command: Command) -> anyhow::Result<Self> {
+        Self::spawn(command, true)
+    }
+
+    /// [`Serve::start`], keeping no log lines after start-up (a
+    /// benchmark's server logs for as long as it is measured).
+    pub fn start_discarding_logs(command: Command) -> anyhow::Result<Self> {
+        Self::spawn(command, false)
+    }
+
+    fn spawn(mut command: Command, keep: bool) -> anyhow::Result<Self> {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -37,6 +48,7 @@ impl Serve {
         let sink = logs.clone();
         // Drains stderr for the server's whole life, so it never blocks.
         std::thread::spawn(move || {
+            let mut listening = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     let addr = v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
@@ -45,13 +57,18 @@ impl Serve {
                             let _ = egress_tx.send(addr);
                         }
                         Some("listening") => {
+                            listening = true;
                             let _ = addr_tx.send(addr);
                         }
                         _ => {}
                     }
                 }
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line);
+                // Discarding keeps the start-up lines still: they explain a
+                // server that did not start.
+                if keep || !listening {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push(line);
+                    }
                 }
             }
         });

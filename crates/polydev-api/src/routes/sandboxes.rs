@@ -26,7 +26,9 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::CurrentUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery};
-use crate::limits::{MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS};
+use crate::limits::{
+    MAX_ARG_BYTES, MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS, MAX_EXEC_ARGS,
+};
 use crate::state::AppState;
 
 fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
@@ -393,10 +395,15 @@ pub(crate) async fn exec(
             "cmd must name a program",
         ));
     }
-    if body.cmd.len() > MAX_EXEC_ARGS || body.cmd.iter().any(|a| a.contains('\0')) {
+    if body.cmd.len() > MAX_EXEC_ARGS
+        || body
+            .cmd
+            .iter()
+            .any(|a| a.contains('\0') || a.len() > MAX_ARG_BYTES)
+    {
         return Err(ApiError::bad_request(
             "invalid_exec",
-            "cmd: at most 4096 arguments, none containing NUL",
+            "cmd: at most 4096 arguments, none containing NUL, each at most 131 071 bytes",
         ));
     }
     check_env("invalid_exec", &body.env)?;

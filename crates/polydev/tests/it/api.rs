@@ -121,18 +121,16 @@ async fn the_served_openapi_document_is_valid_and_a_generated_client_works() {
 
 /// What a handler may refuse although the schema allowed the body: facts
 /// no schema can state (whether a P-256 point is on the curve, the
-/// template's and the caller's limits, whether a program exists in the
-/// sandbox, which sign-in modes a provider offers here) and the state of
+/// template's and the caller's limits, which sign-in modes a provider
+/// offers here) and the state of
 /// the world (unknown ids, wrong credentials, stale versions, rate limits,
 /// an environment not built on this server).
 fn refusal_the_schema_cannot_state(op: &str, status: u16, code: &str) -> bool {
     match status {
         200..=299 => true,
         400 => {
-            matches!(
-                code,
-                "invalid_public_key" | "limit_too_high" | "exec_failed"
-            ) || (op == "POST /api/auth/start" && code == "invalid_login_request")
+            matches!(code, "invalid_public_key" | "limit_too_high")
+                || (op == "POST /api/auth/start" && code == "invalid_login_request")
         }
         401 => code == "invalid_credentials",
         404 => code.ends_with("_not_found"),
@@ -229,14 +227,32 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
         },
         // A generated program name exists nowhere; its arguments are echoed.
         "program": {"/api/sandboxes/{id}/exec": "echo"},
+        // What a fuzzer rarely generates, which the handlers refuse: the
+        // schema must refuse it as well.
+        "refused": [
+            {"path": "/api/sandboxes", "why": "a reserved label",
+             "body": {"template": "minimal", "labels": {"run": "x"}}},
+            {"path": "/api/sandboxes", "why": "a label reserved for the system",
+             "body": {"template": "minimal", "labels": {"system": "x"}}},
+            {"path": "/api/runs", "why": "a prompt of U+0085 only (Rust's trim takes it)",
+             "body": {"prompt": "\u{85}\u{3000}"}},
+            {"path": "/api/sandboxes/{id}/exec", "why": "an argument over the kernel's 128 KiB",
+             "body": {"cmd": ["echo", "x".repeat(131_072)]}},
+            {"path": "/api/auth/session/{id}/code", "why": "a code of white space only",
+             "body": {"code": "\u{2028}"}},
+        ],
     });
     let report = crate::app::python_script("schema_fuzz.py", input).await;
-    let ops = report.as_object().unwrap();
+    let ops = report["ops"].as_object().unwrap();
     assert_eq!(ops.len(), 13, "every operation with a JSON body: {report}");
     for (op, r) in ops {
         assert_eq!(r["sent"], 25, "{op}: {r}");
     }
-    let gaps = schema_gaps(&report);
+    for r in report["refused"].as_array().unwrap() {
+        assert_eq!(r["refused"], true, "the schema allows {}", r["why"]);
+    }
+    assert_eq!(report["refused"].as_array().unwrap().len(), 5);
+    let gaps = schema_gaps(&report["ops"]);
     assert!(
         gaps.is_empty(),
         "refused for a shape the schema allowed:\n{}",
@@ -296,7 +312,7 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
     )
     .await;
     assert!(
-        !schema_gaps(&loose).is_empty(),
+        !schema_gaps(&loose["ops"]).is_empty(),
         "a schema without its patterns must be caught: {loose}"
     );
 }

@@ -665,15 +665,12 @@ async fn viewer_tickets_origins_expiry_and_cancel() {
     }
     if let Some(cg) = app.cgroups() {
         // Reconciliation at start removed the orphan's sandbox.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cg.list().is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the orphaned sandbox's cgroup is left: {:?}",
-                cg.list()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::app::eventually(
+            Duration::from_secs(10),
+            "the orphaned sandbox's cgroup is removed",
+            || async { cg.list().is_empty().then_some(()) },
+        )
+        .await;
     }
 }
 

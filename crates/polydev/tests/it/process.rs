@@ -49,14 +49,14 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
         .collect();
     let all = tokio::spawn(futures_join_all(requests));
     // Wait until the server has accepted work, then signal.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !app.logs().contains("user signed up") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no request reached the server"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    // Polled every 2 ms: the signal must land while requests are in flight.
+    polydev_testkit::eventually_every(
+        Duration::from_millis(2),
+        Duration::from_secs(10),
+        "a request reaches the server",
+        || async { app.logs().contains("user signed up").then_some(()) },
+    )
+    .await;
     let status = Command::new("kill")
         .args(["-TERM", &app.pid().to_string()])
         .status()
