@@ -63,12 +63,12 @@ sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])
 PY
 export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
 
-# The three AI CLIs at the pinned versions (crates/polydev/cli-packages.txt),
+# The three AI CLIs at the pinned versions (crates/polydev-sessions/cli-packages.txt),
 # for the end-to-end test that runs them in a sandbox against local stubs.
 # POLYDEV_CLI_VERSION=latest tries the newest releases instead.
 pin='s/@[^@]*$/&/'
 [ "${POLYDEV_CLI_VERSION:-}" = latest ] && pin='s/@[^@]*$/@latest/'
-mapfile -t clis < <(grep -v '^#' crates/polydev/cli-packages.txt | sed "/^$/d; $pin")
+mapfile -t clis < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed "/^$/d; $pin")
 echo "==> AI CLIs: ${clis[*]}"
 as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${clis[@]}"
 

@@ -32,13 +32,17 @@ export async function renderProviders(view, user) {
   const panel = el("section", { id: "login-panel" });
   let active = null; // { stop() } of the session on screen
 
-  let modes = {};
+  // What this installation offers you per provider (sign-in modes, the
+  // policy and its reason), from the provider registry.
+  let registry = {};
   let items = [];
   try {
-    [modes, items] = await Promise.all([
-      api.loginModes().then((m) => m.modes).catch(() => ({})),
+    let list;
+    [list, items] = await Promise.all([
+      api.providers().catch(() => []),
       api.vaultItems().then((r) => r.items),
     ]);
+    registry = Object.fromEntries(list.map((p) => [p.id, p]));
   } catch (e) {
     status.replaceChildren(errorBox(e.message));
   }
@@ -47,7 +51,16 @@ export async function renderProviders(view, user) {
   const rows = PROVIDERS.map((p) => {
     const state = el("span", { id: `provider-state-${p.id}`, class: "muted" },
       has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : "not connected");
-    const offered = modes[p.id] || [];
+    const info = registry[p.id];
+    const offered = (info && info.signInModes) || [];
+    const policy = info && info.policy;
+    const policyLine = policy
+      ? el("p", { id: `policy-${p.id}`, class: "muted policy", "data-offered": String(policy.offeredToYou) },
+        policy.offeredToYou ? "Sign-in with your own account is offered here. " : "Sign-in with a subscription account is not offered here: ",
+        policy.offeredToYou ? null : policy.reason + ". ",
+        el("a", { href: policy.terms, target: "_blank", rel: "noopener noreferrer" }, "The vendor's terms"),
+        info.version ? ` · CLI ${info.version}` : null)
+      : null;
     const signIn = el("button", { type: "button", id: `signin-${p.id}`, disabled: !offered.includes("browser") }, "Sign in");
     const code = el("button", { type: "button", id: `code-${p.id}`, class: "secondary", disabled: !offered.includes("code") }, "Use a code");
     const keyInput = el("input", { type: "password", id: `apikey-${p.id}`, autocomplete: "off", placeholder: p.key });
@@ -77,6 +90,7 @@ export async function renderProviders(view, user) {
     });
     return el("div", { class: "card provider" },
       el("h2", {}, p.name, " ", state),
+      policyLine,
       el("div", { class: "actions" }, signIn, code),
       el("div", { class: "provider-row" }, keyInput, saveKey));
   });

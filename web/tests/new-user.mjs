@@ -43,6 +43,12 @@ try {
   // Connect Claude Code by code: the link opens the sign-in page (here the
   // stub, reached directly as the user's own browser would); paste the code.
   await page.click("a[href='/providers']");
+  // Gemini CLI's consumer sign-in is off here (the vendor retired it): the
+  // page says why and offers no sign-in button, only the key.
+  await page.locator("#policy-gemini_cli").waitFor();
+  out.geminiPolicy = await page.textContent("#policy-gemini_cli");
+  out.geminiSignIn = await page.isDisabled("#signin-gemini_cli") ? "disabled" : "enabled";
+  out.claudePolicy = await page.getAttribute("#policy-claude_code", "data-offered");
   await page.click("#code-claude_code");
   await page.locator("#login-url").waitFor({ timeout: 90_000 });
   const authUrl = await page.getAttribute("#login-url", "href");

@@ -187,6 +187,7 @@ impl From<RunError> for ApiError {
                 ApiError::new(StatusCode::GONE, "run_finished", e.to_string())
             }
             e @ RunError::TooManyViewers => ApiError::too_many_requests(e.to_string(), 5),
+            RunError::NotOffered(e) => not_offered(&e),
             RunError::Sandbox(e) => ApiError::from(e),
         }
     }
@@ -232,11 +233,26 @@ impl From<LoginError> for ApiError {
             }
             LoginError::NotReady(m) => ApiError::new(StatusCode::CONFLICT, "login_not_ready", m),
             LoginError::Unavailable(m) => ApiError::unavailable(m, 5),
+            LoginError::NotOffered(e) => not_offered(&e),
             e @ LoginError::BadTicket => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid_ticket", e.to_string())
             }
             LoginError::Manager(e) => ApiError::from(e),
             LoginError::Store(e) => e.into(),
         }
+    }
+}
+
+/// 403 for a sign-in the installation's policy does not offer: the
+/// vendor's reason and where it says so, in the message and the details.
+fn not_offered(e: &polydev_sessions::providers::NotOffered) -> ApiError {
+    ApiError {
+        details: Some(json!({
+            "provider": e.provider.as_str(),
+            "subscriptionLogin": e.policy.as_str(),
+            "reason": e.reason,
+            "terms": e.terms,
+        })),
+        ..ApiError::new(StatusCode::FORBIDDEN, "sign_in_not_offered", e.to_string())
     }
 }

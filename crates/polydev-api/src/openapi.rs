@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    admin, egress, health, health_admin, login, runs, sandboxes, session, users, vault,
+    admin, egress, health, health_admin, login, providers, runs, sandboxes, session, users, vault,
 };
 
 #[derive(OpenApi)]
@@ -66,6 +66,7 @@ use crate::routes::{
         login::code,
         login::ticket,
         login::providers,
+        providers::list,
         login::websock,
     ),
     modifiers(&BearerAuth),

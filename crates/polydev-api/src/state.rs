@@ -44,6 +44,9 @@ pub struct ApiConfig {
     pub allowed_origins: Vec<String>,
     /// What `/api/auth/health` reports about this build.
     pub build: BuildInfo,
+    /// Whose subscription sign-ins this installation offers (shown by
+    /// `/api/providers`; the sessions enforce it).
+    pub sign_in: polydev_sessions::providers::SignInPolicy,
 }
 
 /// Version, git sha and the deployment id this process runs from.
@@ -71,6 +74,7 @@ impl Default for ApiConfig {
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
             build: BuildInfo::default(),
+            sign_in: Default::default(),
         }
     }
 }

@@ -85,6 +85,8 @@ pub struct LoginConfig {
     pub height: u32,
     pub limits: Limits,
     pub commands: BTreeMap<Provider, LoginCommand>,
+    /// Whose subscription sign-ins this installation offers, per provider.
+    pub sign_in: crate::providers::SignInPolicy,
 }
 
 impl Default for LoginConfig {
@@ -105,6 +107,7 @@ impl Default for LoginConfig {
                 disk_bytes: 512 << 20,
             },
             commands: login_commands(),
+            sign_in: Default::default(),
         }
     }
 }
@@ -189,6 +192,10 @@ pub enum LoginError {
     NotReady(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The installation's policy does not offer this user the provider's
+    /// subscription sign-in.
+    #[error(transparent)]
+    NotOffered(#[from] crate::providers::NotOffered),
     #[error("the viewer ticket is missing, unknown, expired or already used")]
     BadTicket,
     #[error(transparent)]
@@ -372,9 +379,13 @@ impl Logins {
     pub async fn start(
         self: &Arc<Self>,
         user: UserId,
+        admin: bool,
         provider: Provider,
         mode: Mode,
     ) -> Result<LoginView, LoginError> {
+        // Every login flow is a subscription sign-in: whether this user may
+        // is the installation's policy, said before anything starts.
+        self.cfg.sign_in.check(provider, admin)?;
         // Said at once (the session itself starts in the background).
         self.manager.ready(&self.cfg.template)?;
         let command = self.cfg.commands.get(&provider).ok_or_else(|| {

@@ -13,6 +13,182 @@ use polydev_domain::Provider;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The CLIs at their pinned versions, one npm spec per line (what the
+/// `runtime` and `browser` images install; scripts/test.sh reads it too).
+const PINS: &str = include_str!("../cli-packages.txt");
+
+/// The npm specs the images install (`package@version`).
+pub fn pinned_packages() -> Vec<String> {
+    PINS.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The version of `provider`'s CLI the images install.
+pub fn pinned_version(provider: Provider) -> Option<String> {
+    let package = info(provider).package;
+    pinned_packages().into_iter().find_map(|spec| {
+        spec.strip_prefix(package)
+            .and_then(|v| v.strip_prefix('@'))
+            .map(str::to_owned)
+    })
+}
+
+/// Whether an installation lets its users sign a provider's CLI in with
+/// their own subscription account (the CLI's login file), rather than an
+/// API key: per provider, set by the operator, defaulting to what the
+/// vendor's terms allow a multi-user installation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriptionLogin {
+    /// Nobody: API keys only.
+    Off,
+    /// The installation's admins only (a single-user installation, the
+    /// operator signing in their own account).
+    Owner,
+    /// Every user.
+    All,
+}
+
+impl SubscriptionLogin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Owner => "owner",
+            Self::All => "all",
+        }
+    }
+
+    /// Whether a user (an admin or not) may use a subscription sign-in.
+    pub fn allows(self, admin: bool) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Owner => admin,
+            Self::All => true,
+        }
+    }
+}
+
+impl std::str::FromStr for SubscriptionLogin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "owner" => Ok(Self::Owner),
+            "all" => Ok(Self::All),
+            other => Err(format!(
+                "subscription_login must be \"off\", \"owner\" or \"all\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// What a vendor's terms say about a product signing its users in with
+/// their subscription through the vendor's CLI (docs/PROVIDERS.md has the
+/// dates and the wording).
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    /// What a multi-user installation gets unless its operator says
+    /// otherwise.
+    pub default: SubscriptionLogin,
+    /// One line a user is shown beside the provider.
+    pub reason: &'static str,
+    /// The vendor's page that says so.
+    pub source: &'static str,
+}
+
+/// One CLI, as the rest of polydev knows it.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderInfo {
+    pub provider: Provider,
+    /// Its product name.
+    pub name: &'static str,
+    /// Its npm package (pinned in `cli-packages.txt`).
+    pub package: &'static str,
+    pub terms: Terms,
+}
+
+/// The registry: everything about a CLI that is not how it runs.
+pub fn info(provider: Provider) -> ProviderInfo {
+    match provider {
+        Provider::ClaudeCode => ProviderInfo {
+            provider,
+            name: "Claude Code",
+            package: "@anthropic-ai/claude-code",
+            terms: Terms {
+                default: SubscriptionLogin::Off,
+                reason: "Anthropic's terms keep Claude Free/Pro/Max sign-in to Claude Code and Claude.ai themselves and do not let other products route requests through it: use an API key (Console)",
+                source: "https://code.claude.com/docs/en/legal-and-compliance",
+            },
+        },
+        Provider::Codex => ProviderInfo {
+            provider,
+            name: "Codex CLI",
+            package: "@openai/codex",
+            terms: Terms {
+                default: SubscriptionLogin::All,
+                reason: "OpenAI lets the Codex CLI sign in with a ChatGPT plan (device code for headless machines) as well as with an API key",
+                source: "https://developers.openai.com/codex/auth",
+            },
+        },
+        Provider::GeminiCli => ProviderInfo {
+            provider,
+            name: "Gemini CLI",
+            package: "@google/gemini-cli",
+            terms: Terms {
+                default: SubscriptionLogin::Off,
+                reason: "Since 18 June 2026 Gemini CLI no longer serves Google AI Pro/Ultra or Code Assist for individuals; use a Gemini API key (an organisation's Code Assist Standard/Enterprise licence still signs in, if the operator allows it)",
+                source: "https://developers.google.com/gemini-code-assist/docs/deprecations",
+            },
+        },
+    }
+}
+
+/// An installation's subscription sign-in policy: the operator's choice
+/// per provider, else the vendor's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SignInPolicy {
+    pub overrides: BTreeMap<Provider, SubscriptionLogin>,
+}
+
+impl SignInPolicy {
+    pub fn of(&self, provider: Provider) -> SubscriptionLogin {
+        self.overrides
+            .get(&provider)
+            .copied()
+            .unwrap_or(info(provider).terms.default)
+    }
+
+    /// Ok when `provider`'s subscription sign-in is offered to a user
+    /// (`admin` or not); else the refusal to show them.
+    pub fn check(&self, provider: Provider, admin: bool) -> Result<(), NotOffered> {
+        if self.of(provider).allows(admin) {
+            Ok(())
+        } else {
+            let info = info(provider);
+            Err(NotOffered {
+                provider,
+                policy: self.of(provider),
+                reason: info.terms.reason,
+                terms: info.terms.source,
+            })
+        }
+    }
+}
+
+/// A subscription sign-in this installation does not offer the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} sign-in with a subscription account is not offered here ({}): {reason}. See {terms}", info(*provider).name, match policy { SubscriptionLogin::Owner => "only this installation's admins may", _ => "the operator's policy is off" })]
+pub struct NotOffered {
+    pub provider: Provider,
+    pub policy: SubscriptionLogin,
+    pub reason: &'static str,
+    /// The vendor's page that says so.
+    pub terms: &'static str,
+}
+
 /// Where a run's unsealed credential lands for the CLI's wrapper (deleted
 /// once read or moved).
 pub const CREDENTIAL_FILE: &str = "/home/sandbox/.polydev/credential";
@@ -323,6 +499,41 @@ pub fn login_commands() -> BTreeMap<Provider, LoginCommand> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The defaults follow the vendors' terms for a multi-user
+    /// installation; the operator's choice wins; `owner` is admins only.
+    #[test]
+    fn sign_in_policy_defaults_to_the_vendors_terms() {
+        let default = SignInPolicy::default();
+        assert!(default.check(Provider::ClaudeCode, true).is_err());
+        assert!(default.check(Provider::GeminiCli, false).is_err());
+        assert!(default.check(Provider::Codex, false).is_ok());
+        let refusal = default.check(Provider::ClaudeCode, false).unwrap_err();
+        assert!(refusal.to_string().contains("API key"), "{refusal}");
+        assert!(refusal.to_string().contains(refusal.terms), "{refusal}");
+        let owner = SignInPolicy {
+            overrides: [(Provider::ClaudeCode, SubscriptionLogin::Owner)].into(),
+        };
+        assert!(owner.check(Provider::ClaudeCode, true).is_ok());
+        let plain = owner.check(Provider::ClaudeCode, false).unwrap_err();
+        assert!(plain.to_string().contains("admins"), "{plain}");
+        let off = SignInPolicy {
+            overrides: [(Provider::Codex, SubscriptionLogin::Off)].into(),
+        };
+        assert!(off.check(Provider::Codex, true).is_err());
+        assert_eq!("owner".parse(), Ok(SubscriptionLogin::Owner));
+        assert!("on".parse::<SubscriptionLogin>().is_err());
+    }
+
+    /// Every provider's CLI is pinned, and the registry finds its version.
+    #[test]
+    fn every_provider_has_a_pinned_version() {
+        for p in Provider::ALL {
+            let v = pinned_version(p).unwrap_or_else(|| panic!("{} is not pinned", p.as_str()));
+            assert!(v.chars().next().is_some_and(|c| c.is_ascii_digit()), "{v}");
+        }
+        assert_eq!(pinned_packages().len(), Provider::ALL.len());
+    }
 
     /// What a whole stream (one fixture per CLI's format, shaped like the
     /// pinned CLIs' output) reads as.

@@ -92,6 +92,8 @@ pub struct RunsConfig {
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
+    /// Whose subscription sign-ins (CLI login files) runs may use.
+    pub sign_in: crate::providers::SignInPolicy,
 }
 
 impl RunsConfig {
@@ -121,6 +123,7 @@ impl Default for RunsConfig {
                 disk_bytes: 1024 << 20,
             },
             linger: Duration::from_secs(60),
+            sign_in: Default::default(),
         }
     }
 }
@@ -378,6 +381,10 @@ pub enum RunError {
     /// are in the history.
     #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
     Finished(String),
+    /// A CLI login file for a provider whose subscription sign-in this
+    /// installation does not offer the user.
+    #[error(transparent)]
+    NotOffered(#[from] crate::providers::NotOffered),
     #[error(transparent)]
     Sandbox(#[from] ManagerError),
 }
@@ -632,9 +639,18 @@ impl Runs {
         self: &Arc<Self>,
         id: &str,
         user: UserId,
+        admin: bool,
         sealed: BTreeMap<Provider, (Vec<u8>, CredentialKind)>,
     ) -> Result<RunView, RunError> {
         let run = self.get(id, user)?;
+        // A CLI login file is a subscription sign-in: only where this
+        // installation offers it to this user (checked for all before any
+        // is opened).
+        for (provider, (_, kind)) in &sealed {
+            if *kind == CredentialKind::CliLogin {
+                self.cfg.sign_in.check(*provider, admin)?;
+            }
+        }
         for (provider, (box_, kind)) in &sealed {
             let Some(p) = run.providers.iter().find(|p| p.provider == *provider) else {
                 return Err(RunError::Invalid(format!(

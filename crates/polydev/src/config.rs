@@ -92,6 +92,36 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     c
 }
 
+/// A `[providers.<id>]` TOML section: the installation's policy for that
+/// provider's CLI.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    /// `off`, `owner` (admins only) or `all`: who may sign the CLI in with
+    /// their own subscription account (default: what the vendor's terms
+    /// allow a multi-user installation; docs/PROVIDERS.md).
+    subscription_login: Option<String>,
+}
+
+/// The subscription sign-in policy from the `[providers.*]` sections.
+pub fn sign_in_policy(
+    file: Option<&std::collections::BTreeMap<String, ProviderFile>>,
+) -> anyhow::Result<polydev_sessions::providers::SignInPolicy> {
+    let mut policy = polydev_sessions::providers::SignInPolicy::default();
+    for (name, section) in file.into_iter().flatten() {
+        let provider: polydev_domain::Provider = name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("[providers.{name}]: {e}"))?;
+        if let Some(v) = &section.subscription_login {
+            let v = v
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("[providers.{name}] {e}"))?;
+            policy.overrides.insert(provider, v);
+        }
+    }
+    Ok(policy)
+}
+
 /// The [login] TOML section (login sessions).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,6 +337,8 @@ pub struct FileConfig {
     sandbox: Option<SandboxFile>,
     runs: Option<RunsFile>,
     login: Option<LoginFile>,
+    /// Per provider (`[providers.claude_code]`, …): the installation's policy.
+    providers: Option<std::collections::BTreeMap<String, ProviderFile>>,
     /// Origins (e.g. `https://polydev.example.com`) allowed to open the
     /// viewer WebSocket besides the server's own (`Host`).
     allowed_origins: Option<Vec<String>>,
@@ -486,7 +518,9 @@ impl ServeConfig {
         let pick = |flag: Option<u64>, file: Option<u64>| flag.or(file);
         let secs =
             |v: Option<u64>, default: Duration| v.map(Duration::from_secs).unwrap_or(default);
+        let sign_in = sign_in_policy(file.providers.as_ref())?;
         let api = ApiConfig {
+            sign_in: sign_in.clone(),
             body_limit: args
                 .body_limit_bytes
                 .or(file.body_limit_bytes)
@@ -570,8 +604,10 @@ impl ServeConfig {
         if api.request_timeout.is_zero() || api.session_ttl.is_zero() {
             bail!("request_timeout_secs and session_ttl_hours must be above zero");
         }
-        let runs = runs_config(file.runs.as_ref());
-        let login = login_config(file.login.as_ref())?;
+        let mut runs = runs_config(file.runs.as_ref());
+        let mut login = login_config(file.login.as_ref())?;
+        runs.sign_in = sign_in.clone();
+        login.sign_in = sign_in;
         let mut sandbox = sandbox_config(&args.sandbox, file.sandbox.as_ref())?;
         // Runs and login sessions ask for their template's limits, so warm
         // pool members (made with those limits) fit them; a browser pool's
@@ -646,6 +682,30 @@ mod tests {
         match Cli::try_parse_from(full).expect("args parse").command {
             Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn providers_sections_set_the_sign_in_policy() {
+        use polydev_domain::Provider;
+        use polydev_sessions::providers::SubscriptionLogin;
+        let file: FileConfig = toml::from_str(
+            "[providers.claude_code]\nsubscription_login = \"owner\"\n[providers.codex]\nsubscription_login = \"off\"\n",
+        )
+        .unwrap();
+        let p = sign_in_policy(file.providers.as_ref()).unwrap();
+        assert_eq!(p.of(Provider::ClaudeCode), SubscriptionLogin::Owner);
+        assert_eq!(p.of(Provider::Codex), SubscriptionLogin::Off);
+        assert_eq!(p.of(Provider::GeminiCli), SubscriptionLogin::Off);
+        for bad in [
+            "[providers.claude_code]\nsubscription_login = \"on\"\n",
+            "[providers.copilot]\nsubscription_login = \"all\"\n",
+            "[providers.codex]\nlogin = \"all\"\n",
+        ] {
+            let err = toml::from_str::<FileConfig>(bad)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| sign_in_policy(f.providers.as_ref()).map(|_| ()));
+            assert!(err.is_err(), "{bad}");
         }
     }
 

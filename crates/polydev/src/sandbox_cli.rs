@@ -20,21 +20,14 @@ pub fn images(dir: &Path) -> ImageStore {
     ImageStore::new(dir)
 }
 
-/// The three CLIs at pinned versions, in one place
-/// (`crates/polydev/cli-packages.txt`, also read by scripts/test.sh;
-/// `POLYDEV_CLI_VERSION=latest` there overrides them for a test matrix).
-const CLI_PACKAGES_FILE: &str = include_str!("../cli-packages.txt");
-
 pub fn build_options(mirror: &str) -> BuildOptions {
     BuildOptions {
         mirror: mirror.to_owned(),
         agent: polydev_sandbox::local::default_launcher(),
-        cli_packages: CLI_PACKAGES_FILE
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect(),
+        // The CLIs at their pinned versions (the provider registry's
+        // `cli-packages.txt`; `POLYDEV_CLI_VERSION=latest` in
+        // scripts/test.sh overrides them for a test matrix).
+        cli_packages: polydev_sessions::providers::pinned_packages(),
     }
 }
 

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use polydev_domain::{Provider, UserId};
+use polydev_domain::{Provider, Role, UserId};
 use polydev_sandbox::desktop::VNC_SERVICE;
 use polydev_sessions::login::{LoginError, LoginView, Logins};
 use polydev_store::StoreError;
@@ -494,13 +494,14 @@ pub(crate) async fn start(
         }
     };
     ensure_self_or_admin(&principal, user_id)?;
-    state.store.user_by_id(user_id).await.map_err(|e| match e {
+    // The policy asks about the user who is signed in, not the caller.
+    let target = state.store.user_by_id(user_id).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::user_not_found(),
         other => other.into(),
     })?;
     let logins = logins(&state)?;
     let view = logins
-        .start(user_id, provider, mode)
+        .start(user_id, target.role == Role::Admin, provider, mode)
         .await
         .map_err(|e| ApiError::from(e).for_caller(principal.is_admin()))?;
     Ok(accepted(&view))

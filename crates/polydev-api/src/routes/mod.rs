@@ -6,6 +6,7 @@ pub(crate) mod health;
 pub(crate) mod health_admin;
 pub(crate) mod keys;
 pub(crate) mod login;
+pub(crate) mod providers;
 pub(crate) mod runs;
 pub(crate) mod sandboxes;
 pub(crate) mod session;
@@ -35,6 +36,7 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/auth/logout", post(session::logout))
         .route("/api/auth/start", post(login::start))
         .route("/api/auth/providers", get(login::providers))
+        .route("/api/providers", get(providers::list))
         .route(
             "/api/auth/session/{id}",
             get(login::get).delete(login::cancel),

@@ -111,7 +111,7 @@ pub(crate) async fn credentials(
         sealed.insert(provider, (bytes, kind));
     }
     let view = runs
-        .credentials(&id, user.0.user.id, sealed)
+        .credentials(&id, user.0.user.id, user.0.is_admin(), sealed)
         .await
         .map_err(ApiError::from)?;
     Ok((StatusCode::ACCEPTED, Json(view)))

@@ -17,7 +17,13 @@ async fn auth_start_validates_its_input(backend: Backend) {
     // not built here: without it, a start is a clear 503, checked below).
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("polydev.toml");
-    std::fs::write(&config, "[login]\ntemplate = \"minimal\"\n").unwrap();
+    // Claude Code's subscription sign-in for admins only; Gemini CLI's off
+    // (the vendor's default); Codex's for all (its default).
+    std::fs::write(
+        &config,
+        "[login]\ntemplate = \"minimal\"\n[runs]\ntemplate = \"minimal\"\n[providers.claude_code]\nsubscription_login = \"owner\"\n",
+    )
+    .unwrap();
     let app = TestApp::spawn_with(backend, &["--config", config.to_str().unwrap()]).await;
     let bare = TestApp::spawn(backend).await;
     let (bare_id, bare_token) = bare.user("bare@example.com").await;
@@ -69,18 +75,127 @@ async fn auth_start_validates_its_input(backend: Backend) {
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     // Valid input is accepted at once (the session's own tests are in
     // login.rs); cancel what started.
-    for provider in ["claude_code", "codex", "gemini_cli"] {
+    let r = start(ada.clone(), &ada_id, "codex").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.body["sessionId"].as_str().unwrap().to_owned();
+    app.send(
+        reqwest::Method::DELETE,
+        &format!("/api/auth/session/{id}"),
+        Some(&ada),
+        None,
+    )
+    .await;
+    // A subscription sign-in the policy does not offer is a 403 that says
+    // why and where the vendor says so — before any sandbox starts.
+    for (provider, why) in [("claude_code", "admins"), ("gemini_cli", "API key")] {
         let r = start(ada.clone(), &ada_id, provider).await;
-        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-        let id = r.body["sessionId"].as_str().unwrap().to_owned();
-        app.send(
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::FORBIDDEN, "sign_in_not_offered"),
+            "{provider}: {}",
+            r.text
+        );
+        assert!(r.message().contains(why), "{provider}: {}", r.message());
+        let terms = r.body["error"]["details"]["terms"].as_str().unwrap();
+        assert!(terms.starts_with("https://"), "{terms}");
+        assert!(r.message().contains(terms), "{}", r.message());
+    }
+    // The policy asks about the user being signed in: an admin may not
+    // start an `owner`-only sign-in for a plain user, but gets past the
+    // policy for itself (to the next check: it has no vault).
+    let r = start(admin.clone(), &ada_id, "claude_code").await;
+    assert_eq!(r.error_code(), "sign_in_not_offered", "{}", r.text);
+    let admin_id = app.get("/api/me", Some(&admin)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = start(admin.clone(), &admin_id, "claude_code").await;
+    assert_eq!(r.error_code(), "invalid_login_request", "{}", r.text);
+    assert!(r.message().contains("vault"), "{}", r.message());
+
+    // The registry as the user sees it: what is offered to them, and why.
+    let r = app.get("/api/providers", Some(&ada)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let by_id = |id: &str| {
+        r.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let codex = by_id("codex");
+    assert_eq!(codex["signInModes"], json!(["browser", "code"]), "{codex}");
+    assert_eq!(codex["credentialKinds"], json!(["api_key", "cli_login"]));
+    assert_eq!(codex["policy"]["subscriptionLogin"], "all");
+    let pinned = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../polydev-sessions/cli-packages.txt"
+    ))
+    .unwrap();
+    assert!(
+        pinned.contains(&format!(
+            "@openai/codex@{}",
+            codex["version"].as_str().unwrap()
+        )),
+        "{codex}"
+    );
+    let claude = by_id("claude_code");
+    assert_eq!(claude["signInModes"], json!([]), "{claude}");
+    assert_eq!(claude["credentialKinds"], json!(["api_key"]));
+    assert_eq!(
+        (
+            &claude["policy"]["subscriptionLogin"],
+            &claude["policy"]["offeredToYou"]
+        ),
+        (&json!("owner"), &json!(false))
+    );
+    assert!(claude["policy"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("API key"));
+    let mine = app.get("/api/providers", Some(&admin)).await;
+    let admin_claude = &mine.body.as_array().unwrap()[0];
+    assert_eq!(admin_claude["id"], "claude_code");
+    assert_eq!(
+        admin_claude["policy"]["offeredToYou"], true,
+        "{admin_claude}"
+    );
+
+    // A run refuses a CLI login file the policy does not offer, before it
+    // opens anything; the run is then cancelled.
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&ada),
+            json!({"prompt": "hi", "providers": ["claude_code"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            &format!("/api/runs/{run}/credentials"),
+            Some(&ada),
+            json!({"credentials": {"claude_code": "AAAA"}, "kinds": {"claude_code": "cli_login"}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "sign_in_not_offered"),
+        "{}",
+        r.text
+    );
+    let r = app
+        .send(
             reqwest::Method::DELETE,
-            &format!("/api/auth/session/{id}"),
+            &format!("/api/runs/{run}"),
             Some(&ada),
             None,
         )
         .await;
-    }
+    assert!(r.status.is_success(), "{}", r.text);
     let r = app
         .post(
             "/api/auth/start",
@@ -138,6 +253,8 @@ fn refusal_the_schema_cannot_state(op: &str, status: u16, code: &str) -> bool {
             code,
             "version_conflict" | "email_taken" | "login_in_progress"
         ),
+        // The installation's sign-in policy, not the body's shape.
+        403 => code == "sign_in_not_offered",
         429 => code == "rate_limited",
         503 => matches!(code, "environment_missing" | "environment_preparing"),
         _ => false,

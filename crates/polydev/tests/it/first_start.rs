@@ -272,12 +272,13 @@ async fn a_new_user_signs_up_connects_runs_and_returns_on_the_real_images() {
     std::fs::write(
         &config,
         format!(
-            "[sandbox]\npools = {{}}\n[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"auth.stub.test\" = \"127.0.0.1\"\n[runs]\ndeadline_secs = 120\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n[login]\nboot_deadline_secs = 60\n[login.providers.claude_code]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.claude/.credentials.json\"\n[login.providers.claude_code.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.claude/.credentials.json\"\nSTUB_CREDENTIAL_FORMAT = \"claude\"\nSTUB_LOGIN_JS = '''\n{}'''\n",
+            "[sandbox]\npools = {{}}\n[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"auth.stub.test\" = \"127.0.0.1\"\n[runs]\ndeadline_secs = 120\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n[login]\nboot_deadline_secs = 60\n[login.providers.claude_code]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.claude/.credentials.json\"\n[login.providers.claude_code.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.claude/.credentials.json\"\nSTUB_CREDENTIAL_FORMAT = \"claude\"\nSTUB_LOGIN_JS = '''\n{}'''\n{}",
             anthropic.addr.port(),
             openai.addr.port(),
             gemini.addr.port(),
             oauth.addr.port(),
             polydev_stubs::oauth::CLI_LOGIN_SCRIPT,
+            crate::login::subscription_login_for(&["claude_code"]),
         ),
     )
     .unwrap();
@@ -295,6 +296,16 @@ async fn a_new_user_signs_up_connects_runs_and_returns_on_the_real_images() {
         v["logs"]
     );
     assert_eq!(v["connected"], "signed in", "{v}");
+    // The Providers page shows each provider's policy: Claude Code's
+    // subscription sign-in turned on by this operator, Gemini CLI's off by
+    // default with the vendor's reason and no sign-in button.
+    assert_eq!(v["claudePolicy"], "true", "{v}");
+    assert_eq!(v["geminiSignIn"], "disabled", "{v}");
+    let gemini = v["geminiPolicy"].as_str().unwrap();
+    assert!(
+        gemini.contains("not offered") && gemini.contains("API key"),
+        "{gemini}"
+    );
     for (p, answer) in [
         ("claude_code", "claude for the newcomer"),
         ("codex", "codex for the newcomer"),

@@ -43,13 +43,24 @@ pub fn stub_login_providers(auth_port: u16) -> String {
 pub fn stub_login_providers_for(which: &[&str], auth_port: u16) -> String {
     let script = polydev_stubs::oauth::CLI_LOGIN_SCRIPT;
     assert!(!script.contains("'''"));
-    let mut providers = String::new();
+    let mut providers = subscription_login_for(which);
     for p in which {
         providers.push_str(&format!(
             "[login.providers.{p}]\nbrowser = 'exec node -e \"$STUB_LOGIN_JS\"'\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.stub/{p}.json\"\n[login.providers.{p}.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{auth_port}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.stub/{p}.json\"\nSTUB_LOGIN_JS = '''\n{script}'''\n"
         ));
     }
     providers
+}
+
+/// `[providers.*]` tables offering every user the subscription sign-in of
+/// `which` (the default for Claude Code and Gemini CLI is off, as their
+/// vendors' terms say for a multi-user installation; tests of sign-in flows
+/// run as an operator who turned them on).
+pub fn subscription_login_for(which: &[&str]) -> String {
+    which
+        .iter()
+        .map(|p| format!("[providers.{p}]\nsubscription_login = \"all\"\n"))
+        .collect()
 }
 
 /// Signs up as the browser does (keeping the enrollment, whose sealing key
@@ -759,7 +770,10 @@ async fn each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser() {
     let config = dir.path().join("polydev.toml");
     std::fs::write(
         &config,
-        format!("{EGRESS}[login]\ntemplate = \"minimal\"\n"),
+        format!(
+            "{EGRESS}[login]\ntemplate = \"minimal\"\n{}",
+            subscription_login_for(&["claude_code", "codex", "gemini_cli"])
+        ),
     )
     .unwrap();
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
@@ -857,10 +871,11 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n\"anthropic.stub.test\" = \"127.0.0.1\"\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\", \"anthropic.stub.test\"]\n[runs]\ntemplate = \"minimal\"\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\n[login]\ntemplate = \"minimal\"\n[login.providers.claude_code]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.claude/.credentials.json\"\n[login.providers.claude_code.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.claude/.credentials.json\"\nSTUB_CREDENTIAL_FORMAT = \"claude\"\nSTUB_LOGIN_JS = '''\n{}'''\n",
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n\"anthropic.stub.test\" = \"127.0.0.1\"\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\", \"anthropic.stub.test\"]\n[runs]\ntemplate = \"minimal\"\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\n[login]\ntemplate = \"minimal\"\n[login.providers.claude_code]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.claude/.credentials.json\"\n[login.providers.claude_code.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.claude/.credentials.json\"\nSTUB_CREDENTIAL_FORMAT = \"claude\"\nSTUB_LOGIN_JS = '''\n{}'''\n{}",
             anthropic.addr.port(),
             oauth.addr.port(),
-            polydev_stubs::oauth::CLI_LOGIN_SCRIPT
+            polydev_stubs::oauth::CLI_LOGIN_SCRIPT,
+            subscription_login_for(&["claude_code"]),
         ),
     )
     .unwrap();

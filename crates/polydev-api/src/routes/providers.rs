@@ -1,0 +1,91 @@
+//! `GET /api/providers`: each CLI as the provider registry knows it, with
+//! what this installation offers the caller (credential kinds, sign-in
+//! modes) and why.
+
+use axum::extract::State;
+use axum::Json;
+use polydev_domain::Provider;
+use polydev_sessions::providers::{self, SubscriptionLogin};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::CurrentUser;
+use crate::error::{ApiResult, ErrorBody};
+use crate::state::AppState;
+
+/// One provider's CLI and what this installation offers you with it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ProviderView {
+    /// `claude_code`, `codex`, `gemini_cli`.
+    id: &'static str,
+    name: &'static str,
+    /// The CLI's npm package.
+    package: &'static str,
+    /// The version this installation's images install.
+    version: Option<String>,
+    /// What you may hand a run: `api_key` always; `cli_login` (a login
+    /// session's capture) where the subscription sign-in is offered to you.
+    credential_kinds: Vec<&'static str>,
+    /// The login-session modes you may start (`browser`, `code`); none
+    /// when the subscription sign-in is not offered to you, or login
+    /// sessions are off here.
+    sign_in_modes: Vec<&'static str>,
+    policy: PolicyView,
+}
+
+/// The installation's subscription sign-in policy for one provider.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PolicyView {
+    subscription_login: SubscriptionLogin,
+    /// Whether the subscription sign-in is offered to you.
+    offered_to_you: bool,
+    /// What the vendor's terms say, in one line.
+    reason: &'static str,
+    /// The vendor's page that says so.
+    terms: &'static str,
+}
+
+/// The providers: versions, credential kinds, sign-in modes and the policy
+/// with its reason, as they apply to you.
+#[utoipa::path(get, operation_id = "list_providers", path = "/api/providers", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = [ProviderView]), (status = 401, body = ErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    CurrentUser(principal): CurrentUser,
+) -> ApiResult<Json<Vec<ProviderView>>> {
+    let admin = principal.is_admin();
+    let modes = state.logins.as_ref().map(|l| l.modes()).unwrap_or_default();
+    let views = Provider::ALL
+        .iter()
+        .map(|&p| {
+            let info = providers::info(p);
+            let policy = state.config.sign_in.of(p);
+            let offered = policy.allows(admin);
+            let mut kinds = vec!["api_key"];
+            if offered {
+                kinds.push("cli_login");
+            }
+            ProviderView {
+                id: p.as_str(),
+                name: info.name,
+                package: info.package,
+                version: providers::pinned_version(p),
+                credential_kinds: kinds,
+                sign_in_modes: if offered {
+                    modes.get(p.as_str()).cloned().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                policy: PolicyView {
+                    subscription_login: policy,
+                    offered_to_you: offered,
+                    reason: info.terms.reason,
+                    terms: info.terms.source,
+                },
+            }
+        })
+        .collect();
+    Ok(Json(views))
+}
