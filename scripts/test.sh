@@ -65,7 +65,8 @@ export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
 
 # The three AI CLIs at the pinned versions (crates/polydev-sessions/cli-packages.txt),
 # for the end-to-end test that runs them in a sandbox against local stubs.
-# POLYDEV_CLI_VERSION=latest tries the newest releases instead.
+# POLYDEV_CLI_VERSION=latest tries the newest releases instead (on the host
+# only: the images keep the pins); scripts/cli-drift.sh is the drift check.
 pin='s/@[^@]*$/&/'
 [ "${POLYDEV_CLI_VERSION:-}" = latest ] && pin='s/@[^@]*$/@latest/'
 mapfile -t clis < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed "/^$/d; $pin")
