@@ -91,7 +91,7 @@ export function renderRuns(view) {
   /// Follows a run's events until the server ends the stream (`end`). A
   /// provider's failure ends only its column; a dropped connection is
   /// reopened by the browser and the run replayed.
-  function follow(runId, cells) {
+  function follow(runId, cells, onTurn) {
     source = new EventSource(`/api/runs/${encodeURIComponent(runId)}/events`);
     const started = Date.now();
     const tick = setInterval(() => {
@@ -105,6 +105,18 @@ export function renderRuns(view) {
       if (cell) fn(cell, data);
     });
     const seen = new Set();
+    // Another of your runs holds this provider's credential: this one waits
+    // its turn, then gets its credential (sealed only then, so a CLI login
+    // file is the one the run before refreshed).
+    on("queued", (cell, d) => {
+      cell.state.textContent = `queued (${d.position} ahead)`;
+      cell.note.textContent = "Waiting for your other run on this provider to finish.";
+    });
+    on("awaiting_credentials", (cell, d) => {
+      cell.state.textContent = "starting";
+      cell.note.textContent = "";
+      onTurn(d.provider);
+    });
     on("started", (cell) => { cell.state.textContent = "running"; });
     on("delta", (cell, d) => {
       // A reconnect replays the run: skip what is already shown.
@@ -172,20 +184,39 @@ export function renderRuns(view) {
       const started = await startWhenReady(prompt.value, chosen.map((c) => c.id), say, () => gone);
       status.replaceChildren();
       current = started.runId;
-      const credentials = {};
-      const kinds = {};
-      for (const c of chosen) {
-        const pk = b64.decode(started.sandboxes[c.id].publicKey);
-        // A typed (or saved) key wins; else the CLI's own login file.
-        let secret = c.keyInput.value ? enc.encode(c.keyInput.value) : await openLoginCredential(c.id);
-        kinds[c.id] = c.keyInput.value ? "api_key" : "cli_login";
-        const sealed = await seal(pk, PURPOSE, enc.encode(`${current}/${c.id}`), secret);
-        secret.fill(0);
-        credentials[c.id] = b64.encode(sealed);
+      const runId = current;
+      // Seals each provider's credential to its sandbox and hands them over.
+      const send = async (ids) => {
+        const credentials = {};
+        const kinds = {};
+        for (const c of chosen.filter((c) => ids.includes(c.id))) {
+          const pk = b64.decode(started.sandboxes[c.id].publicKey);
+          // A typed (or saved) key wins; else the CLI's own login file.
+          let secret = c.keyInput.value ? enc.encode(c.keyInput.value) : await openLoginCredential(c.id);
+          kinds[c.id] = c.keyInput.value ? "api_key" : "cli_login";
+          const sealed = await seal(pk, PURPOSE, enc.encode(`${runId}/${c.id}`), secret);
+          secret.fill(0);
+          credentials[c.id] = b64.encode(sealed);
+        }
+        await api.runCredentials(runId, credentials, kinds);
+      };
+      const queued = chosen.filter((c) => started.sandboxes[c.id].state === "queued").map((c) => c.id);
+      for (const id of queued) {
+        cells[id].state.textContent = `queued (${started.sandboxes[id].queuePosition || 1} ahead)`;
       }
-      await api.runCredentials(current, credentials, kinds);
+      const now = chosen.map((c) => c.id).filter((id) => !queued.includes(id));
+      const sent = new Set(now);
+      if (now.length) await send(now);
       cancel.disabled = false;
-      follow(current, cells);
+      follow(runId, cells, async (provider) => {
+        if (sent.has(provider)) return; // a reconnect replays the event
+        sent.add(provider);
+        try {
+          await send([provider]);
+        } catch (e) {
+          status.replaceChildren(errorBox(e.message));
+        }
+      });
       refreshHistory();
     } catch (e) {
       status.replaceChildren(errorBox(e.message));

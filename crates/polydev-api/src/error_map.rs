@@ -175,8 +175,8 @@ impl From<RunError> for ApiError {
     fn from(e: RunError) -> Self {
         match e {
             RunError::Invalid(m) => ApiError::bad_request("invalid_run_request", m),
-            e @ RunError::Busy(..) => {
-                ApiError::new(StatusCode::CONFLICT, "credential_busy", e.to_string())
+            e @ RunError::Queued(..) => {
+                ApiError::new(StatusCode::CONFLICT, "provider_queued", e.to_string())
             }
             RunError::NotFound(id) => ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -90,9 +90,12 @@ impl SandboxStatus {
 }
 
 states!(
-    /// One provider's part of a run: `awaiting_credentials → running →
-    /// done | failed | cancelled` (failed or cancelled also before running).
+    /// One provider's part of a run: `[queued →] awaiting_credentials →
+    /// running → done | failed | cancelled` (failed or cancelled also
+    /// before running). `queued`: another run of the same user holds that
+    /// provider's credential; this one waits its turn.
     ProviderState, "provider" {
+        Queued = "queued",
         AwaitingCredentials = "awaiting_credentials",
         Running = "running",
         Done = "done",
@@ -110,7 +113,8 @@ impl ProviderState {
         use ProviderState::*;
         matches!(
             (self, next),
-            (AwaitingCredentials, Running | Failed | Cancelled)
+            (Queued, AwaitingCredentials | Failed | Cancelled)
+                | (AwaitingCredentials, Running | Failed | Cancelled)
                 | (Running, Done | Failed | Cancelled)
         )
     }
@@ -223,6 +227,8 @@ mod tests {
         use ProviderState as P;
         assert!(P::AwaitingCredentials.can_become(P::Running) && P::Running.can_become(P::Done));
         assert!(!P::AwaitingCredentials.can_become(P::Done));
+        assert!(P::Queued.can_become(P::AwaitingCredentials) && P::Queued.can_become(P::Cancelled));
+        assert!(!P::Queued.can_become(P::Running) && !P::AwaitingCredentials.can_become(P::Queued));
         assert!(!P::Running.can_become(P::AwaitingCredentials));
         use SandboxStatus as S;
         assert!(S::Creating.can_become(S::Pooled) && S::Pooled.can_become(S::Ready));

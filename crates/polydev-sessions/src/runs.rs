@@ -92,6 +92,9 @@ pub struct RunsConfig {
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
+    /// How long a provider may wait its turn behind another run of the
+    /// same user on the same credential.
+    pub queue_wait: Duration,
     /// Whose subscription sign-ins (CLI login files) runs may use.
     pub sign_in: crate::providers::SignInPolicy,
 }
@@ -123,6 +126,7 @@ impl Default for RunsConfig {
                 disk_bytes: 1024 << 20,
             },
             linger: Duration::from_secs(60),
+            queue_wait: Duration::from_secs(600),
             sign_in: Default::default(),
         }
     }
@@ -144,11 +148,26 @@ pub enum ErrorStage {
     Sandbox,
     /// The run was cancelled (or the controller shut down).
     Cancelled,
+    /// It waited its turn behind another run on the same credential for
+    /// longer than the queue allows.
+    Queue,
 }
 
 /// One event of a run's stream (`docs/RUNS.md`): per provider, then `End`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
+    /// Another run of this user holds the provider's credential: this one
+    /// waits, `position` runs ahead of it (1: next).
+    Queued {
+        provider: Provider,
+        position: usize,
+    },
+    /// Its turn: send the provider's credential now (sealed to the key in
+    /// the run's view). A client seals a CLI login file only then, so the
+    /// run gets the file the run before it refreshed.
+    AwaitingCredentials {
+        provider: Provider,
+    },
     Started {
         provider: Provider,
         sandbox_id: String,
@@ -182,6 +201,8 @@ impl RunEvent {
     /// The event's name on the stream.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::Queued { .. } => "queued",
+            Self::AwaitingCredentials { .. } => "awaiting_credentials",
             Self::Started { .. } => "started",
             Self::Delta { .. } => "delta",
             Self::Retrying { .. } => "retrying",
@@ -193,7 +214,9 @@ impl RunEvent {
 
     pub fn provider(&self) -> Option<Provider> {
         match self {
-            Self::Started { provider, .. }
+            Self::Queued { provider, .. }
+            | Self::AwaitingCredentials { provider }
+            | Self::Started { provider, .. }
             | Self::Delta { provider, .. }
             | Self::Retrying { provider, .. }
             | Self::Done { provider, .. }
@@ -209,6 +232,8 @@ impl RunEvent {
     /// The event's data as the stream sends it (with its provider).
     pub fn data(&self) -> Value {
         let mut v = match self {
+            Self::Queued { position, .. } => json!({"position": position}),
+            Self::AwaitingCredentials { .. } => json!({}),
             Self::Started { sandbox_id, .. } => json!({"sandboxId": sandbox_id}),
             Self::Delta { text, .. } => json!({"text": text}),
             Self::Retrying {
@@ -237,6 +262,9 @@ pub struct ProviderView {
     /// The agent's key to seal this provider's credential to (base64).
     pub public_key: String,
     pub state: ProviderState,
+    /// While `queued`: how many runs are ahead of this one (1: next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -253,6 +281,8 @@ struct ProviderRun {
     sandbox: SandboxId,
     public_key: Vec<u8>,
     state: Mutex<ProviderState>,
+    /// While queued: how many runs are ahead (1: next).
+    position: Mutex<Option<usize>>,
     kind: Mutex<CredentialKind>,
     /// When its CLI started and when it finished (Unix ms).
     times: Mutex<(Option<i64>, Option<i64>)>,
@@ -278,6 +308,8 @@ struct Run {
     sealed: AtomicBool,
     /// When every provider had ended and the run was stored.
     finished_at: Mutex<Option<std::time::Instant>>,
+    /// Told whenever a provider of any run ends (queued ones look again).
+    turns: Arc<tokio::sync::Notify>,
 }
 
 impl Run {
@@ -323,6 +355,10 @@ impl Run {
             return false;
         }
         *s = state;
+        drop(s);
+        if state.is_terminal() {
+            self.turns.notify_waiters();
+        }
         true
     }
 
@@ -353,6 +389,7 @@ impl Run {
                         sandbox_id: p.sandbox.to_string(),
                         public_key: base64::engine::general_purpose::STANDARD.encode(&p.public_key),
                         state: p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed),
+                        queue_position: p.position.lock().ok().and_then(|q| *q),
                     },
                 )
             })
@@ -369,10 +406,10 @@ impl Run {
 pub enum RunError {
     #[error("{0}")]
     Invalid(String),
-    /// A run of this user already uses that provider's credential (Codex
+    /// The provider waits its turn behind another run of this user (Codex
     /// and Claude rotate refresh tokens: two at once would break one).
-    #[error("your {0} credential is in use by run {1}; wait for it or cancel it")]
-    Busy(String, String),
+    #[error("{0} waits its turn behind another of your runs; send its credential on its awaiting_credentials event")]
+    Queued(String),
     #[error("no run {0}")]
     NotFound(String),
     #[error("this run has {MAX_VIEWERS} viewers already; close one")]
@@ -389,6 +426,23 @@ pub enum RunError {
     Sandbox(#[from] ManagerError),
 }
 
+/// [`Runs::ahead`] over a table already locked.
+fn ahead_in(
+    runs: &HashMap<String, Arc<Run>>,
+    user: UserId,
+    provider: Provider,
+    at: (i64, &str),
+) -> usize {
+    runs.values()
+        .filter(|r| r.user == user && (r.created_ms, r.id.as_str()) < at)
+        .filter(|r| {
+            r.providers.iter().any(|p| {
+                p.provider == provider && p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false)
+            })
+        })
+        .count()
+}
+
 #[derive(Debug)]
 pub struct Runs {
     manager: Arc<Manager>,
@@ -396,6 +450,7 @@ pub struct Runs {
     tasks: Tasks,
     cfg: RunsConfig,
     runs: Mutex<HashMap<String, Arc<Run>>>,
+    turns: Arc<tokio::sync::Notify>,
 }
 
 impl Runs {
@@ -406,6 +461,7 @@ impl Runs {
             tasks: Tasks::new(),
             cfg,
             runs: Mutex::new(HashMap::new()),
+            turns: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -472,24 +528,7 @@ impl Runs {
         }
         self.sweep();
         let id = format!("run-{:016x}", rand::random::<u64>());
-        // Never two live runs on one credential of a user.
-        {
-            let runs = self
-                .runs
-                .lock()
-                .map_err(|_| RunError::Invalid("run table poisoned".into()))?;
-            for r in runs
-                .values()
-                .filter(|r| r.user == user && !r.cancelled.load(Ordering::Relaxed))
-            {
-                for p in &r.providers {
-                    let live = p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false);
-                    if live && providers.contains(&p.provider) {
-                        return Err(RunError::Busy(p.provider.as_str().to_owned(), r.id.clone()));
-                    }
-                }
-            }
-        }
+        let created_ms = now_ms();
         let mut made: Vec<ProviderRun> = Vec::new();
         for provider in &providers {
             let req = CreateRequest {
@@ -503,7 +542,12 @@ impl Runs {
                     ("provider".to_owned(), provider.as_str().to_owned()),
                 ]
                 .into(),
-                ttl: Some(self.cfg.deadline + self.cfg.credential_wait + Duration::from_secs(60)),
+                ttl: Some(
+                    self.cfg.queue_wait
+                        + self.cfg.deadline
+                        + self.cfg.credential_wait
+                        + Duration::from_secs(60),
+                ),
                 privileged: false,
                 system: Some("run"),
             };
@@ -528,6 +572,7 @@ impl Runs {
                 sandbox,
                 public_key: agent.public_key.clone(),
                 state: Mutex::new(ProviderState::AwaitingCredentials),
+                position: Mutex::new(None),
                 kind: Mutex::new(CredentialKind::ApiKey),
                 times: Mutex::new((None, None)),
             });
@@ -540,11 +585,24 @@ impl Runs {
             events: Mutex::new(History::default()),
             tx,
             cancelled: AtomicBool::new(false),
-            created_ms: now_ms(),
+            created_ms,
             sealed: AtomicBool::new(false),
             finished_at: Mutex::new(None),
+            turns: self.turns.clone(),
         });
+        // Never two live runs on one credential of a user: a provider
+        // another run of theirs holds waits its turn (`queued`). Decided
+        // and recorded under one lock, so two starts cannot both go first.
+        let mut queued = std::collections::BTreeSet::new();
         if let Ok(mut r) = self.runs.lock() {
+            for p in &run.providers {
+                if ahead_in(&r, user, p.provider, (created_ms, &id)) > 0 {
+                    if let Ok(mut s) = p.state.lock() {
+                        *s = ProviderState::Queued;
+                    }
+                    queued.insert(p.provider);
+                }
+            }
             r.insert(id.clone(), run.clone());
         }
         self.store
@@ -559,33 +617,124 @@ impl Runs {
             })
             .await
             .map_err(ManagerError::from)?;
-        // Providers never given credentials fail (and free their sandbox).
-        let (me, r) = (self.clone(), run.clone());
+        for p in &run.providers {
+            if queued.contains(&p.provider) {
+                let (me, r, provider) = (self.clone(), run.clone(), p.provider);
+                self.tasks
+                    .spawn(async move { me.wait_turn(r, provider).await });
+            } else {
+                self.arm_credential_wait(run.clone(), p.provider);
+            }
+        }
+        Ok(run.view())
+    }
+
+    /// How many live runs of `user` hold or wait for `provider` ahead of
+    /// the run made at `at` (its creation time and id: first come, first
+    /// served).
+    fn ahead(&self, user: UserId, provider: Provider, at: (i64, &str)) -> usize {
+        self.runs
+            .lock()
+            .map(|runs| ahead_in(&runs, user, provider, at))
+            .unwrap_or(0)
+    }
+
+    /// A provider given no credential within `credential_wait` fails (and
+    /// frees its sandbox).
+    fn arm_credential_wait(self: &Arc<Self>, run: Arc<Run>, provider: Provider) {
+        let me = self.clone();
         self.tasks.spawn(async move {
             tokio::time::sleep(me.cfg.credential_wait).await;
-            for p in &r.providers {
-                let waiting = p
-                    .state
-                    .lock()
-                    .map(|s| *s == ProviderState::AwaitingCredentials)
-                    .unwrap_or(false);
-                if waiting && r.set_state(p.provider, ProviderState::Failed) {
-                    r.emit_final(RunEvent::Error {
-                        provider: p.provider,
-                        stage: ErrorStage::Credentials,
-                        message: format!(
-                            "no {} credential arrived within {} s, so it did not start",
-                            p.provider.display_name(),
-                            me.cfg.credential_wait.as_secs()
-                        ),
-                        exit_code: None,
-                    });
-                    let _ = me.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
+            let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
+                return;
+            };
+            let waiting = p
+                .state
+                .lock()
+                .map(|s| *s == ProviderState::AwaitingCredentials)
+                .unwrap_or(false);
+            if waiting && run.set_state(provider, ProviderState::Failed) {
+                run.emit_final(RunEvent::Error {
+                    provider,
+                    stage: ErrorStage::Credentials,
+                    message: format!(
+                        "no {} credential arrived within {} s, so it did not start",
+                        provider.display_name(),
+                        me.cfg.credential_wait.as_secs()
+                    ),
+                    exit_code: None,
+                });
+                let _ = me.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
+                me.persist(&run).await;
+            }
+        });
+    }
+
+    /// A queued provider waits for the runs ahead of it to let go of the
+    /// credential (each provider that ends wakes it), saying its place as
+    /// it moves up; then it awaits its credential like any other. It fails
+    /// after `queue_wait`.
+    async fn wait_turn(self: Arc<Self>, run: Arc<Run>, provider: Provider) {
+        let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.queue_wait;
+        loop {
+            let turn = self.turns.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            let still_queued = p
+                .state
+                .lock()
+                .map(|s| *s == ProviderState::Queued)
+                .unwrap_or(false);
+            if !still_queued {
+                return; // cancelled, or the controller is stopping
+            }
+            let ahead = self.ahead(run.user, provider, (run.created_ms, &run.id));
+            if ahead == 0 {
+                if run.set_state(provider, ProviderState::AwaitingCredentials) {
+                    if let Ok(mut q) = p.position.lock() {
+                        *q = None;
+                    }
+                    run.emit(RunEvent::AwaitingCredentials { provider });
+                    self.arm_credential_wait(run.clone(), provider);
+                    self.persist(&run).await;
+                }
+                return;
+            }
+            let moved = p
+                .position
+                .lock()
+                .map(|mut q| q.replace(ahead) != Some(ahead))
+                .unwrap_or(false);
+            if moved {
+                run.emit(RunEvent::Queued {
+                    provider,
+                    position: ahead,
+                });
+            }
+            tokio::select! {
+                () = &mut turn => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    if run.set_state(provider, ProviderState::Failed) {
+                        run.emit_final(RunEvent::Error {
+                            provider,
+                            stage: ErrorStage::Queue,
+                            message: format!(
+                                "waited {} s behind another of your {} runs, which did not finish",
+                                self.cfg.queue_wait.as_secs(),
+                                provider.display_name()
+                            ),
+                            exit_code: None,
+                        });
+                        let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
+                        self.persist(&run).await;
+                    }
+                    return;
                 }
             }
-            me.persist(&r).await;
-        });
-        Ok(run.view())
+        }
     }
 
     /// The run as it is now; for one no longer in memory, as the store
@@ -611,6 +760,7 @@ impl Runs {
                                 sandbox_id: p["sandboxId"].as_str().unwrap_or_default().to_owned(),
                                 public_key: String::new(),
                                 state: p["state"].as_str()?.parse().ok()?,
+                                queue_position: None,
                             },
                         ))
                     })
@@ -658,12 +808,11 @@ impl Runs {
                     provider.as_str()
                 )));
             };
-            let waiting = p
-                .state
-                .lock()
-                .map(|s| *s == ProviderState::AwaitingCredentials)
-                .unwrap_or(false);
-            if !waiting {
+            let state = p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed);
+            if state == ProviderState::Queued {
+                return Err(RunError::Queued(provider.as_str().to_owned()));
+            }
+            if state != ProviderState::AwaitingCredentials {
                 return Err(RunError::Invalid(format!(
                     "{} already has its credential",
                     provider.as_str()
@@ -1161,6 +1310,19 @@ mod tests {
     fn events_keep_their_wire_names_and_fields() {
         let p = Provider::Codex;
         let cases = [
+            (
+                RunEvent::Queued {
+                    provider: p,
+                    position: 2,
+                },
+                "queued",
+                json!({"position": 2, "provider": "codex"}),
+            ),
+            (
+                RunEvent::AwaitingCredentials { provider: p },
+                "awaiting_credentials",
+                json!({"provider": "codex"}),
+            ),
             (
                 RunEvent::Started {
                     provider: p,

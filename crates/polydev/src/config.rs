@@ -65,6 +65,9 @@ pub struct RunsFile {
     credential_wait_secs: Option<u64>,
     /// How long a finished run stays followable live [default: 60].
     linger_secs: Option<u64>,
+    /// How long a provider waits its turn behind another run of the same
+    /// user on the same credential [default: 600].
+    queue_wait_secs: Option<u64>,
     /// Provider API base URLs (default: each CLI's own).
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
@@ -85,6 +88,9 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     }
     if let Some(s) = f.linger_secs {
         c.linger = Duration::from_secs(s);
+    }
+    if let Some(s) = f.queue_wait_secs {
+        c.queue_wait = Duration::from_secs(s.max(1));
     }
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;

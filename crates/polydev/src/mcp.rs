@@ -85,50 +85,94 @@ pub async fn perspectives(
         bail!("polydev refused the run ({status}): {message}");
     };
     let id = run["runId"].as_str().context("no runId")?.to_owned();
-    let mut creds = serde_json::Map::new();
-    for p in &providers {
-        let key = key_for(*p).with_context(|| {
-            format!(
-                "no API key for {} here ({})",
-                p.as_str(),
-                key_env(*p).join(" or ")
-            )
-        })?;
-        let pk = run["sandboxes"][p.as_str()]["publicKey"]
-            .as_str()
-            .and_then(|k| B64.decode(k).ok())
-            .context("the controller sent no sandbox key")?;
-        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
-            .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?
-            .seal(
-                polydev_sessions::runs::CREDENTIAL_PURPOSE,
-                format!("{id}/{}", p.as_str()).as_bytes(),
-                key.as_bytes(),
-            );
-        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+    // Seals each provider's key to its sandbox and hands them over.
+    let send = |which: Vec<Provider>| {
+        let (http, run, id) = (&http, &run, &id);
+        async move {
+            let mut creds = serde_json::Map::new();
+            for p in &which {
+                let key = key_for(*p).with_context(|| {
+                    format!(
+                        "no API key for {} here ({})",
+                        p.as_str(),
+                        key_env(*p).join(" or ")
+                    )
+                })?;
+                let pk = run["sandboxes"][p.as_str()]["publicKey"]
+                    .as_str()
+                    .and_then(|k| B64.decode(k).ok())
+                    .context("the controller sent no sandbox key")?;
+                let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+                    .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?
+                    .seal(
+                        polydev_sessions::runs::CREDENTIAL_PURPOSE,
+                        format!("{id}/{}", p.as_str()).as_bytes(),
+                        key.as_bytes(),
+                    );
+                creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+            }
+            let r = http
+                .post(format!("{server}/api/runs/{id}/credentials"))
+                .bearer_auth(token)
+                .json(&json!({"credentials": creds}))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                let v: Value = r.json().await.unwrap_or_default();
+                bail!(
+                    "the controller refused the credentials: {}",
+                    v["error"]["message"]
+                );
+            }
+            anyhow::Ok(())
+        }
+    };
+    // A provider another run of this user holds is `queued`: its key goes
+    // when the stream says it is its turn (`awaiting_credentials`).
+    let (queued, now): (Vec<Provider>, Vec<Provider>) = providers
+        .iter()
+        .partition(|p| run["sandboxes"][p.as_str()]["state"] == "queued");
+    let mut sent: std::collections::BTreeSet<Provider> = now.iter().copied().collect();
+    if !now.is_empty() {
+        send(now).await?;
     }
-    let r = http
-        .post(format!("{server}/api/runs/{id}/credentials"))
-        .bearer_auth(token)
-        .json(&json!({"credentials": creds}))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        let v: Value = r.json().await.unwrap_or_default();
-        bail!(
-            "the controller refused the credentials: {}",
-            v["error"]["message"]
-        );
+    if !queued.is_empty() {
+        tracing::info!(run = %id, queued = ?queued, "waiting for another run on the same credential");
     }
-    let events = reqwest::Client::builder()
-        .timeout(Duration::from_secs(900))
+    let mut stream = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1800))
         .build()?
         .get(format!("{server}/api/runs/{id}/events"))
         .bearer_auth(token)
         .send()
-        .await?
-        .text()
         .await?;
+    // The stream, read as it comes (a queued provider's turn is on it).
+    let mut events = String::new();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.chunk().await? {
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buf.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block).into_owned();
+            if block.contains("event: awaiting_credentials") {
+                let provider = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                    .and_then(|d| {
+                        d["provider"]
+                            .as_str()
+                            .and_then(|p| p.parse::<Provider>().ok())
+                    });
+                if let Some(p) = provider.filter(|p| queued.contains(p)) {
+                    if sent.insert(p) {
+                        send(vec![p]).await?;
+                    }
+                }
+            }
+            events.push_str(&block);
+        }
+    }
     let mut answers: BTreeMap<String, Value> = BTreeMap::new();
     let mut event = String::new();
     for line in events.lines() {

@@ -316,6 +316,49 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     assert_eq!(&opened[..], b"perspective of claude");
 }
 
+/// A queued provider waits at most `queue_wait`, then fails with stage
+/// `queue` (and frees its sandbox), not a hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_provider_gives_up_after_the_queue_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), 1, 1, 1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("queue_wait_secs = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("queue@example.com").await;
+    let t = Some(token.as_str());
+    let start = || {
+        app.post(
+            "/api/runs",
+            t,
+            json!({"prompt": "x", "providers": ["codex"]}),
+        )
+    };
+    let first = start().await;
+    let second = start().await;
+    assert_eq!(
+        second.body["sandboxes"]["codex"]["state"], "queued",
+        "{}",
+        second.text
+    );
+    let id = second.body["runId"].as_str().unwrap();
+    let events = sse_events(&app, &format!("/api/runs/{id}/events"), &token).await;
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds, ["queued", "error", "end"], "{events:?}");
+    assert_eq!(events[1].1["stage"], "queue", "{events:?}");
+    let sandbox = second.body["sandboxes"]["codex"]["sandboxId"]
+        .as_str()
+        .unwrap();
+    let r = app.get(&format!("/api/sandboxes/{sandbox}"), t).await;
+    assert_eq!(r.body["status"], "ended", "{}", r.text);
+    let id = first.body["runId"].as_str().unwrap();
+    let r = app
+        .send(reqwest::Method::DELETE, &format!("/api/runs/{id}"), t, None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,7 +375,15 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let run = r.body["runId"].as_str().unwrap().to_owned();
-    // One live run per credential: a second run on codex waits its turn.
+    // One live run per credential: a second run on codex waits its turn,
+    // a third behind it; a credential for a queued provider is refused
+    // until its turn.
+    let queued = |body: &serde_json::Value| {
+        (
+            body["sandboxes"]["codex"]["state"].clone(),
+            body["sandboxes"]["codex"]["queuePosition"].clone(),
+        )
+    };
     let r = app
         .post(
             "/api/runs",
@@ -340,9 +391,44 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
             json!({"prompt": "y", "providers": ["codex"]}),
         )
         .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(queued(&r.body).0, "queued", "{}", r.text);
+    let second = r.body["runId"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "z", "providers": ["codex"]}),
+        )
+        .await;
+    let third = r.body["runId"].as_str().unwrap().to_owned();
+    let appr = &app;
+    let position = move |id: String| async move {
+        let r = appr.get(&format!("/api/runs/{id}"), t).await;
+        queued(&r.body)
+    };
+    crate::app::eventually(
+        Duration::from_secs(10),
+        "the queue says its places",
+        || async {
+            let (a, b) = (
+                position(second.clone()).await,
+                position(third.clone()).await,
+            );
+            (a == (json!("queued"), json!(1)) && b == (json!("queued"), json!(2))).then_some(())
+        },
+    )
+    .await;
+    let r = app
+        .post(
+            &format!("/api/runs/{second}/credentials"),
+            t,
+            json!({"credentials": {"codex": "AAAA"}}),
+        )
+        .await;
     assert_eq!(
         (r.status, r.error_code()),
-        (StatusCode::CONFLICT, "credential_busy"),
+        (StatusCode::CONFLICT, "provider_queued"),
         "{}",
         r.text
     );
@@ -364,6 +450,31 @@ async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
         .all(|(e, d)| e == "error" && d["stage"] == "cancelled"));
     assert_eq!(events[2].0, "end");
     assert_eq!(events[2].1["state"], "cancelled");
+    // Its end is the next one's turn: the second awaits its credential,
+    // the third moves up; then both are cancelled.
+    crate::app::eventually(Duration::from_secs(10), "the queue moves up", || async {
+        let (a, b) = (
+            position(second.clone()).await,
+            position(third.clone()).await,
+        );
+        (a == (json!("awaiting_credentials"), json!(null)) && b == (json!("queued"), json!(1)))
+            .then_some(())
+    })
+    .await;
+    for id in [&second, &third] {
+        let r = app
+            .send(reqwest::Method::DELETE, &format!("/api/runs/{id}"), t, None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let events = sse_events(&app, &format!("/api/runs/{second}/events"), &token).await;
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["queued", "awaiting_credentials", "error", "end"],
+        "{events:?}"
+    );
+    assert_eq!(events[0].1["position"], 1);
     let r = app.get("/api/sandboxes", t).await;
     assert!(
         r.body["sandboxes"]
@@ -440,18 +551,55 @@ async fn the_mcp_tool_returns_every_perspective() {
         tools.iter().any(|t| t.name == "get_perspectives"),
         "{tools:?}"
     );
+    // Another run of this user holds the codex credential (given none
+    // yet): the tool's codex waits its turn, and gets its key when the
+    // stream says so.
+    let ahead = app
+        .post(
+            "/api/runs",
+            Some(&token),
+            json!({"prompt": "first", "providers": ["codex"]}),
+        )
+        .await;
+    assert_eq!(ahead.status, StatusCode::CREATED, "{}", ahead.text);
     let args = json!({"prompt": "three views please"})
         .as_object()
         .unwrap()
         .clone();
-    let result = client
-        .call_tool(rmcp::model::CallToolRequestParams::new("get_perspectives").with_arguments(args))
-        .await
-        .unwrap();
-    let text = serde_json::to_string(&result.content).unwrap();
+    let tool = client.call_tool(
+        rmcp::model::CallToolRequestParams::new("get_perspectives").with_arguments(args),
+    );
+    let first = async {
+        crate::app::eventually(
+            Duration::from_secs(30),
+            "the tool's codex is queued",
+            || async {
+                let runs = app.get("/api/runs", Some(&token)).await;
+                runs.body["runs"].as_array()?.iter().find(|r| {
+                    r["providers"].as_array().is_some_and(|ps| {
+                        ps.iter()
+                            .any(|p| p["provider"] == "codex" && p["state"] == "queued")
+                    })
+                })?;
+                Some(())
+            },
+        )
+        .await;
+        send_key(&app, &token, &ahead.body, &key).await;
+    };
+    let (result, ()) = tokio::join!(tool, first);
+    let text = serde_json::to_string(&result.unwrap().content).unwrap();
     for answer in ["mcp heard claude", "mcp heard codex", "mcp heard gemini"] {
         assert!(text.contains(answer), "{text}");
     }
+    // Codex answered twice, one run after the other: the first, then the tool's.
+    let id = ahead.body["runId"].as_str().unwrap();
+    let first = app.get(&format!("/api/runs/{id}"), Some(&token)).await;
+    assert_eq!(
+        first.body["sandboxes"]["codex"]["state"], "done",
+        "{}",
+        first.text
+    );
     // Bad input is an MCP error, not a hang.
     let args = json!({"prompt": "x", "providers": ["gpt"]})
         .as_object()
@@ -608,7 +756,6 @@ pub(crate) async fn start_with_key(
     providers: &[&str],
     key: &str,
 ) -> String {
-    use base64::Engine;
     let t = Some(token);
     let r = app
         .post(
@@ -619,8 +766,17 @@ pub(crate) async fn start_with_key(
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let run = r.body["runId"].as_str().unwrap().to_owned();
+    send_key(app, token, &r.body, key).await;
+    run
+}
+
+/// Seals `key` to each sandbox of the run `view` (the answer of `POST
+/// /api/runs`) and hands them over.
+pub(crate) async fn send_key(app: &TestApp, token: &str, view: &serde_json::Value, key: &str) {
+    use base64::Engine;
+    let run = view["runId"].as_str().unwrap();
     let mut creds = serde_json::Map::new();
-    for (provider, sb) in r.body["sandboxes"].as_object().unwrap() {
+    for (provider, sb) in view["sandboxes"].as_object().unwrap() {
         let pk = base64::engine::general_purpose::STANDARD
             .decode(sb["publicKey"].as_str().unwrap())
             .unwrap();
@@ -639,12 +795,11 @@ pub(crate) async fn start_with_key(
     let r = app
         .post(
             &format!("/api/runs/{run}/credentials"),
-            t,
+            Some(token),
             json!({"credentials": creds}),
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-    run
 }
 
 /// An OpenAI stand-in that takes each request and never answers.
