@@ -310,6 +310,9 @@ struct Run {
     finished_at: Mutex<Option<std::time::Instant>>,
     /// Told whenever a provider of any run ends (queued ones look again).
     turns: Arc<tokio::sync::Notify>,
+    /// Its place in the order runs were admitted (given under the run
+    /// table's lock): who goes first on a shared credential.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl Run {
@@ -427,14 +430,9 @@ pub enum RunError {
 }
 
 /// [`Runs::ahead`] over a table already locked.
-fn ahead_in(
-    runs: &HashMap<String, Arc<Run>>,
-    user: UserId,
-    provider: Provider,
-    at: (i64, &str),
-) -> usize {
+fn ahead_in(runs: &HashMap<String, Arc<Run>>, user: UserId, provider: Provider, seq: u64) -> usize {
     runs.values()
-        .filter(|r| r.user == user && (r.created_ms, r.id.as_str()) < at)
+        .filter(|r| r.user == user && r.seq.load(Ordering::Relaxed) < seq)
         .filter(|r| {
             r.providers.iter().any(|p| {
                 p.provider == provider && p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false)
@@ -451,6 +449,10 @@ pub struct Runs {
     cfg: RunsConfig,
     runs: Mutex<HashMap<String, Arc<Run>>>,
     turns: Arc<tokio::sync::Notify>,
+    /// Runs admitted so far (each run's `seq`).
+    admitted: std::sync::atomic::AtomicU64,
+    /// Set when the controller stops: no queued provider takes its turn.
+    stopping: AtomicBool,
 }
 
 impl Runs {
@@ -462,6 +464,8 @@ impl Runs {
             cfg,
             runs: Mutex::new(HashMap::new()),
             turns: Arc::new(tokio::sync::Notify::new()),
+            admitted: std::sync::atomic::AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -589,23 +593,32 @@ impl Runs {
             sealed: AtomicBool::new(false),
             finished_at: Mutex::new(None),
             turns: self.turns.clone(),
+            seq: std::sync::atomic::AtomicU64::new(u64::MAX),
         });
         // Never two live runs on one credential of a user: a provider
-        // another run of theirs holds waits its turn (`queued`). Decided
-        // and recorded under one lock, so two starts cannot both go first.
+        // another run of theirs holds waits its turn (`queued`). Its place
+        // is given and the decision recorded under one lock, so two starts
+        // cannot both go first, whichever made its sandboxes faster.
         let mut queued = std::collections::BTreeSet::new();
         if let Ok(mut r) = self.runs.lock() {
+            let seq = self.admitted.fetch_add(1, Ordering::Relaxed);
+            run.seq.store(seq, Ordering::Relaxed);
             for p in &run.providers {
-                if ahead_in(&r, user, p.provider, (created_ms, &id)) > 0 {
+                let ahead = ahead_in(&r, user, p.provider, seq);
+                if ahead > 0 {
                     if let Ok(mut s) = p.state.lock() {
                         *s = ProviderState::Queued;
+                    }
+                    if let Ok(mut q) = p.position.lock() {
+                        *q = Some(ahead);
                     }
                     queued.insert(p.provider);
                 }
             }
             r.insert(id.clone(), run.clone());
         }
-        self.store
+        let stored = self
+            .store
             .insert_run(&polydev_store::RunRecord {
                 id: id.clone(),
                 user_id: user,
@@ -615,10 +628,26 @@ impl Runs {
                 created_at_ms: run.created_ms,
                 finished_at_ms: None,
             })
-            .await
-            .map_err(ManagerError::from)?;
+            .await;
+        if let Err(e) = stored {
+            // Not a run after all: nothing may queue behind it.
+            if let Ok(mut r) = self.runs.lock() {
+                r.remove(&id);
+            }
+            for p in &run.providers {
+                let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
+            }
+            self.turns.notify_waiters();
+            return Err(ManagerError::from(e).into());
+        }
         for p in &run.providers {
             if queued.contains(&p.provider) {
+                if let Some(position) = p.position.lock().ok().and_then(|q| *q) {
+                    run.emit(RunEvent::Queued {
+                        provider: p.provider,
+                        position,
+                    });
+                }
                 let (me, r, provider) = (self.clone(), run.clone(), p.provider);
                 self.tasks
                     .spawn(async move { me.wait_turn(r, provider).await });
@@ -630,12 +659,11 @@ impl Runs {
     }
 
     /// How many live runs of `user` hold or wait for `provider` ahead of
-    /// the run made at `at` (its creation time and id: first come, first
-    /// served).
-    fn ahead(&self, user: UserId, provider: Provider, at: (i64, &str)) -> usize {
+    /// the run admitted `seq`th (first come, first served).
+    fn ahead(&self, user: UserId, provider: Provider, seq: u64) -> usize {
         self.runs
             .lock()
-            .map(|runs| ahead_in(&runs, user, provider, at))
+            .map(|runs| ahead_in(&runs, user, provider, seq))
             .unwrap_or(0)
     }
 
@@ -691,7 +719,10 @@ impl Runs {
             if !still_queued {
                 return; // cancelled, or the controller is stopping
             }
-            let ahead = self.ahead(run.user, provider, (run.created_ms, &run.id));
+            if self.stopping.load(Ordering::Relaxed) {
+                return; // the shutdown ends it as cancelled
+            }
+            let ahead = self.ahead(run.user, provider, run.seq.load(Ordering::Relaxed));
             if ahead == 0 {
                 if run.set_state(provider, ProviderState::AwaitingCredentials) {
                     if let Ok(mut q) = p.position.lock() {
@@ -799,6 +830,18 @@ impl Runs {
         for (provider, (_, kind)) in &sealed {
             if *kind == CredentialKind::CliLogin {
                 self.cfg.sign_in.check(*provider, admin)?;
+            }
+            // A queued provider's credential waits for its turn: said
+            // before any other is opened, so nothing starts half-way.
+            let queued = run.providers.iter().any(|p| {
+                p.provider == *provider
+                    && p.state
+                        .lock()
+                        .map(|s| *s == ProviderState::Queued)
+                        .unwrap_or(false)
+            });
+            if queued {
+                return Err(RunError::Queued(provider.as_str().to_owned()));
             }
         }
         for (provider, (box_, kind)) in &sealed {
@@ -1182,6 +1225,7 @@ impl Runs {
     /// Ends every live run (as cancelled) and joins the tasks that drove
     /// them.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let live: Vec<Arc<Run>> = self
             .runs
             .lock()

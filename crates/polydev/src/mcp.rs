@@ -148,13 +148,27 @@ pub async fn perspectives(
         .await?;
     // The stream, read as it comes (a queued provider's turn is on it).
     let mut events = String::new();
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream.chunk().await? {
-        buf.extend_from_slice(&chunk);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let chunk = stream.chunk().await?;
+        let done = chunk.is_none();
+        if let Some(c) = chunk {
+            buf.extend_from_slice(&c);
+            // Either line ending; blocks end with an empty line.
+            if buf.windows(2).any(|w| w == b"\r\n") {
+                buf = String::from_utf8_lossy(&buf)
+                    .replace("\r\n", "\n")
+                    .into_bytes();
+            }
+        } else if !buf.is_empty() {
+            buf.extend_from_slice(b"\n\n"); // what is left is the last block
+        }
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let block: Vec<u8> = buf.drain(..end + 2).collect();
             let block = String::from_utf8_lossy(&block).into_owned();
-            if block.contains("event: awaiting_credentials") {
+            let turn = block.lines().any(|l| l == "event: awaiting_credentials");
+            if turn {
                 let provider = block
                     .lines()
                     .find_map(|l| l.strip_prefix("data: "))
@@ -166,11 +180,17 @@ pub async fn perspectives(
                     });
                 if let Some(p) = provider.filter(|p| queued.contains(p)) {
                     if sent.insert(p) {
-                        send(vec![p]).await?;
+                        // One provider's refusal is its own answer, not the call's.
+                        if let Err(e) = send(vec![p]).await {
+                            refused.insert(p.as_str().to_owned(), format!("{e:#}"));
+                        }
                     }
                 }
             }
             events.push_str(&block);
+        }
+        if done {
+            break;
         }
     }
     let mut answers: BTreeMap<String, Value> = BTreeMap::new();
@@ -206,6 +226,12 @@ pub async fn perspectives(
                 _ => {}
             }
         }
+    }
+    for (p, message) in refused {
+        answers.insert(
+            p,
+            json!({"answer": "", "status": "error", "error": {"stage": "credentials", "message": message}}),
+        );
     }
     Ok(json!({"runId": id, "perspectives": answers}))
 }

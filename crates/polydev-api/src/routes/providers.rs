@@ -16,7 +16,7 @@ use crate::state::AppState;
 /// One provider's CLI and what this installation offers you with it.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct ProviderView {
+pub(crate) struct ProviderEntry {
     /// `claude_code`, `codex`, `gemini_cli`.
     id: &'static str,
     name: &'static str,
@@ -31,13 +31,13 @@ pub(crate) struct ProviderView {
     /// when the subscription sign-in is not offered to you, or login
     /// sessions are off here.
     sign_in_modes: Vec<&'static str>,
-    policy: PolicyView,
+    policy: SignInPolicyView,
 }
 
 /// The installation's subscription sign-in policy for one provider.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct PolicyView {
+pub(crate) struct SignInPolicyView {
     subscription_login: SubscriptionLogin,
     /// Whether the subscription sign-in is offered to you.
     offered_to_you: bool,
@@ -50,11 +50,11 @@ pub(crate) struct PolicyView {
 /// The providers: versions, credential kinds, sign-in modes and the policy
 /// with its reason, as they apply to you.
 #[utoipa::path(get, operation_id = "list_providers", path = "/api/providers", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = [ProviderView]), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = [ProviderEntry]), (status = 401, body = ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     CurrentUser(principal): CurrentUser,
-) -> ApiResult<Json<Vec<ProviderView>>> {
+) -> ApiResult<Json<Vec<ProviderEntry>>> {
     let admin = principal.is_admin();
     let modes = state.logins.as_ref().map(|l| l.modes()).unwrap_or_default();
     let views = Provider::ALL
@@ -67,7 +67,7 @@ pub(crate) async fn list(
             if offered {
                 kinds.push("cli_login");
             }
-            ProviderView {
+            ProviderEntry {
                 id: p.as_str(),
                 name: info.name,
                 package: info.package,
@@ -78,7 +78,7 @@ pub(crate) async fn list(
                 } else {
                     Vec::new()
                 },
-                policy: PolicyView {
+                policy: SignInPolicyView {
                     subscription_login: policy,
                     offered_to_you: offered,
                     reason: info.terms.reason,

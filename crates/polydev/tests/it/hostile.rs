@@ -149,7 +149,10 @@ async fn a_symlink_planted_in_the_sandbox_never_leads_the_controller_to_a_host_s
     );
     let cfg = config(
         dir.path(),
-        &format!("{LOOPBACK_EGRESS}[login]\ntemplate = \"minimal\"\n[login.providers.claude_code]\nbrowser = '{plant}'\ncredential_file = \"/home/sandbox/.never\"\n"),
+        &format!(
+            "{LOOPBACK_EGRESS}[login]\ntemplate = \"minimal\"\n[login.providers.claude_code]\nbrowser = '{plant}'\ncredential_file = \"/home/sandbox/.never\"\n{}",
+            crate::login::subscription_login_for(&["claude_code"])
+        ),
     );
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", &cfg]).await;
     let (uid, token, _) = crate::login::vault_user(&app, "attacker@example.com").await;
