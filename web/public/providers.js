@@ -61,8 +61,12 @@ export async function renderProviders(view, user) {
         el("a", { href: policy.terms, target: "_blank", rel: "noopener noreferrer" }, "The vendor's terms"),
         info.version ? ` · CLI ${info.version}` : null)
       : null;
-    const signIn = el("button", { type: "button", id: `signin-${p.id}`, disabled: !offered.includes("browser") }, "Sign in");
-    const code = el("button", { type: "button", id: `code-${p.id}`, class: "secondary", disabled: !offered.includes("code") }, "Use a code");
+    // A code (device code or paste-back) is the first choice where the CLI
+    // has one: no remote browser to stream. The streamed browser is for
+    // the CLIs that need it.
+    const codeFirst = offered.includes("code");
+    const signIn = el("button", { type: "button", id: `signin-${p.id}`, class: codeFirst ? "secondary" : null, disabled: !offered.includes("browser") }, codeFirst ? "Sign in in a remote browser" : "Sign in");
+    const code = el("button", { type: "button", id: `code-${p.id}`, class: codeFirst ? null : "secondary", disabled: !codeFirst }, "Sign in with a code");
     const keyInput = el("input", { type: "password", id: `apikey-${p.id}`, autocomplete: "off", placeholder: p.key });
     const saveKey = el("button", { type: "button", id: `save-key-${p.id}`, class: "secondary" }, "Save key");
     const start = (mode) => async () => {
@@ -91,7 +95,7 @@ export async function renderProviders(view, user) {
     return el("div", { class: "card provider" },
       el("h2", {}, p.name, " ", state),
       policyLine,
-      el("div", { class: "actions" }, signIn, code),
+      el("div", { class: "actions" }, ...(codeFirst ? [code, signIn] : [signIn, code])),
       el("div", { class: "provider-row" }, keyInput, saveKey));
   });
 
