@@ -130,8 +130,11 @@ export function renderRuns(view) {
       cell.ended = true;
       cell.state.textContent = "done";
       const u = d.usage || {};
-      if (u.inputTokens != null || u.outputTokens != null) cell.note.textContent = `${u.inputTokens ?? "?"} tokens in, ${u.outputTokens ?? "?"} out`;
-      else cell.note.textContent = "";
+      const parts = [];
+      if (u.inputTokens != null || u.outputTokens != null) parts.push(`${u.inputTokens ?? "?"} tokens in, ${u.outputTokens ?? "?"} out`);
+      // At the vendor's list prices, as the CLI computed it (not a bill).
+      if (u.costUsd != null) parts.push(`$${u.costUsd < 0.01 ? u.costUsd.toFixed(4) : u.costUsd.toFixed(2)} at list price`);
+      cell.note.textContent = parts.join(" · ");
     });
     on("error", (cell, d) => {
       cell.ended = true;

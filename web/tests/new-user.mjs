@@ -19,7 +19,7 @@ const EMAIL = "newcomer@example.com";
 const PASSWORD = "a long first password";
 const server = await startServer(["--config", input.config, "--images-dir", input.imagesDir], { sandboxes: true });
 const chrome = await startBrowser();
-const out = { states: {}, answers: {}, console: [] };
+const out = { states: {}, answers: {}, notes: {}, console: [] };
 const page = await chrome.browser.newPage({ viewport: { width: 1280, height: 1000 } });
 page.setDefaultTimeout(30_000);
 page.on("console", (m) => { if (m.type() === "error") out.console.push(`${m.text()} at ${m.location()?.url}`); });
@@ -71,6 +71,7 @@ try {
     await page.locator(`#state-${p}`).filter({ hasText: /^(done|failed|timed out)$/ }).waitFor({ timeout: 180_000 });
     out.states[p] = await page.textContent(`#state-${p}`);
     out.answers[p] = await page.textContent(`#answer-${p}`);
+    out.notes[p] = await page.textContent(`#note-${p}`);
   }));
   await page.locator("#run:not([disabled])").waitFor({ timeout: 30_000 });
   await page.screenshot({ path: artifactPath("new-user-run.png"), fullPage: true });

@@ -325,10 +325,12 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
                 (!text.is_empty()).then_some(Line::Delta(text))
             }
             "result" if v["is_error"] == true => Some(Line::Failure(message_of(&v["result"]))),
-            "result" => Some(Line::Done(usage(
-                &v["usage"]["input_tokens"],
-                &v["usage"]["output_tokens"],
-            ))),
+            "result" => Some(Line::Done(Usage {
+                cost_usd: v["total_cost_usd"]
+                    .as_f64()
+                    .filter(|c| c.is_finite() && *c >= 0.0),
+                ..usage(&v["usage"]["input_tokens"], &v["usage"]["output_tokens"])
+            })),
             _ => None,
         },
         // `codex exec --json`
@@ -406,19 +408,25 @@ pub fn last_meaningful_line(stderr: &str) -> Option<String> {
         .map(|l| message_of(&Value::String(l.to_owned())))
 }
 
-/// The tokens a CLI's stream reported for its answer (absent when it
+/// What a CLI's stream reported its answer used (each absent when it
 /// reported none).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// The cost the CLI computed at its vendor's list prices, in US
+    /// dollars (Claude Code reports it; with a subscription it is what the
+    /// answer would have cost, not a bill).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 fn usage(input: &Value, output: &Value) -> Usage {
     Usage {
         input_tokens: input.as_u64(),
         output_tokens: output.as_u64(),
+        cost_usd: None,
     }
 }
 
@@ -548,7 +556,44 @@ mod tests {
         Line::Done(Usage {
             input_tokens: Some(input),
             output_tokens: Some(output),
+            cost_usd: None,
         })
+    }
+
+    /// Streams captured from the pinned CLIs themselves (2026-12-01: Claude
+    /// Code 2.1.332, Codex 0.171.0, Gemini CLI 0.61.0, each answering the
+    /// loopback stand-in of its provider; machine paths replaced by the
+    /// sandbox's home): what they read as, usage and Claude's cost
+    /// included.
+    #[test]
+    fn streams_captured_from_the_pinned_clis_read_as_answer_and_usage() {
+        let claude = read(
+            Provider::ClaudeCode,
+            include_str!("../fixtures/claude_code_captured.jsonl"),
+        );
+        assert_eq!(claude.first(), Some(&Line::Delta("captured claude".into())));
+        match claude.last() {
+            Some(Line::Done(u)) => {
+                assert_eq!((u.input_tokens, u.output_tokens), (Some(10), Some(5)));
+                let cost = u.cost_usd.expect("Claude Code reports its cost");
+                assert!(cost > 0.0 && cost < 0.01, "{cost}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read(
+                Provider::Codex,
+                include_str!("../fixtures/codex_captured.jsonl")
+            ),
+            vec![Line::Delta("captured codex".into()), done(10, 5)]
+        );
+        assert_eq!(
+            read(
+                Provider::GeminiCli,
+                include_str!("../fixtures/gemini_cli_captured.jsonl")
+            ),
+            vec![Line::Delta("captured gemini".into()), done(20, 10)]
+        );
     }
 
     #[test]

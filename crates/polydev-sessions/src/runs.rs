@@ -1398,10 +1398,11 @@ mod tests {
                     usage: Usage {
                         input_tokens: Some(3),
                         output_tokens: None,
+                        cost_usd: Some(0.25),
                     },
                 },
                 "done",
-                json!({"exitCode": 0, "usage": {"inputTokens": 3, "outputTokens": null}, "provider": "codex"}),
+                json!({"exitCode": 0, "usage": {"inputTokens": 3, "outputTokens": null, "costUsd": 0.25}, "provider": "codex"}),
             ),
             (
                 RunEvent::Error {

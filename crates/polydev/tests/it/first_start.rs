@@ -317,6 +317,21 @@ async fn a_new_user_signs_up_connects_runs_and_returns_on_the_real_images() {
             "{p}: {v}"
         );
     }
+    // Each answer shows its usage; Claude Code's also the list-price cost
+    // it computed.
+    for p in ["claude_code", "codex", "gemini_cli"] {
+        assert!(
+            v["notes"][p].as_str().unwrap().contains("tokens in"),
+            "{p}: {v}"
+        );
+    }
+    assert!(
+        v["notes"]["claude_code"]
+            .as_str()
+            .unwrap()
+            .contains("at list price"),
+        "{v}"
+    );
     // Claude Code answered on the login's OAuth token, not on a key.
     assert!(anthropic
         .seen()
