@@ -138,7 +138,7 @@ export function renderRuns(view) {
     });
     on("error", (cell, d) => {
       cell.ended = true;
-      cell.state.textContent = d.stage === "cancelled" ? "cancelled" : d.stage === "timeout" ? "timed out" : "failed";
+      cell.state.textContent = { cancelled: "cancelled", timeout: "timed out", rate_limited: "rate-limited", queue: "gave up waiting" }[d.stage] || "failed";
       cell.note.textContent = "";
       if (!seen.has(cell)) cell.answer.append(el("span", { class: "error-text" }, `\n${d.message}`));
       seen.add(cell);

@@ -325,6 +325,16 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
                 (!text.is_empty()).then_some(Line::Delta(text))
             }
             "result" if v["is_error"] == true => Some(Line::Failure(message_of(&v["result"]))),
+            // Its own retry of a failed API call: what failed, and when it
+            // tries again.
+            "system" if v["subtype"] == "api_retry" => Some(Line::Retrying(format!(
+                "Anthropic answered HTTP {} ({}); retry {} of {} in {} s",
+                v["error_status"].as_u64().unwrap_or(0),
+                v["error"].as_str().unwrap_or("error"),
+                v["attempt"].as_u64().unwrap_or(0),
+                v["max_retries"].as_u64().unwrap_or(0),
+                v["retry_delay_ms"].as_u64().unwrap_or(0).div_ceil(1000),
+            ))),
             "result" => Some(Line::Done(Usage {
                 cost_usd: v["total_cost_usd"]
                     .as_f64()
@@ -368,6 +378,22 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
             _ => None,
         },
     }
+}
+
+/// Whether what a CLI said (a failure, a retry notice, its stderr) is its
+/// provider refusing for a rate or usage limit: HTTP 429 in the words each
+/// CLI uses (Claude Code's `rate_limit`, Codex's "429 Too Many Requests",
+/// Gemini CLI's "failed with status 429", Google's `RESOURCE_EXHAUSTED`).
+pub fn is_rate_limit(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("http 429")
+        || t.contains("status 429")
+        || t.contains("status: 429")
+        || t.contains("429 too many requests")
+        || t.contains("rate_limit")
+        || t.contains("rate limit")
+        || t.contains("resource_exhausted")
+        || t.contains("usage limit")
 }
 
 /// A message from a CLI's stream as one short sentence: a string as is, an
@@ -558,6 +584,42 @@ mod tests {
             output_tokens: Some(output),
             cost_usd: None,
         })
+    }
+
+    /// What each pinned CLI says when its provider answers HTTP 429
+    /// (captured 2026-12-01 against a stand-in answering 429 to every
+    /// call): Claude Code retries and says why, Codex gives up at once,
+    /// Gemini CLI retries on its stderr; each reads as a rate limit.
+    #[test]
+    fn each_clis_rate_limit_words_read_as_a_rate_limit() {
+        let claude = read(
+            Provider::ClaudeCode,
+            include_str!("../fixtures/claude_code_429.jsonl"),
+        );
+        assert_eq!(
+            claude.first(),
+            Some(&Line::Retrying(
+                "Anthropic answered HTTP 429 (rate_limit); retry 1 of 10 in 1 s".into()
+            ))
+        );
+        assert!(claude
+            .iter()
+            .all(|l| matches!(l, Line::Retrying(m) if is_rate_limit(m))));
+        let codex = read(Provider::Codex, include_str!("../fixtures/codex_429.jsonl"));
+        match codex.last() {
+            Some(Line::Failure(m)) => assert!(is_rate_limit(m), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(is_rate_limit(
+            "Attempt 3 failed with status 429. Retrying with backoff..."
+        ));
+        for not in [
+            "Invalid API key · Please run /login",
+            "exit code 1",
+            "HTTP 500",
+        ] {
+            assert!(!is_rate_limit(not), "{not}");
+        }
     }
 
     /// Streams captured from the pinned CLIs themselves (2026-12-01: Claude

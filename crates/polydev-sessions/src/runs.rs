@@ -151,6 +151,9 @@ pub enum ErrorStage {
     /// It waited its turn behind another run on the same credential for
     /// longer than the queue allows.
     Queue,
+    /// Its provider refused for a rate or usage limit (HTTP 429), and the
+    /// CLI gave up or was still waiting when the deadline passed.
+    RateLimited,
 }
 
 /// One event of a run's stream (`docs/RUNS.md`): per provider, then `End`.
@@ -963,7 +966,7 @@ impl Runs {
             let mut out = Output::default();
             loop {
                 let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
-                    return Ok(Ended::TimedOut(None));
+                    return Ok(Ended::TimedOut(None, out.limited()));
                 };
                 match next? {
                     AgentEvent::Stdout { data } => {
@@ -977,6 +980,7 @@ impl Runs {
                                 }
                                 Line::Retrying(message) => {
                                     out.retries += 1;
+                                    out.rate_limited |= crate::providers::is_rate_limit(&message);
                                     run.emit(RunEvent::Retrying { provider, message, attempt: out.retries })
                                 }
                                 // Sent once the provider's state says so,
@@ -1022,7 +1026,7 @@ impl Runs {
                             }
                         }
                         if timed_out {
-                            return Ok(Ended::TimedOut(code));
+                            return Ok(Ended::TimedOut(code, out.limited()));
                         }
                         return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
@@ -1051,7 +1055,15 @@ impl Runs {
         };
         match result {
             _ if cancelled => {}
-            Ok(Ended::TimedOut(code)) => {
+            Ok(Ended::TimedOut(code, true)) => failed(
+                format!(
+                    "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; try again once the limit resets",
+                    self.cfg.deadline.as_secs()
+                ),
+                ErrorStage::RateLimited,
+                code,
+            ),
+            Ok(Ended::TimedOut(code, false)) => {
                 let mut message = format!(
                     "{name} gave no answer within {} s (the run's deadline) and was stopped",
                     self.cfg.deadline.as_secs()
@@ -1082,7 +1094,15 @@ impl Runs {
                 }
             }
             Ok(Ended::Exited(code, out)) => {
-                let reason = unreachable
+                // A rate limit the stream reported explains the end better
+                // than anything else it tried and could not reach.
+                let limit = out
+                    .failure
+                    .clone()
+                    .filter(|f| crate::providers::is_rate_limit(f));
+                let limited = out.limited() || limit.is_some();
+                let reason = limit
+                    .or(unreachable)
                     .or(out.failure)
                     .or_else(|| last_meaningful_line(&out.stderr))
                     .unwrap_or_else(|| "it gave no reason".into());
@@ -1091,7 +1111,15 @@ impl Runs {
                     Some(c) => format!("stopped with exit code {c}"),
                     None => "was stopped by a signal".to_owned(),
                 };
-                failed(format!("{name} {how}: {reason}"), ErrorStage::Cli, code);
+                if limited || crate::providers::is_rate_limit(&reason) {
+                    failed(
+                        format!("{name} {how}: its provider refused it for a rate or usage limit ({reason}); try again once the limit resets"),
+                        ErrorStage::RateLimited,
+                        code,
+                    );
+                } else {
+                    failed(format!("{name} {how}: {reason}"), ErrorStage::Cli, code);
+                }
             }
             Err(e) => {
                 tracing::warn!(run = %run.id, provider = provider.as_str(), error = %e, "run sandbox failed");
@@ -1275,8 +1303,9 @@ impl Runs {
 enum Ended {
     /// Exit code and what its output said.
     Exited(Option<i32>, Output),
-    /// The run's deadline passed (the exit code, when the agent reported one).
-    TimedOut(Option<i32>),
+    /// The run's deadline passed (the exit code, when the agent reported
+    /// one; whether its provider had refused it for a rate limit).
+    TimedOut(Option<i32>, bool),
     /// Its output passed a bound (`answer` or `events`).
     TooLarge(&'static str),
 }
@@ -1294,7 +1323,17 @@ struct Output {
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,
+    /// Its provider refused for a rate limit at least once.
+    rate_limited: bool,
     stderr: String,
+}
+
+impl Output {
+    /// Whether its provider refused it for a rate limit: a retry notice or
+    /// its stderr said so.
+    fn limited(&self) -> bool {
+        self.rate_limited || crate::providers::is_rate_limit(&self.stderr)
+    }
 }
 
 impl Output {

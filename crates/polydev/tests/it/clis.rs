@@ -316,6 +316,57 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     assert_eq!(&opened[..], b"perspective of claude");
 }
 
+/// A provider that refuses for a rate limit (HTTP 429 from each stand-in)
+/// is reported as `rate_limited`, not as a generic failure: Codex gives up
+/// at once; Claude Code and Gemini CLI retry (Claude's retries show as
+/// `retrying` with the status) until the run's deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_provider_is_reported_as_rate_limited() {
+    let stub = |p| polydev_stubs::start(p, "never", Some(429));
+    let (a, o, g) = (
+        stub(Provider::Anthropic).await.unwrap(),
+        stub(Provider::OpenAi).await.unwrap(),
+        stub(Provider::Gemini).await.unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), a.addr.port(), o.addr.port(), g.addr.port());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("deadline_secs = 60", "deadline_secs = 8");
+    std::fs::write(&config, text).unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("limited@example.com").await;
+    let (_, events) = run_with_key(
+        &app,
+        &token,
+        &["claude_code", "codex", "gemini_cli"],
+        "sk-x",
+    )
+    .await;
+    for p in ["claude_code", "codex", "gemini_cli"] {
+        let last = events
+            .iter()
+            .rev()
+            .find(|(_, d)| d["provider"] == p)
+            .unwrap();
+        assert_eq!(
+            (last.0.as_str(), &last.1["stage"]),
+            ("error", &json!("rate_limited")),
+            "{p}: {events:?}"
+        );
+        assert!(
+            last.1["message"].as_str().unwrap().contains("limit"),
+            "{p}: {last:?}"
+        );
+    }
+    assert!(
+        events.iter().any(|(e, d)| e == "retrying"
+            && d["provider"] == "claude_code"
+            && d["message"].as_str().unwrap().contains("HTTP 429")),
+        "{events:?}"
+    );
+}
+
 /// A queued provider waits at most `queue_wait`, then fails with stage
 /// `queue` (and frees its sandbox), not a hang.
 #[tokio::test(flavor = "multi_thread")]
