@@ -133,7 +133,10 @@ export function renderRuns(view) {
       const parts = [];
       if (u.inputTokens != null || u.outputTokens != null) parts.push(`${u.inputTokens ?? "?"} tokens in, ${u.outputTokens ?? "?"} out`);
       // At the vendor's list prices, as the CLI computed it (not a bill).
-      if (u.costUsd != null) parts.push(`$${u.costUsd < 0.01 ? u.costUsd.toFixed(4) : u.costUsd.toFixed(2)} at list price`);
+      if (u.costUsd != null && Number.isFinite(u.costUsd) && u.costUsd >= 0) {
+        const c = u.costUsd;
+        parts.push(`${c < 0.0001 ? "<$0.0001" : c < 0.01 ? `$${c.toFixed(4)}` : c < 1e6 ? `$${c.toFixed(2)}` : ">$1,000,000"} at list price`);
+      }
       cell.note.textContent = parts.join(" · ");
     });
     on("error", (cell, d) => {

@@ -68,7 +68,7 @@ try {
   await page.fill("#key-gemini_cli", input.key);
   await page.click("#run");
   await Promise.all(["claude_code", "codex", "gemini_cli"].map(async (p) => {
-    await page.locator(`#state-${p}`).filter({ hasText: /^(done|failed|timed out)$/ }).waitFor({ timeout: 180_000 });
+    await page.locator(`#state-${p}`).filter({ hasText: /^(done|failed|timed out|rate-limited|gave up waiting|cancelled)$/ }).waitFor({ timeout: 180_000 });
     out.states[p] = await page.textContent(`#state-${p}`);
     out.answers[p] = await page.textContent(`#answer-${p}`);
     out.notes[p] = await page.textContent(`#note-${p}`);

@@ -386,14 +386,38 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
 /// Gemini CLI's "failed with status 429", Google's `RESOURCE_EXHAUSTED`).
 pub fn is_rate_limit(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
-    t.contains("http 429")
-        || t.contains("status 429")
-        || t.contains("status: 429")
-        || t.contains("429 too many requests")
-        || t.contains("rate_limit")
-        || t.contains("rate limit")
-        || t.contains("resource_exhausted")
-        || t.contains("usage limit")
+    [
+        "http 429",
+        "status 429",
+        "429 too many requests",
+        "rate_limit",
+        "rate limit",
+        "resource_exhausted",
+        "usage_limit_reached",
+        "usage limit reached",
+    ]
+    .iter()
+    .any(|phrase| has_word(&t, phrase))
+}
+
+/// `phrase` in `text` as whole words (not "sepa*rate limit*").
+fn has_word(text: &str, phrase: &str) -> bool {
+    let edge = |c: Option<char>| c.is_none_or(|c| !c.is_ascii_alphanumeric());
+    text.match_indices(phrase).any(|(i, _)| {
+        edge(text[..i].chars().next_back()) && edge(text[i + phrase.len()..].chars().next())
+    })
+}
+
+/// Whether a CLI's stderr says its last retry was for a rate limit:
+/// Gemini CLI retries there ("Attempt 3 failed with status 429. Retrying
+/// with backoff..."); only its last such line counts (one that got
+/// through later is not a limit).
+pub fn stderr_says_rate_limited(stderr: &str) -> bool {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("Attempt ") && l.contains(" failed"))
+        .is_some_and(is_rate_limit)
 }
 
 /// A message from a CLI's stream as one short sentence: a string as is, an
@@ -610,16 +634,23 @@ mod tests {
             Some(Line::Failure(m)) => assert!(is_rate_limit(m), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(is_rate_limit(
-            "Attempt 3 failed with status 429. Retrying with backoff..."
+        assert!(stderr_says_rate_limited(include_str!(
+            "../fixtures/gemini_cli_429.stderr"
+        )));
+        assert!(!stderr_says_rate_limited(
+            "Attempt 1 failed with status 429. Retrying\nAttempt 2 failed with status 500. Retrying"
         ));
         for not in [
             "Invalid API key · Please run /login",
             "exit code 1",
             "HTTP 500",
+            "a separate limit on accurate limits",
+            "memory usage limit of 512 MiB",
+            "HTTP 4290",
         ] {
             assert!(!is_rate_limit(not), "{not}");
         }
+        assert!(is_rate_limit("Claude AI usage limit reached|1767225600"));
     }
 
     /// Streams captured from the pinned CLIs themselves (2026-12-01: Claude

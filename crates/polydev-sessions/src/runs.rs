@@ -976,11 +976,14 @@ impl Runs {
                         for line in out.lines(provider, &bytes) {
                             let emitted = match line {
                                 Line::Delta(text) => {
+                                    // It got through: an earlier limit is over.
+                                    out.rate_limited = false;
                                     run.emit(RunEvent::Delta { provider, text })
                                 }
                                 Line::Retrying(message) => {
                                     out.retries += 1;
-                                    out.rate_limited |= crate::providers::is_rate_limit(&message);
+                                    // Whether the latest retry is for a limit.
+                                    out.rate_limited = crate::providers::is_rate_limit(&message);
                                     run.emit(RunEvent::Retrying { provider, message, attempt: out.retries })
                                 }
                                 // Sent once the provider's state says so,
@@ -1055,14 +1058,16 @@ impl Runs {
         };
         match result {
             _ if cancelled => {}
-            Ok(Ended::TimedOut(code, true)) => failed(
-                format!(
+            Ok(Ended::TimedOut(code, true)) => {
+                let mut message = format!(
                     "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; try again once the limit resets",
                     self.cfg.deadline.as_secs()
-                ),
-                ErrorStage::RateLimited,
-                code,
-            ),
+                );
+                if let Some(u) = &unreachable {
+                    message.push_str(&format!("; also, {u}"));
+                }
+                failed(message, ErrorStage::RateLimited, code);
+            }
             Ok(Ended::TimedOut(code, false)) => {
                 let mut message = format!(
                     "{name} gave no answer within {} s (the run's deadline) and was stopped",
@@ -1100,7 +1105,9 @@ impl Runs {
                     .failure
                     .clone()
                     .filter(|f| crate::providers::is_rate_limit(f));
-                let limited = out.limited() || limit.is_some();
+                // The final cause decides: a failure the stream reported
+                // that is not a limit is not one, whatever came before.
+                let limited = limit.is_some() || (out.failure.is_none() && out.limited());
                 let reason = limit
                     .or(unreachable)
                     .or(out.failure)
@@ -1323,7 +1330,7 @@ struct Output {
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,
-    /// Its provider refused for a rate limit at least once.
+    /// Its latest retry was for a rate limit (cleared once it got through).
     rate_limited: bool,
     stderr: String,
 }
@@ -1332,7 +1339,7 @@ impl Output {
     /// Whether its provider refused it for a rate limit: a retry notice or
     /// its stderr said so.
     fn limited(&self) -> bool {
-        self.rate_limited || crate::providers::is_rate_limit(&self.stderr)
+        self.rate_limited || crate::providers::stderr_says_rate_limited(&self.stderr)
     }
 }
 

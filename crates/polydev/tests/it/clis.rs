@@ -355,7 +355,11 @@ async fn a_rate_limited_provider_is_reported_as_rate_limited() {
             "{p}: {events:?}"
         );
         assert!(
-            last.1["message"].as_str().unwrap().contains("limit"),
+            last.1["message"].as_str().unwrap().contains("HTTP 429")
+                || last.1["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("429 Too Many Requests"),
             "{p}: {last:?}"
         );
     }
