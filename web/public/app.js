@@ -85,13 +85,15 @@ const routes = {
     })),
   },
   "/unlock": {
+    title: "Unlock",
     render: () => {
       const password = el("input", { type: "password", id: "password", autocomplete: "current-password", required: true });
       const status = el("div", { class: "status" });
       const button = el("button", { type: "submit" }, "Unlock");
       const form = el("form", { class: "card", novalidate: true },
         el("h1", {}, "Unlock your vault"),
-        el("p", { class: "muted" }, `Signed in as ${currentUser.email}. Your vault is locked; your password unlocks it on this device.`),
+        el("p", { class: "muted" }, `Signed in as ${currentUser.email}. Your password unlocks your vault on this device.`),
+        el("p", { class: "muted", id: "why-locked" }, "Why locked: your vault's key lives only in this tab's memory, never on disk or on the server, so a reload, a new tab or a while idle locks it again."),
         el("label", { for: "password" }, "Password"), password, button, status);
       form.addEventListener("submit", async (event) => {
         event.preventDefault();
@@ -195,6 +197,7 @@ async function render() {
     cleanup = null;
   }
   const route = routes[location.pathname];
+  document.title = route && route.title ? `${route.title} · polydev` : route ? "polydev" : "Not found · polydev";
   if (!route) {
     renderChrome();
     show(el("h1", {}, "Not found"), el("p", {}, el("a", { href: "/", "data-link": true }, "Home")));
@@ -227,8 +230,16 @@ async function render() {
     return;
   }
   renderChrome();
-  const stop = await route.render();
-  if (typeof stop === "function") cleanup = stop;
+  // The page changes even when the server cannot be reached: its heading
+  // and why, never the previous page under a new address.
+  try {
+    const stop = await route.render();
+    if (typeof stop === "function") cleanup = stop;
+  } catch (e) {
+    show(el("h1", {}, route.title || "polydev"),
+      errorBox(`Cannot load this page: ${e.message}. Is the server reachable?`),
+      el("p", {}, el("a", { href: location.pathname, "data-link": true }, "Try again")));
+  }
 }
 
 document.addEventListener("click", (event) => {

@@ -52,6 +52,7 @@ test("a new user signs up, unlocks after a reload, is auto-locked, logs out and 
   await page.locator("#welcome").waitFor();
   assert.equal(await page.locator("#welcome").innerText(), "Signed in as ada@example.com.");
   assert.equal(await page.locator("#vault-state").innerText(), "Vault unlocked on this device.");
+  assert.equal(await page.title(), "Home · polydev");
   await page.screenshot({ path: artifactPath("home.png") });
 
   // The session is an HttpOnly cookie: present, but invisible to scripts.
@@ -63,6 +64,9 @@ test("a new user signs up, unlocks after a reload, is auto-locked, logs out and 
   // A reload forgets the keys: the vault must be unlocked again.
   await page.reload();
   await page.waitForURL("**/unlock");
+  // It says why: the key lives only in this tab.
+  assert.match(await page.locator("#why-locked").innerText(), /only in this tab's memory/);
+  assert.equal(await page.title(), "Unlock · polydev");
   await page.fill("#password", "wrong horse battery");
   await page.click("button[type=submit]");
   await page.locator(".error").waitFor();
@@ -76,6 +80,17 @@ test("a new user signs up, unlocks after a reload, is auto-locked, logs out and 
   await page.screenshot({ path: artifactPath("unlock.png") });
   await page.fill("#password", PASSWORD);
   await page.click("button[type=submit]");
+  await page.locator("#welcome").waitFor();
+
+  // With the server unreachable, navigating still changes the page: its
+  // heading and why, not the old page under a new address.
+  await page.route("**/api/**", (r) => r.abort());
+  await page.click("a[href='/providers']");
+  await page.locator("h1 >> text=Providers").waitFor();
+  await page.locator(".error").waitFor();
+  assert.equal(await page.title(), "Providers · polydev");
+  await page.unroute("**/api/**");
+  await page.click("a[href='/']");
   await page.locator("#welcome").waitFor();
 
   await page.click("#logout");
