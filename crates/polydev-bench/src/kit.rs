@@ -43,15 +43,8 @@ impl Server {
     pub(crate) fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let exe = crate::polydev_exe()?;
         let dir = tempfile::tempdir()?;
-        let mut cmd = Command::new(&exe);
+        let mut cmd = polydev_testkit::Serve::command(&exe);
         cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--egress-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
             "--log-level",
             "info",
             // Benchmarks name their templates; no image builds beside them.
@@ -79,42 +72,31 @@ impl Server {
     }
 
     pub(crate) fn user_token(&self, email: &str, admin: bool) -> anyhow::Result<String> {
-        let exe = crate::polydev_exe()?;
-        let out = Command::new(exe)
-            .args(["user", "add", "--email", email])
-            .args(if admin { &["--admin"][..] } else { &[][..] })
-            .arg("--data-dir")
-            .arg(self._dir.path())
-            .output()?;
-        if !out.status.success() {
-            bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let v = polydev_testkit::user_add(
+            crate::polydev_exe()?,
+            &[
+                std::ffi::OsStr::new("--data-dir"),
+                self._dir.path().as_os_str(),
+            ],
+            email,
+            admin,
+            None,
+        )?;
         Ok(v["token"].as_str().unwrap_or_default().to_owned())
     }
 
     /// A user with a vault (enrolled from a password); returns (id, token).
     pub(crate) fn vault_user(&self, email: &str) -> anyhow::Result<(String, String)> {
-        use std::io::Write;
-        let exe = crate::polydev_exe()?;
-        let mut child = Command::new(exe)
-            .args(["user", "add", "--email", email, "--password-stdin"])
-            .arg("--data-dir")
-            .arg(self._dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("no stdin")?
-            .write_all(b"correct horse battery\n")?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let v = polydev_testkit::user_add(
+            crate::polydev_exe()?,
+            &[
+                std::ffi::OsStr::new("--data-dir"),
+                self._dir.path().as_os_str(),
+            ],
+            email,
+            false,
+            Some("correct horse battery"),
+        )?;
         Ok((
             v["id"].as_str().unwrap_or_default().to_owned(),
             v["token"].as_str().unwrap_or_default().to_owned(),

@@ -854,10 +854,8 @@ impl Runs {
                     provider.as_str()
                 )));
             };
+            // (Queued ones were refused above; none becomes queued again.)
             let state = p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed);
-            if state == ProviderState::Queued {
-                return Err(RunError::Queued(provider.as_str().to_owned()));
-            }
             if state != ProviderState::AwaitingCredentials {
                 return Err(RunError::Invalid(format!(
                     "{} already has its credential",

@@ -10,5 +10,5 @@ mod serve;
 mod wait;
 
 pub use enrol::{login_body, signup, wrong_login_body};
-pub use serve::Serve;
+pub use serve::{user_add, Serve};
 pub use wait::{eventually, eventually_blocking, eventually_every};

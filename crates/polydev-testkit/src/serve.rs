@@ -21,6 +21,22 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// `exe serve` with what [`Serve::start`] reads: the API and the egress
+    /// proxy on port 0 of loopback, the log as JSON. Add the rest.
+    pub fn command(exe: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--egress-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+        cmd
+    }
+
     /// Starts `command` (a `polydev serve` with its flags; it must log JSON
     /// to stderr) and waits, at most 30 s, for its "listening" line; every
     /// line it logs is kept for [`Serve::logs`].
@@ -148,4 +164,42 @@ impl Drop for Serve {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `exe user add --email EMAIL [--admin] [--password-stdin] STORE_ARGS`: a
+/// user made from the command line, as an operator would (with a vault
+/// when `password` is given); what it printed (`id`, `token`, …).
+pub fn user_add<S: AsRef<std::ffi::OsStr>>(
+    exe: impl AsRef<std::ffi::OsStr>,
+    store_args: &[S],
+    email: &str,
+    admin: bool,
+    password: Option<&str>,
+) -> anyhow::Result<Value> {
+    use std::io::Write;
+    let mut cmd = Command::new(exe);
+    cmd.args(["user", "add", "--email", email]);
+    if admin {
+        cmd.arg("--admin");
+    }
+    if password.is_some() {
+        cmd.arg("--password-stdin");
+    }
+    let mut child = cmd
+        .args(store_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run polydev user add")?;
+    let mut stdin = child.stdin.take().context("no stdin pipe")?;
+    if let Some(p) = password {
+        writeln!(stdin, "{p}")?;
+    }
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -71,35 +71,15 @@ impl App {
         body: Option<(&str, Vec<u8>)>,
         request_id: Option<&str>,
     ) -> Answer {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = Vec::new();
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b.as_str()));
         }
         if let Some(id) = request_id {
-            req = req.header("x-request-id", id);
+            headers.push(("x-request-id", id));
         }
-        let req = match body {
-            Some((content_type, bytes)) => req
-                .header("content-type", content_type)
-                .body(Body::from(bytes)),
-            None => req.body(Body::empty()),
-        };
-        let mut req = req.unwrap();
-        req.extensions_mut()
-            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
-        let res = self.router.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        Answer {
-            status,
-            headers,
-            body: serde_json::from_str(&text).unwrap_or(Value::Null),
-            text,
-        }
+        self.send(method, path, &headers, body).await
     }
 
     /// A request with headers of the caller's choosing (a cookie) and a
@@ -111,14 +91,25 @@ impl App {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> Answer {
+        let body = body.map(|b| ("application/json", serde_json::to_vec(&b).unwrap()));
+        self.send(method, path, headers, body).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Answer {
         let mut req = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = match body {
-            Some(b) => req
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&b).unwrap())),
+            Some((content_type, bytes)) => req
+                .header("content-type", content_type)
+                .body(Body::from(bytes)),
             None => req.body(Body::empty()),
         };
         let mut req = req.unwrap();

@@ -289,37 +289,14 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     // An admin with a vault (the admin operations and a login start get
     // past "who" and "no vault").
-    let out = {
-        use std::io::Write;
-        let mut child = std::process::Command::new(crate::app::BIN)
-            .args([
-                "user",
-                "add",
-                "--email",
-                "fuzz@example.com",
-                "--admin",
-                "--password-stdin",
-            ])
-            .args(crate::app::store_args(&app.db))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"correct horse battery\n")
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let admin = polydev_testkit::user_add(
+        crate::app::BIN,
+        &crate::app::store_args(&app.db),
+        "fuzz@example.com",
+        true,
+        Some("correct horse battery"),
+    )
+    .unwrap();
     let (me, token) = (
         admin["id"].as_str().unwrap(),
         admin["token"].as_str().unwrap(),

@@ -103,18 +103,8 @@ pub async fn python_script(script: &str, input: Value) -> Value {
 
 /// Spawns `polydev serve` and waits for its "listening" line.
 fn start(db: &TestDatabase, extra: &[String]) -> Serve {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--egress-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-        ])
+    let mut cmd = Serve::command(BIN);
+    cmd.args(["--log-level", "debug"])
         .args(store_args(db))
         .args(extra)
         // Tests sign many users up from one address; a test of the limit
