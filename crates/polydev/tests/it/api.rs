@@ -367,9 +367,21 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
         assert!(accepted, "{op} accepted nothing: {}", ops[op]);
     }
 
-    // NUL cannot be part of a process's argument or environment: said as
-    // a 400 before anything runs, not as a failure of the spawn.
+    // NUL cannot be part of a process's argument or environment, and the
+    // kernel refuses an argument over 128 KiB: said as a 400 before
+    // anything runs, not as a failure of the spawn; the count of
+    // arguments is bounded too.
     for (path, body, code) in [
+        (
+            format!("/api/sandboxes/{sandbox}/exec"),
+            json!({"cmd": ["echo", "x".repeat(128 * 1024)]}),
+            "invalid_exec",
+        ),
+        (
+            format!("/api/sandboxes/{sandbox}/exec"),
+            json!({"cmd": vec!["echo"; 4097]}),
+            "invalid_exec",
+        ),
         (
             format!("/api/sandboxes/{sandbox}/exec"),
             json!({"cmd": ["echo", "a\0b"]}),
