@@ -217,6 +217,22 @@ impl TestApp {
         read(req.send().await.expect("request reaches the server")).await
     }
 
+    /// A POST whose answer may take longer than the client's 20 s (a
+    /// command the test knows runs long on a slow machine).
+    pub async fn post_within(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+        within: Duration,
+    ) -> Reply {
+        let mut req = self.client.post(self.url(path)).timeout(within).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.expect("request reaches the server")).await
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
         self.send(Method::GET, path, token, None).await
     }

@@ -566,10 +566,13 @@ time.sleep(6)
     let hoarding = {
         let (app, token, id) = (&app, token.clone(), id.clone());
         async move {
-            app.post(
+            // 3000 connections take ~8 s here and over 14 s on a busy
+            // CI machine: longer than the client's usual 20 s allows.
+            app.post_within(
                 &format!("/api/sandboxes/{id}/exec"),
                 Some(&token),
-                json!({"cmd": ["python3", "-c", hoard], "timeoutMs": 60_000}),
+                json!({"cmd": ["python3", "-c", hoard], "timeoutMs": 90_000}),
+                Duration::from_secs(100),
             )
             .await
         }
