@@ -561,7 +561,7 @@ for i in range(3000):
     except OSError:
         break
 print(len(held), flush=True)
-time.sleep(6)
+time.sleep(10)
 "#;
     let hoarding = {
         let (app, token, id) = (&app, token.clone(), id.clone());
@@ -578,9 +578,9 @@ time.sleep(6)
         }
     };
     let counting = async {
-        // Counted once the hoard fills the relay (it holds it for 6 s).
+        // Counted once the hoard fills the relay (it holds it for 10 s).
         let during = crate::app::eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(20),
             "the hoard fills the relay",
             || async {
                 let now = controller_fds(&app);
