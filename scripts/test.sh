@@ -63,7 +63,7 @@ sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])
 PY
 export POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
 
-# The three AI CLIs at the pinned versions (crates/polydev-sessions/cli-packages.txt),
+# The AI CLIs at the pinned versions (crates/polydev-sessions/cli-packages.txt),
 # for the end-to-end test that runs them in a sandbox against local stubs.
 # POLYDEV_CLI_VERSION=latest tries the newest releases instead (on the host
 # only: the images keep the pins); scripts/cli-drift.sh is the drift check.
@@ -72,6 +72,9 @@ pin='s/@[^@]*$/&/'
 mapfile -t clis < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed "/^$/d; $pin")
 echo "==> AI CLIs: ${clis[*]}"
 as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${clis[@]}"
+# Copilot CLI unpacks its package once, where sandboxes read it (the
+# registry's `prepare` step does the same in the images).
+as_root env COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version >/dev/null
 
 # --- repository rules --------------------------------------------------------
 echo "==> cargo fmt --check"

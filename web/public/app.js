@@ -119,7 +119,7 @@ const routes = {
       el("p", { id: "vault-state", class: "muted" }, "Vault unlocked on this device."),
       el("section", { class: "card" },
         el("h2", {}, "Runs"),
-        el("p", {}, "Ask Claude Code, Codex and Gemini CLI at once, each in its own sandbox: ",
+        el("p", {}, "Ask several AI coding CLIs at once, each in its own sandbox: ",
           el("a", { href: "/runs", "data-link": true }, "start a run"), "."),
         el("p", { class: "muted" }, "Runs use your providers' API keys, sealed in this tab to each run's sandbox.")),
       el("section", { class: "card" },

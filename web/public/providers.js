@@ -1,4 +1,5 @@
-// The providers page: connect each CLI to your account. Three ways:
+// The providers page: connect each CLI (the server's provider registry
+// lists them) to your account. Three ways:
 //  - Sign in: a remote browser in a sandbox, streamed here with noVNC
 //    (the real client from npm) over the controller's WebSocket bridge;
 //    the CLI's credential file is sealed to your vault inside the sandbox.
@@ -9,12 +10,6 @@
 import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import * as session from "/session.js";
-
-const PROVIDERS = [
-  { id: "claude_code", name: "Claude Code", key: "Anthropic API key" },
-  { id: "codex", name: "Codex", key: "OpenAI API key" },
-  { id: "gemini_cli", name: "Gemini CLI", key: "Gemini API key" },
-];
 
 const LABELS = {
   booting: "Starting the remote browser…",
@@ -34,29 +29,29 @@ export async function renderProviders(view, user) {
 
   // What this installation offers you per provider (sign-in modes, the
   // policy and its reason), from the provider registry.
-  let registry = {};
+  // The CLIs themselves come from there too: nothing here knows one.
+  let list = [];
   let items = [];
   try {
-    let list;
     [list, items] = await Promise.all([
-      api.providers().catch(() => []),
+      api.providers(),
       api.vaultItems().then((r) => r.items),
     ]);
-    registry = Object.fromEntries(list.map((p) => [p.id, p]));
   } catch (e) {
     status.replaceChildren(errorBox(e.message));
   }
   const has = (id) => items.some((i) => i.id === id);
 
-  const rows = PROVIDERS.map((p) => {
+  const rows = list.map((info) => {
+    const p = { id: info.id, name: info.name, key: info.keyLabel };
     const state = el("span", { id: `provider-state-${p.id}`, class: "muted" },
       has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : "not connected");
-    const info = registry[p.id];
     const offered = (info && info.signInModes) || [];
     const policy = info && info.policy;
     const policyLine = policy
       ? el("p", { id: `policy-${p.id}`, class: "muted policy", "data-offered": String(policy.offeredToYou) },
-        policy.offeredToYou ? "Sign-in with your own account is offered here. " : "Sign-in with a subscription account is not offered here: ",
+        policy.offeredToYou ? "Sign-in with your own account is offered here. "
+          : info.hasSignIn ? "Sign-in with a subscription account is not offered here: " : "No sign-in: ",
         policy.offeredToYou ? null : policy.reason + ". ",
         el("a", { href: policy.terms, target: "_blank", rel: "noopener noreferrer" }, "The vendor's terms"),
         info.version ? ` · CLI ${info.version}` : null)
@@ -95,7 +90,9 @@ export async function renderProviders(view, user) {
     return el("div", { class: "card provider" },
       el("h2", {}, p.name, " ", state),
       policyLine,
-      el("div", { class: "actions" }, ...(codeFirst ? [code, signIn] : [signIn, code])),
+      // A CLI with no sign-in at all gets no sign-in buttons.
+      info.hasSignIn ? el("div", { class: "actions" }, ...(codeFirst ? [code, signIn] : [signIn, code])) : null,
+      el("p", { class: "muted small", id: `key-hint-${p.id}` }, `Its key: ${info.keyHint}.`),
       el("div", { class: "provider-row" }, keyInput, saveKey));
   });
 

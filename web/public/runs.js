@@ -1,4 +1,5 @@
-// The run page: one prompt to Claude Code, Codex and Gemini CLI, answers
+// The run page: one prompt to the CLIs you choose (the server's provider
+// registry lists them), answers
 // streaming in side by side, and the runs you made before. API keys typed
 // here are sealed in this tab to each run sandbox's key (HPKE, the same
 // format as polydev-vault); the server only relays the sealed boxes.
@@ -9,12 +10,8 @@ import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
 import { getSecret, openLoginCredential, openRunAnswer } from "/session.js";
 
-const PROVIDERS = [
-  { id: "claude_code", name: "Claude Code", keyLabel: "Anthropic API key" },
-  { id: "codex", name: "Codex", keyLabel: "OpenAI API key" },
-  { id: "gemini_cli", name: "Gemini CLI", keyLabel: "Gemini API key" },
-];
-const NAMES = Object.fromEntries(PROVIDERS.map((p) => [p.id, p.name]));
+// The CLIs' names, from the provider registry once it has answered.
+const NAMES = {};
 const PURPOSE = "polydev/run-credential/v1";
 const enc = new TextEncoder();
 
@@ -40,12 +37,11 @@ async function startWhenReady(prompt, providers, say, stopped) {
 }
 
 export function renderRuns(view) {
-  const prompt = el("textarea", { id: "prompt", rows: "4", required: true, placeholder: "Ask all three…" });
-  const choices = PROVIDERS.map((p) => {
-    const check = el("input", { type: "checkbox", id: `use-${p.id}`, checked: true });
-    const keyInput = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.keyLabel });
-    return { ...p, check, keyInput };
-  });
+  const prompt = el("textarea", { id: "prompt", rows: "4", required: true, placeholder: "Ask them all…" });
+  // Filled from the registry: a CLI is chosen when you have a key or a
+  // sign-in for it, or type a key into its row.
+  const choices = [];
+  const rows = el("div", { id: "provider-choices" }, el("p", { class: "muted" }, "Loading the CLIs…"));
   const run = el("button", { type: "submit", id: "run" }, "Run");
   const cancel = el("button", { type: "button", id: "cancel", disabled: true }, "Cancel");
   const status = el("div", { class: "status", id: "run-status" });
@@ -58,8 +54,7 @@ export function renderRuns(view) {
   const form = el("form", { class: "card", novalidate: true },
     el("h1", {}, "Runs"),
     el("label", { for: "prompt" }, "Prompt"), prompt,
-    ...choices.map((c) => el("div", { class: "provider-row" },
-      el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.keyInput)),
+    rows,
     el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them. Keys saved on the Providers page fill in here."),
     el("div", { class: "actions" }, run, cancel), status);
 
@@ -67,18 +62,28 @@ export function renderRuns(view) {
   // a CLI signed in on the providers page can run on that login instead.
   // Only items the list names are fetched (no 404 per missing key).
   const signedIn = new Set();
-  api.vaultItems().then(({ items }) => {
+  Promise.all([api.providers(), api.vaultItems().then((r) => r.items).catch(() => [])]).then(([list, items]) => {
     const has = (id) => items.some((i) => i.id === id);
-    for (const c of choices) {
+    for (const p of list) {
+      NAMES[p.id] = p.name;
+      const check = el("input", { type: "checkbox", id: `use-${p.id}` });
+      const keyInput = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.keyLabel, title: p.keyHint });
+      keyInput.addEventListener("input", () => { if (keyInput.value) check.checked = true; });
+      const c = { id: p.id, name: p.name, keyLabel: p.keyLabel, check, keyInput };
+      choices.push(c);
       if (has(`apikey.${c.id}`)) {
+        check.checked = true;
         getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {});
       }
       if (has(`credential.${c.id}`)) {
+        check.checked = true;
         signedIn.add(c.id);
         c.keyInput.placeholder = `${c.keyLabel} (empty: use your ${c.name} login)`;
       }
     }
-  }).catch(() => {});
+    rows.replaceChildren(...choices.map((c) => el("div", { class: "provider-row" },
+      el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.keyInput)));
+  }).catch((e) => rows.replaceChildren(errorBox(`Cannot list the CLIs: ${e.message}`)));
 
   const finish = () => {
     if (source) source.close();

@@ -205,18 +205,31 @@ pub enum Provider {
     ClaudeCode,
     Codex,
     GeminiCli,
+    /// OpenCode, on an Anthropic, OpenAI or Google API key.
+    #[serde(rename = "opencode")]
+    OpenCode,
+    /// GitHub Copilot CLI.
+    Copilot,
 }
 
 impl Provider {
-    pub const ALL: [Provider; 3] = [Provider::ClaudeCode, Provider::Codex, Provider::GeminiCli];
+    pub const ALL: [Provider; 5] = [
+        Provider::ClaudeCode,
+        Provider::Codex,
+        Provider::GeminiCli,
+        Provider::OpenCode,
+        Provider::Copilot,
+    ];
     /// The accepted spellings, for error messages.
-    pub const VALID: &'static str = "claude_code|codex|gemini_cli";
+    pub const VALID: &'static str = "claude_code|codex|gemini_cli|opencode|copilot";
 
     pub fn as_str(&self) -> &'static str {
         match self {
             Provider::ClaudeCode => "claude_code",
             Provider::Codex => "codex",
             Provider::GeminiCli => "gemini_cli",
+            Provider::OpenCode => "opencode",
+            Provider::Copilot => "copilot",
         }
     }
 
@@ -226,6 +239,8 @@ impl Provider {
             Provider::ClaudeCode => "Claude Code",
             Provider::Codex => "Codex",
             Provider::GeminiCli => "Gemini CLI",
+            Provider::OpenCode => "OpenCode",
+            Provider::Copilot => "Copilot CLI",
         }
     }
 }

@@ -100,6 +100,10 @@ pub const RUNTIME_HOSTS: &[&str] = &[
     "cloudcode-pa.googleapis.com",
     "oauth2.googleapis.com",
     "aiplatform.googleapis.com",
+    // Copilot CLI: GitHub's API (who the token is) and Copilot's.
+    "api.github.com",
+    "api.githubcopilot.com",
+    "*.githubcopilot.com",
 ];
 
 /// What the `browser` template's sandboxes (login sessions) may reach: the

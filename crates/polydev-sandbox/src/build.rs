@@ -44,6 +44,13 @@ pub struct BuildOptions {
     pub agent: PathBuf,
     /// npm packages (with versions) of the CLIs the runtime carries.
     pub cli_packages: Vec<String>,
+    /// The commands those install (each must answer `--version` in a
+    /// booted image).
+    pub cli_commands: Vec<String>,
+    /// Shell lines run after the install as the build's unprivileged uid,
+    /// `$PREFIX` the install's prefix (readying a CLI for a read-only
+    /// image).
+    pub cli_prepare: Vec<String>,
 }
 
 /// Hears about a build's steps.
@@ -249,7 +256,7 @@ async fn chroot_apt(root: &Path, packages: &[&str]) -> Result<(), BuildError> {
 
 /// Node.js from this host (Debian's is too old for Gemini CLI) and the
 /// CLIs from npm at their pinned versions.
-async fn add_node_and_clis(root: &Path, packages: &[String]) -> Result<(), BuildError> {
+async fn add_node_and_clis(root: &Path, opts: &BuildOptions) -> Result<(), BuildError> {
     let node = crate::local::which("node").ok_or_else(|| {
         BuildError::Failed("the runtime template needs Node.js ≥ 20 on the build host".into())
     })?;
@@ -272,7 +279,12 @@ async fn add_node_and_clis(root: &Path, packages: &[String]) -> Result<(), Build
     }
     std::fs::create_dir_all(root.join("usr/local/bin")).map_err(failed)?;
     std::fs::copy(&node, root.join("usr/local/bin/node")).map_err(failed)?;
-    npm_install_unprivileged(&root.join("usr/local"), packages).await
+    npm_install_unprivileged(
+        &root.join("usr/local"),
+        &opts.cli_packages,
+        &opts.cli_prepare,
+    )
+    .await
 }
 
 /// The uid npm runs as while it fetches and unpacks the CLIs: just below
@@ -317,7 +329,11 @@ fn npm_env_kept(name: &str) -> bool {
 /// `BUILD_UID` (not as root: npm fetches and unpacks third-party
 /// tarballs) in a staging directory of its own, whose result is then
 /// owned by root and copied into `prefix` as the image's last step.
-async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<(), BuildError> {
+async fn npm_install_unprivileged(
+    prefix: &Path,
+    packages: &[String],
+    prepare: &[String],
+) -> Result<(), BuildError> {
     use std::os::unix::fs::PermissionsExt;
     let staging = tempfile::Builder::new()
         .prefix("polydev-npm-")
@@ -387,6 +403,36 @@ async fn npm_install_unprivileged(prefix: &Path, packages: &[String]) -> Result<
         "the CLIs' own install scripts (as an unprivileged uid)",
     )
     .await?;
+    // What readies a CLI for a read-only image (the registry says), still
+    // as the build uid, in the staging prefix (where the image has it).
+    for line in prepare {
+        let mut sh = tokio::process::Command::new("setpriv");
+        sh.args([
+            &format!("--reuid={BUILD_UID}"),
+            &format!("--regid={BUILD_UID}"),
+            "--clear-groups",
+            "--no-new-privs",
+            "/bin/sh",
+            "-c",
+            line,
+        ])
+        .current_dir(dir.join("home"))
+        .env_clear()
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/local/bin:/usr/bin:/bin",
+                dir.join("prefix/bin").display()
+            ),
+        )
+        .env("HOME", dir.join("home"))
+        .env("PREFIX", dir.join("prefix"));
+        run(
+            &mut sh,
+            "readying the CLIs for the image (as an unprivileged uid)",
+        )
+        .await?;
+    }
     // Whatever those left running (even outside their process group) ends
     // before root takes the files over: nothing can change them under us.
     tokio::task::spawn_blocking(|| end_processes_of(BUILD_UID))
@@ -471,7 +517,7 @@ pub async fn build(
                     // to it. The browser gets the same CLIs (a login runs
                     // the CLI whose sign-in it is).
                     step("Node.js and the CLIs");
-                    add_node_and_clis(&root, &opts.cli_packages).await?;
+                    add_node_and_clis(&root, opts).await?;
                 }
                 _ => step("nothing to add"),
             }
@@ -486,7 +532,7 @@ pub async fn build(
         made?
     };
     step("validate: boot one sandbox");
-    validate(validator, images, &image).await?;
+    validate(validator, images, &image, &opts.cli_commands).await?;
     Ok(image)
 }
 
@@ -498,6 +544,7 @@ pub async fn validate(
     driver: &LocalDriver,
     images: &ImageStore,
     image: &Image,
+    clis: &[String],
 ) -> Result<(), BuildError> {
     let id = SandboxId::generate();
     let spec = SandboxSpec {
@@ -552,7 +599,7 @@ pub async fn validate(
                 String::from_utf8_lossy(&out.stdout)
             )));
         }
-        smoke_check(driver, &id, &image.manifest.template, &mut agent).await
+        smoke_check(driver, &id, &image.manifest.template, clis, &mut agent).await
     }
     .await;
     let _ = driver.destroy(&id).await;
@@ -566,10 +613,11 @@ async fn smoke_check(
     driver: &LocalDriver,
     id: &SandboxId,
     template: &str,
+    clis: &[String],
     agent: &mut polydev_agent::AgentClient,
 ) -> Result<(), BuildError> {
     if matches!(template, "runtime" | "browser") {
-        for cli in ["claude", "codex", "gemini"] {
+        for cli in clis.iter().map(String::as_str) {
             let out = agent
                 .exec(&[cli, "--version"], None, Duration::from_secs(60), |_| {})
                 .await

@@ -277,9 +277,15 @@ impl ImageStore {
         )?;
         add_agent(&root, agent)?;
         // The host's installed software: /usr, and the package configuration
-        // programs there read (alternatives links, fonts, Chromium's flags).
+        // programs there read (alternatives links, fonts, Chromium's flags,
+        // the certificate authorities TLS clients trust).
         let mut binds = vec!["/usr".to_owned()];
-        for extra in ["/etc/alternatives", "/etc/fonts", "/etc/chromium.d"] {
+        for extra in [
+            "/etc/alternatives",
+            "/etc/fonts",
+            "/etc/chromium.d",
+            "/etc/ssl/certs",
+        ] {
             if Path::new(extra).is_dir() {
                 // The mount point exists in the image: the sandbox's user
                 // cannot make it in a root-owned /etc.

@@ -89,6 +89,8 @@ pub struct RunsConfig {
     pub anthropic_base_url: Option<String>,
     pub openai_base_url: Option<String>,
     pub gemini_base_url: Option<String>,
+    /// GitHub Copilot's API (and the GitHub API it asks about the user).
+    pub copilot_base_url: Option<String>,
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
@@ -100,12 +102,13 @@ pub struct RunsConfig {
 }
 
 impl RunsConfig {
-    /// The API base `provider`'s CLI is pointed at (None: the vendor's own).
-    pub fn base_url(&self, provider: Provider) -> Option<&str> {
-        match provider {
-            Provider::ClaudeCode => self.anthropic_base_url.as_deref(),
-            Provider::Codex => self.openai_base_url.as_deref(),
-            Provider::GeminiCli => self.gemini_base_url.as_deref(),
+    /// The API bases the CLIs are pointed at (None: the vendor's own).
+    pub fn bases(&self) -> crate::providers::ApiBases<'_> {
+        crate::providers::ApiBases {
+            anthropic: self.anthropic_base_url.as_deref(),
+            openai: self.openai_base_url.as_deref(),
+            gemini: self.gemini_base_url.as_deref(),
+            copilot: self.copilot_base_url.as_deref(),
         }
     }
 }
@@ -119,6 +122,7 @@ impl Default for RunsConfig {
             anthropic_base_url: None,
             openai_base_url: None,
             gemini_base_url: None,
+            copilot_base_url: None,
             limits: Limits {
                 cpu_millis: 2000,
                 memory_bytes: 2048 << 20,
@@ -941,7 +945,7 @@ impl Runs {
             provider,
             &RunSetup {
                 login: kind == CredentialKind::CliLogin,
-                base_url: self.cfg.base_url(provider),
+                bases: self.cfg.bases(),
                 deadline: self.cfg.deadline,
             },
         );
@@ -964,7 +968,7 @@ impl Runs {
             let mut out = Output::default();
             loop {
                 let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
-                    return Ok(Ended::TimedOut(None, out.limited()));
+                    return Ok(Ended::TimedOut(None, out.limited(provider)));
                 };
                 match next? {
                     AgentEvent::Stdout { data } => {
@@ -987,12 +991,25 @@ impl Runs {
                                 // Sent once the provider's state says so,
                                 // so "done" is always its last word.
                                 Line::Done(usage) => {
-                                    out.done = Some(usage);
+                                    out.done = Some(match out.done {
+                                        Some(earlier) => earlier.plus(usage),
+                                        None => usage,
+                                    });
+                                    true
+                                }
+                                Line::Usage(usage) => {
+                                    out.running = Some(usage);
                                     true
                                 }
                                 Line::Failure(message) => {
                                     out.failure = Some(message);
                                     true
+                                }
+                                // It will not go on (nor, maybe, exit): it
+                                // ends here, its sandbox with it.
+                                Line::GaveUp(message) => {
+                                    out.failure = Some(message);
+                                    return Ok(Ended::Exited(None, out));
                                 }
                             };
                             if !emitted {
@@ -1027,7 +1044,7 @@ impl Runs {
                             }
                         }
                         if timed_out {
-                            return Ok(Ended::TimedOut(code, out.limited()));
+                            return Ok(Ended::TimedOut(code, out.limited(provider)));
                         }
                         return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
@@ -1089,11 +1106,16 @@ impl Runs {
             Ok(Ended::Exited(
                 Some(0),
                 Output {
-                    done: Some(usage), ..
+                    done: Some(usage),
+                    running,
+                    ..
                 },
             )) => {
                 if run.set_state(provider, ProviderState::Done) {
-                    run.emit_final(RunEvent::Done { provider, usage });
+                    run.emit_final(RunEvent::Done {
+                        provider,
+                        usage: usage.or_running(running),
+                    });
                 }
             }
             Ok(Ended::Exited(code, out)) => {
@@ -1105,7 +1127,7 @@ impl Runs {
                     .filter(|f| crate::providers::is_rate_limit(f));
                 // The final cause decides: a failure the stream reported
                 // that is not a limit is not one, whatever came before.
-                let limited = limit.is_some() || (out.failure.is_none() && out.limited());
+                let limited = limit.is_some() || (out.failure.is_none() && out.limited(provider));
                 let reason = limit
                     .or(unreachable)
                     .or(out.failure)
@@ -1325,6 +1347,8 @@ struct Output {
     answer: usize,
     /// The usage its stream's last word announced.
     done: Option<Usage>,
+    /// The CLI's running total of usage, where it reports one apart from its end.
+    running: Option<Usage>,
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,
@@ -1336,8 +1360,8 @@ struct Output {
 impl Output {
     /// Whether its provider refused it for a rate limit: a retry notice or
     /// its stderr said so.
-    fn limited(&self) -> bool {
-        self.rate_limited || crate::providers::stderr_says_rate_limited(&self.stderr)
+    fn limited(&self, provider: Provider) -> bool {
+        self.rate_limited || crate::providers::stderr_says_rate_limited(provider, &self.stderr)
     }
 }
 

@@ -60,6 +60,9 @@ pub enum Provider {
     Anthropic,
     OpenAi,
     Gemini,
+    /// GitHub Copilot's API as Copilot CLI uses it: the user and model
+    /// catalog it asks for, then OpenAI's Responses API.
+    Copilot,
 }
 
 /// Starts a stub for `provider` on 127.0.0.1, answering `answer`, or
@@ -92,6 +95,10 @@ pub async fn start_slow(
             .route("/v1/messages/count_tokens", post(anthropic_count)),
         Provider::OpenAi => Router::new().route("/v1/responses", any(openai_responses)),
         Provider::Gemini => Router::new().route("/v1beta/models/{call}", post(gemini)),
+        Provider::Copilot => Router::new()
+            .route("/copilot_internal/user", axum::routing::get(copilot_user))
+            .route("/models", axum::routing::get(copilot_models))
+            .route("/responses", any(openai_responses)),
     }
     .fallback(fallback)
     .layer(axum::middleware::from_fn_with_state(stub.clone(), record))
@@ -161,9 +168,19 @@ fn sse(events: Vec<(Option<&str>, Value)>) -> Response {
 
 fn failure(status: u16, message: &str) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // A 429 says what the vendors say (a CLI that shows only the body's
+    // words, like OpenCode, must be able to tell).
+    let (kind, message) = if status == 429 {
+        (
+            "rate_limit_error",
+            "This request would exceed your organization's rate limit; try again later",
+        )
+    } else {
+        ("api_error", message)
+    };
     (
         code,
-        axum::Json(json!({"type": "error", "error": {"type": "api_error", "message": message}})),
+        axum::Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
     )
         .into_response()
 }
@@ -233,20 +250,73 @@ async fn openai_responses(
         json!({"id": "resp_stub", "object": "response", "created_at": 0, "status": status, "model": model, "output": output,
         "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}})
     };
-    sse(vec![
+    // The whole sequence OpenAI's Responses API streams for one message
+    // (Codex reads the finished item; the AI SDK in OpenCode, the parts
+    // and deltas).
+    let open_item = json!({"type": "message", "id": "msg_stub", "status": "in_progress", "role": "assistant", "content": []});
+    let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
+    let at = json!({"item_id": "msg_stub", "output_index": 0, "content_index": 0});
+    let with = |kind: &str, extra: Value| {
+        let mut v = at.clone();
+        v["type"] = json!(kind);
+        for (k, x) in extra.as_object().into_iter().flatten() {
+            v[k] = x.clone();
+        }
+        (Some(kind.to_owned()), v)
+    };
+    let events: Vec<(Option<String>, Value)> = vec![
         (
-            Some("response.created"),
+            Some("response.created".into()),
             json!({"type": "response.created", "response": response("in_progress", json!([]))}),
         ),
         (
-            Some("response.output_item.done"),
+            Some("response.output_item.added".into()),
+            json!({"type": "response.output_item.added", "output_index": 0, "item": open_item}),
+        ),
+        with("response.content_part.added", json!({"part": part("")})),
+        with("response.output_text.delta", json!({"delta": stub.answer})),
+        with("response.output_text.done", json!({"text": stub.answer})),
+        with(
+            "response.content_part.done",
+            json!({"part": part(&stub.answer)}),
+        ),
+        (
+            Some("response.output_item.done".into()),
             json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
         ),
         (
-            Some("response.completed"),
+            Some("response.completed".into()),
             json!({"type": "response.completed", "response": response("completed", json!([item]))}),
         ),
-    ])
+    ];
+    sse(events
+        .iter()
+        .map(|(n, v)| (n.as_deref(), v.clone()))
+        .collect())
+}
+
+/// The model polydev runs Copilot CLI on (the registry's).
+const COPILOT_MODEL: &str = "gpt-5-mini";
+
+async fn copilot_user() -> Response {
+    axum::Json(json!({"login": "stub-user", "copilot_plan": "individual", "chat_enabled": true}))
+        .into_response()
+}
+
+/// The catalog shape Copilot CLI 1.0.102 accepts (measured 2026-12-01):
+/// a chat model, enabled, served at `/responses`.
+async fn copilot_models() -> Response {
+    axum::Json(json!({"object": "list", "data": [{
+        "id": COPILOT_MODEL, "name": "GPT-5 mini", "object": "model", "vendor": "Azure OpenAI",
+        "version": COPILOT_MODEL, "model_picker_enabled": true, "preview": false, "is_chat_default": true,
+        "capabilities": {"family": COPILOT_MODEL, "type": "chat", "object": "model_capabilities", "tokenizer": "o200k_base",
+            "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 16384, "max_prompt_tokens": 128000},
+            "supports": {"streaming": true, "tool_calls": true, "parallel_tool_calls": true}},
+        "supported_endpoints": ["/responses"],
+        "policy": {"state": "enabled", "terms": "stub"},
+        "billing": {"is_premium": false, "multiplier": 0}
+    }]}))
+    .into_response()
 }
 
 async fn gemini(State(stub): State<Stub>, Path(call): Path<String>, body: Bytes) -> Response {

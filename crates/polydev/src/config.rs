@@ -72,6 +72,9 @@ pub struct RunsFile {
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
     gemini_base_url: Option<String>,
+    /// GitHub Copilot's API (and the GitHub API Copilot CLI asks about
+    /// the user) [default: GitHub's].
+    copilot_base_url: Option<String>,
 }
 
 pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfig {
@@ -95,6 +98,7 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;
     c.gemini_base_url = f.gemini_base_url;
+    c.copilot_base_url = f.copilot_base_url;
     c
 }
 
@@ -705,7 +709,7 @@ mod tests {
         assert_eq!(p.of(Provider::GeminiCli), SubscriptionLogin::Off);
         for bad in [
             "[providers.claude_code]\nsubscription_login = \"on\"\n",
-            "[providers.copilot]\nsubscription_login = \"all\"\n",
+            "[providers.copilot_cli]\nsubscription_login = \"all\"\n",
             "[providers.codex]\nlogin = \"all\"\n",
         ] {
             let err = toml::from_str::<FileConfig>(bad)

@@ -24,6 +24,12 @@ pub fn key_env(provider: Provider) -> &'static [&'static str] {
         Provider::ClaudeCode => &["ANTHROPIC_API_KEY"],
         Provider::Codex => &["OPENAI_API_KEY", "CODEX_API_KEY"],
         Provider::GeminiCli => &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+        // Any vendor's key OpenCode takes: named apart, so a key set for
+        // Claude Code is not also spent through OpenCode unasked.
+        Provider::OpenCode => &["OPENCODE_PROVIDER_API_KEY"],
+        // Only its own variable: a GITHUB_TOKEN set for other tools is
+        // not sent anywhere unasked.
+        Provider::Copilot => &["COPILOT_GITHUB_TOKEN"],
     }
 }
 
@@ -48,7 +54,7 @@ pub async fn perspectives(
             .collect(),
     };
     if providers.is_empty() {
-        bail!("no provider has an API key here (set ANTHROPIC_API_KEY, OPENAI_API_KEY or GEMINI_API_KEY)");
+        bail!("no provider has an API key here (set ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY, OPENCODE_PROVIDER_API_KEY or COPILOT_GITHUB_TOKEN)");
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

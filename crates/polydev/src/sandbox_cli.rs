@@ -28,6 +28,15 @@ pub fn build_options(mirror: &str) -> BuildOptions {
         // `cli-packages.txt`; `POLYDEV_CLI_VERSION=latest` in
         // scripts/test.sh overrides them for a test matrix).
         cli_packages: polydev_sessions::providers::pinned_packages(),
+        cli_commands: polydev_domain::Provider::ALL
+            .iter()
+            .map(|p| polydev_sessions::providers::info(*p).command.to_owned())
+            .collect(),
+        cli_prepare: polydev_domain::Provider::ALL
+            .iter()
+            .filter_map(|p| polydev_sessions::providers::info(*p).prepare)
+            .map(str::to_owned)
+            .collect(),
     }
 }
 

@@ -17,9 +17,16 @@ use crate::state::AppState;
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ProviderEntry {
-    /// `claude_code`, `codex`, `gemini_cli`.
+    /// `claude_code`, `codex`, `gemini_cli`, `opencode`, `copilot`.
     id: &'static str,
     name: &'static str,
+    /// Its API-key credential in a few words (a field's label).
+    key_label: &'static str,
+    /// What that credential is, for the person pasting one.
+    key_hint: &'static str,
+    /// Whether the CLI has a subscription sign-in polydev can run at all
+    /// (whatever this installation's policy).
+    has_sign_in: bool,
     /// The CLI's npm package.
     package: &'static str,
     /// The version this installation's images install.
@@ -70,6 +77,9 @@ pub(crate) async fn list(
             ProviderEntry {
                 id: p.as_str(),
                 name: info.name,
+                key_label: info.key_label,
+                key_hint: info.key_hint,
+                has_sign_in: info.sign_in,
                 package: info.package,
                 version: providers::pinned_version(p),
                 credential_kinds: kinds,

@@ -157,12 +157,12 @@ async fn each_cli_answers_from_its_stub_through_the_proxy_only() {
     app.assert_nowhere(&[&key]).await;
 }
 
-fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16) -> std::path::PathBuf {
+fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16, c: u16) -> std::path::PathBuf {
     let config = dir.join("polydev.toml");
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 60\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{a}\"\nopenai_base_url = \"http://openai.stub.test:{o}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{g}\"\n"
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"copilot.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 60\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{a}\"\nopenai_base_url = \"http://openai.stub.test:{o}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{g}\"\ncopilot_base_url = \"http://copilot.stub.test:{c}\"\n"
         ),
     )
     .unwrap();
@@ -204,12 +204,16 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     let gemini = polydev_stubs::start(Provider::Gemini, "never seen", Some(400))
         .await
         .unwrap();
+    let copilot = polydev_stubs::start(Provider::Copilot, "perspective of copilot", None)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stub_config(
         dir.path(),
         anthropic.addr.port(),
         openai.addr.port(),
         gemini.addr.port(),
+        copilot.addr.port(),
     );
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     // Signed up as the browser does, keeping the enrollment (its sealing
@@ -228,10 +232,14 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         .await;
     let token = r.body["token"].as_str().unwrap().to_owned();
     let t = Some(token.as_str());
-    let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    // GitHub-shaped (Copilot CLI refuses anything else; the others take
+    // any string, and OpenCode reads it as an OpenAI key).
+    let key = format!("github_pat_canary{}", uuid::Uuid::new_v4().simple());
     // The client seals the key to each sandbox's agent; the server relays it.
-    let (run, events) =
-        run_with_key(&app, &token, &["claude_code", "codex", "gemini_cli"], &key).await;
+    // All five CLIs: OpenCode takes the key to OpenAI's stand-in; Copilot
+    // CLI takes it as its GitHub token.
+    let all = ["claude_code", "codex", "gemini_cli", "opencode", "copilot"];
+    let (run, events) = run_with_key(&app, &token, &all, &key).await;
     let of = |p: &str| {
         events
             .iter()
@@ -242,6 +250,8 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     for (p, answer) in [
         ("claude_code", "perspective of claude"),
         ("codex", "perspective of codex"),
+        ("opencode", "perspective of codex"),
+        ("copilot", "perspective of copilot"),
     ] {
         let evs = of(p);
         assert_eq!(evs.first().map(|e| e.0), Some("started"), "{p}: {evs:?}");
@@ -251,7 +261,28 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
             "{p}: {evs:?}"
         );
         assert_eq!(evs.last().map(|e| e.0), Some("done"), "{p}: {evs:?}");
+        // Each reports what its answer used (the stand-ins say 10 in, 5 out).
+        assert_eq!(
+            evs.last().unwrap().1["usage"]["outputTokens"],
+            5,
+            "{p}: {evs:?}"
+        );
     }
+    // Copilot CLI sent the key as its token to its API, and OpenCode to OpenAI's.
+    let bearer = |seen: Vec<polydev_stubs::Seen>, path: &str| {
+        seen.iter().any(|s| {
+            s.path.starts_with(path)
+                && s.headers
+                    .iter()
+                    .any(|(k, v)| k == "authorization" && v == &format!("Bearer {key}"))
+        })
+    };
+    assert!(
+        bearer(copilot.seen(), "/responses"),
+        "{:?}",
+        copilot.seen().iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    assert!(bearer(openai.seen(), "/v1/responses"));
     let g = of("gemini_cli");
     assert_eq!(g.last().map(|e| e.0), Some("error"), "{g:?}");
     assert!(!g.iter().any(|(e, _)| *e == "done"));
@@ -287,19 +318,22 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     let rec = &h.body["runs"][0];
     assert_eq!(rec["runId"], run.as_str(), "{}", h.text);
     assert_eq!(rec["state"], "finished");
-    let states: Vec<&str> = rec["providers"]
+    let states: std::collections::BTreeMap<&str, &str> = rec["providers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["state"].as_str().unwrap())
+        .map(|p| {
+            (
+                p["provider"].as_str().unwrap(),
+                p["state"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         states,
-        ["claude_code", "codex", "gemini_cli"].map(|p| if p == "gemini_cli" {
-            "failed"
-        } else {
-            "done"
-        })
+        all.iter()
+            .map(|p| (*p, if *p == "gemini_cli" { "failed" } else { "done" }))
+            .collect()
     );
     use base64::Engine;
     let sealed = base64::engine::general_purpose::STANDARD
@@ -323,27 +357,50 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rate_limited_provider_is_reported_as_rate_limited() {
     let stub = |p| polydev_stubs::start(p, "never", Some(429));
-    let (a, o, g) = (
+    let (a, o, g, c) = (
         stub(Provider::Anthropic).await.unwrap(),
         stub(Provider::OpenAi).await.unwrap(),
         stub(Provider::Gemini).await.unwrap(),
+        stub(Provider::Copilot).await.unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), a.addr.port(), o.addr.port(), g.addr.port());
+    let config = stub_config(
+        dir.path(),
+        a.addr.port(),
+        o.addr.port(),
+        g.addr.port(),
+        c.addr.port(),
+    );
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("deadline_secs = 60", "deadline_secs = 8");
+        .replace("deadline_secs = 60", "deadline_secs = 20");
     std::fs::write(&config, text).unwrap();
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("limited@example.com").await;
-    let (_, events) = run_with_key(
-        &app,
-        &token,
-        &["claude_code", "codex", "gemini_cli"],
-        "sk-x",
-    )
+    // OpenCode on an Anthropic-shaped key (Anthropic's stand-in);
+    // Copilot CLI stays up after its limit and is ended on its word.
+    let all = ["claude_code", "codex", "gemini_cli", "opencode", "copilot"];
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&token),
+            json!({"prompt": "hello?", "providers": all}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // Copilot CLI takes only GitHub-shaped tokens.
+    send_keys(&app, &token, &r.body, |p| {
+        if p == "copilot" {
+            "github_pat_x"
+        } else {
+            "sk-ant-x"
+        }
+        .to_owned()
+    })
     .await;
-    for p in ["claude_code", "codex", "gemini_cli"] {
+    let run = r.body["runId"].as_str().unwrap();
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    for p in all {
         let last = events
             .iter()
             .rev()
@@ -376,7 +433,7 @@ async fn a_rate_limited_provider_is_reported_as_rate_limited() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queued_provider_gives_up_after_the_queue_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, 1);
+    let config = stub_config(dir.path(), 1, 1, 1, 1);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("queue_wait_secs = 1\n");
     std::fs::write(&config, text).unwrap();
@@ -417,7 +474,7 @@ async fn a_queued_provider_gives_up_after_the_queue_wait() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, 1);
+    let config = stub_config(dir.path(), 1, 1, 1, 1);
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("cancel@example.com").await;
     let t = Some(token.as_str());
@@ -586,6 +643,7 @@ async fn the_mcp_tool_returns_every_perspective() {
         anthropic.addr.port(),
         openai.addr.port(),
         gemini.addr.port(),
+        1,
     );
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("mcp@example.com").await;
@@ -696,6 +754,7 @@ async fn the_run_page_streams_three_answers_side_by_side() {
         anthropic.addr.port(),
         openai.addr.port(),
         gemini.addr.port(),
+        1,
     );
     let key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
     let v = crate::app::browser_script(
@@ -747,7 +806,7 @@ async fn the_mcp_tool_over_http() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), anthropic.addr.port(), 1, 1);
+    let config = stub_config(dir.path(), anthropic.addr.port(), 1, 1, 1);
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("mcphttp@example.com").await;
     let mut mcp = tokio::process::Command::new(crate::app::BIN)
@@ -828,6 +887,16 @@ pub(crate) async fn start_with_key(
 /// Seals `key` to each sandbox of the run `view` (the answer of `POST
 /// /api/runs`) and hands them over.
 pub(crate) async fn send_key(app: &TestApp, token: &str, view: &serde_json::Value, key: &str) {
+    send_keys(app, token, view, |_| key.to_owned()).await
+}
+
+/// `send_key`, with each provider's own key.
+pub(crate) async fn send_keys(
+    app: &TestApp,
+    token: &str,
+    view: &serde_json::Value,
+    key_of: impl Fn(&str) -> String,
+) {
     use base64::Engine;
     let run = view["runId"].as_str().unwrap();
     let mut creds = serde_json::Map::new();
@@ -840,7 +909,7 @@ pub(crate) async fn send_key(app: &TestApp, token: &str, view: &serde_json::Valu
             .seal(
                 polydev_sessions::runs::CREDENTIAL_PURPOSE,
                 format!("{run}/{provider}").as_bytes(),
-                key.as_bytes(),
+                key_of(provider).as_bytes(),
             );
         creds.insert(
             provider.clone(),
@@ -1002,7 +1071,7 @@ async fn a_python_mcp_client_reads_a_failed_run_as_a_tool_error() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, gemini.addr.port());
+    let config = stub_config(dir.path(), 1, 1, gemini.addr.port(), 1);
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("py@example.com").await;
     let input = json!({

@@ -45,16 +45,20 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
     let gemini = polydev_stubs::start(Provider::Gemini, "gemini on the real image", None)
         .await
         .unwrap();
+    let copilot = polydev_stubs::start(Provider::Copilot, "copilot on the real image", None)
+        .await
+        .unwrap();
     let oauth = polydev_stubs::oauth::start("first").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("polydev.toml");
     std::fs::write(
         &config,
         format!(
-            "[sandbox]\npools = {{}}\n[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"auth.stub.test\" = \"127.0.0.1\"\n[runs]\ndeadline_secs = 120\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n[login]\nboot_deadline_secs = 60\n{}",
+            "[sandbox]\npools = {{}}\n[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"copilot.stub.test\" = \"127.0.0.1\"\n\"auth.stub.test\" = \"127.0.0.1\"\n[runs]\ndeadline_secs = 120\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\ncopilot_base_url = \"http://copilot.stub.test:{}\"\n[login]\nboot_deadline_secs = 60\n{}",
             anthropic.addr.port(),
             openai.addr.port(),
             gemini.addr.port(),
+            copilot.addr.port(),
             crate::login::stub_login_providers_for(&["gemini_cli"], oauth.addr.port()),
         ),
     )
@@ -171,18 +175,21 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
     })
     .await;
 
-    // A run across the three real CLIs on the runtime image.
+    // A run across the five real CLIs on the runtime image (the key is
+    // GitHub-shaped for Copilot CLI; OpenCode reads it as OpenAI's).
     let (_, events) = crate::clis::run_with_key(
         &app,
         &token,
-        &["claude_code", "codex", "gemini_cli"],
-        "sk-first-start",
+        &["claude_code", "codex", "gemini_cli", "opencode", "copilot"],
+        "github_pat_first_start",
     )
     .await;
     for (p, answer) in [
         ("claude_code", "claude on the real image"),
         ("codex", "codex on the real image"),
         ("gemini_cli", "gemini on the real image"),
+        ("opencode", "codex on the real image"),
+        ("copilot", "copilot on the real image"),
     ] {
         let mine: Vec<&(String, Value)> =
             events.iter().filter(|(_, d)| d["provider"] == p).collect();
