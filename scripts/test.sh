@@ -74,7 +74,7 @@ echo "==> AI CLIs: ${clis[*]}"
 as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${clis[@]}"
 # Copilot CLI unpacks its package once, where sandboxes read it (the
 # registry's `prepare` step does the same in the images).
-as_root env COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version >/dev/null
+as_root env COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version --no-auto-update >/dev/null
 
 # --- repository rules --------------------------------------------------------
 echo "==> cargo fmt --check"

@@ -45,7 +45,7 @@ export async function renderProviders(view, user) {
   const rows = list.map((info) => {
     const p = { id: info.id, name: info.name, key: info.keyLabel };
     const state = el("span", { id: `provider-state-${p.id}`, class: "muted" },
-      has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : "not connected");
+      has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : has(`token.${p.id}`) ? "token saved" : "not connected");
     const offered = (info && info.signInModes) || [];
     const policy = info && info.policy;
     const policyLine = policy
@@ -87,13 +87,33 @@ export async function renderProviders(view, user) {
         status.replaceChildren(errorBox(e.message));
       }
     });
+    // A long-lived subscription token (Claude Code's `claude setup-token`)
+    // where this installation offers one to you.
+    let tokenRow = null;
+    if ((info.credentialKinds || []).includes("subscription_token")) {
+      const tokenInput = el("input", { type: "password", id: `token-${p.id}`, autocomplete: "off", placeholder: "Subscription token (claude setup-token)" });
+      const saveToken = el("button", { type: "button", id: `save-token-${p.id}`, class: "secondary" }, "Save token");
+      saveToken.addEventListener("click", async () => {
+        status.replaceChildren();
+        if (!tokenInput.value) return status.replaceChildren(errorBox("Enter the token."));
+        try {
+          await session.putSecret(`token.${p.id}`, tokenInput.value);
+          tokenInput.value = "";
+          state.textContent = "token saved";
+        } catch (e) {
+          status.replaceChildren(errorBox(e.message));
+        }
+      });
+      tokenRow = el("div", { class: "provider-row" }, tokenInput, saveToken);
+    }
     return el("div", { class: "card provider" },
       el("h2", {}, p.name, " ", state),
       policyLine,
       // A CLI with no sign-in at all gets no sign-in buttons.
       info.hasSignIn ? el("div", { class: "actions" }, ...(codeFirst ? [code, signIn] : [signIn, code])) : null,
       el("p", { class: "muted small", id: `key-hint-${p.id}` }, `Its key: ${info.keyHint}.`),
-      el("div", { class: "provider-row" }, keyInput, saveKey));
+      el("div", { class: "provider-row" }, keyInput, saveKey),
+      tokenRow);
   });
 
   view.replaceChildren(

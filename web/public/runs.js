@@ -22,6 +22,9 @@ const b64 = {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/// A reset time (Unix seconds) in this browser's time zone.
+const when = (secs) => new Date(secs * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+
 /// Starts a run; while the server is still preparing the CLIs' environment
 /// (a first start), says how far along it is and tries again.
 async function startWhenReady(prompt, providers, say, stopped) {
@@ -62,6 +65,7 @@ export function renderRuns(view) {
   // a CLI signed in on the providers page can run on that login instead.
   // Only items the list names are fetched (no 404 per missing key).
   const signedIn = new Set();
+  const tokens = new Set();
   Promise.all([api.providers(), api.vaultItems().then((r) => r.items).catch(() => [])]).then(([list, items]) => {
     const has = (id) => items.some((i) => i.id === id);
     for (const p of list) {
@@ -79,6 +83,11 @@ export function renderRuns(view) {
         check.checked = true;
         signedIn.add(c.id);
         c.keyInput.placeholder = `${c.keyLabel} (empty: use your ${c.name} login)`;
+      } else if (has(`token.${c.id}`) && (p.credentialKinds || []).includes("subscription_token")) {
+        // A long-lived subscription token saved on the Providers page.
+        check.checked = true;
+        tokens.add(c.id);
+        c.keyInput.placeholder = `${c.keyLabel} (empty: use your saved ${c.name} token)`;
       }
     }
     rows.replaceChildren(...choices.map((c) => el("div", { class: "provider-row" },
@@ -142,12 +151,19 @@ export function renderRuns(view) {
         const c = u.costUsd;
         parts.push(`${c < 0.0001 ? "<$0.0001" : c < 0.01 ? `$${c.toFixed(4)}` : c < 1e6 ? `$${c.toFixed(2)}` : ">$1,000,000"} at list price`);
       }
+      // Where your subscription stands, when the CLI said (Claude Code on
+      // a sign-in): each window's share used and when it resets.
+      for (const w of (d.limits && d.limits.windows) || []) {
+        const name = { five_hour: "5-hour", seven_day: "7-day" }[w.name] || w.name.replaceAll("_", " ");
+        const used = Number.isFinite(w.usedPercent) ? `${Math.round(w.usedPercent)}% used` : "used";
+        parts.push(`${name} window ${used}${w.resetsAt ? `, resets ${when(w.resetsAt)}` : ""}`);
+      }
       cell.note.textContent = parts.join(" · ");
     });
     on("error", (cell, d) => {
       cell.ended = true;
       cell.state.textContent = { cancelled: "cancelled", timeout: "timed out", rate_limited: "rate-limited", queue: "gave up waiting" }[d.stage] || "failed";
-      cell.note.textContent = "";
+      cell.note.textContent = d.resetsAt ? `The limit resets ${when(d.resetsAt)}.` : "";
       if (!seen.has(cell)) cell.answer.append(el("span", { class: "error-text" }, `\n${d.message}`));
       seen.add(cell);
     });
@@ -174,7 +190,7 @@ export function renderRuns(view) {
       status.replaceChildren(errorBox("Write a prompt and choose at least one provider."));
       return;
     }
-    const missing = chosen.find((c) => !c.keyInput.value && !signedIn.has(c.id));
+    const missing = chosen.find((c) => !c.keyInput.value && !signedIn.has(c.id) && !tokens.has(c.id));
     if (missing) {
       status.replaceChildren(errorBox(`Enter your ${missing.keyLabel} for ${missing.name}, or sign ${missing.name} in on the Providers page.`));
       return;
@@ -202,9 +218,19 @@ export function renderRuns(view) {
         const kinds = {};
         for (const c of chosen.filter((c) => ids.includes(c.id))) {
           const pk = b64.decode(started.sandboxes[c.id].publicKey);
-          // A typed (or saved) key wins; else the CLI's own login file.
-          let secret = c.keyInput.value ? enc.encode(c.keyInput.value) : await openLoginCredential(c.id);
-          kinds[c.id] = c.keyInput.value ? "api_key" : "cli_login";
+          // A typed (or saved) key wins; else the CLI's own login file,
+          // else a saved subscription token.
+          let secret;
+          if (c.keyInput.value) {
+            secret = enc.encode(c.keyInput.value);
+            kinds[c.id] = "api_key";
+          } else if (signedIn.has(c.id)) {
+            secret = await openLoginCredential(c.id);
+            kinds[c.id] = "cli_login";
+          } else {
+            secret = enc.encode(await getSecret(`token.${c.id}`));
+            kinds[c.id] = "subscription_token";
+          }
           const sealed = await seal(pk, PURPOSE, enc.encode(`${runId}/${c.id}`), secret);
           secret.fill(0);
           credentials[c.id] = b64.encode(sealed);

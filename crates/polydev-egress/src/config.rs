@@ -56,6 +56,11 @@ pub struct EgressConfig {
     pub credential_cache_secs: u64,
     /// Forward everything through another proxy.
     pub upstream: Option<UpstreamConfig>,
+    /// Per provider (CLI): the hosts its run sandboxes may reach, from the
+    /// provider registry (set by the controller, not by config). A run's
+    /// sandbox goes by `runtime+<provider>`: its own CLI's hosts only.
+    #[serde(skip)]
+    pub provider_hosts: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for EgressConfig {
@@ -82,13 +87,15 @@ impl Default for EgressConfig {
             flush_interval_secs: 5,
             credential_cache_secs: 2,
             upstream: None,
+            provider_hosts: BTreeMap::new(),
         }
     }
 }
 
-/// What the `runtime` template's sandboxes (the CLIs' runs) may reach: the
-/// providers' API and token endpoints, nothing else. A prompt-injected CLI
-/// cannot post a key to a host of its choosing.
+/// What a `runtime` sandbox with no provider may reach: the model vendors'
+/// API and token endpoints, nothing else. A run's sandbox goes by its own
+/// CLI's list instead (`provider_hosts`). A prompt-injected CLI cannot post
+/// a key to a host of its choosing.
 pub const RUNTIME_HOSTS: &[&str] = &[
     "api.anthropic.com",
     "console.anthropic.com",
@@ -100,10 +107,6 @@ pub const RUNTIME_HOSTS: &[&str] = &[
     "cloudcode-pa.googleapis.com",
     "oauth2.googleapis.com",
     "aiplatform.googleapis.com",
-    // Copilot CLI: GitHub's API (who the token is) and Copilot's.
-    "api.github.com",
-    "api.githubcopilot.com",
-    "*.githubcopilot.com",
 ];
 
 /// What the `browser` template's sandboxes (login sessions) may reach: the
@@ -132,6 +135,10 @@ pub const BROWSER_HOSTS: &[&str] = &[
     "challenges.cloudflare.com",
 ];
 
+/// The template of the CLIs' runs, whose sandboxes go by their own CLI's
+/// hosts.
+const RUN_TEMPLATE: &str = "runtime";
+
 /// The built-in allow-list of a template (`runtime`, `browser`), if any.
 pub fn builtin_policy(template: &str) -> Option<PolicyConfig> {
     let hosts = match template {
@@ -147,11 +154,30 @@ pub fn builtin_policy(template: &str) -> Option<PolicyConfig> {
 impl EgressConfig {
     /// The allow-list a template's sandboxes go by: the operator's, else
     /// the built-in one, plus every name in `hosts`; `None`: any host.
-    pub fn policy_for(&self, template: &str) -> Option<PolicyConfig> {
+    ///
+    /// `name` is a template, or `template+provider` for a run's sandbox:
+    /// the operator's policy for that name or else for the template wins;
+    /// else a run's sandbox (template `runtime`) goes by the provider's own
+    /// hosts, when the registry gave them (a login's `browser` keeps its
+    /// sign-in pages).
+    pub fn policy_for(&self, name: &str) -> Option<PolicyConfig> {
+        let (template, provider) = match name.split_once('+') {
+            Some((t, p)) => (t, Some(p)),
+            None => (name, None),
+        };
+        let own = || {
+            let hosts = self.provider_hosts.get(provider?)?;
+            (template == RUN_TEMPLATE).then_some(())?;
+            Some(PolicyConfig {
+                allow_hosts: hosts.clone(),
+            })
+        };
         let mut policy = self
             .policies
-            .get(template)
+            .get(name)
+            .or_else(|| self.policies.get(template))
             .cloned()
+            .or_else(own)
             .or_else(|| builtin_policy(template))?;
         policy.allow_hosts.extend(self.hosts.keys().cloned());
         Some(policy)
@@ -257,5 +283,58 @@ mod tests {
         assert!(host_allowed(p.as_ref(), "llm.internal.example"));
         assert!(host_allowed(p.as_ref(), "stub.test"));
         assert!(!host_allowed(p.as_ref(), "api.anthropic.com"));
+        // ...also for each provider's run sandboxes.
+        let p = custom.policy_for("runtime+copilot");
+        assert!(host_allowed(p.as_ref(), "llm.internal.example"));
+    }
+
+    /// A run's sandbox reaches its own CLI's hosts only: Claude Code's
+    /// cannot reach GitHub or OpenAI, Copilot CLI's can reach GitHub; a
+    /// provider the registry did not name, and a template without a
+    /// built-in list, keep the template's rule.
+    #[test]
+    fn each_provider_s_run_sandboxes_reach_its_own_hosts_only() {
+        let mut config = EgressConfig::default();
+        config
+            .provider_hosts
+            .insert("claude_code".into(), vec!["api.anthropic.com".into()]);
+        config.provider_hosts.insert(
+            "copilot".into(),
+            vec!["api.github.com".into(), "*.githubcopilot.com".into()],
+        );
+        let claude = config.policy_for("runtime+claude_code");
+        assert!(host_allowed(claude.as_ref(), "api.anthropic.com"));
+        for other in [
+            "api.github.com",
+            "api.openai.com",
+            "api.individual.githubcopilot.com",
+        ] {
+            assert!(!host_allowed(claude.as_ref(), other), "{other}");
+        }
+        let copilot = config.policy_for("runtime+copilot");
+        assert!(host_allowed(copilot.as_ref(), "api.github.com"));
+        assert!(host_allowed(
+            copilot.as_ref(),
+            "api.individual.githubcopilot.com"
+        ));
+        assert!(!host_allowed(copilot.as_ref(), "api.anthropic.com"));
+        // No runtime sandbox without a provider reaches GitHub.
+        assert!(!host_allowed(
+            config.policy_for("runtime").as_ref(),
+            "api.github.com"
+        ));
+        assert_eq!(
+            config
+                .policy_for("runtime+unheard_of")
+                .map(|p| p.allow_hosts),
+            config.policy_for("runtime").map(|p| p.allow_hosts)
+        );
+        assert!(config.policy_for("minimal+claude_code").is_none());
+        assert_eq!(
+            config
+                .policy_for("browser+claude_code")
+                .map(|p| p.allow_hosts),
+            config.policy_for("browser").map(|p| p.allow_hosts)
+        );
     }
 }

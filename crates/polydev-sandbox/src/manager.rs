@@ -441,7 +441,7 @@ impl Manager {
             )
         })?;
         let grant = gate
-            .open(user, id.as_str(), &spec.template)
+            .open(user, id.as_str(), &egress_policy_name(spec))
             .await
             .map_err(ManagerError::Invalid)?;
         spec.egress = Some(grant.target);
@@ -1339,6 +1339,16 @@ pub struct ReconcileReport {
     pub lost: usize,
     pub orphans_destroyed: usize,
     pub adopted: usize,
+}
+
+/// The egress policy a sandbox goes by: its template, or for a run's or
+/// login's sandbox (the reserved `provider` label, set only by polydev)
+/// `template+provider`, so each CLI reaches its own hosts only.
+pub fn egress_policy_name(spec: &SandboxSpec) -> String {
+    match spec.labels.get("provider") {
+        Some(p) => format!("{}+{p}", spec.template),
+        None => spec.template.clone(),
+    }
 }
 
 #[cfg(test)]

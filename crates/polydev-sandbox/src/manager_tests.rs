@@ -246,3 +246,27 @@ async fn a_host_whose_sandboxes_use_most_of_their_memory_admits_none() {
     *s.driver.memory.lock().unwrap() = Some((50, 100));
     assert!(s.manager.create(ada, minimal()).await.is_ok());
 }
+
+/// A run's or login's sandbox (the reserved `provider` label) asks the
+/// egress proxy for its CLI's own policy; any other for its template's.
+#[test]
+fn a_provider_s_sandbox_goes_by_its_own_egress_policy() {
+    let spec = |labels: &[(&str, &str)]| SandboxSpec {
+        template: "runtime".into(),
+        limits: Default::default(),
+        network: Default::default(),
+        env: vec![],
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ttl: Duration::from_secs(60),
+        egress: None,
+        egress_auth: None,
+    };
+    assert_eq!(
+        egress_policy_name(&spec(&[("provider", "copilot"), ("run", "r1")])),
+        "runtime+copilot"
+    );
+    assert_eq!(egress_policy_name(&spec(&[("team", "a")])), "runtime");
+}

@@ -120,6 +120,12 @@ pub struct ProviderInfo {
     /// Whether it has a subscription sign-in polydev runs as a login
     /// session (its CLI login file then a credential kind).
     pub sign_in: bool,
+    /// The long-lived subscription token it takes (the
+    /// `subscription_token` credential kind), if any: what it is.
+    pub token: Option<&'static str>,
+    /// The hosts its run sandboxes may reach (its vendor's API and token
+    /// endpoints; nothing else).
+    pub egress_hosts: &'static [&'static str],
     pub terms: Terms,
 }
 
@@ -131,7 +137,7 @@ const COPILOT_PACKAGE_CACHE: &str = "/usr/local/lib/copilot";
 pub const COPILOT_MODEL: &str = "gpt-5-mini";
 /// Unpacks it there at build time (its `--version` does, once).
 const COPILOT_PREPARE: &str =
-    "COPILOT_PKG_CACHE_HOME=\"$PREFIX/lib/copilot\" \"$PREFIX/bin/copilot\" --version";
+    "COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=\"$PREFIX/lib/copilot\" \"$PREFIX/bin/copilot\" --version --no-auto-update";
 
 /// The registry: everything about a CLI that is not how it runs.
 pub fn info(provider: Provider) -> ProviderInfo {
@@ -145,6 +151,8 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_label: "Anthropic API key",
             key_hint: "an Anthropic API key (sk-ant-…) from the Claude Console",
             sign_in: true,
+            token: Some("a long-lived token from `claude setup-token` (meant for a person's own automation)"),
+            egress_hosts: &["api.anthropic.com", "console.anthropic.com", "platform.claude.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
                 reason: "Anthropic's terms keep Claude Free/Pro/Max sign-in to Claude Code and Claude.ai themselves and do not let other products route requests through it: use an API key (Console)",
@@ -160,6 +168,8 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_label: "OpenAI API key",
             key_hint: "an OpenAI API key (sk-…)",
             sign_in: true,
+            token: None,
+            egress_hosts: &["api.openai.com", "auth.openai.com", "chatgpt.com"],
             terms: Terms {
                 default: SubscriptionLogin::All,
                 reason: "OpenAI lets the Codex CLI sign in with a ChatGPT plan (device code for headless machines) as well as with an API key",
@@ -175,6 +185,8 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_label: "Gemini API key",
             key_hint: "a Gemini API key (AIza…) restricted to the Gemini API",
             sign_in: true,
+            token: None,
+            egress_hosts: &["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "aiplatform.googleapis.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
                 reason: "Since 18 June 2026 Gemini CLI no longer serves Google AI Pro/Ultra or Code Assist for individuals; use a Gemini API key (an organisation's Code Assist Standard/Enterprise licence still signs in, if the operator allows it)",
@@ -190,6 +202,8 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_label: "Anthropic, OpenAI or Gemini API key",
             key_hint: "an Anthropic (sk-ant-…), Gemini (AIza…) or OpenAI (sk-…) API key: OpenCode uses that vendor's model",
             sign_in: false,
+            token: None,
+            egress_hosts: &["api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
                 reason: "OpenCode runs on a vendor's API key (Anthropic, OpenAI or Google, told apart by the key's prefix); it has no subscription sign-in of its own",
@@ -203,8 +217,10 @@ pub fn info(provider: Provider) -> ProviderInfo {
             command: "copilot",
             prepare: Some(COPILOT_PREPARE),
             key_label: "GitHub token",
-            key_hint: "a GitHub fine-grained personal access token with the Copilot Requests permission (github_pat_…), or the OAuth token of a Copilot CLI or gh sign-in",
+            key_hint: "a GitHub fine-grained personal access token with only the Copilot Requests permission (github_pat_…); not a gh or classic token, which can do far more with your account",
             sign_in: false,
+            token: None,
+            egress_hosts: &["api.github.com", "api.githubcopilot.com", "*.githubcopilot.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
                 reason: "Copilot CLI runs on your GitHub account's Copilot plan through a GitHub token (a fine-grained token with the Copilot Requests permission is GitHub's way for headless use); its device-code sign-in is not offered here yet",
@@ -289,6 +305,8 @@ pub fn credential_file(provider: Provider) -> &'static str {
 pub struct RunSetup<'a> {
     /// The CLI's own login file (a login session's capture), not an API key.
     pub login: bool,
+    /// A subscription token (`ProviderInfo::token`), not an API key.
+    pub token: bool,
     /// The providers' API bases, where not the vendors' own.
     pub bases: ApiBases<'a>,
     /// The run's deadline (Claude Code's key helper outlives it).
@@ -345,7 +363,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             let file = credential_file(provider);
             format!("mkdir -p \"$(dirname {file})\" && mv -f {CREDENTIAL_FILE} {file} && chmod 600 {file}")
         } else {
-            format!("KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export {key_vars}")
+            format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export {key_vars}")
         }
     };
     let mut env = Vec::new();
@@ -358,9 +376,12 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             if let Some(u) = how.bases.anthropic {
                 env.push(("ANTHROPIC_BASE_URL".into(), u.to_owned()));
             }
-            let run = "exec claude -p \"$POLYDEV_PROMPT\" --output-format stream-json --verbose";
+            let run = "exec claude -p --output-format stream-json --verbose";
             if login {
-                format!("{} && {run}", setup(""))
+                format!("{} && {run} -- \"$POLYDEV_PROMPT\"", setup(""))
+            } else if how.token {
+                // Claude Code reads a setup-token only from its variable.
+                format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export CLAUDE_CODE_OAUTH_TOKEN=\"$KEY\"; unset KEY; {run} -- \"$POLYDEV_PROMPT\"")
             } else {
                 // The key reaches Claude Code through its apiKeyHelper,
                 // read once (then deleted), never through an
@@ -370,7 +391,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
                     (how.deadline.as_millis() as u64 + 600_000).to_string(),
                 ));
                 format!(
-                    "printf '#!/bin/sh\\ncat {CREDENTIAL_FILE} && rm -f {CREDENTIAL_FILE}\\n' > {KEY_HELPER} && chmod 700 {KEY_HELPER} && {run} --settings '{{\"apiKeyHelper\":\"{KEY_HELPER}\"}}'"
+                    "printf '#!/bin/sh\\ncat {CREDENTIAL_FILE} && rm -f {CREDENTIAL_FILE}\\n' > {KEY_HELPER} && chmod 700 {KEY_HELPER} && {run} --settings '{{\"apiKeyHelper\":\"{KEY_HELPER}\"}}' -- \"$POLYDEV_PROMPT\""
                 )
             }
         }
@@ -387,7 +408,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             // The commands Codex runs do not inherit variables named
             // like *KEY*, *SECRET*, *TOKEN* (its default excludes, off
             // unless asked for).
-            format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} \"$POLYDEV_PROMPT\"")
+            format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} -- \"$POLYDEV_PROMPT\"")
         }
         Provider::GeminiCli => {
             if let Some(u) = how.bases.gemini {
@@ -404,7 +425,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
                 r#"{{"security":{{"auth":{{"selectedType":"{auth}"}},"environmentVariableRedaction":{{"enabled":true,"blocked":["GEMINI_API_KEY","GOOGLE_API_KEY"]}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
             );
             let setup = setup("GEMINI_API_KEY=\"$KEY\"");
-            format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini -p \"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+            format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini --prompt=\"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
         }
         Provider::OpenCode => {
             // One key, three possible vendors: told apart by the key's
@@ -426,7 +447,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             env.push(("OPENCODE_DISABLE_MODELS_FETCH".into(), "1".into()));
             env.push(("OPENCODE_DISABLE_LSP_DOWNLOAD".into(), "1".into()));
             format!(
-                "KEY=\"$(cat {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export ANTHROPIC_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export GOOGLE_GENERATIVE_AI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; *) export OPENAI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; esac; unset KEY POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; exec opencode run --format json --print-logs --log-level ERROR \"$POLYDEV_PROMPT\""
+                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export ANTHROPIC_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export GOOGLE_GENERATIVE_AI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENAI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset KEY POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
             )
         }
         Provider::Copilot => {
@@ -445,7 +466,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             let setup = setup("COPILOT_GITHUB_TOKEN=\"$KEY\"");
             // The model every Copilot plan includes: a run across the CLIs
             // spends none of the user's premium requests unasked.
-            format!("{setup} && unset KEY && exec copilot -p \"$POLYDEV_PROMPT\" --model {COPILOT_MODEL} --output-format json --allow-all-tools --no-auto-update --disable-builtin-mcps --no-color --secret-env-vars=COPILOT_GITHUB_TOKEN")
+            format!("{setup} && unset KEY && exec copilot --prompt=\"$POLYDEV_PROMPT\" --model {COPILOT_MODEL} --output-format json --allow-all-tools --no-auto-update --disable-builtin-mcps --no-color --secret-env-vars=COPILOT_GITHUB_TOKEN")
         }
     };
     (line, env)
@@ -467,6 +488,9 @@ pub enum Line {
     /// What the answer has used so far (a running total; the `Done` that
     /// follows may carry none of its own).
     Usage(Usage),
+    /// Where the user's subscription stands with its vendor (Claude Code
+    /// reports it for a subscription sign-in).
+    Limits(Limits),
     /// The answer (or one step of it: several add up) is complete; its
     /// usage.
     Done(Usage),
@@ -478,6 +502,22 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
     match provider {
         // `claude -p --output-format stream-json --verbose`
         Provider::ClaudeCode => match v["type"].as_str()? {
+            // A refusal it made up itself (e.g. "You've hit your 5-hour
+            // limit · resets 6pm"): a failure, not the answer.
+            "assistant" if !v["error"].is_null() => {
+                let text: String = v["message"]["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["text"].as_str())
+                    .collect();
+                Some(Line::Failure(if text.is_empty() {
+                    message_of(&v["error"])
+                } else {
+                    message_of(&Value::String(text))
+                }))
+            }
+            "rate_limit_event" => Some(Line::Limits(Limits::from_claude(&v["rate_limit_info"])?)),
             "assistant" => {
                 let text: String = v["message"]["content"]
                     .as_array()?
@@ -596,12 +636,20 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
                     .unwrap_or(0)
                     .saturating_add(1),
             ))),
+            // Final when its provider refused (a rate limit: it stays up
+            // after one, measured); any other error is a failure the
+            // exit (or the deadline) ends.
             "session.error" => {
                 let message = message_of(&v["data"]["message"]);
-                Some(Line::GaveUp(match v["data"]["statusCode"].as_u64() {
+                let message = match v["data"]["statusCode"].as_u64() {
                     Some(code) => format!("GitHub Copilot answered HTTP {code}: {message}"),
                     None => message,
-                }))
+                };
+                Some(if v["data"]["errorType"] == "rate_limit" {
+                    Line::GaveUp(message)
+                } else {
+                    Line::Failure(message)
+                })
             }
             "result" if v["exitCode"] == 0 => Some(Line::Done(Usage::default())),
             _ => None,
@@ -720,7 +768,7 @@ impl Usage {
             input_tokens: add(self.input_tokens, other.input_tokens),
             output_tokens: add(self.output_tokens, other.output_tokens),
             cost_usd: match (self.cost_usd, other.cost_usd) {
-                (Some(a), Some(b)) => Some(a + b),
+                (Some(a), Some(b)) => Some(a + b).filter(|c| c.is_finite()),
                 (a, b) => a.or(b),
             },
         }
@@ -738,6 +786,111 @@ impl Usage {
             _ => self,
         }
     }
+}
+
+/// The most windows a limits report keeps.
+const MAX_WINDOWS: usize = 4;
+/// The latest reset time believed (2100-01-01): later ones are noise.
+const MAX_RESET: u64 = 4_102_444_800;
+
+/// Where a user's subscription stands with its vendor, as the CLI reported
+/// it: each usage window (e.g. `five_hour`, `seven_day`) with how much of
+/// it is used and when it resets; `rejected` when the vendor refused the
+/// request for it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    pub windows: Vec<LimitWindow>,
+    /// The vendor refused the request for a limit.
+    pub rejected: bool,
+    /// When the limit that applies resets (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<u64>,
+}
+
+/// One usage window of a subscription.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitWindow {
+    /// The vendor's name for it (`five_hour`, `seven_day`, …).
+    pub name: String,
+    /// How much of it is used, 0–100.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_percent: Option<f64>,
+    /// When it resets (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<u64>,
+    /// The vendor's word for it (`allowed`, `allowed_warning`, `rejected`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// A short vendor word (a window's name, a status) kept only if it is one:
+/// lowercase letters, digits and `_`, at most 32.
+fn word(v: &Value) -> Option<String> {
+    let s = v.as_str()?;
+    (!s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+    .then(|| s.to_owned())
+}
+
+fn reset_time(v: &Value) -> Option<u64> {
+    v.as_u64().filter(|t| (1..=MAX_RESET).contains(t))
+}
+
+impl Limits {
+    /// Claude Code's `rate_limit_event.rate_limit_info` (2.1.332, measured
+    /// against a stand-in sending Anthropic's `anthropic-ratelimit-unified-*`
+    /// headers): `status`, `resetsAt`, and `unifiedWindows` with each
+    /// window's `utilization` (a fraction), `resetsAt` and `status`.
+    fn from_claude(info: &Value) -> Option<Limits> {
+        let status = word(&info["status"])?;
+        let windows = info["unifiedWindows"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, w)| {
+                Some(LimitWindow {
+                    name: word(&Value::String(name.clone()))?,
+                    used_percent: w["utilization"]
+                        .as_f64()
+                        .filter(|u| u.is_finite())
+                        .map(|u| (u * 100.0).clamp(0.0, 100.0)),
+                    resets_at: reset_time(&w["resetsAt"]),
+                    status: word(&w["status"]),
+                })
+            })
+            .take(MAX_WINDOWS)
+            .collect();
+        Some(Limits {
+            windows,
+            rejected: status == "rejected",
+            resets_at: reset_time(&info["resetsAt"]),
+        })
+    }
+}
+
+/// A Unix time as people read it, in UTC (`2026-12-01 18:18 UTC`).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
 }
 
 fn usage(input: &Value, output: &Value) -> Usage {
@@ -1069,6 +1222,7 @@ mod tests {
         for p in Provider::ALL {
             let key = RunSetup {
                 login: false,
+                token: false,
                 bases: ApiBases {
                     anthropic: Some(base),
                     openai: Some(base),
@@ -1106,6 +1260,7 @@ mod tests {
     fn opencode_gets_one_configuration_per_vendor() {
         let how = RunSetup {
             login: false,
+            token: false,
             bases: ApiBases {
                 anthropic: Some("http://a.test:1"),
                 openai: Some("http://o.test:2/v1"),
@@ -1148,6 +1303,69 @@ mod tests {
             env.iter().all(|(_, v)| !v.contains("baseURL")),
             "the vendors' own APIs: {env:?}"
         );
+    }
+
+    /// The real shell runs OpenCode's line (a stand-in `opencode` on PATH
+    /// prints what it got): a key full of shell syntax stays data (its
+    /// CR/LF dropped), reaches the one variable of its vendor, a prompt
+    /// that looks like options reaches the CLI after `--`, and a key of
+    /// no known vendor stops before the CLI.
+    #[test]
+    fn hostile_keys_and_prompts_stay_data_in_the_real_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let fake = bin.join("opencode");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nprintf 'anthropic=[%s] openai=[%s]\\n' \"$ANTHROPIC_API_KEY\" \"$OPENAI_API_KEY\"\nfor a in \"$@\"; do printf 'arg=[%s]\\n' \"$a\"; done\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |key: &str| {
+            let cred = dir.path().join("credential");
+            std::fs::write(&cred, key).unwrap();
+            let how = RunSetup {
+                login: false,
+                token: false,
+                bases: ApiBases::default(),
+                deadline: Duration::from_secs(5),
+            };
+            let (line, env) = run_command(Provider::OpenCode, &how);
+            let line = line.replace(CREDENTIAL_FILE, cred.to_str().unwrap());
+            let out = std::process::Command::new("/bin/sh")
+                .args(["-c", &line])
+                .current_dir(dir.path())
+                .env_clear()
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                .envs(env)
+                .env("POLYDEV_PROMPT", "--help $(touch pwned-prompt)")
+                .output()
+                .unwrap();
+            assert!(!cred.exists(), "the credential file is gone");
+            out
+        };
+        let key = "sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3\r\n";
+        let out = run(key);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(
+                "anthropic=[sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3] openai=[]"
+            ),
+            "{stdout}"
+        );
+        assert!(
+            stdout.ends_with("arg=[--]\narg=[--help $(touch pwned-prompt)]\n"),
+            "{stdout}"
+        );
+        for f in ["pwned", "pwned2", "pwned3", "pwned-prompt"] {
+            assert!(!dir.path().join(f).exists(), "{f}");
+        }
+        let out = run("github_pat_not_a_model_key");
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty(), "the CLI never ran");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("OpenCode takes an Anthropic"));
     }
 
     /// The two CLIs without a subscription sign-in here are never offered
@@ -1231,6 +1449,110 @@ mod tests {
             Line::GaveUp(m) => assert!(is_rate_limit(m) && m.contains("HTTP 429"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Claude Code 2.1.332 on a subscription token, against a stand-in
+    /// sending Anthropic's `anthropic-ratelimit-unified-*` headers
+    /// (captured 2026-12-01): the windows beside the answer; refused for
+    /// the 5-hour window, the reset time, and its "You've hit your limit"
+    /// line read as a failure, not as the answer.
+    #[test]
+    fn claude_code_reports_its_subscription_windows_and_when_a_limit_resets() {
+        let ok = read(
+            Provider::ClaudeCode,
+            include_str!("../fixtures/claude_code_limits.jsonl"),
+        );
+        let limits = ok
+            .iter()
+            .find_map(|l| match l {
+                Line::Limits(l) => Some(l.clone()),
+                _ => None,
+            })
+            .expect("a limits line");
+        assert!(!limits.rejected);
+        let five = limits
+            .windows
+            .iter()
+            .find(|w| w.name == "five_hour")
+            .unwrap();
+        assert_eq!(five.used_percent, Some(82.0));
+        assert_eq!(five.status.as_deref(), Some("allowed_warning"));
+        assert!(five.resets_at.is_some());
+        assert!(limits
+            .windows
+            .iter()
+            .any(|w| w.name == "seven_day" && w.used_percent == Some(40.0)));
+        assert_eq!(ok.first(), Some(&Line::Delta("hello".into())));
+        assert!(matches!(ok.last(), Some(Line::Done(_))));
+
+        let refused = read(
+            Provider::ClaudeCode,
+            include_str!("../fixtures/claude_code_limit_reached.jsonl"),
+        );
+        assert!(
+            !refused.iter().any(|l| matches!(l, Line::Delta(_))),
+            "{refused:?}"
+        );
+        match refused.first() {
+            Some(Line::Limits(l)) => {
+                assert!(l.rejected);
+                assert_eq!(l.resets_at, Some(1_796_149_120));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(refused
+            .iter()
+            .any(|l| matches!(l, Line::Failure(m) if m.contains("5-hour limit"))));
+        assert_eq!(utc(1_796_149_120), "2026-12-01 18:18 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+    }
+
+    /// What a hostile stream puts in a limits line is bounded: names and
+    /// statuses that are not short vendor words go, percentages are 0–100,
+    /// reset times past 2100 are dropped, at most four windows are kept.
+    #[test]
+    fn a_hostile_limits_line_is_bounded() {
+        let windows: serde_json::Map<String, Value> = (0..50)
+            .map(|i| {
+                (
+                    format!("w{i}"),
+                    json!({"utilization": 1e9, "resetsAt": u64::MAX, "status": "<b>x</b>"}),
+                )
+            })
+            .chain([("<script>".to_owned(), json!({"utilization": -5.0}))])
+            .collect();
+        let line = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 99_999_999_999u64, "unifiedWindows": windows}});
+        match normalise(Provider::ClaudeCode, &line.to_string()) {
+            Some(Line::Limits(l)) => {
+                assert_eq!(l.windows.len(), MAX_WINDOWS);
+                assert!(l.windows.iter().all(|w| w.name.starts_with('w')
+                    && w.used_percent == Some(100.0)
+                    && w.resets_at.is_none()
+                    && w.status.is_none()));
+                assert!(l.rejected);
+                assert_eq!(l.resets_at, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let no_status = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "x y"}});
+        assert_eq!(
+            normalise(Provider::ClaudeCode, &no_status.to_string()),
+            None
+        );
+    }
+
+    /// Only a limit makes Copilot CLI's error final; any other is a
+    /// failure its exit ends.
+    #[test]
+    fn copilot_gives_up_only_on_a_limit() {
+        let query = r#"{"type":"session.error","data":{"errorType":"query","message":"Execution failed: 404 Not Found","statusCode":404}}"#;
+        assert_eq!(
+            normalise(Provider::Copilot, query),
+            Some(Line::Failure(
+                "GitHub Copilot answered HTTP 404: Execution failed: 404 Not Found".into()
+            ))
+        );
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub enum CredentialKind {
     /// `credential.<provider>`). After the run, the file as the CLI left
     /// it (refreshed tokens included) is sealed back to the user.
     CliLogin,
+    /// A long-lived token the CLI's own tooling issues for a person's
+    /// subscription (Claude Code's `claude setup-token`): a subscription
+    /// sign-in, offered where the policy allows one.
+    SubscriptionToken,
 }
 
 impl std::str::FromStr for CredentialKind {
@@ -70,8 +74,9 @@ impl std::str::FromStr for CredentialKind {
         match s {
             "api_key" => Ok(Self::ApiKey),
             "cli_login" => Ok(Self::CliLogin),
+            "subscription_token" => Ok(Self::SubscriptionToken),
             other => Err(format!(
-                "credential kind must be \"api_key\" or \"cli_login\", not {other:?}"
+                "credential kind must be \"api_key\", \"cli_login\" or \"subscription_token\", not {other:?}"
             )),
         }
     }
@@ -191,12 +196,17 @@ pub enum RunEvent {
     Done {
         provider: Provider,
         usage: Usage,
+        /// Where the user's subscription stands, when the CLI said.
+        limits: Option<crate::providers::Limits>,
     },
     Error {
         provider: Provider,
         stage: ErrorStage,
         message: String,
         exit_code: Option<i32>,
+        /// For `rate_limited`: when the limit resets (Unix seconds), when
+        /// the vendor said.
+        resets_at: Option<u64>,
     },
     /// Every provider has ended: the stream's last event.
     End {
@@ -246,13 +256,26 @@ impl RunEvent {
             Self::Retrying {
                 message, attempt, ..
             } => json!({"message": message, "attempt": attempt}),
-            Self::Done { usage, .. } => json!({"exitCode": 0, "usage": usage}),
+            Self::Done { usage, limits, .. } => {
+                let mut v = json!({"exitCode": 0, "usage": usage});
+                if let Some(l) = limits {
+                    v["limits"] = json!(l);
+                }
+                v
+            }
             Self::Error {
                 stage,
                 message,
                 exit_code,
+                resets_at,
                 ..
-            } => json!({"stage": stage, "message": message, "exitCode": exit_code}),
+            } => {
+                let mut v = json!({"stage": stage, "message": message, "exitCode": exit_code});
+                if let Some(t) = resets_at {
+                    v["resetsAt"] = json!(t);
+                }
+                v
+            }
             Self::End { state } => json!({"state": state}),
         };
         if let Some(p) = self.provider() {
@@ -698,6 +721,7 @@ impl Runs {
                         me.cfg.credential_wait.as_secs()
                     ),
                     exit_code: None,
+                    resets_at: None,
                 });
                 let _ = me.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
                 me.persist(&run).await;
@@ -765,6 +789,7 @@ impl Runs {
                                 provider.display_name()
                             ),
                             exit_code: None,
+                            resets_at: None,
                         });
                         let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
                         self.persist(&run).await;
@@ -835,7 +860,23 @@ impl Runs {
         // installation offers it to this user (checked for all before any
         // is opened).
         for (provider, (_, kind)) in &sealed {
-            if *kind == CredentialKind::CliLogin {
+            if *kind == CredentialKind::SubscriptionToken
+                && crate::providers::info(*provider).token.is_none()
+            {
+                return Err(RunError::Invalid(format!(
+                    "{} takes no subscription token (an API key{} instead)",
+                    provider.display_name(),
+                    if crate::providers::info(*provider).sign_in {
+                        " or its sign-in"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if matches!(
+                kind,
+                CredentialKind::CliLogin | CredentialKind::SubscriptionToken
+            ) {
                 self.cfg.sign_in.check(*provider, admin)?;
             }
             // A queued provider's credential waits for its turn: said
@@ -945,6 +986,7 @@ impl Runs {
             provider,
             &RunSetup {
                 login: kind == CredentialKind::CliLogin,
+                token: kind == CredentialKind::SubscriptionToken,
                 bases: self.cfg.bases(),
                 deadline: self.cfg.deadline,
             },
@@ -968,7 +1010,7 @@ impl Runs {
             let mut out = Output::default();
             loop {
                 let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
-                    return Ok(Ended::TimedOut(None, out.limited(provider)));
+                    return Ok(Ended::TimedOut(None, out.limited(provider), out.resets_at()));
                 };
                 match next? {
                     AgentEvent::Stdout { data } => {
@@ -980,6 +1022,7 @@ impl Runs {
                                 Line::Delta(text) => {
                                     // It got through: an earlier limit is over.
                                     out.rate_limited = false;
+                                    out.rejected = false;
                                     run.emit(RunEvent::Delta { provider, text })
                                 }
                                 Line::Retrying(message) => {
@@ -991,6 +1034,7 @@ impl Runs {
                                 // Sent once the provider's state says so,
                                 // so "done" is always its last word.
                                 Line::Done(usage) => {
+                                    out.failure = None;
                                     out.done = Some(match out.done {
                                         Some(earlier) => earlier.plus(usage),
                                         None => usage,
@@ -1001,15 +1045,28 @@ impl Runs {
                                     out.running = Some(usage);
                                     true
                                 }
+                                Line::Limits(limits) => {
+                                    if limits.rejected {
+                                        out.rejected = true;
+                                    }
+                                    out.limits = Some(limits);
+                                    true
+                                }
+                                // The last word decides: a failure after
+                                // a finished step (OpenCode's) is a
+                                // failure, a step finished after a failure
+                                // (it retried) is not.
                                 Line::Failure(message) => {
                                     out.failure = Some(message);
+                                    out.done = None;
                                     true
                                 }
                                 // It will not go on (nor, maybe, exit): it
                                 // ends here, its sandbox with it.
                                 Line::GaveUp(message) => {
                                     out.failure = Some(message);
-                                    return Ok(Ended::Exited(None, out));
+                                    out.done = None;
+                                    return Ok(Ended::GaveUp(out));
                                 }
                             };
                             if !emitted {
@@ -1044,7 +1101,7 @@ impl Runs {
                             }
                         }
                         if timed_out {
-                            return Ok(Ended::TimedOut(code, out.limited(provider)));
+                            return Ok(Ended::TimedOut(code, out.limited(provider), out.resets_at()));
                         }
                         return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
@@ -1061,29 +1118,40 @@ impl Runs {
             .manager
             .egress_refusal(&p.sandbox)
             .map(|(host, why)| format!("{name} could not reach {host}: it {why}"));
+        let failed_at =
+            |message: String, stage: ErrorStage, exit_code: Option<i32>, resets_at: Option<u64>| {
+                if run.set_state(provider, ProviderState::Failed) {
+                    run.emit_final(RunEvent::Error {
+                        provider,
+                        stage,
+                        message,
+                        exit_code,
+                        resets_at,
+                    });
+                }
+            };
         let failed = |message: String, stage: ErrorStage, exit_code: Option<i32>| {
-            if run.set_state(provider, ProviderState::Failed) {
-                run.emit_final(RunEvent::Error {
-                    provider,
-                    stage,
-                    message,
-                    exit_code,
-                });
-            }
+            failed_at(message, stage, exit_code, None)
+        };
+        // When a limit that refused it resets, as its vendor said.
+        let try_again = |resets_at: Option<u64>| match resets_at {
+            Some(t) => format!("try again after {}", crate::providers::utc(t)),
+            None => "try again once the limit resets".to_owned(),
         };
         match result {
             _ if cancelled => {}
-            Ok(Ended::TimedOut(code, true)) => {
+            Ok(Ended::TimedOut(code, true, resets_at)) => {
                 let mut message = format!(
-                    "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; try again once the limit resets",
-                    self.cfg.deadline.as_secs()
+                    "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; {}",
+                    self.cfg.deadline.as_secs(),
+                    try_again(resets_at)
                 );
                 if let Some(u) = &unreachable {
                     message.push_str(&format!("; also, {u}"));
                 }
-                failed(message, ErrorStage::RateLimited, code);
+                failed_at(message, ErrorStage::RateLimited, code, resets_at);
             }
-            Ok(Ended::TimedOut(code, false)) => {
+            Ok(Ended::TimedOut(code, false, _)) => {
                 let mut message = format!(
                     "{name} gave no answer within {} s (the run's deadline) and was stopped",
                     self.cfg.deadline.as_secs()
@@ -1108,6 +1176,7 @@ impl Runs {
                 Output {
                     done: Some(usage),
                     running,
+                    limits,
                     ..
                 },
             )) => {
@@ -1115,7 +1184,22 @@ impl Runs {
                     run.emit_final(RunEvent::Done {
                         provider,
                         usage: usage.or_running(running),
+                        limits,
                     });
+                }
+            }
+            Ok(Ended::GaveUp(out)) => {
+                let reason = out.failure.clone().unwrap_or_default();
+                let resets_at = out.resets_at();
+                if out.limited(provider) || crate::providers::is_rate_limit(&reason) {
+                    failed_at(
+                        format!("{name} gave up: its provider refused it for a rate or usage limit ({reason}); {}", try_again(resets_at)),
+                        ErrorStage::RateLimited,
+                        None,
+                        resets_at,
+                    );
+                } else {
+                    failed(format!("{name} gave up: {reason}"), ErrorStage::Cli, None);
                 }
             }
             Ok(Ended::Exited(code, out)) => {
@@ -1127,7 +1211,10 @@ impl Runs {
                     .filter(|f| crate::providers::is_rate_limit(f));
                 // The final cause decides: a failure the stream reported
                 // that is not a limit is not one, whatever came before.
-                let limited = limit.is_some() || (out.failure.is_none() && out.limited(provider));
+                let limited = limit.is_some()
+                    || out.rejected
+                    || (out.failure.is_none() && out.limited(provider));
+                let resets_at = out.resets_at();
                 let reason = limit
                     .or(unreachable)
                     .or(out.failure)
@@ -1139,10 +1226,11 @@ impl Runs {
                     None => "was stopped by a signal".to_owned(),
                 };
                 if limited || crate::providers::is_rate_limit(&reason) {
-                    failed(
-                        format!("{name} {how}: its provider refused it for a rate or usage limit ({reason}); try again once the limit resets"),
+                    failed_at(
+                        format!("{name} {how}: its provider refused it for a rate or usage limit ({reason}); {}", try_again(resets_at)),
                         ErrorStage::RateLimited,
                         code,
+                        resets_at,
                     );
                 } else {
                     failed(format!("{name} {how}: {reason}"), ErrorStage::Cli, code);
@@ -1270,6 +1358,7 @@ impl Runs {
                     stage: ErrorStage::Cancelled,
                     message: message.into(),
                     exit_code: None,
+                    resets_at: None,
                 });
             }
             let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
@@ -1331,10 +1420,13 @@ enum Ended {
     /// Exit code and what its output said.
     Exited(Option<i32>, Output),
     /// The run's deadline passed (the exit code, when the agent reported
-    /// one; whether its provider had refused it for a rate limit).
-    TimedOut(Option<i32>, bool),
+    /// one; whether its provider had refused it for a rate limit, and when
+    /// that resets if the vendor said).
+    TimedOut(Option<i32>, bool, Option<u64>),
     /// Its output passed a bound (`answer` or `events`).
     TooLarge(&'static str),
+    /// Its stream said it failed and would not go on; it was ended there.
+    GaveUp(Output),
 }
 
 /// A CLI's output as it arrives: complete lines normalised, partial lines
@@ -1349,6 +1441,11 @@ struct Output {
     done: Option<Usage>,
     /// The CLI's running total of usage, where it reports one apart from its end.
     running: Option<Usage>,
+    /// Where the user's subscription stood, as the CLI last said.
+    limits: Option<crate::providers::Limits>,
+    /// The vendor refused it for a subscription limit (and nothing got
+    /// through since).
+    rejected: bool,
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,
@@ -1360,8 +1457,18 @@ struct Output {
 impl Output {
     /// Whether its provider refused it for a rate limit: a retry notice or
     /// its stderr said so.
+    /// When the limit that refused it resets, if its vendor said.
+    fn resets_at(&self) -> Option<u64> {
+        self.limits
+            .as_ref()
+            .filter(|_| self.rejected)
+            .and_then(|l| l.resets_at)
+    }
+
     fn limited(&self, provider: Provider) -> bool {
-        self.rate_limited || crate::providers::stderr_says_rate_limited(provider, &self.stderr)
+        self.rate_limited
+            || self.rejected
+            || crate::providers::stderr_says_rate_limited(provider, &self.stderr)
     }
 }
 
@@ -1468,9 +1575,28 @@ mod tests {
                         output_tokens: None,
                         cost_usd: Some(0.25),
                     },
+                    limits: None,
                 },
                 "done",
                 json!({"exitCode": 0, "usage": {"inputTokens": 3, "outputTokens": null, "costUsd": 0.25}, "provider": "codex"}),
+            ),
+            (
+                RunEvent::Done {
+                    provider: p,
+                    usage: Usage::default(),
+                    limits: Some(crate::providers::Limits {
+                        windows: vec![crate::providers::LimitWindow {
+                            name: "five_hour".into(),
+                            used_percent: Some(82.0),
+                            resets_at: Some(100),
+                            status: None,
+                        }],
+                        rejected: false,
+                        resets_at: None,
+                    }),
+                },
+                "done",
+                json!({"exitCode": 0, "usage": {"inputTokens": null, "outputTokens": null}, "limits": {"windows": [{"name": "five_hour", "usedPercent": 82.0, "resetsAt": 100}], "rejected": false}, "provider": "codex"}),
             ),
             (
                 RunEvent::Error {
@@ -1478,9 +1604,21 @@ mod tests {
                     stage: ErrorStage::Timeout,
                     message: "late".into(),
                     exit_code: None,
+                    resets_at: None,
                 },
                 "error",
                 json!({"stage": "timeout", "message": "late", "exitCode": null, "provider": "codex"}),
+            ),
+            (
+                RunEvent::Error {
+                    provider: p,
+                    stage: ErrorStage::RateLimited,
+                    message: "limit".into(),
+                    exit_code: Some(1),
+                    resets_at: Some(1_796_149_120),
+                },
+                "error",
+                json!({"stage": "rate_limited", "message": "limit", "exitCode": 1, "resetsAt": 1_796_149_120u64, "provider": "codex"}),
             ),
             (
                 RunEvent::End {

@@ -32,6 +32,10 @@ struct Stub {
     fail: Option<u16>,
     /// Wait this long before answering a model call (a slow provider).
     delay: std::time::Duration,
+    /// Answer as a subscription does: Anthropic's unified rate-limit
+    /// headers on every model call (`Some(true)`: the 5-hour window is
+    /// used up, every call refused with 429).
+    subscription: Option<bool>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -87,8 +91,64 @@ pub async fn start_slow(
         answer: answer.to_owned(),
         fail,
         delay,
+        subscription: None,
         seen: seen.clone(),
     };
+    serve(provider, stub, seen).await
+}
+
+/// An Anthropic stand-in answering as for a Claude subscription: the
+/// unified rate-limit headers (5-hour window 82 % used, 7-day 40 %) on
+/// each answer, or with `exhausted` every call refused with 429 and the
+/// 5-hour window `rejected`.
+pub async fn start_subscription(answer: &str, exhausted: bool) -> std::io::Result<StubServer> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stub = Stub {
+        answer: answer.to_owned(),
+        fail: None,
+        delay: std::time::Duration::ZERO,
+        subscription: Some(exhausted),
+        seen: seen.clone(),
+    };
+    serve(Provider::Anthropic, stub, seen).await
+}
+
+/// Anthropic's unified rate-limit headers, as a subscription's answers
+/// carry them: the 5-hour window resets in an hour (on the minute), the
+/// 7-day in three days (Claude Code drops a window whose reset is further
+/// off than the window is long).
+fn unified_headers(status: &str) -> Vec<(&'static str, String)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let five_hour = (now + 3600) / 60 * 60;
+    let reset = five_hour.to_string();
+    vec![
+        ("anthropic-ratelimit-unified-status", status.to_owned()),
+        ("anthropic-ratelimit-unified-reset", reset.clone()),
+        (
+            "anthropic-ratelimit-unified-representative-claim",
+            "five_hour".into(),
+        ),
+        ("anthropic-ratelimit-unified-5h-utilization", "0.82".into()),
+        ("anthropic-ratelimit-unified-5h-reset", reset.clone()),
+        ("anthropic-ratelimit-unified-5h-status", status.to_owned()),
+        ("anthropic-ratelimit-unified-7d-utilization", "0.4".into()),
+        (
+            "anthropic-ratelimit-unified-7d-reset",
+            (now + 3 * 86_400).to_string(),
+        ),
+        ("anthropic-ratelimit-unified-7d-status", "allowed".into()),
+        ("anthropic-ratelimit-unified-fallback", "available".into()),
+        ("request-id", "req_stub".into()),
+    ]
+}
+
+async fn serve(
+    provider: Provider,
+    stub: Stub,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> std::io::Result<StubServer> {
     let app = match provider {
         Provider::Anthropic => Router::new()
             .route("/v1/messages", post(anthropic_messages))
@@ -186,6 +246,26 @@ fn failure(status: u16, message: &str) -> Response {
 }
 
 async fn anthropic_messages(State(stub): State<Stub>, body: Bytes) -> Response {
+    let mut resp = anthropic_answer(&stub, body);
+    if let Some(exhausted) = stub.subscription {
+        let status = if exhausted {
+            "rejected"
+        } else {
+            "allowed_warning"
+        };
+        for (k, v) in unified_headers(status) {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+    }
+    resp
+}
+
+fn anthropic_answer(stub: &Stub, body: Bytes) -> Response {
+    if stub.subscription == Some(true) {
+        return failure(429, "");
+    }
     if let Some(s) = stub.fail {
         return failure(s, "stub provider failure");
     }

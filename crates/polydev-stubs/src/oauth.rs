@@ -132,6 +132,7 @@ pub async fn start(token_prefix: &str) -> std::io::Result<StubServer> {
         answer: String::new(),
         fail: None,
         delay: std::time::Duration::ZERO,
+        subscription: None,
         seen: seen.clone(),
     };
     let app = Router::new()

@@ -501,6 +501,17 @@ pub struct ServeConfig {
 /// The egress section with its flags applied.
 pub fn egress_config(args: &EgressArgs, file: &FileConfig) -> anyhow::Result<EgressConfig> {
     let mut config = file.egress.clone().unwrap_or_default();
+    // Each CLI's run sandboxes reach its own hosts (the registry's).
+    config.provider_hosts = polydev_domain::Provider::ALL
+        .iter()
+        .map(|p| {
+            let hosts = polydev_sessions::providers::info(*p).egress_hosts;
+            (
+                p.as_str().to_owned(),
+                hosts.iter().map(|h| (*h).to_owned()).collect(),
+            )
+        })
+        .collect();
     if let Some(enabled) = args.enabled {
         config.enabled = enabled;
     }
@@ -693,6 +704,26 @@ mod tests {
             Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
         }
+    }
+
+    /// Every CLI's run sandboxes get its own egress list from the registry.
+    #[test]
+    fn the_egress_section_carries_each_cli_s_hosts() {
+        let file: FileConfig = toml::from_str("").unwrap();
+        let args = EgressArgs {
+            enabled: None,
+            listen: None,
+        };
+        let c = egress_config(&args, &file).unwrap();
+        for p in polydev_domain::Provider::ALL {
+            assert!(!c.provider_hosts[p.as_str()].is_empty(), "{p:?}");
+        }
+        assert!(c.provider_hosts["copilot"]
+            .iter()
+            .any(|h| h == "api.github.com"));
+        assert!(!c.provider_hosts["claude_code"]
+            .iter()
+            .any(|h| h.contains("github")));
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub(crate) struct ProviderEntry {
     /// The version this installation's images install.
     version: Option<String>,
     /// What you may hand a run: `api_key` always; `cli_login` (a login
-    /// session's capture) where the subscription sign-in is offered to you.
+    /// session's capture) and `subscription_token` (Claude Code's
+    /// `setup-token`) where the subscription sign-in is offered to you.
     credential_kinds: Vec<&'static str>,
     /// The login-session modes you may start (`browser`, `code`); none
     /// when the subscription sign-in is not offered to you, or login
@@ -71,8 +72,11 @@ pub(crate) async fn list(
             let policy = state.config.sign_in.of(p);
             let offered = policy.allows(admin);
             let mut kinds = vec!["api_key"];
-            if offered {
+            if offered && info.sign_in {
                 kinds.push("cli_login");
+            }
+            if offered && info.token.is_some() {
+                kinds.push("subscription_token");
             }
             ProviderEntry {
                 id: p.as_str(),

@@ -239,7 +239,24 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     // All five CLIs: OpenCode takes the key to OpenAI's stand-in; Copilot
     // CLI takes it as its GitHub token.
     let all = ["claude_code", "codex", "gemini_cli", "opencode", "copilot"];
-    let (run, events) = run_with_key(&app, &token, &all, &key).await;
+    // OpenCode takes only a model vendor's key: an OpenAI-shaped canary.
+    let opencode_key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    // A prompt that looks like options is still the prompt: each CLI
+    // answers it (none prints its help or version instead).
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "--version --help", "providers": all}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    send_keys(&app, &token, &r.body, |p| {
+        if p == "opencode" { &opencode_key } else { &key }.clone()
+    })
+    .await;
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
     let of = |p: &str| {
         events
             .iter()
@@ -283,6 +300,10 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         copilot.seen().iter().map(|s| &s.path).collect::<Vec<_>>()
     );
     assert!(bearer(openai.seen(), "/v1/responses"));
+    assert!(openai.seen().iter().any(|s| s
+        .headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v == &format!("Bearer {opencode_key}"))));
     let g = of("gemini_cli");
     assert_eq!(g.last().map(|e| e.0), Some("error"), "{g:?}");
     assert!(!g.iter().any(|(e, _)| *e == "done"));
@@ -301,7 +322,7 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
         },
     )
     .await;
-    app.assert_nowhere(&[&key]).await;
+    app.assert_nowhere(&[&key, &opencode_key]).await;
     // The answers are stored sealed, never in the clear.
     assert!(!app.at_rest().contains("perspective of claude"));
 
@@ -897,6 +918,19 @@ pub(crate) async fn send_keys(
     view: &serde_json::Value,
     key_of: impl Fn(&str) -> String,
 ) {
+    let r = post_keys(app, token, view, key_of, json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+}
+
+/// Seals each provider's key (`kinds`: what each is) and posts them; the
+/// answer.
+pub(crate) async fn post_keys(
+    app: &TestApp,
+    token: &str,
+    view: &serde_json::Value,
+    key_of: impl Fn(&str) -> String,
+    kinds: Value,
+) -> crate::app::Reply {
     use base64::Engine;
     let run = view["runId"].as_str().unwrap();
     let mut creds = serde_json::Map::new();
@@ -916,14 +950,119 @@ pub(crate) async fn send_keys(
             json!(base64::engine::general_purpose::STANDARD.encode(sealed)),
         );
     }
-    let r = app
-        .post(
-            &format!("/api/runs/{run}/credentials"),
-            Some(token),
-            json!({"credentials": creds}),
+    app.post(
+        &format!("/api/runs/{run}/credentials"),
+        Some(token),
+        json!({"credentials": creds, "kinds": kinds}),
+    )
+    .await
+}
+
+/// Claude Code on a subscription token (`claude setup-token`'s), where the
+/// operator offers subscription sign-in: the token reaches Anthropic as
+/// the bearer, and the answer carries the subscription's windows (the
+/// stand-in sends Anthropic's unified rate-limit headers). With the
+/// 5-hour window used up the provider ends `rate_limited` with the reset
+/// time; `owner` refuses a plain user's token before anything starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_token_run_shows_its_windows_and_when_a_limit_resets() {
+    let token_canary = format!("sk-ant-oat01-canary{}", uuid::Uuid::new_v4().simple());
+    let start = |answer: &'static str, exhausted: bool, policy: &'static str| async move {
+        let stub = polydev_stubs::start_subscription(answer, exhausted)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = stub_config(dir.path(), stub.addr.port(), 1, 1, 1);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "[providers.claude_code]\nsubscription_login = \"{policy}\"\n"
+        ));
+        std::fs::write(&config, text).unwrap();
+        let app =
+            TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+        (stub, dir, app)
+    };
+    async fn run(app: &TestApp, user: &str, canary: &str) -> (String, crate::app::Reply) {
+        let r = app
+            .post(
+                "/api/runs",
+                Some(user),
+                json!({"prompt": "hello?", "providers": ["claude_code"]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let answer = post_keys(
+            app,
+            user,
+            &r.body,
+            |_| canary.to_owned(),
+            json!({"claude_code": "subscription_token"}),
         )
         .await;
+        (r.body["runId"].as_str().unwrap().to_owned(), answer)
+    }
+
+    let (stub, _dir, app) = start("claude on a subscription", false, "all").await;
+    let (_, user) = app.user("subscriber@example.com").await;
+    let (id, r) = run(&app, &user, &token_canary).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let events = sse_events(&app, &format!("/api/runs/{id}/events"), &user).await;
+    let done = events
+        .iter()
+        .find(|(e, _)| e == "done")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let windows = done.1["limits"]["windows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let five = windows
+        .iter()
+        .find(|w| w["name"] == "five_hour")
+        .unwrap_or_else(|| panic!("{done:?}"));
+    assert_eq!(five["usedPercent"], 82.0, "{done:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let in_the_hour = |t: &Value| t.as_u64().is_some_and(|t| t > now && t <= now + 3660);
+    assert!(in_the_hour(&five["resetsAt"]), "{done:?}");
+    assert!(windows.iter().any(|w| w["name"] == "seven_day"), "{done:?}");
+    assert!(events
+        .iter()
+        .any(|(e, d)| e == "delta" && d["text"] == "claude on a subscription"));
+    assert!(
+        stub.seen().iter().any(|s| s
+            .headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && v == &format!("Bearer {token_canary}"))),
+        "the token is Claude Code's bearer"
+    );
+    app.assert_nowhere(&[&token_canary]).await;
+
+    let (_stub, _dir, app) = start("never", true, "owner").await;
+    let (_, plain) = app.user("plain@example.com").await;
+    let (_, r) = run(&app, &plain, &token_canary).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "sign_in_not_offered"),
+        "{}",
+        r.text
+    );
+    let admin = app.admin("owner@example.com");
+    let (id, r) = run(&app, &admin, &token_canary).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let events = sse_events(&app, &format!("/api/runs/{id}/events"), &admin).await;
+    let (kind, end) = events
+        .iter()
+        .rev()
+        .find(|(_, d)| d["provider"] == "claude_code")
+        .unwrap();
+    assert_eq!(kind, "error", "{events:?}");
+    assert_eq!(end["stage"], "rate_limited", "{end}");
+    assert!(in_the_hour(&end["resetsAt"]), "{end}");
+    let when = polydev_sessions::providers::utc(end["resetsAt"].as_u64().unwrap());
+    assert!(end["message"].as_str().unwrap().contains(&when), "{end}");
+    // The refusal Claude Code wrote itself is not shown as its answer.
+    assert!(!events.iter().any(|(e, _)| e == "delta"), "{events:?}");
 }
 
 /// An OpenAI stand-in that takes each request and never answers.
