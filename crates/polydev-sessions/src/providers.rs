@@ -341,16 +341,23 @@ fn opencode_config(vendor: &str, base: Option<String>) -> String {
         .iter()
         .find(|(v, _)| *v == vendor)
         .map_or("openai/gpt-5", |(_, m)| m);
-    let mut c = serde_json::json!({
+    // The key comes from a pipe OpenCode reads once as it loads this
+    // configuration: never in an environment its tools inherit.
+    let mut options = serde_json::json!({ "apiKey": format!("{{file:{OPENCODE_KEY_PIPE}}}") });
+    if let Some(b) = base {
+        options["baseURL"] = serde_json::json!(b);
+    }
+    serde_json::json!({
         "model": model,
         "autoupdate": false,
         "share": "disabled",
-    });
-    if let Some(b) = base {
-        c["provider"] = serde_json::json!({ vendor: { "options": { "baseURL": b } } });
-    }
-    c.to_string()
+        "provider": { vendor: { "options": options } },
+    })
+    .to_string()
 }
+
+/// The named pipe OpenCode reads its key from: written once, then gone.
+const OPENCODE_KEY_PIPE: &str = "/home/sandbox/.polydev/opencode-key";
 
 /// The shell line that runs `provider`'s CLI headless, and its
 /// environment. An API key is read from the unsealed file into the
@@ -430,7 +437,9 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
         Provider::OpenCode => {
             // One key, three possible vendors: told apart by the key's
             // prefix inside the sandbox (the controller never sees it).
-            // Each vendor's configuration is made here, quoted as JSON.
+            // Each vendor's configuration is made here, quoted as JSON;
+            // the key goes through a named pipe OpenCode reads once (a
+            // background writer, then the pipe is removed).
             env.push((
                 "POLYDEV_OC_ANTHROPIC".into(),
                 opencode_config("anthropic", how.bases.anthropic.map(|u| format!("{u}/v1"))),
@@ -447,7 +456,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             env.push(("OPENCODE_DISABLE_MODELS_FETCH".into(), "1".into()));
             env.push(("OPENCODE_DISABLE_LSP_DOWNLOAD".into(), "1".into()));
             format!(
-                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export ANTHROPIC_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export GOOGLE_GENERATIVE_AI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENAI_API_KEY=\"$KEY\" OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset KEY POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
+                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; rm -f {OPENCODE_KEY_PIPE}; mkfifo -m 600 {OPENCODE_KEY_PIPE} || exit 2; (printf '%s' \"$KEY\" > {OPENCODE_KEY_PIPE}; rm -f {OPENCODE_KEY_PIPE}) & unset KEY; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
             )
         }
         Provider::Copilot => {
@@ -1307,7 +1316,8 @@ mod tests {
 
     /// The real shell runs OpenCode's line (a stand-in `opencode` on PATH
     /// prints what it got): a key full of shell syntax stays data (its
-    /// CR/LF dropped), reaches the one variable of its vendor, a prompt
+    /// CR/LF dropped), reaches OpenCode through its pipe and is in no
+    /// variable its tools would inherit, the pipe is gone after, a prompt
     /// that looks like options reaches the CLI after `--`, and a key of
     /// no known vendor stops before the CLI.
     #[test]
@@ -1318,7 +1328,7 @@ mod tests {
         let fake = bin.join("opencode");
         std::fs::write(
             &fake,
-            "#!/bin/sh\nprintf 'anthropic=[%s] openai=[%s]\\n' \"$ANTHROPIC_API_KEY\" \"$OPENAI_API_KEY\"\nfor a in \"$@\"; do printf 'arg=[%s]\\n' \"$a\"; done\n",
+            "#!/bin/sh\nF=$(printf '%s' \"$OPENCODE_CONFIG_CONTENT\" | sed 's/.*{file:\\([^}]*\\)}.*/\\1/')\nprintf 'key=[%s] env=[%s]\\n' \"$(cat \"$F\")\" \"$(env | grep -c sk-ant)\"\nfor a in \"$@\"; do printf 'arg=[%s]\\n' \"$a\"; done\n",
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -1333,7 +1343,14 @@ mod tests {
                 deadline: Duration::from_secs(5),
             };
             let (line, env) = run_command(Provider::OpenCode, &how);
-            let line = line.replace(CREDENTIAL_FILE, cred.to_str().unwrap());
+            let pipe = dir.path().join("pipe");
+            let here = |s: &str| {
+                s.replace(CREDENTIAL_FILE, cred.to_str().unwrap())
+                    .replace(OPENCODE_KEY_PIPE, pipe.to_str().unwrap())
+            };
+            let line = here(&line);
+            let env: Vec<(String, String)> =
+                env.iter().map(|(k, v)| (k.clone(), here(v))).collect();
             let out = std::process::Command::new("/bin/sh")
                 .args(["-c", &line])
                 .current_dir(dir.path())
@@ -1344,15 +1361,14 @@ mod tests {
                 .output()
                 .unwrap();
             assert!(!cred.exists(), "the credential file is gone");
+            assert!(!pipe.exists(), "the key's pipe is gone");
             out
         };
         let key = "sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3\r\n";
         let out = run(key);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            stdout.contains(
-                "anthropic=[sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3] openai=[]"
-            ),
+            stdout.contains("key=[sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3] env=[0]"),
             "{stdout}"
         );
         assert!(
