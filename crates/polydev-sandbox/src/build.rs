@@ -44,9 +44,9 @@ pub struct BuildOptions {
     pub agent: PathBuf,
     /// npm packages (with versions) of the CLIs the runtime carries.
     pub cli_packages: Vec<String>,
-    /// The commands those install (each must answer `--version` in a
-    /// booted image).
-    pub cli_commands: Vec<String>,
+    /// How to ask each of those its version in a booted image (an argv:
+    /// `env NAME=value … cli --version`); each must succeed.
+    pub cli_checks: Vec<Vec<String>>,
     /// Shell lines run after the install as the build's unprivileged uid,
     /// `$PREFIX` the install's prefix (readying a CLI for a read-only
     /// image).
@@ -462,6 +462,11 @@ async fn npm_install_unprivileged(
     .await
 }
 
+/// Whether `template`'s images carry the CLIs (npm-installed at build).
+pub fn carries_clis(template: &str) -> bool {
+    matches!(template, "runtime" | "browser")
+}
+
 /// Builds `template` into `images` (validated by booting one sandbox on
 /// `validator`; not activated). Takes the store's build lock.
 pub async fn build(
@@ -506,7 +511,7 @@ pub async fn build(
             )
             .await?;
             match template {
-                "runtime" | "browser" => {
+                t if carries_clis(t) => {
                     step("packages (git, certificates)");
                     chroot_apt(&root, RUNTIME_PACKAGES).await?;
                     if template == "browser" {
@@ -524,7 +529,16 @@ pub async fn build(
             crate::image::add_agent(&root, &opts.agent)?;
             step("content hash and import");
             images
-                .import(template, &root, Vec::new())
+                .import(
+                    template,
+                    &root,
+                    Vec::new(),
+                    if carries_clis(template) {
+                        opts.cli_packages.clone()
+                    } else {
+                        Vec::new()
+                    },
+                )
                 .map_err(BuildError::from)
         }
         .await;
@@ -532,7 +546,7 @@ pub async fn build(
         made?
     };
     step("validate: boot one sandbox");
-    validate(validator, images, &image, &opts.cli_commands).await?;
+    validate(validator, images, &image, &opts.cli_checks).await?;
     Ok(image)
 }
 
@@ -544,7 +558,7 @@ pub async fn validate(
     driver: &LocalDriver,
     images: &ImageStore,
     image: &Image,
-    clis: &[String],
+    clis: &[Vec<String>],
 ) -> Result<(), BuildError> {
     let id = SandboxId::generate();
     let spec = SandboxSpec {
@@ -613,18 +627,20 @@ async fn smoke_check(
     driver: &LocalDriver,
     id: &SandboxId,
     template: &str,
-    clis: &[String],
+    clis: &[Vec<String>],
     agent: &mut polydev_agent::AgentClient,
 ) -> Result<(), BuildError> {
-    if matches!(template, "runtime" | "browser") {
-        for cli in clis.iter().map(String::as_str) {
+    if carries_clis(template) {
+        for check in clis {
+            let argv: Vec<&str> = check.iter().map(String::as_str).collect();
+            let cli = check.join(" ");
             let out = agent
-                .exec(&[cli, "--version"], None, Duration::from_secs(60), |_| {})
+                .exec(&argv, None, Duration::from_secs(60), |_| {})
                 .await
                 .map_err(failed)?;
             if out.code != Some(0) {
                 return Err(BuildError::Failed(format!(
-                    "`{cli} --version` failed in the {template} image: {}",
+                    "`{cli}` failed in the {template} image: {}",
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
@@ -695,11 +711,17 @@ pub struct Preparation {
 }
 
 impl Preparation {
-    pub fn new(images: &ImageStore, templates: &[String]) -> Self {
+    /// What `templates` need, given the CLIs' pins: a template without a
+    /// current image, or whose image carries other CLIs than
+    /// `cli_packages`, is queued (a stale image keeps serving meanwhile).
+    pub fn new(images: &ImageStore, templates: &[String], cli_packages: &[String]) -> Self {
         let states = templates
             .iter()
             .map(|t| {
-                let s = if images.current(t).is_ok() {
+                let fresh = images
+                    .current(t)
+                    .is_ok_and(|i| !carries_clis(t) || i.manifest.cli_packages == cli_packages);
+                let s = if fresh {
                     Prepared::Ready
                 } else {
                     Prepared::Queued
@@ -989,7 +1011,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = ImageStore::new(dir.path());
         assert!(!Preparation::running(&images));
-        let p = Preparation::new(&images, &["runtime".to_owned()]);
+        let p = Preparation::new(&images, &["runtime".to_owned()], &[]);
         assert!(Preparation::running(&images));
         assert_eq!(Preparation::read(&images)["runtime"], Prepared::Queued);
         // A controller that dies mid-build (here: drops it) leaves its
@@ -997,9 +1019,48 @@ mod tests {
         drop(p);
         assert!(!Preparation::running(&images));
         assert_eq!(Preparation::read(&images)["runtime"], Prepared::Queued);
-        let p = Preparation::new(&images, &["runtime".to_owned()]);
+        let p = Preparation::new(&images, &["runtime".to_owned()], &[]);
         p.finish();
         assert!(!Preparation::running(&images));
+    }
+
+    /// An image built with other CLI pins than today's is prepared anew
+    /// (an upgrade that adds or moves a CLI rebuilds it); one with
+    /// today's is ready; a template without CLIs only needs an image.
+    #[test]
+    fn an_image_with_other_cli_pins_is_prepared_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = ImageStore::new(dir.path());
+        let tree = |name: &str| {
+            let t = dir.path().join(name);
+            std::fs::create_dir_all(t.join("etc")).unwrap();
+            std::fs::write(t.join("etc/marker"), name).unwrap();
+            t
+        };
+        let old = vec!["cli-a@1".to_owned()];
+        let now = vec!["cli-a@1".to_owned(), "cli-b@2".to_owned()];
+        let i = images
+            .import("runtime", &tree("r1"), Vec::new(), old)
+            .unwrap();
+        images.activate("runtime", &i.manifest.hash).unwrap();
+        let i = images
+            .import("base", &tree("b1"), Vec::new(), Vec::new())
+            .unwrap();
+        images.activate("base", &i.manifest.hash).unwrap();
+        let all = ["runtime".to_owned(), "base".to_owned()];
+        let p = Preparation::new(&images, &all, &now);
+        assert_eq!(p.of("runtime"), Some(Prepared::Queued));
+        assert_eq!(p.of("base"), Some(Prepared::Ready));
+        assert_eq!(p.missing(), vec!["runtime".to_owned()]);
+        drop(p);
+        let i = images
+            .import("runtime", &tree("r2"), Vec::new(), now.clone())
+            .unwrap();
+        images.activate("runtime", &i.manifest.hash).unwrap();
+        assert_eq!(
+            Preparation::new(&images, &all, &now).of("runtime"),
+            Some(Prepared::Ready)
+        );
     }
 
     fn sh(line: &str) -> tokio::process::Command {

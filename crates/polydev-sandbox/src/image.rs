@@ -39,6 +39,11 @@ pub struct Manifest {
     pub built_at: String,
     #[serde(default)]
     pub validated: bool,
+    /// The CLIs' npm packages (`package@version`) it was built with, for a
+    /// template that carries them: an image built with other pins is
+    /// stale, and a start prepares it anew.
+    #[serde(default)]
+    pub cli_packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +208,7 @@ impl ImageStore {
         template: &str,
         rootfs: &Path,
         host_binds: Vec<String>,
+        cli_packages: Vec<String>,
     ) -> Result<Image, ImageError> {
         let tdir = self.template_dir(template)?;
         std::fs::create_dir_all(&tdir)?;
@@ -231,6 +237,7 @@ impl ImageStore {
             host_binds,
             built_at: now_rfc3339(),
             validated: false,
+            cli_packages,
         };
         write_json(&staging.join("manifest.json"), &manifest)?;
         std::fs::rename(&staging, &dest)?;
@@ -293,7 +300,7 @@ impl ImageStore {
                 binds.push(extra.to_owned());
             }
         }
-        let image = self.import("minimal", &root, binds);
+        let image = self.import("minimal", &root, binds, Vec::new());
         let _ = std::fs::remove_dir_all(&work);
         image
     }

@@ -109,6 +109,9 @@ pub struct ProviderInfo {
     pub package: &'static str,
     /// The command it installs (what an image's check runs `--version` of).
     pub command: &'static str,
+    /// `NAME=value` settings it runs with in a sandbox beyond its
+    /// credential (the image check runs `--version` with them too).
+    pub run_env: &'static [&'static str],
     /// A shell line run once after the install, as the build's
     /// unprivileged uid, with `$PREFIX` the install's prefix: what makes
     /// the CLI ready to run from a read-only image.
@@ -129,12 +132,15 @@ pub struct ProviderInfo {
     pub terms: Terms,
 }
 
-/// Where Copilot CLI's package, unpacked from its binary, lives in an
-/// image (else each run unpacks 235 MB into the sandbox's home).
-const COPILOT_PACKAGE_CACHE: &str = "/usr/local/lib/copilot";
 /// The model Copilot CLI runs on (included in every Copilot plan, no
 /// premium requests).
 pub const COPILOT_MODEL: &str = "gpt-5-mini";
+/// What Copilot CLI runs with: its unpacked package read-only from the
+/// image, no self-update (it would fetch and run a newer release).
+const COPILOT_RUN_ENV: &[&str] = &[
+    "COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot",
+    "COPILOT_AUTO_UPDATE=false",
+];
 /// Unpacks it there at build time (its `--version` does, once).
 const COPILOT_PREPARE: &str =
     "COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=\"$PREFIX/lib/copilot\" \"$PREFIX/bin/copilot\" --version --no-auto-update";
@@ -147,6 +153,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             name: "Claude Code",
             package: "@anthropic-ai/claude-code",
             command: "claude",
+            run_env: &[],
             prepare: None,
             key_label: "Anthropic API key",
             key_hint: "an Anthropic API key (sk-ant-…) from the Claude Console",
@@ -164,6 +171,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             name: "Codex CLI",
             package: "@openai/codex",
             command: "codex",
+            run_env: &[],
             prepare: None,
             key_label: "OpenAI API key",
             key_hint: "an OpenAI API key (sk-…)",
@@ -181,6 +189,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             name: "Gemini CLI",
             package: "@google/gemini-cli",
             command: "gemini",
+            run_env: &[],
             prepare: None,
             key_label: "Gemini API key",
             key_hint: "a Gemini API key (AIza…) restricted to the Gemini API",
@@ -198,6 +207,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             name: "OpenCode",
             package: "opencode-ai",
             command: "opencode",
+            run_env: &[],
             prepare: None,
             key_label: "Anthropic, OpenAI or Gemini API key",
             key_hint: "an Anthropic (sk-ant-…), Gemini (AIza…) or OpenAI (sk-…) API key: OpenCode uses that vendor's model",
@@ -215,6 +225,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             name: "Copilot CLI",
             package: "@github/copilot",
             command: "copilot",
+            run_env: COPILOT_RUN_ENV,
             prepare: Some(COPILOT_PREPARE),
             key_label: "GitHub token",
             key_hint: "a GitHub fine-grained personal access token with only the Copilot Requests permission (github_pat_…); not a gh or classic token, which can do far more with your account",
@@ -465,11 +476,6 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
                 env.push(("COPILOT_DEBUG_GITHUB_API_URL".into(), u.to_owned()));
             }
             env.push(("COPILOT_HOME".into(), "/home/sandbox/.copilot".into()));
-            env.push((
-                "COPILOT_PKG_CACHE_HOME".into(),
-                COPILOT_PACKAGE_CACHE.into(),
-            ));
-            env.push(("COPILOT_AUTO_UPDATE".into(), "false".into()));
             // The token is stripped from the environment of the commands
             // it runs and redacted from its output.
             let setup = setup("COPILOT_GITHUB_TOKEN=\"$KEY\"");
@@ -478,6 +484,11 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             format!("{setup} && unset KEY && exec copilot --prompt=\"$POLYDEV_PROMPT\" --model {COPILOT_MODEL} --output-format json --allow-all-tools --no-auto-update --disable-builtin-mcps --no-color --secret-env-vars=COPILOT_GITHUB_TOKEN")
         }
     };
+    for pair in info(provider).run_env {
+        if let Some((k, v)) = pair.split_once('=') {
+            env.push((k.to_owned(), v.to_owned()));
+        }
+    }
     (line, env)
 }
 

@@ -28,9 +28,15 @@ pub fn build_options(mirror: &str) -> BuildOptions {
         // `cli-packages.txt`; `POLYDEV_CLI_VERSION=latest` in
         // scripts/test.sh overrides them for a test matrix).
         cli_packages: polydev_sessions::providers::pinned_packages(),
-        cli_commands: polydev_domain::Provider::ALL
+        cli_checks: polydev_domain::Provider::ALL
             .iter()
-            .map(|p| polydev_sessions::providers::info(*p).command.to_owned())
+            .map(|p| {
+                let info = polydev_sessions::providers::info(*p);
+                let mut argv = vec!["env".to_owned()];
+                argv.extend(info.run_env.iter().map(|e| (*e).to_owned()));
+                argv.extend([info.command.to_owned(), "--version".to_owned()]);
+                argv
+            })
             .collect(),
         cli_prepare: polydev_domain::Provider::ALL
             .iter()
@@ -90,7 +96,11 @@ pub async fn manager(
         metrics,
     );
     if !settings.prepare.is_empty() {
-        manager.set_preparation(Arc::new(Preparation::new(&images, &settings.prepare)));
+        manager.set_preparation(Arc::new(Preparation::new(
+            &images,
+            &settings.prepare,
+            &polydev_sessions::providers::pinned_packages(),
+        )));
     }
     Ok(manager)
 }

@@ -719,6 +719,7 @@ async fn a_browser_that_cannot_boot_fails_within_the_deadline_with_its_log() {
             "browser",
             &broken.rootfs,
             broken.manifest.host_binds.clone(),
+            Vec::new(),
         )
         .unwrap();
     images.activate("browser", &browser.manifest.hash).unwrap();
