@@ -234,7 +234,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             egress_hosts: &["api.github.com", "api.githubcopilot.com", "*.githubcopilot.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
-                reason: "Copilot CLI runs on your GitHub account's Copilot plan through a GitHub token (a fine-grained token with the Copilot Requests permission is GitHub's way for headless use); its device-code sign-in is not offered here yet",
+                reason: "Copilot CLI runs on your GitHub account's Copilot plan through a fine-grained token with only the Copilot Requests permission (GitHub's way for headless use); its own sign-in is not offered, because the token it gets also has repo and gist scopes, too much to hand a sandbox",
                 source: "https://docs.github.com/en/copilot/how-tos/copilot-cli",
             },
         },

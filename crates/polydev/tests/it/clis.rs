@@ -884,6 +884,27 @@ pub(crate) async fn run_with_key(
     (run, events)
 }
 
+/// `run_with_key`, with each provider's own key.
+pub(crate) async fn run_with_keys(
+    app: &TestApp,
+    token: &str,
+    providers: &[&str],
+    key_of: impl Fn(&str) -> String,
+) -> (String, Vec<(String, Value)>) {
+    let r = app
+        .post(
+            "/api/runs",
+            Some(token),
+            json!({"prompt": "hello?", "providers": providers}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    send_keys(app, token, &r.body, key_of).await;
+    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
+    (run, events)
+}
+
 /// Starts a run of `providers` with `key` sealed to each sandbox; its id.
 pub(crate) async fn start_with_key(
     app: &TestApp,

@@ -175,13 +175,20 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
     })
     .await;
 
-    // A run across the five real CLIs on the runtime image (the key is
-    // GitHub-shaped for Copilot CLI; OpenCode reads it as OpenAI's).
-    let (_, events) = crate::clis::run_with_key(
+    // A run across the five real CLIs on the runtime image (Copilot CLI
+    // on a GitHub-shaped token, OpenCode on an OpenAI-shaped key).
+    let (_, events) = crate::clis::run_with_keys(
         &app,
         &token,
         &["claude_code", "codex", "gemini_cli", "opencode", "copilot"],
-        "github_pat_first_start",
+        |p| {
+            if p == "copilot" {
+                "github_pat_first_start"
+            } else {
+                "sk-first-start"
+            }
+            .to_owned()
+        },
     )
     .await;
     for (p, answer) in [
