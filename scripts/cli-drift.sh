@@ -12,12 +12,18 @@ pins=()
 mapfile -t pins < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed '/^$/d')
 latest=()
 for p in "${pins[@]}"; do latest+=("${p%@*}@latest"); done
+# Copilot CLI unpacks its package where sandboxes read it (as test.sh does).
+unpack_copilot() {
+  as_root env COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version --no-auto-update >/dev/null
+}
 restore() {
   as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${pins[@]}" >/dev/null
+  unpack_copilot
 }
 trap restore EXIT
 echo "==> CLI drift: installing ${latest[*]}"
 as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${latest[@]}"
+unpack_copilot
 for p in "${pins[@]}"; do
   name=${p%@*}
   echo "    $name: pinned ${p##*@}, latest $(npm ls -g --prefix /usr/local --depth=0 --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['dependencies']['$name']['version'])")"
@@ -25,7 +31,7 @@ done
 export POLYDEV_TEST_PG_URL="${POLYDEV_TEST_PG_URL:-postgres://polydev_test:polydev_test@127.0.0.1:${POLYDEV_TEST_PG_PORT:-5432}/postgres}"
 export POLYDEV_TEST_IMAGES="$PWD/target/test-images" POLYDEV_TEST_PYTHON="$PWD/target/py/bin/python"
 # The tests that run the CLIs themselves on the host-borrowing template:
-# each answers its stub through the proxy; each real login opens its
-# sign-in page on an allowed host.
+# each answers its stub through the proxy; a run across all five as users
+# start one; each real login opens its sign-in page on an allowed host.
 cargo nextest run --locked -p polydev --test it \
-  -E 'test(each_cli_answers_from_its_stub_through_the_proxy_only) | test(each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser)'
+  -E 'test(each_cli_answers_from_its_stub_through_the_proxy_only) | test(a_run_streams_every_provider_and_one_failure_stays_its_own) | test(each_real_cli_login_opens_its_sign_in_page_in_the_remote_browser)'

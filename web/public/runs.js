@@ -22,6 +22,9 @@ const b64 = {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/// Vendors' usage windows as people say them.
+const WINDOW_NAMES = new Map([["five_hour", "5-hour"], ["seven_day", "7-day"]]);
+
 /// A reset time (Unix seconds) in this browser's time zone.
 const when = (secs) => new Date(secs * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
 
@@ -45,7 +48,9 @@ export function renderRuns(view) {
   // sign-in for it, or type a key into its row.
   const choices = [];
   const rows = el("div", { id: "provider-choices" }, el("p", { class: "muted" }, "Loading the CLIs…"));
-  const run = el("button", { type: "submit", id: "run" }, "Run");
+  // Until the CLIs and your saved keys are in, nothing can be sent as the
+  // wrong kind.
+  const run = el("button", { type: "submit", id: "run", disabled: true }, "Run");
   const cancel = el("button", { type: "button", id: "cancel", disabled: true }, "Cancel");
   const status = el("div", { class: "status", id: "run-status" });
   const columns = el("div", { class: "columns", id: "answers" });
@@ -66,6 +71,7 @@ export function renderRuns(view) {
   // Only items the list names are fetched (no 404 per missing key).
   const signedIn = new Set();
   const tokens = new Set();
+  const pending = [];
   Promise.all([api.providers(), api.vaultItems().then((r) => r.items).catch(() => [])]).then(([list, items]) => {
     const has = (id) => items.some((i) => i.id === id);
     for (const p of list) {
@@ -73,11 +79,11 @@ export function renderRuns(view) {
       const check = el("input", { type: "checkbox", id: `use-${p.id}` });
       const keyInput = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.keyLabel, title: p.keyHint });
       keyInput.addEventListener("input", () => { if (keyInput.value) check.checked = true; });
-      const c = { id: p.id, name: p.name, keyLabel: p.keyLabel, check, keyInput };
+      const c = { id: p.id, name: p.name, keyLabel: p.keyLabel, kinds: p.credentialKinds || [], check, keyInput };
       choices.push(c);
       if (has(`apikey.${c.id}`)) {
         check.checked = true;
-        getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {});
+        pending.push(getSecret(`apikey.${c.id}`).then((k) => { if (k && !c.keyInput.value) c.keyInput.value = k; }).catch(() => {}));
       }
       if (has(`credential.${c.id}`)) {
         check.checked = true;
@@ -92,7 +98,9 @@ export function renderRuns(view) {
     }
     rows.replaceChildren(...choices.map((c) => el("div", { class: "provider-row" },
       el("label", { for: c.check.id, class: "check" }, c.check, " ", c.name), c.keyInput)));
-  }).catch((e) => rows.replaceChildren(errorBox(`Cannot list the CLIs: ${e.message}`)));
+    return Promise.all(pending);
+  }).then(() => { run.disabled = false; })
+    .catch((e) => rows.replaceChildren(errorBox(`Cannot list the CLIs: ${e.message}`)));
 
   const finish = () => {
     if (source) source.close();
@@ -154,7 +162,7 @@ export function renderRuns(view) {
       // Where your subscription stands, when the CLI said (Claude Code on
       // a sign-in): each window's share used and when it resets.
       for (const w of (d.limits && d.limits.windows) || []) {
-        const name = { five_hour: "5-hour", seven_day: "7-day" }[w.name] || w.name.replaceAll("_", " ");
+        const name = WINDOW_NAMES.get(w.name) || String(w.name).replaceAll("_", " ");
         const used = Number.isFinite(w.usedPercent) ? `${Math.round(w.usedPercent)}% used` : "used";
         parts.push(`${name} window ${used}${w.resetsAt ? `, resets ${when(w.resetsAt)}` : ""}`);
       }
@@ -223,12 +231,15 @@ export function renderRuns(view) {
           let secret;
           if (c.keyInput.value) {
             secret = enc.encode(c.keyInput.value);
-            kinds[c.id] = "api_key";
+            // A Claude setup-token pasted as a key is sent as what it is.
+            kinds[c.id] = c.keyInput.value.startsWith("sk-ant-oat") && c.kinds.includes("subscription_token") ? "subscription_token" : "api_key";
           } else if (signedIn.has(c.id)) {
             secret = await openLoginCredential(c.id);
             kinds[c.id] = "cli_login";
           } else {
-            secret = enc.encode(await getSecret(`token.${c.id}`));
+            const saved = await getSecret(`token.${c.id}`);
+            if (!saved) throw new Error(`Your saved ${c.name} token is gone; save it again on the Providers page, or enter a key.`);
+            secret = enc.encode(saved);
             kinds[c.id] = "subscription_token";
           }
           const sealed = await seal(pk, PURPOSE, enc.encode(`${runId}/${c.id}`), secret);

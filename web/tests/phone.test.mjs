@@ -1,6 +1,6 @@
 // Every page at a phone's width (390 px) in headless Chromium: nothing is
 // wider than the screen, the header's links and Log out are on it and can
-// be tapped, for a plain user and for an admin.
+// be tapped (as an admin, who has the most links in the header).
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";

@@ -398,8 +398,9 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             if login {
                 format!("{} && {run} -- \"$POLYDEV_PROMPT\"", setup(""))
             } else if how.token {
-                // Claude Code reads a setup-token only from its variable.
-                format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export CLAUDE_CODE_OAUTH_TOKEN=\"$KEY\"; unset KEY; {run} -- \"$POLYDEV_PROMPT\"")
+                // Claude Code reads a setup-token only from its variable;
+                // it strips it from what its tools run with when asked to.
+                format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export CLAUDE_CODE_OAUTH_TOKEN=\"$KEY\" CLAUDE_CODE_SUBPROCESS_ENV_SCRUB=1; unset KEY; {run} -- \"$POLYDEV_PROMPT\"")
             } else {
                 // The key reaches Claude Code through its apiKeyHelper,
                 // read once (then deleted), never through an
@@ -450,7 +451,8 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             // prefix inside the sandbox (the controller never sees it).
             // Each vendor's configuration is made here, quoted as JSON;
             // the key goes through a named pipe OpenCode reads once (a
-            // background writer, then the pipe is removed).
+            // background writer, then the pipe is removed; unread, it is
+            // removed after 30 s all the same, so no tool can open it).
             env.push((
                 "POLYDEV_OC_ANTHROPIC".into(),
                 opencode_config("anthropic", how.bases.anthropic.map(|u| format!("{u}/v1"))),
@@ -467,7 +469,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             env.push(("OPENCODE_DISABLE_MODELS_FETCH".into(), "1".into()));
             env.push(("OPENCODE_DISABLE_LSP_DOWNLOAD".into(), "1".into()));
             format!(
-                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; rm -f {OPENCODE_KEY_PIPE}; mkfifo -m 600 {OPENCODE_KEY_PIPE} || exit 2; (printf '%s' \"$KEY\" > {OPENCODE_KEY_PIPE}; rm -f {OPENCODE_KEY_PIPE}) & unset KEY; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
+                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; rm -f {OPENCODE_KEY_PIPE}; mkfifo -m 600 {OPENCODE_KEY_PIPE} || exit 2; (sleep 30; rm -f {OPENCODE_KEY_PIPE}) & (printf '%s' \"$KEY\" > {OPENCODE_KEY_PIPE}; rm -f {OPENCODE_KEY_PIPE}) & unset KEY; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
             )
         }
         Provider::Copilot => {
@@ -529,6 +531,7 @@ pub fn normalise(provider: Provider, line: &str) -> Option<Line> {
                     .as_array()
                     .into_iter()
                     .flatten()
+                    .filter(|c| c["type"] == "text")
                     .filter_map(|c| c["text"].as_str())
                     .collect();
                 Some(Line::Failure(if text.is_empty() {
@@ -856,8 +859,13 @@ fn word(v: &Value) -> Option<String> {
     .then(|| s.to_owned())
 }
 
+/// A reset time worth showing: not before a day ago, not after 2100.
 fn reset_time(v: &Value) -> Option<u64> {
-    v.as_u64().filter(|t| (1..=MAX_RESET).contains(t))
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    v.as_u64()
+        .filter(|t| (now.saturating_sub(86_400)..=MAX_RESET).contains(t))
 }
 
 impl Limits {
@@ -1560,6 +1568,12 @@ mod tests {
                 assert!(l.rejected);
                 assert_eq!(l.resets_at, None);
             }
+            other => panic!("{other:?}"),
+        }
+        // Nor a reset long past ("try again after 1970" says nothing).
+        let past = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 5}});
+        match normalise(Provider::ClaudeCode, &past.to_string()) {
+            Some(Line::Limits(l)) => assert_eq!(l.resets_at, None),
             other => panic!("{other:?}"),
         }
         let no_status = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "x y"}});

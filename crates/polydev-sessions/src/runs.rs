@@ -1010,7 +1010,7 @@ impl Runs {
             let mut out = Output::default();
             loop {
                 let Ok(next) = tokio::time::timeout_at(until, agent.next_event()).await else {
-                    return Ok(Ended::TimedOut(None, out.limited(provider), out.resets_at()));
+                    return Ok(Ended::TimedOut(None, out.limited(provider), out.resets_at(), out.failure.clone()));
                 };
                 match next? {
                     AgentEvent::Stdout { data } => {
@@ -1035,6 +1035,7 @@ impl Runs {
                                 // so "done" is always its last word.
                                 Line::Done(usage) => {
                                     out.failure = None;
+                                    out.failed_last = false;
                                     out.done = Some(match out.done {
                                         Some(earlier) => earlier.plus(usage),
                                         None => usage,
@@ -1045,10 +1046,10 @@ impl Runs {
                                     out.running = Some(usage);
                                     true
                                 }
+                                // The latest word on the subscription
+                                // counts (a refusal, then room again).
                                 Line::Limits(limits) => {
-                                    if limits.rejected {
-                                        out.rejected = true;
-                                    }
+                                    out.rejected = limits.rejected;
                                     out.limits = Some(limits);
                                     true
                                 }
@@ -1058,14 +1059,14 @@ impl Runs {
                                 // (it retried) is not.
                                 Line::Failure(message) => {
                                     out.failure = Some(message);
-                                    out.done = None;
+                                    out.failed_last = true;
                                     true
                                 }
                                 // It will not go on (nor, maybe, exit): it
                                 // ends here, its sandbox with it.
                                 Line::GaveUp(message) => {
                                     out.failure = Some(message);
-                                    out.done = None;
+                                    out.failed_last = true;
                                     return Ok(Ended::GaveUp(out));
                                 }
                             };
@@ -1101,7 +1102,7 @@ impl Runs {
                             }
                         }
                         if timed_out {
-                            return Ok(Ended::TimedOut(code, out.limited(provider), out.resets_at()));
+                            return Ok(Ended::TimedOut(code, out.limited(provider), out.resets_at(), out.failure.clone()));
                         }
                         return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
@@ -1140,7 +1141,7 @@ impl Runs {
         };
         match result {
             _ if cancelled => {}
-            Ok(Ended::TimedOut(code, true, resets_at)) => {
+            Ok(Ended::TimedOut(code, true, resets_at, _)) => {
                 let mut message = format!(
                     "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; {}",
                     self.cfg.deadline.as_secs(),
@@ -1151,11 +1152,15 @@ impl Runs {
                 }
                 failed_at(message, ErrorStage::RateLimited, code, resets_at);
             }
-            Ok(Ended::TimedOut(code, false, _)) => {
+            Ok(Ended::TimedOut(code, false, _, said)) => {
                 let mut message = format!(
                     "{name} gave no answer within {} s (the run's deadline) and was stopped",
                     self.cfg.deadline.as_secs()
                 );
+                // What its stream said went wrong, if it said.
+                if let Some(f) = said {
+                    message.push_str(&format!("; it had reported: {f}"));
+                }
                 if let Some(u) = &unreachable {
                     message.push_str(&format!("; {u}"));
                 }
@@ -1177,6 +1182,7 @@ impl Runs {
                     done: Some(usage),
                     running,
                     limits,
+                    failed_last: false,
                     ..
                 },
             )) => {
@@ -1211,6 +1217,8 @@ impl Runs {
                     .filter(|f| crate::providers::is_rate_limit(f));
                 // The final cause decides: a failure the stream reported
                 // that is not a limit is not one, whatever came before.
+                // A subscription its vendor refused (and that got no
+                // further since) explains the end.
                 let limited = limit.is_some()
                     || out.rejected
                     || (out.failure.is_none() && out.limited(provider));
@@ -1421,8 +1429,9 @@ enum Ended {
     Exited(Option<i32>, Output),
     /// The run's deadline passed (the exit code, when the agent reported
     /// one; whether its provider had refused it for a rate limit, and when
-    /// that resets if the vendor said).
-    TimedOut(Option<i32>, bool, Option<u64>),
+    /// that resets if the vendor said; the last failure its stream
+    /// reported).
+    TimedOut(Option<i32>, bool, Option<u64>, Option<String>),
     /// Its output passed a bound (`answer` or `events`).
     TooLarge(&'static str),
     /// Its stream said it failed and would not go on; it was ended there.
@@ -1446,6 +1455,9 @@ struct Output {
     /// The vendor refused it for a subscription limit (and nothing got
     /// through since).
     rejected: bool,
+    /// Its stream's last word was a failure (a finished step before it
+    /// does not make it done; its usage still counts).
+    failed_last: bool,
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,

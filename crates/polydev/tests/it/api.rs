@@ -328,6 +328,8 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
              "body": {"template": "minimal", "labels": {"run": "x"}}},
             {"path": "/api/sandboxes", "why": "a label reserved for the system",
              "body": {"template": "minimal", "labels": {"system": "x"}}},
+            {"path": "/api/sandboxes", "why": "the label that picks a CLI's egress allow-list",
+             "body": {"template": "runtime", "labels": {"provider": "copilot"}}},
             {"path": "/api/runs", "why": "a prompt of U+0085 only (Rust's trim takes it)",
              "body": {"prompt": "\u{85}\u{3000}"}},
             {"path": "/api/sandboxes/{id}/exec", "why": "an argument over the kernel's 128 KiB",
@@ -345,7 +347,7 @@ async fn bodies_generated_from_the_schemas_pass_the_handlers_checks() {
     for r in report["refused"].as_array().unwrap() {
         assert_eq!(r["refused"], true, "the schema allows {}", r["why"]);
     }
-    assert_eq!(report["refused"].as_array().unwrap().len(), 5);
+    assert_eq!(report["refused"].as_array().unwrap().len(), 6);
     let gaps = schema_gaps(&report["ops"]);
     assert!(
         gaps.is_empty(),
