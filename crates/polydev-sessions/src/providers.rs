@@ -469,7 +469,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             env.push(("OPENCODE_DISABLE_MODELS_FETCH".into(), "1".into()));
             env.push(("OPENCODE_DISABLE_LSP_DOWNLOAD".into(), "1".into()));
             format!(
-                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; rm -f {OPENCODE_KEY_PIPE}; mkfifo -m 600 {OPENCODE_KEY_PIPE} || exit 2; (sleep 30; rm -f {OPENCODE_KEY_PIPE}) & (printf '%s' \"$KEY\" > {OPENCODE_KEY_PIPE}; rm -f {OPENCODE_KEY_PIPE}) & unset KEY; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
+                "KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; case \"$KEY\" in sk-ant-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_ANTHROPIC\";; AIza*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_GOOGLE\";; sk-*) export OPENCODE_CONFIG_CONTENT=\"$POLYDEV_OC_OPENAI\";; *) echo 'OpenCode takes an Anthropic (sk-ant-...), Gemini (AIza...) or OpenAI (sk-...) API key; this key is none of them' >&2; exit 2;; esac; unset POLYDEV_OC_ANTHROPIC POLYDEV_OC_GOOGLE POLYDEV_OC_OPENAI; rm -f {OPENCODE_KEY_PIPE}; mkfifo -m 600 {OPENCODE_KEY_PIPE} || exit 2; (sleep 30; rm -f {OPENCODE_KEY_PIPE}) </dev/null >/dev/null 2>&1 & (printf '%s' \"$KEY\" > {OPENCODE_KEY_PIPE}; rm -f {OPENCODE_KEY_PIPE}) </dev/null >/dev/null 2>&1 & unset KEY; exec opencode run --format json --title polydev --print-logs --log-level ERROR -- \"$POLYDEV_PROMPT\""
             )
         }
         Provider::Copilot => {
@@ -1380,7 +1380,12 @@ mod tests {
                 .output()
                 .unwrap();
             assert!(!cred.exists(), "the credential file is gone");
-            assert!(!pipe.exists(), "the key's pipe is gone");
+            // Its writer removes it as soon as the key is read.
+            let gone = (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                !pipe.exists()
+            });
+            assert!(gone, "the key's pipe is gone");
             out
         };
         let key = "sk-ant-$(touch pwned)`touch pwned2`'\"; touch pwned3\r\n";
