@@ -14,3 +14,10 @@ cp node_modules/@hpke/core/LICENSE public/vendor/hpke.LICENSE
 # noVNC's RFB client for the login viewer, bundled the same way.
 npx --no-install esbuild src/novnc-entry.js --bundle --format=esm --minify --log-level=warning --outfile=public/vendor/novnc.js
 cp node_modules/@novnc/novnc/LICENSE.txt public/vendor/novnc.LICENSE
+# Answers as Markdown: marked, DOMPurify and highlight.js, bundled the same
+# way; highlight.js's light theme beside it.
+npx --no-install esbuild src/markdown-entry.js --bundle --format=esm --minify --log-level=warning --outfile=public/vendor/markdown.js
+cp node_modules/highlight.js/styles/github.min.css public/vendor/highlight.css
+cp node_modules/marked/LICENSE public/vendor/marked.LICENSE
+cp node_modules/dompurify/LICENSE public/vendor/dompurify.LICENSE
+cp node_modules/highlight.js/LICENSE public/vendor/highlight.LICENSE

@@ -9,6 +9,7 @@ import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
 import { getSecret, openLoginCredential, openRunAnswer } from "/session.js";
+import { copyButton, showAnswer } from "/markdown.js";
 
 // The CLIs' names, from the provider registry once it has answered.
 const NAMES = {};
@@ -151,6 +152,9 @@ export function renderRuns(view) {
     on("done", (cell, d) => {
       cell.ended = true;
       cell.state.textContent = "done";
+      // The whole answer is in: shown as Markdown (streamed as text).
+      cell.raw = cell.raw ?? cell.answer.textContent;
+      showAnswer(cell.answer, cell.raw);
       const u = d.usage || {};
       const parts = [];
       if (u.inputTokens != null || u.outputTokens != null) parts.push(`${u.inputTokens ?? "?"} tokens in, ${u.outputTokens ?? "?"} out`);
@@ -210,9 +214,11 @@ export function renderRuns(view) {
       const state = el("span", { class: "state", id: `state-${c.id}` }, "starting");
       const clock = el("span", { class: "state" });
       const note = el("p", { class: "muted small", id: `note-${c.id}` });
-      const answer = el("pre", { class: "answer", id: `answer-${c.id}` });
-      cells[c.id] = { state, clock, note, answer };
-      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock), note, answer);
+      const answer = el("div", { class: "answer", id: `answer-${c.id}` });
+      const cell = { state, clock, note, answer };
+      cells[c.id] = cell;
+      const copy = copyButton("Copy", () => cell.raw ?? answer.textContent);
+      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock, copy), note, answer);
     }));
     try {
       const say = (text) => status.replaceChildren(el("p", { class: "muted" }, text));
@@ -322,7 +328,9 @@ export function renderRuns(view) {
             } catch (e) {
               text = `(cannot open: ${e.message})`;
             }
-            cols.push(el("section", { class: "card column" }, el("h2", {}, NAMES[provider] || provider), el("pre", { class: "answer" }, text || "(no answer)")));
+            const answer = el("div", { class: "answer" });
+            showAnswer(answer, text || "(no answer)");
+            cols.push(el("section", { class: "card column" }, el("h2", {}, NAMES[provider] || provider, " ", copyButton("Copy", text || "")), answer));
           }
           body.replaceChildren(...cols);
         });

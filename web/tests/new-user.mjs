@@ -86,7 +86,7 @@ try {
   await page.click("a[href='/runs']");
   await page.locator("#history li.run-row").first().waitFor();
   await page.click("#history li.run-row >> nth=0 >> button[data-open]");
-  await page.locator("#history li.run-row >> nth=0 >> pre.answer").first().waitFor();
+  await page.locator("#history li.run-row >> nth=0 >> .answer").first().waitFor();
   out.history = await page.textContent("#history");
   await page.screenshot({ path: artifactPath("new-user-history.png"), fullPage: true });
 } catch (e) {

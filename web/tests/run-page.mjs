@@ -37,7 +37,7 @@ try {
   await page.locator("#history li.run-row").first().waitFor({ timeout: 30_000 });
   out.history = await page.textContent("#history");
   await page.click("#history li.run-row >> nth=0 >> button[data-open]");
-  await page.locator("#history li.run-row >> nth=0 >> pre.answer").first().waitFor({ timeout: 10_000 });
+  await page.locator("#history li.run-row >> nth=0 >> .answer").first().waitFor({ timeout: 10_000 });
   out.opened = await page.textContent("#history li.run-row >> nth=0");
   await page.screenshot({ path: artifactPath("run-page.png"), fullPage: true });
   out.logs = server.logs.join("\n");
