@@ -59,6 +59,7 @@ export const api = {
   startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
   runCredentials: (id, credentials, kinds = {}) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials, kinds }),
   cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
+  cancelRunProvider: (id, provider) => call("DELETE", `/api/runs/${encodeURIComponent(id)}/providers/${encodeURIComponent(provider)}`),
   runs: () => call("GET", "/api/runs"),
   vaultItem: (id) => call("GET", `/api/vault/items/${encodeURIComponent(id)}`),
   vaultItems: () => call("GET", "/api/vault/items"),

@@ -132,6 +132,7 @@ export function renderRuns(view) {
     // its turn, then gets its credential (sealed only then, so a CLI login
     // file is the one the run before refreshed).
     on("queued", (cell, d) => {
+      cell.stop.disabled = false;
       cell.state.textContent = `queued (${d.position} ahead)`;
       cell.note.textContent = "Waiting for your other run on this provider to finish.";
     });
@@ -140,7 +141,7 @@ export function renderRuns(view) {
       cell.note.textContent = "";
       onTurn(d.provider);
     });
-    on("started", (cell) => { cell.state.textContent = "running"; });
+    on("started", (cell) => { cell.state.textContent = "running"; cell.stop.disabled = false; });
     on("delta", (cell, d) => {
       // A reconnect replays the run: skip what is already shown.
       cell.n = (cell.n || 0) + 1;
@@ -151,6 +152,7 @@ export function renderRuns(view) {
     on("retrying", (cell, d) => { cell.state.textContent = `retrying (${d.attempt})`; cell.note.textContent = d.message; });
     on("done", (cell, d) => {
       cell.ended = true;
+      cell.stop.remove();
       cell.state.textContent = "done";
       // The whole answer is in: shown as Markdown (streamed as text).
       cell.raw = cell.raw ?? cell.answer.textContent;
@@ -174,6 +176,7 @@ export function renderRuns(view) {
     });
     on("error", (cell, d) => {
       cell.ended = true;
+      cell.stop.remove();
       cell.state.textContent = { cancelled: "cancelled", timeout: "timed out", rate_limited: "rate-limited", queue: "gave up waiting" }[d.stage] || "failed";
       cell.note.textContent = d.resetsAt ? `The limit resets ${when(d.resetsAt)}.` : "";
       if (!seen.has(cell)) cell.answer.append(el("span", { class: "error-text" }, `\n${d.message}`));
@@ -215,10 +218,21 @@ export function renderRuns(view) {
       const clock = el("span", { class: "state" });
       const note = el("p", { class: "muted small", id: `note-${c.id}` });
       const answer = el("div", { class: "answer", id: `answer-${c.id}` });
-      const cell = { state, clock, note, answer };
+      // Stops this CLI alone (the others go on).
+      const stop = el("button", { type: "button", class: "secondary copy", id: `stop-${c.id}`, disabled: true }, "Stop");
+      const cell = { state, clock, note, answer, stop };
       cells[c.id] = cell;
+      stop.addEventListener("click", async () => {
+        stop.disabled = true;
+        try {
+          await api.cancelRunProvider(current, c.id);
+        } catch (e) {
+          stop.disabled = false;
+          cell.note.textContent = e.message;
+        }
+      });
       const copy = copyButton("Copy", () => cell.raw ?? answer.textContent);
-      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock, copy), note, answer);
+      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock, stop, copy), note, answer);
     }));
     try {
       const say = (text) => status.replaceChildren(el("p", { class: "muted" }, text));

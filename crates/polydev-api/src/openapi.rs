@@ -59,6 +59,7 @@ use crate::routes::{
         runs::credentials,
         runs::get,
         runs::cancel,
+        runs::cancel_provider,
         runs::events,
         login::get,
         login::cancel,

@@ -1355,6 +1355,35 @@ impl Runs {
         Ok(run.view())
     }
 
+    /// Stops one provider of a run (the others go on): if it is still
+    /// going it ends with `error` (stage `cancelled`) and its sandbox goes.
+    pub async fn cancel_provider(
+        &self,
+        id: &str,
+        user: UserId,
+        provider: Provider,
+    ) -> Result<RunView, RunError> {
+        let run = self.get(id, user)?;
+        let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
+            return Err(RunError::Invalid(format!(
+                "{} is not part of this run",
+                provider.as_str()
+            )));
+        };
+        if run.set_state(provider, ProviderState::Cancelled) {
+            run.emit_final(RunEvent::Error {
+                provider,
+                stage: ErrorStage::Cancelled,
+                message: format!("you stopped {}", provider.display_name()),
+                exit_code: None,
+                resets_at: None,
+            });
+        }
+        let _ = self.manager.destroy(&p.sandbox, SandboxStatus::Ended).await;
+        self.persist(&run).await;
+        Ok(run.view())
+    }
+
     /// Ends `run` as cancelled: every provider still going gets `error`
     /// (stage `cancelled`, `message`), its sandboxes go, its state is stored.
     async fn end_cancelled(&self, run: &Run, message: &str) {

@@ -94,6 +94,10 @@ pub(crate) fn api_routes() -> Router<AppState> {
         )
         .route("/api/runs", get(runs::history).post(runs::start))
         .route("/api/runs/{id}", get(runs::get).delete(runs::cancel))
+        .route(
+            "/api/runs/{id}/providers/{provider}",
+            axum::routing::delete(runs::cancel_provider),
+        )
         .route("/api/runs/{id}/credentials", post(runs::credentials))
         .route("/api/runs/{id}/events", get(runs::events))
         .route("/api/vms/create", post(sandboxes::vm_create))

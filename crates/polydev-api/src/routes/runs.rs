@@ -171,6 +171,25 @@ pub(crate) async fn cancel(
     ))
 }
 
+/// Stop one provider of a run: if it is still going it ends with
+/// `error{stage: cancelled}`; the others go on.
+#[utoipa::path(delete, operation_id = "cancel_run_provider", path = "/api/runs/{id}/providers/{provider}", tag = "runs", security(("bearer" = [])),
+    params(("id" = String, Path), ("provider" = String, Path, description = "A provider of the run: `claude_code`, `codex`, `gemini_cli`, `opencode` or `copilot`.")),
+    responses((status = 200, body = RunView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn cancel_provider(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, provider)): Path<(String, String)>,
+) -> ApiResult<Json<RunView>> {
+    let provider: Provider = provider.parse()?;
+    Ok(Json(
+        runs(&state)?
+            .cancel_provider(&id, user.0.user.id, provider)
+            .await
+            .map_err(ApiError::from)?,
+    ))
+}
+
 /// The run's events as SSE (`event:` started | delta | done | error; `data`
 /// carries `provider`): everything so far, then live until every provider
 /// has finished.

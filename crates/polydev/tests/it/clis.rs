@@ -1249,3 +1249,81 @@ async fn a_python_mcp_client_reads_a_failed_run_as_a_tool_error() {
     let text = v["text"].as_str().unwrap();
     assert!(text.contains("Gemini CLI"), "{text}");
 }
+
+/// One provider of a run can be stopped alone: it ends `cancelled` (its
+/// sandbox with it) while the others answer; a provider not in the run,
+/// or no provider at all, is a clear 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_one_provider_leaves_the_others_running() {
+    let anthropic = polydev_stubs::start(Provider::Anthropic, "claude kept going", None)
+        .await
+        .unwrap();
+    let openai = hung_openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), anthropic.addr.port(), openai.addr.port(), 1, 1);
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("stopper@example.com").await;
+    let t = Some(token.as_str());
+    let run = start_with_key(&app, &token, &["codex", "claude_code"], "sk-stop").await;
+    // Codex is waiting on its (hung) provider: stopped there.
+    crate::app::eventually(
+        Duration::from_secs(30),
+        "codex calls its provider",
+        || async { (!openai.seen().is_empty()).then_some(()) },
+    )
+    .await;
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/runs/{run}/providers/codex"),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    for (path, code) in [
+        (
+            format!("/api/runs/{run}/providers/gemini_cli"),
+            "invalid_run_request",
+        ),
+        (
+            format!("/api/runs/{run}/providers/nope"),
+            "invalid_provider",
+        ),
+    ] {
+        let r = app.send(reqwest::Method::DELETE, &path, t, None).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::BAD_REQUEST, code),
+            "{path}: {}",
+            r.text
+        );
+        assert!(!r.message().is_empty(), "{path}: {}", r.text);
+    }
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    let last = |p: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|(_, d)| d["provider"] == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("{p}: {events:?}"))
+    };
+    let (kind, codex) = last("codex");
+    assert_eq!(
+        (kind.as_str(), &codex["stage"], &codex["message"]),
+        ("error", &json!("cancelled"), &json!("you stopped Codex")),
+        "{events:?}"
+    );
+    assert_eq!(last("claude_code").0, "done", "{events:?}");
+    assert!(events
+        .iter()
+        .any(|(e, d)| e == "delta" && d["text"] == "claude kept going"));
+    let sandbox = events
+        .iter()
+        .find(|(e, d)| e == "started" && d["provider"] == "codex")
+        .map(|(_, d)| d["sandboxId"].as_str().unwrap().to_owned())
+        .unwrap();
+    let r = app.get(&format!("/api/sandboxes/{sandbox}"), t).await;
+    assert_eq!(r.body["status"], "ended", "{}", r.text);
+}
