@@ -60,6 +60,40 @@ async function logInAndGoHome(email, password) {
   go("/");
 }
 
+/// The way to a first answer, as far as you have come: your vault (done
+/// once you are here), a CLI connected (with the way this installation
+/// recommends: a code where a CLI's sign-in offers one to you, else an API
+/// key), a first run. Filled in from the server's provider registry, your
+/// vault's item names and your runs.
+function firstSteps() {
+  const step = (id, done, ...text) =>
+    el("li", { id, "data-done": String(done), class: done ? "done" : null }, done ? "✓ " : "", ...text);
+  const list = el("ol", { id: "first-steps", class: "steps" }, el("li", { class: "muted" }, "Checking where you are…"));
+  const card = el("section", { class: "card", id: "get-started" }, el("h2", {}, "Get started"), list);
+  // Runs may be off on this server (no sandboxes): said in their step.
+  const runsOrWhy = api.runs().then((r) => r.runs || [], (e) => ({ unavailable: e.message }));
+  Promise.all([api.providers(), api.vaultItems().then((r) => r.items), runsOrWhy])
+    .then(([providers, items, runs]) => {
+      const connected = providers.filter((p) => ["apikey", "credential", "token"].some((k) => items.some((i) => i.id === `${k}.${p.id}`)));
+      const byCode = providers.find((p) => (p.signInModes || []).includes("code"));
+      const how = byCode
+        ? [`${byCode.name} signs in with a code here (your own ${byCode.name} plan); the others take an API key.`]
+        : [`Save an API key, e.g. ${providers[0] ? `${providers[0].keyLabel} for ${providers[0].name}` : "a provider's"}.`];
+      list.replaceChildren(
+        step("step-vault", true, "Your account and your vault: the key to your vault stays in this tab."),
+        step("step-connect", connected.length > 0,
+          connected.length > 0 ? `${connected.length} of ${providers.length} CLIs connected. ` : "Connect a CLI. ", ...how, " ",
+          el("a", { href: "/providers", "data-link": true }, "Providers")),
+        runs.unavailable
+          ? step("step-run", false, `Runs are not available on this server yet: ${runs.unavailable}`)
+          : step("step-run", runs.length > 0, runs.length > 0 ? "You have asked your first question. " : "Ask your first question across the CLIs you connected: ",
+            el("a", { href: "/runs", "data-link": true }, runs.length > 0 ? "Runs" : "start a run")));
+      if (connected.length > 0 && runs.length > 0) card.classList.add("all-done");
+    })
+    .catch((e) => list.replaceChildren(el("li", {}, errorBox(`Cannot tell where you are: ${e.message}`))));
+  return card;
+}
+
 const routes = {
   "/login": {
     public: true,
@@ -117,6 +151,7 @@ const routes = {
       el("h1", {}, "Home"),
       el("p", { id: "welcome" }, `Signed in as ${currentUser.email}.`),
       el("p", { id: "vault-state", class: "muted" }, "Vault unlocked on this device."),
+      firstSteps(),
       el("section", { class: "card" },
         el("h2", {}, "Runs"),
         el("p", {}, "Ask several AI coding CLIs at once, each in its own sandbox: ",

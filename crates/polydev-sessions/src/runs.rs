@@ -1327,25 +1327,7 @@ impl Runs {
 
     /// A user's runs from the store, newest first (answers sealed to them).
     pub async fn history(&self, user: UserId) -> Result<Vec<Value>, RunError> {
-        let records = self
-            .store
-            .list_runs(user, 100)
-            .await
-            .map_err(ManagerError::from)?;
-        Ok(records
-            .into_iter()
-            .map(|r| {
-                json!({
-                    "runId": r.id,
-                    "state": r.state,
-                    "providers": serde_json::from_str::<Value>(&r.providers).unwrap_or_default(),
-                    "answers": r.answers.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()),
-                    "answerPurpose": ANSWER_PURPOSE,
-                    "createdAtMs": r.created_at_ms,
-                    "finishedAtMs": r.finished_at_ms,
-                })
-            })
-            .collect())
+        history(&self.store, user).await
     }
 
     /// Cancels the providers still going; their sandboxes are destroyed.
@@ -1541,6 +1523,29 @@ impl Output {
         }
         events
     }
+}
+
+/// A user's runs from the store, newest first (answers sealed to them):
+/// what `GET /api/runs` answers, also where runs cannot start here.
+pub async fn history(store: &Store, user: UserId) -> Result<Vec<Value>, RunError> {
+    let records = store
+        .list_runs(user, 100)
+        .await
+        .map_err(ManagerError::from)?;
+    Ok(records
+        .into_iter()
+        .map(|r| {
+            json!({
+                "runId": r.id,
+                "state": r.state,
+                "providers": serde_json::from_str::<Value>(&r.providers).unwrap_or_default(),
+                "answers": r.answers.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()),
+                "answerPurpose": ANSWER_PURPOSE,
+                "createdAtMs": r.created_at_ms,
+                "finishedAtMs": r.finished_at_ms,
+            })
+        })
+        .collect())
 }
 
 /// States and timings per provider, for the store (no content).
