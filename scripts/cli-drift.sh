@@ -12,10 +12,6 @@ pins=()
 mapfile -t pins < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed '/^$/d')
 latest=()
 for p in "${pins[@]}"; do latest+=("${p%@*}@latest"); done
-# Copilot CLI unpacks its package where sandboxes read it (as test.sh does).
-unpack_copilot() {
-  as_root env COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version --no-auto-update >/dev/null
-}
 restore() {
   as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${pins[@]}" >/dev/null
   unpack_copilot

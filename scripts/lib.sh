@@ -43,3 +43,10 @@ need_node() {
     exit 1
   fi
 }
+
+# unpack_copilot: Copilot CLI (installed globally with npm) unpacks its
+# package once where sandboxes read it, read-only, without self-updating
+# (the registry's `prepare` step does the same in the images).
+unpack_copilot() {
+  as_root env COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version --no-auto-update >/dev/null
+}

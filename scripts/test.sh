@@ -72,9 +72,7 @@ pin='s/@[^@]*$/&/'
 mapfile -t clis < <(grep -v '^#' crates/polydev-sessions/cli-packages.txt | sed "/^$/d; $pin")
 echo "==> AI CLIs: ${clis[*]}"
 as_root npm install -g --prefix /usr/local --no-audit --no-fund --loglevel=error "${clis[@]}"
-# Copilot CLI unpacks its package once, where sandboxes read it (the
-# registry's `prepare` step does the same in the images).
-as_root env COPILOT_AUTO_UPDATE=false COPILOT_PKG_CACHE_HOME=/usr/local/lib/copilot /usr/local/bin/copilot --version --no-auto-update >/dev/null
+unpack_copilot
 
 # --- repository rules --------------------------------------------------------
 echo "==> cargo fmt --check"

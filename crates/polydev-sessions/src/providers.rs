@@ -338,20 +338,10 @@ pub struct ApiBases<'a> {
     pub copilot: Option<&'a str>,
 }
 
-/// OpenCode's model per vendor, as `provider/model` in its catalog.
-const OPENCODE_MODELS: [(&str, &str); 3] = [
-    ("anthropic", "anthropic/claude-sonnet-4-5"),
-    ("google", "google/gemini-2.5-pro"),
-    ("openai", "openai/gpt-5"),
-];
-
-/// OpenCode's configuration for one vendor: its model, the vendor's API
+/// OpenCode's configuration for one vendor: its model (`vendor/model` in
+/// OpenCode's catalog), the vendor's API
 /// base when not its own, no sharing, no self-update.
-fn opencode_config(vendor: &str, base: Option<String>) -> String {
-    let model = OPENCODE_MODELS
-        .iter()
-        .find(|(v, _)| *v == vendor)
-        .map_or("openai/gpt-5", |(_, m)| m);
+fn opencode_config(vendor: &str, model: &str, base: Option<String>) -> String {
     // The key comes from a pipe OpenCode reads once as it loads this
     // configuration: never in an environment its tools inherit.
     let mut options = serde_json::json!({ "apiKey": format!("{{file:{OPENCODE_KEY_PIPE}}}") });
@@ -455,15 +445,27 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             // removed after 30 s all the same, so no tool can open it).
             env.push((
                 "POLYDEV_OC_ANTHROPIC".into(),
-                opencode_config("anthropic", how.bases.anthropic.map(|u| format!("{u}/v1"))),
+                opencode_config(
+                    "anthropic",
+                    "anthropic/claude-sonnet-4-5",
+                    how.bases.anthropic.map(|u| format!("{u}/v1")),
+                ),
             ));
             env.push((
                 "POLYDEV_OC_GOOGLE".into(),
-                opencode_config("google", how.bases.gemini.map(|u| format!("{u}/v1beta"))),
+                opencode_config(
+                    "google",
+                    "google/gemini-2.5-pro",
+                    how.bases.gemini.map(|u| format!("{u}/v1beta")),
+                ),
             ));
             env.push((
                 "POLYDEV_OC_OPENAI".into(),
-                opencode_config("openai", how.bases.openai.map(str::to_owned)),
+                opencode_config(
+                    "openai",
+                    "openai/gpt-5",
+                    how.bases.openai.map(str::to_owned),
+                ),
             ));
             env.push(("OPENCODE_DISABLE_AUTOUPDATE".into(), "1".into()));
             env.push(("OPENCODE_DISABLE_MODELS_FETCH".into(), "1".into()));

@@ -1067,7 +1067,8 @@ impl Runs {
                                 Line::GaveUp(message) => {
                                     out.failure = Some(message);
                                     out.failed_last = true;
-                                    return Ok(Ended::GaveUp(out));
+                                    out.gave_up = true;
+                                    return Ok(Ended::Exited(None, out));
                                 }
                             };
                             if !emitted {
@@ -1194,20 +1195,6 @@ impl Runs {
                     });
                 }
             }
-            Ok(Ended::GaveUp(out)) => {
-                let reason = out.failure.clone().unwrap_or_default();
-                let resets_at = out.resets_at();
-                if out.limited(provider) || crate::providers::is_rate_limit(&reason) {
-                    failed_at(
-                        format!("{name} gave up: its provider refused it for a rate or usage limit ({reason}); {}", try_again(resets_at)),
-                        ErrorStage::RateLimited,
-                        None,
-                        resets_at,
-                    );
-                } else {
-                    failed(format!("{name} gave up: {reason}"), ErrorStage::Cli, None);
-                }
-            }
             Ok(Ended::Exited(code, out)) => {
                 // A rate limit the stream reported explains the end better
                 // than anything else it tried and could not reach.
@@ -1229,6 +1216,7 @@ impl Runs {
                     .or_else(|| last_meaningful_line(&out.stderr))
                     .unwrap_or_else(|| "it gave no reason".into());
                 let how = match code {
+                    _ if out.gave_up => "gave up".to_owned(),
                     Some(0) => "ended without an answer".to_owned(),
                     Some(c) => format!("stopped with exit code {c}"),
                     None => "was stopped by a signal".to_owned(),
@@ -1445,8 +1433,6 @@ enum Ended {
     TimedOut(Option<i32>, bool, Option<u64>, Option<String>),
     /// Its output passed a bound (`answer` or `events`).
     TooLarge(&'static str),
-    /// Its stream said it failed and would not go on; it was ended there.
-    GaveUp(Output),
 }
 
 /// A CLI's output as it arrives: complete lines normalised, partial lines
@@ -1469,6 +1455,8 @@ struct Output {
     /// Its stream's last word was a failure (a finished step before it
     /// does not make it done; its usage still counts).
     failed_last: bool,
+    /// Its stream said it would not go on, and it was ended there.
+    gave_up: bool,
     /// What its stream said went wrong (the last such line).
     failure: Option<String>,
     retries: u32,

@@ -243,20 +243,10 @@ async fn a_run_streams_every_provider_and_one_failure_stays_its_own() {
     let opencode_key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
     // A prompt that looks like options is still the prompt: each CLI
     // answers it (none prints its help or version instead).
-    let r = app
-        .post(
-            "/api/runs",
-            t,
-            json!({"prompt": "--version --help", "providers": all}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    send_keys(&app, &token, &r.body, |p| {
+    let (run, events) = run_with_keys(&app, &token, "--version --help", &all, |p| {
         if p == "opencode" { &opencode_key } else { &key }.clone()
     })
     .await;
-    let run = r.body["runId"].as_str().unwrap().to_owned();
-    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
     let of = |p: &str| {
         events
             .iter()
@@ -401,16 +391,8 @@ async fn a_rate_limited_provider_is_reported_as_rate_limited() {
     // OpenCode on an Anthropic-shaped key (Anthropic's stand-in);
     // Copilot CLI stays up after its limit and is ended on its word.
     let all = ["claude_code", "codex", "gemini_cli", "opencode", "copilot"];
-    let r = app
-        .post(
-            "/api/runs",
-            Some(&token),
-            json!({"prompt": "hello?", "providers": all}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     // Copilot CLI takes only GitHub-shaped tokens.
-    send_keys(&app, &token, &r.body, |p| {
+    let (_, events) = run_with_keys(&app, &token, "hello?", &all, |p| {
         if p == "copilot" {
             "github_pat_x"
         } else {
@@ -419,8 +401,6 @@ async fn a_rate_limited_provider_is_reported_as_rate_limited() {
         .to_owned()
     })
     .await;
-    let run = r.body["runId"].as_str().unwrap();
-    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
     for p in all {
         let last = events
             .iter()
@@ -872,6 +852,7 @@ async fn the_mcp_tool_over_http() {
 }
 
 /// Starts a run of `providers` with `key` sealed to each sandbox, as a
+/// Starts a run of `providers` with `key` sealed to each sandbox, as a
 /// client does; its id and its events to the end.
 pub(crate) async fn run_with_key(
     app: &TestApp,
@@ -879,28 +860,18 @@ pub(crate) async fn run_with_key(
     providers: &[&str],
     key: &str,
 ) -> (String, Vec<(String, Value)>) {
-    let run = start_with_key(app, token, providers, key).await;
-    let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
-    (run, events)
+    run_with_keys(app, token, "hello?", providers, |_| key.to_owned()).await
 }
 
-/// `run_with_key`, with each provider's own key.
+/// `run_with_key` with `prompt`, and each provider's own key.
 pub(crate) async fn run_with_keys(
     app: &TestApp,
     token: &str,
+    prompt: &str,
     providers: &[&str],
     key_of: impl Fn(&str) -> String,
 ) -> (String, Vec<(String, Value)>) {
-    let r = app
-        .post(
-            "/api/runs",
-            Some(token),
-            json!({"prompt": "hello?", "providers": providers}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    send_keys(app, token, &r.body, key_of).await;
-    let run = r.body["runId"].as_str().unwrap().to_owned();
+    let run = start_with_keys(app, token, prompt, providers, key_of).await;
     let events = sse_events(app, &format!("/api/runs/{run}/events"), token).await;
     (run, events)
 }
@@ -912,18 +883,28 @@ pub(crate) async fn start_with_key(
     providers: &[&str],
     key: &str,
 ) -> String {
-    let t = Some(token);
+    start_with_keys(app, token, "hello?", providers, |_| key.to_owned()).await
+}
+
+/// Starts a run of `prompt` on `providers`, each with its own key sealed
+/// to its sandbox; its id.
+async fn start_with_keys(
+    app: &TestApp,
+    token: &str,
+    prompt: &str,
+    providers: &[&str],
+    key_of: impl Fn(&str) -> String,
+) -> String {
     let r = app
         .post(
             "/api/runs",
-            t,
-            json!({"prompt": "hello?", "providers": providers}),
+            Some(token),
+            json!({"prompt": prompt, "providers": providers}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let run = r.body["runId"].as_str().unwrap().to_owned();
-    send_key(app, token, &r.body, key).await;
-    run
+    send_keys(app, token, &r.body, key_of).await;
+    r.body["runId"].as_str().unwrap().to_owned()
 }
 
 /// Seals `key` to each sandbox of the run `view` (the answer of `POST

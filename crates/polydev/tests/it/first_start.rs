@@ -180,6 +180,7 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
     let (_, events) = crate::clis::run_with_keys(
         &app,
         &token,
+        "hello?",
         &["claude_code", "codex", "gemini_cli", "opencode", "copilot"],
         |p| {
             if p == "copilot" {
