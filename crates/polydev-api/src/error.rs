@@ -20,6 +20,9 @@ pub struct ApiError {
     /// Structured context a client can act on (e.g. a failed boot's stage
     /// and log tail).
     pub details: Option<serde_json::Value>,
+    /// What only an operator should read (a failed build's own account):
+    /// never sent, except to an admin through `for_caller`.
+    pub operator_note: Option<String>,
 }
 
 /// The JSON body of every error response.
@@ -50,6 +53,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             details: None,
+            operator_note: None,
         }
     }
 

@@ -33,13 +33,25 @@ impl From<ManagerError> for ApiError {
                 format!("this server has no {t} environment yet; its operator needs to prepare it"),
             ),
             ManagerError::Image(e) => ApiError::bad_request("unknown_template", e.to_string()),
+            ManagerError::PrepareFailed { template, error } => ApiError {
+                operator_note: Some(format!("{error} (as an operator: `polydev image status`, then `polydev image build {template}`, or restart polydev, which tries again)")),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "environment_failed",
+                    format!("preparing the {template} environment on this server failed; its operator needs to look at it"),
+                )
+            },
             ManagerError::Preparing { template, state } => {
                 let how_far = match &state {
                     polydev_sandbox::build::Prepared::Building {
                         step, of, what, since_ms,
                     } => {
                         let mins = (polydev_store::now_ms() - since_ms).max(0) / 60_000;
-                        format!(" (step {step} of {of}: {what}; started {mins} min ago)")
+                        if *of == 0 {
+                            format!(" ({what}; started {mins} min ago)")
+                        } else {
+                            format!(" (step {step} of {of}: {what}; started {mins} min ago)")
+                        }
                     }
                     _ => " (waiting for the one before it)".to_owned(),
                 };
@@ -156,6 +168,9 @@ impl From<ManagerError> for ApiError {
 impl ApiError {
     pub(crate) fn for_caller(self, admin: bool) -> ApiError {
         let mut e = self;
+        if let Some(note) = e.operator_note.take().filter(|_| admin) {
+            e.message.push_str(&format!(": {note}"));
+        }
         if admin && e.code == "environment_missing" {
             let template = e
                 .message
@@ -254,5 +269,45 @@ fn not_offered(e: &polydev_sessions::providers::NotOffered) -> ApiError {
             "terms": e.terms,
         })),
         ..ApiError::new(StatusCode::FORBIDDEN, "sign_in_not_offered", e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed first-start build tells a user that it failed and an
+    /// admin why; the build's account never reaches a user.
+    #[test]
+    fn a_failed_preparation_tells_only_admins_why() {
+        let failed = || {
+            ApiError::from(ManagerError::PrepareFailed {
+                template: "runtime".into(),
+                error: "npm install of the CLIs exited 1: E404 canary-package".into(),
+            })
+        };
+        let user = failed().for_caller(false);
+        assert_eq!(
+            (user.status, user.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "environment_failed")
+        );
+        assert!(
+            user.message.contains("runtime environment"),
+            "{}",
+            user.message
+        );
+        assert!(!user.message.contains("canary-package"), "{}", user.message);
+        assert!(user.operator_note.is_none() && user.details.is_none());
+        let admin = failed().for_caller(true);
+        assert!(
+            admin.message.contains("E404 canary-package"),
+            "{}",
+            admin.message
+        );
+        assert!(
+            admin.message.contains("polydev image build runtime"),
+            "{}",
+            admin.message
+        );
     }
 }

@@ -236,14 +236,22 @@ fn chroot(root: &Path) -> tokio::process::Command {
 async fn chroot_apt(root: &Path, packages: &[&str]) -> Result<(), BuildError> {
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
     run(
-        chroot(root).args(["apt-get", "update", "-qq"]),
+        chroot(root).args(["apt-get", "-o", "Acquire::Retries=3", "update", "-qq"]),
         "apt-get update in the image",
     )
     .await?;
     run(
         chroot(root)
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["apt-get", "install", "-y", "-qq", "--no-install-recommends"])
+            .args([
+                "apt-get",
+                "-o",
+                "Acquire::Retries=3",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+            ])
             .args(packages),
         "apt-get install in the image",
     )
@@ -850,6 +858,10 @@ impl Progress for Prepare<'_> {
     }
 }
 
+/// The pauses before a failed first-start build is tried again: a build
+/// fetches from Debian's mirror and the npm registry, whose hiccups pass.
+pub const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(45)];
+
 /// Builds and activates every template `preparation` is missing, one after
 /// the other; each ends `Ready` or `Failed` (the next is still tried).
 pub async fn prepare_missing(
@@ -858,34 +870,70 @@ pub async fn prepare_missing(
     opts: &BuildOptions,
     preparation: &Preparation,
 ) {
+    prepare_each(
+        preparation,
+        &RETRY_PAUSES,
+        |template, progress| async move {
+            let image = build(images, validator, &template, opts, &progress).await?;
+            let active = images.activate(&template, &image.manifest.hash)?;
+            Ok(active.manifest.hash)
+        },
+    )
+    .await;
+}
+
+/// `prepare_missing` around any build: a failed attempt is logged and
+/// tried again after each of `pauses` (from a fresh copy of the base:
+/// every attempt starts clean), then recorded as `Failed`.
+async fn prepare_each<'a, F, Fut>(preparation: &'a Preparation, pauses: &[Duration], build_one: F)
+where
+    F: Fn(String, Prepare<'a>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, BuildError>>,
+{
     for template in preparation.missing() {
         let since_ms = now_ms();
-        let progress = Prepare {
-            preparation,
-            template: template.clone(),
-            since_ms,
-        };
         let started = Instant::now();
-        let built = build(images, validator, &template, opts, &progress).await;
-        let activated = built.and_then(|image| {
-            images
-                .activate(&template, &image.manifest.hash)
-                .map_err(BuildError::from)
-        });
-        match activated {
-            Ok(image) => {
-                tracing::info!(template = %template, hash = %image.manifest.hash, secs = started.elapsed().as_secs(), "image prepared and active");
-                preparation.set(&template, Prepared::Ready);
-            }
-            Err(e) => {
-                tracing::error!(template = %template, error = %e, "cannot prepare the image");
-                preparation.set(
-                    &template,
-                    Prepared::Failed {
-                        error: e.to_string(),
-                        at_ms: now_ms(),
-                    },
-                );
+        let attempts = pauses.len() + 1;
+        for attempt in 1..=attempts {
+            let progress = Prepare {
+                preparation,
+                template: template.clone(),
+                since_ms,
+            };
+            match build_one(template.clone(), progress).await {
+                Ok(hash) => {
+                    tracing::info!(template = %template, hash = %hash, attempt, secs = started.elapsed().as_secs(), "image prepared and active");
+                    preparation.set(&template, Prepared::Ready);
+                    break;
+                }
+                Err(e) if attempt < attempts => {
+                    tracing::warn!(template = %template, error = %e, attempt, of = attempts, "preparing the image failed; trying again");
+                    let pause = pauses[attempt - 1];
+                    preparation.set(
+                        &template,
+                        Prepared::Building {
+                            step: 0,
+                            of: 0,
+                            what: format!(
+                                "an attempt failed; trying again in {} s (attempt {} of {attempts})",
+                                pause.as_secs(),
+                                attempt + 1
+                            ),
+                            since_ms,
+                        },
+                    );
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => {
+                    tracing::error!(template = %template, error = %e, attempts, "cannot prepare the image");
+                    preparation.set(
+                        &template,
+                        Prepared::Failed {
+                            error: e.to_string(),
+                            at_ms: now_ms(),
+                        },
+                    );
+                }
             }
         }
     }
@@ -1005,6 +1053,51 @@ fn printable(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A build that fails is tried again (a mirror's hiccup passes) and
+    /// says so meanwhile; one that keeps failing ends `Failed` with its
+    /// last error after every pause, and the next template is still tried.
+    #[tokio::test]
+    async fn a_failed_build_is_tried_again_then_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = ImageStore::new(dir.path());
+        let templates = ["runtime".to_owned(), "browser".to_owned()];
+        let p = Preparation::new(&images, &templates, &[]);
+        let tries = Mutex::new(Vec::<String>::new());
+        let pauses = [Duration::from_millis(1), Duration::from_millis(1)];
+        prepare_each(&p, &pauses, |template, progress| {
+            let n = {
+                let mut t = tries.lock().unwrap();
+                t.push(template.clone());
+                t.iter().filter(|x| **x == template).count()
+            };
+            if n > 1 {
+                // The retry is visible while it waits.
+                let Some(Prepared::Building { what, .. }) = p.of(&template) else {
+                    panic!("{:?}", p.of(&template));
+                };
+                assert!(what.contains(&format!("attempt {n} of 3")), "{what}");
+            }
+            async move {
+                progress.step(1, 1, "a step");
+                match (template.as_str(), n) {
+                    ("runtime", 2) => Ok("hash-of-runtime".to_owned()),
+                    _ => Err(BuildError::Failed(format!("{template} failed on try {n}"))),
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            *tries.lock().unwrap(),
+            ["runtime", "runtime", "browser", "browser", "browser"]
+        );
+        assert_eq!(p.of("runtime"), Some(Prepared::Ready));
+        let Some(Prepared::Failed { error, .. }) = p.of("browser") else {
+            panic!("{:?}", p.of("browser"));
+        };
+        assert!(error.contains("browser failed on try 3"), "{error}");
+        assert!(!Preparation::running(&images), "finished");
+    }
 
     #[test]
     fn a_preparation_counts_as_running_only_while_its_controller_holds_it() {

@@ -213,6 +213,10 @@ pub enum ManagerError {
         template: String,
         state: crate::build::Prepared,
     },
+    /// This controller's build of the template's image failed (first
+    /// start); `error` is the build's own account, for the operator.
+    #[error("preparing the {template} environment failed: {error}")]
+    PrepareFailed { template: String, error: String },
     #[error(transparent)]
     Driver(#[from] DriverError),
     #[error(transparent)]
@@ -343,6 +347,12 @@ impl Manager {
                     template: template.to_owned(),
                     state,
                 }),
+                Some(crate::build::Prepared::Failed { error, .. }) => {
+                    Err(ManagerError::PrepareFailed {
+                        template: template.to_owned(),
+                        error,
+                    })
+                }
                 _ => Err(e.into()),
             },
         }

@@ -278,6 +278,10 @@ pub fn status(images_dir: &Path, json: bool) -> anyhow::Result<()> {
     for r in rows {
         let s = &r["status"];
         let detail = match s["state"].as_str().unwrap_or("") {
+            // Between attempts there is no step, only what happens next.
+            "building" if s["of"] == 0 => {
+                format!("building: {}", s["what"].as_str().unwrap_or(""))
+            }
             "building" => format!(
                 "building: step {} of {}, {}",
                 s["step"],

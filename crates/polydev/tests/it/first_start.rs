@@ -142,7 +142,9 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
                 .await;
             return Some(());
         }
-        assert_eq!(r.error_code(), "environment_preparing", "{}", r.text);
+        if r.error_code() != "environment_preparing" {
+            panic!("{}\n{}", r.text, why_not_prepared(&app, &images));
+        }
         if let Some(step) = r.body["error"]["details"]["what"].as_str() {
             seen_steps.borrow_mut().insert(step.to_owned());
         }
@@ -170,7 +172,9 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
             .await;
             return Some(());
         }
-        assert_eq!(r.error_code(), "environment_preparing", "{}", r.text);
+        if r.error_code() != "environment_preparing" {
+            panic!("{}\n{}", r.text, why_not_prepared(&app, &images));
+        }
         None
     })
     .await;
@@ -261,6 +265,21 @@ async fn first_start_prepares_the_images_then_runs_and_logins_work_on_them() {
         None,
     )
     .await;
+}
+
+/// Why the images are not ready, for a failure's message: what
+/// `polydev image status` says and the end of the controller's log.
+fn why_not_prepared(app: &TestApp, images: &str) -> String {
+    let status = tokio::task::block_in_place(|| {
+        app.cli(&["image", "status", "--images-dir", images, "--json"])
+    });
+    let logs = app.logs();
+    let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+    format!(
+        "polydev image status: {}\nthe controller's last log lines:\n{}",
+        String::from_utf8_lossy(&status.stdout),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
 }
 
 /// A new user's first minutes in the browser, on the images the first
