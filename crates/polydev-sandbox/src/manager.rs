@@ -568,6 +568,11 @@ impl Manager {
         if let (Some(share), Some((used, budget))) =
             (self.cfg.admit_memory_below, self.driver.memory_in_use())
         {
+            tracing::debug!(
+                used_mib = used >> 20,
+                budget_mib = budget >> 20,
+                "memory admission"
+            );
             if budget > 0 && used as f64 > budget as f64 * share {
                 tracing::warn!(
                     used_mib = used >> 20,

@@ -410,10 +410,20 @@ async fn a_host_whose_sandboxes_use_their_memory_admits_no_more() {
         &app,
         &admin,
         &hog,
-        &format!("dd if=/dev/zero of=/tmp/fill bs=1M count={fill_mb} 2>&1 | tail -1"),
+        &format!("dd if=/dev/zero of=/tmp/fill bs=1M count={fill_mb} 2>/tmp/dd.err; s=$?; tail -1 /tmp/dd.err; du -m /tmp/fill; exit $s"),
     )
     .await;
+    // dd's own status, and the file really is that big.
     assert_eq!(r.body["exitCode"], 0, "{}", r.text);
+    let written: u64 = r.body["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(written >= fill_mb, "{}", r.text);
     let r = app
         .post(
             "/api/sandboxes",
@@ -421,11 +431,23 @@ async fn a_host_whose_sandboxes_use_their_memory_admits_no_more() {
             json!({"template": "minimal"}),
         )
         .await;
+    let admissions = || {
+        let logs = app.logs();
+        let seen: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("memory admission"))
+            .collect();
+        format!(
+            "budget {} MiB; the controller's readings: {seen:?}",
+            budget >> 20
+        )
+    };
     assert_eq!(
         (r.status, r.error_code()),
         (StatusCode::SERVICE_UNAVAILABLE, "host_at_capacity"),
-        "{}",
-        r.text
+        "{} ({})",
+        r.text,
+        admissions()
     );
     assert!(
         r.message().contains("using most of their memory"),
