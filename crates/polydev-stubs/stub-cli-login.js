@@ -7,6 +7,8 @@
 //   BROWSER              program that opens a URL (else xdg-open)
 //   HTTP_PROXY           the token request goes through it (absolute form)
 //   STUB_CREDENTIAL_FORMAT=claude  write Claude Code's .credentials.json shape
+//   STUB_CREDENTIAL_FORMAT=codex   write Codex's auth.json shape, dated 30
+//                                  days back (so its first use refreshes)
 const http = require("node:http");
 const fs = require("node:fs");
 const path = require("node:path");
@@ -40,8 +42,11 @@ function exchange(code) {
 
 function save(tokens) {
   fs.mkdirSync(path.dirname(file), { recursive: true });
-  const body = process.env.STUB_CREDENTIAL_FORMAT === "claude"
+  const format = process.env.STUB_CREDENTIAL_FORMAT;
+  const body = format === "claude"
     ? { claudeAiOauth: { accessToken: tokens.access_token, refreshToken: tokens.refresh_token, expiresAt: Date.now() + tokens.expires_in * 1000, scopes: ["user:inference", "user:profile"], subscriptionType: "pro" } }
+    : format === "codex"
+    ? { OPENAI_API_KEY: null, tokens: { id_token: tokens.id_token, access_token: tokens.access_token, refresh_token: tokens.refresh_token, account_id: "stub-account" }, last_refresh: new Date(Date.now() - 30 * 86400e3).toISOString() }
     : { stubOauth: { accessToken: tokens.access_token, refreshToken: tokens.refresh_token, expiresIn: tokens.expires_in } };
   fs.writeFileSync(file, JSON.stringify(body), { mode: 0o600 });
   console.log("Login successful.");

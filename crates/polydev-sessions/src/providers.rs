@@ -336,6 +336,10 @@ pub struct ApiBases<'a> {
     pub gemini: Option<&'a str>,
     /// GitHub Copilot's API (and the GitHub API it asks about the user).
     pub copilot: Option<&'a str>,
+    /// Codex on a ChatGPT sign-in: its Responses root and its token
+    /// (refresh) URL.
+    pub chatgpt: Option<&'a str>,
+    pub openai_token: Option<&'a str>,
 }
 
 /// OpenCode's configuration for one vendor: its model (`vendor/model` in
@@ -407,12 +411,20 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
         Provider::Codex => {
             env.push(("CODEX_HOME".into(), "/home/sandbox/.codex".into()));
             // A custom API base takes the key from the environment.
-            let provider_cfg = match (how.bases.openai, login) {
-                (Some(u), false) => format!(
+            let provider_cfg = match (how.bases.openai, how.bases.chatgpt, login) {
+                (Some(u), _, false) => format!(
                     " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}'"
+                ),
+                // A ChatGPT sign-in's tokens go where the operator said
+                // ChatGPT is, never to the API base (another service).
+                (_, Some(u), true) => format!(
+                    " -c model_provider=polydev -c 'model_providers.polydev={{name=\"polydev\",base_url=\"{u}\",wire_api=\"responses\",requires_openai_auth=true}}'"
                 ),
                 _ => String::new(),
             };
+            if let (Some(u), true) = (how.bases.openai_token, login) {
+                env.push(("CODEX_REFRESH_TOKEN_URL_OVERRIDE".into(), u.to_owned()));
+            }
             let setup = setup("OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"");
             // The commands Codex runs do not inherit variables named
             // like *KEY*, *SECRET*, *TOKEN* (its default excludes, off
@@ -1258,6 +1270,7 @@ mod tests {
                     openai: Some(base),
                     gemini: Some(base),
                     copilot: Some(base),
+                    ..ApiBases::default()
                 },
                 deadline: Duration::from_secs(60),
             };
@@ -1283,6 +1296,52 @@ mod tests {
         }
     }
 
+    /// Codex on a ChatGPT sign-in sends its tokens where ChatGPT is (the
+    /// operator's `chatgpt_base_url`), never to the API base, and
+    /// refreshes them where it is told.
+    #[test]
+    fn a_codex_sign_in_goes_to_chatgpt_never_to_the_api_base() {
+        let api = "http://api.test:1/v1";
+        let mut how = RunSetup {
+            login: true,
+            token: false,
+            bases: ApiBases {
+                openai: Some(api),
+                ..ApiBases::default()
+            },
+            deadline: Duration::from_secs(60),
+        };
+        let (line, env) = run_command(Provider::Codex, &how);
+        assert!(
+            !line.contains(api) && !line.contains("model_provider"),
+            "{line}"
+        );
+        assert!(env
+            .iter()
+            .all(|(k, _)| k != "CODEX_REFRESH_TOKEN_URL_OVERRIDE"));
+        how.bases.chatgpt = Some("http://chatgpt.test:2/v1");
+        how.bases.openai_token = Some("http://auth.test:3/token");
+        let (line, env) = run_command(Provider::Codex, &how);
+        assert!(
+            line.contains(r#"base_url="http://chatgpt.test:2/v1",wire_api="responses",requires_openai_auth=true"#),
+            "{line}"
+        );
+        assert!(env.contains(&(
+            "CODEX_REFRESH_TOKEN_URL_OVERRIDE".to_owned(),
+            "http://auth.test:3/token".to_owned()
+        )));
+        // An API key run keeps the API base.
+        how.login = false;
+        let (line, env) = run_command(Provider::Codex, &how);
+        assert!(
+            line.contains(api) && !line.contains("chatgpt.test"),
+            "{line}"
+        );
+        assert!(env
+            .iter()
+            .all(|(k, _)| k != "CODEX_REFRESH_TOKEN_URL_OVERRIDE"));
+    }
+
     /// OpenCode's key picks its vendor in the sandbox; each vendor's
     /// configuration is JSON made here (the base URL quoted, the model
     /// in OpenCode's catalog).
@@ -1295,7 +1354,7 @@ mod tests {
                 anthropic: Some("http://a.test:1"),
                 openai: Some("http://o.test:2/v1"),
                 gemini: Some("http://g.test:3"),
-                copilot: None,
+                ..ApiBases::default()
             },
             deadline: Duration::from_secs(60),
         };

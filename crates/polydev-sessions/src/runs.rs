@@ -96,6 +96,10 @@ pub struct RunsConfig {
     pub gemini_base_url: Option<String>,
     /// GitHub Copilot's API (and the GitHub API it asks about the user).
     pub copilot_base_url: Option<String>,
+    /// Codex on a ChatGPT sign-in: where its requests go, and where it
+    /// refreshes its tokens (unset: OpenAI's own).
+    pub chatgpt_base_url: Option<String>,
+    pub openai_token_url: Option<String>,
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
@@ -114,6 +118,8 @@ impl RunsConfig {
             openai: self.openai_base_url.as_deref(),
             gemini: self.gemini_base_url.as_deref(),
             copilot: self.copilot_base_url.as_deref(),
+            chatgpt: self.chatgpt_base_url.as_deref(),
+            openai_token: self.openai_token_url.as_deref(),
         }
     }
 }
@@ -128,6 +134,8 @@ impl Default for RunsConfig {
             openai_base_url: None,
             gemini_base_url: None,
             copilot_base_url: None,
+            chatgpt_base_url: None,
+            openai_token_url: None,
             limits: Limits {
                 cpu_millis: 2000,
                 memory_bytes: 2048 << 20,

@@ -3,7 +3,11 @@
 //! click anywhere on a streamed screen hits it) redirects to the caller's
 //! `redirect_uri` with a code; a page that shows the code instead (for
 //! paste-a-code flows); and a token endpoint that trades a code it issued
-//! for tokens. Every request is recorded.
+//! for tokens, and a refresh token it issued for new ones, each once (a
+//! refresh token is single use, as OpenAI's and Anthropic's are: a
+//! second use is refused). Every answer carries an `id_token` shaped like
+//! OpenAI's (a JWT with the ChatGPT account claims Codex reads; unsigned).
+//! Every request is recorded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +24,8 @@ use crate::{record, Seen, Stub, StubServer};
 #[derive(Debug, Clone, Default)]
 struct Codes {
     issued: Arc<Mutex<HashMap<String, bool>>>,
+    /// Refresh tokens handed out, and whether each was used.
+    refresh: Arc<Mutex<HashMap<String, bool>>>,
     /// Prefix of every token handed out (a canary tests look for).
     prefix: Arc<str>,
 }
@@ -78,34 +84,78 @@ async fn show_code(Query(q): Query<HashMap<String, String>>) -> Response {
     .into_response()
 }
 
-async fn token(State(codes): State<Codes>, body: String) -> Response {
-    let code = body
-        .split('&')
+/// A form or JSON body's field.
+fn field(body: &str, name: &str) -> Option<String> {
+    body.split('&')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "code")
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
         .or_else(|| {
-            serde_json::from_str::<serde_json::Value>(&body)
+            serde_json::from_str::<serde_json::Value>(body)
                 .ok()
-                .and_then(|v| v["code"].as_str().map(str::to_owned))
+                .and_then(|v| v[name].as_str().map(str::to_owned))
         })
-        .unwrap_or_default();
-    let fresh = codes
-        .issued
-        .lock()
+}
+
+/// Marks `key` used in `map`: true only the first time, for a key issued.
+fn use_once(map: &Mutex<HashMap<String, bool>>, key: &str) -> bool {
+    map.lock()
         .ok()
-        .and_then(|mut c| c.get_mut(&code).map(|used| !std::mem::replace(used, true)))
-        .unwrap_or(false);
-    if !fresh {
-        return (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": "invalid_grant"})),
+        .and_then(|mut c| c.get_mut(key).map(|used| !std::mem::replace(used, true)))
+        .unwrap_or(false)
+}
+
+/// An unsigned JWT with OpenAI's ChatGPT claims (what Codex decodes).
+fn id_token() -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!(
+        "{}.{}.stub",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({
+            "email": "stub@example.com",
+            "exp": now + 3600,
+            "https://api.openai.com/auth": {
+                "chatgpt_plan_type": "plus",
+                "chatgpt_account_id": "stub-account",
+                "chatgpt_user_id": "stub-user",
+            },
+        }))
+    )
+}
+
+async fn token(State(codes): State<Codes>, body: String) -> Response {
+    let refresh = field(&body, "grant_type").as_deref() == Some("refresh_token");
+    let fresh = if refresh {
+        use_once(
+            &codes.refresh,
+            &field(&body, "refresh_token").unwrap_or_default(),
         )
-            .into_response();
+    } else {
+        use_once(&codes.issued, &field(&body, "code").unwrap_or_default())
+    };
+    if !fresh {
+        let (status, error) = if refresh {
+            (StatusCode::UNAUTHORIZED, "refresh_token_reused")
+        } else {
+            (StatusCode::BAD_REQUEST, "invalid_grant")
+        };
+        return (status, axum::Json(json!({"error": error}))).into_response();
+    }
+    let refresh_token = format!("{}-refresh-{:016x}", codes.prefix, rand_u64());
+    if let Ok(mut r) = codes.refresh.lock() {
+        r.insert(refresh_token.clone(), false);
     }
     axum::Json(json!({
         "access_token": format!("{}-access-{:016x}", codes.prefix, rand_u64()),
-        "refresh_token": format!("{}-refresh-{:016x}", codes.prefix, rand_u64()),
+        "refresh_token": refresh_token,
+        "id_token": id_token(),
         "expires_in": 3600,
         "token_type": "Bearer",
     }))
@@ -142,6 +192,7 @@ pub async fn start(token_prefix: &str) -> std::io::Result<StubServer> {
         .route("/token", post(token))
         .with_state(Codes {
             issued: Arc::default(),
+            refresh: Arc::default(),
             prefix: token_prefix.into(),
         })
         .layer(axum::middleware::from_fn_with_state(stub, record));

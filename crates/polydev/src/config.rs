@@ -75,6 +75,12 @@ pub struct RunsFile {
     /// GitHub Copilot's API (and the GitHub API Copilot CLI asks about
     /// the user) [default: GitHub's].
     copilot_base_url: Option<String>,
+    /// Where Codex sends its requests on a ChatGPT sign-in (an
+    /// OpenAI-Responses root) [default: ChatGPT's own].
+    chatgpt_base_url: Option<String>,
+    /// Where Codex refreshes a ChatGPT sign-in (the full token URL)
+    /// [default: OpenAI's own].
+    openai_token_url: Option<String>,
 }
 
 pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfig {
@@ -99,6 +105,8 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     c.openai_base_url = f.openai_base_url;
     c.gemini_base_url = f.gemini_base_url;
     c.copilot_base_url = f.copilot_base_url;
+    c.chatgpt_base_url = f.chatgpt_base_url;
+    c.openai_token_url = f.openai_token_url;
     c
 }
 

@@ -972,3 +972,172 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
     assert!(back.contains(&access));
     app.assert_nowhere(&[&access]).await;
 }
+
+/// Codex's refresh tokens are single use: two runs on one ChatGPT sign-in
+/// at once would log the user out. The second run waits its turn; the
+/// real Codex in the first refreshes the sign-in (dated a month back) at
+/// the stand-in for OpenAI's token endpoint, the rotated file comes back
+/// sealed to the user, and the second run is handed that file: it answers
+/// on the new access token without refreshing again (its refresh token
+/// was never used twice, which the stand-in would refuse).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotated_tokens() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let canary = format!("canary{}", uuid::Uuid::new_v4().simple());
+    let oauth = polydev_stubs::oauth::start(&canary).await.unwrap();
+    let chatgpt = polydev_stubs::start(
+        polydev_stubs::Provider::OpenAi,
+        "answered on the ChatGPT sign-in",
+        None,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("polydev.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"auth.stub.test\" = \"127.0.0.1\"\n\"chatgpt.stub.test\" = \"127.0.0.1\"\n[egress.policies.minimal]\nallow_hosts = [\"auth.stub.test\", \"chatgpt.stub.test\"]\n[runs]\ntemplate = \"minimal\"\nchatgpt_base_url = \"http://chatgpt.stub.test:{}/v1\"\nopenai_token_url = \"http://auth.stub.test:{}/token\"\n[login]\ntemplate = \"minimal\"\n[login.providers.codex]\ncode = 'exec node -e \"$STUB_LOGIN_JS\"'\ncredential_file = \"/home/sandbox/.codex/auth.json\"\n[login.providers.codex.env]\nSTUB_AUTH_BASE = \"http://auth.stub.test:{}\"\nSTUB_CREDENTIAL_FILE = \"/home/sandbox/.codex/auth.json\"\nSTUB_CREDENTIAL_FORMAT = \"codex\"\nSTUB_LOGIN_JS = '''\n{}'''\n",
+            chatgpt.addr.port(),
+            oauth.addr.port(),
+            oauth.addr.port(),
+            polydev_stubs::oauth::CLI_LOGIN_SCRIPT,
+        ),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (uid, token, enrollment) = vault_user(&app, "codex-turns@example.com").await;
+    let t = Some(token.as_str());
+
+    // Sign Codex in with a ChatGPT plan (code relay at the stand-in).
+    let id = start_session(&app, &token, &uid, "codex", "code").await;
+    let v = wait_state(&app, &id, &token, |v| v["authUrl"].is_string()).await;
+    let code = approve_at_stub(v["authUrl"].as_str().unwrap(), &oauth).await;
+    app.post(
+        &format!("/api/auth/session/{id}/code"),
+        t,
+        json!({"code": code}),
+    )
+    .await;
+    let v = wait_state(&app, &id, &token, |v| {
+        v["state"] == "completed" || v["state"] == "failed"
+    })
+    .await;
+    assert_eq!(v["state"], "completed", "{v}");
+    let tokens = |file: &str| -> (String, String) {
+        let v: Value = serde_json::from_str(file).unwrap();
+        (
+            v["tokens"]["access_token"].as_str().unwrap().to_owned(),
+            v["tokens"]["refresh_token"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    // Two runs at once: the second's Codex waits its turn.
+    let mut runs = Vec::new();
+    for prompt in ["first", "second"] {
+        let r = app
+            .post(
+                "/api/runs",
+                t,
+                json!({"prompt": prompt, "providers": ["codex"]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        runs.push(r.body);
+    }
+    assert_eq!(
+        runs[1]["sandboxes"]["codex"]["state"], "queued",
+        "{}",
+        runs[1]
+    );
+    // The client opens the item's newest version when a run's turn comes.
+    let hand_over = |run: Value| {
+        let (app, enrollment, uid, b64) = (&app, &enrollment, &uid, &b64);
+        async move {
+            let item = app.get("/api/vault/items/credential.codex", t).await;
+            let file = open_credential(enrollment, uid, &item.body, "codex");
+            let id = run["runId"].as_str().unwrap().to_owned();
+            let pk = b64
+                .decode(run["sandboxes"]["codex"]["publicKey"].as_str().unwrap())
+                .unwrap();
+            let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
+                .unwrap()
+                .seal(
+                    polydev_sessions::runs::CREDENTIAL_PURPOSE,
+                    format!("{id}/codex").as_bytes(),
+                    file.as_bytes(),
+                );
+            let r = app
+                .post(
+                    &format!("/api/runs/{id}/credentials"),
+                    t,
+                    json!({"credentials": {"codex": b64.encode(sealed)}, "kinds": {"codex": "cli_login"}}),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+            let events =
+                crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), t.unwrap()).await;
+            let answer: String = events
+                .iter()
+                .filter(|(k, _)| k == "delta")
+                .filter_map(|(_, d)| d["text"].as_str())
+                .collect();
+            assert!(
+                answer.contains("answered on the ChatGPT sign-in"),
+                "{events:?}"
+            );
+            (file, item.body["version"].as_u64().unwrap())
+        }
+    };
+    let (first_file, v1) = hand_over(runs[0].clone()).await;
+    let (a1, r1) = tokens(&first_file);
+    // The second run's turn: it is handed the file the first refreshed.
+    let r = app
+        .get(
+            &format!("/api/runs/{}", runs[1]["runId"].as_str().unwrap()),
+            t,
+        )
+        .await;
+    assert_eq!(
+        r.body["sandboxes"]["codex"]["state"], "awaiting_credentials",
+        "{}",
+        r.text
+    );
+    let (second_file, v2) = hand_over(r.body.clone()).await;
+    let (a2, r2) = tokens(&second_file);
+    assert_eq!(v2, v1 + 1, "the first run sealed its refreshed file back");
+    assert!(
+        a2 != a1 && r2 != r1 && a2.starts_with(&canary),
+        "{second_file}"
+    );
+
+    // OpenAI's side: one refresh, with the sign-in's own refresh token;
+    // both runs asked on the refreshed access token, none on the old.
+    let refreshes: Vec<String> = oauth
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/token" && s.body.contains("refresh_token\":"))
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(refreshes.len(), 1, "{refreshes:?}");
+    assert!(refreshes[0].contains(&r1), "{refreshes:?}");
+    let bearers: std::collections::BTreeSet<String> = chatgpt
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v1/responses")
+        .flat_map(|s| s.headers)
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        bearers.into_iter().collect::<Vec<_>>(),
+        [format!("Bearer {a2}")],
+        "the old access token {a1} was never sent"
+    );
+    // The second run's file (unchanged: no refresh needed) is version 3.
+    let item = app.get("/api/vault/items/credential.codex", t).await;
+    let last = open_credential(&enrollment, &uid, &item.body, "codex");
+    assert_eq!(tokens(&last), (a2.clone(), r2.clone()));
+    app.assert_nowhere(&[&a1, &r1, &a2, &r2]).await;
+}
