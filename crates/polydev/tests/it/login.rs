@@ -1077,7 +1077,7 @@ async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotate
                 .await;
             assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
             let events =
-                crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), t.unwrap()).await;
+                crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), &token).await;
             let answer: String = events
                 .iter()
                 .filter(|(k, _)| k == "delta")
