@@ -1053,7 +1053,7 @@ async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotate
     );
     // The client opens the item's newest version when a run's turn comes.
     let hand_over = |run: Value| {
-        let (app, enrollment, uid, b64) = (&app, &enrollment, &uid, &b64);
+        let (app, enrollment, uid, b64, token) = (&app, &enrollment, &uid, &b64, &token);
         async move {
             let item = app.get("/api/vault/items/credential.codex", t).await;
             let file = open_credential(enrollment, uid, &item.body, "codex");
@@ -1077,7 +1077,7 @@ async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotate
                 .await;
             assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
             let events =
-                crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), &token).await;
+                crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), token).await;
             let answer: String = events
                 .iter()
                 .filter(|(k, _)| k == "delta")
