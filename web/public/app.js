@@ -74,7 +74,7 @@ function firstSteps() {
   const runsOrWhy = api.runs().then((r) => r.runs || [], (e) => ({ unavailable: e.message }));
   Promise.all([api.providers(), api.vaultItems().then((r) => r.items), runsOrWhy])
     .then(([providers, items, runs]) => {
-      const connected = providers.filter((p) => ["apikey", "credential", "token"].some((k) => items.some((i) => i.id === `${k}.${p.id}`)));
+      const connected = providers.filter((p) => ["apikey", "credential", "token", "cloud"].some((k) => items.some((i) => i.id === `${k}.${p.id}`)));
       const byCode = providers.find((p) => (p.signInModes || []).includes("code"));
       const how = byCode
         ? [`${byCode.name} signs in with a code here (your own ${byCode.name} plan); the others take an API key.`]

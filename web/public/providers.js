@@ -87,25 +87,33 @@ export async function renderProviders(view, user) {
         status.replaceChildren(errorBox(e.message));
       }
     });
-    // A long-lived subscription token (Claude Code's `claude setup-token`)
-    // where this installation offers one to you.
-    let tokenRow = null;
-    if ((info.credentialKinds || []).includes("subscription_token")) {
-      const tokenInput = el("input", { type: "password", id: `token-${p.id}`, autocomplete: "off", placeholder: "Subscription token (claude setup-token)" });
-      const saveToken = el("button", { type: "button", id: `save-token-${p.id}`, class: "secondary" }, "Save token");
-      saveToken.addEventListener("click", async () => {
+    // A second secret some CLIs take, saved to the vault beside the key.
+    const secretRow = (kind, item, placeholder, what) => {
+      const input = el("input", { type: "password", id: `${kind}-${p.id}`, autocomplete: "off", placeholder });
+      const save = el("button", { type: "button", id: `save-${kind}-${p.id}`, class: "secondary" }, `Save ${what}`);
+      save.addEventListener("click", async () => {
         status.replaceChildren();
-        if (!tokenInput.value) return status.replaceChildren(errorBox("Enter the token."));
+        if (!input.value) return status.replaceChildren(errorBox(`Enter the ${what}.`));
         try {
-          await session.putSecret(`token.${p.id}`, tokenInput.value);
-          tokenInput.value = "";
-          state.textContent = "token saved";
+          await session.putSecret(`${item}.${p.id}`, input.value);
+          input.value = "";
+          state.textContent = `${what} saved`;
         } catch (e) {
           status.replaceChildren(errorBox(e.message));
         }
       });
-      tokenRow = el("div", { class: "provider-row" }, tokenInput, saveToken);
-    }
+      return el("div", { class: "provider-row" }, input, save);
+    };
+    const kinds = info.credentialKinds || [];
+    // A long-lived subscription token (Claude Code's `claude setup-token`)
+    // where this installation offers one to you.
+    const tokenRow = kinds.includes("subscription_token")
+      ? secretRow("token", "token", "Subscription token (claude setup-token)", "token") : null;
+    // A cloud account's key (Claude Code on Amazon Bedrock, Gemini CLI on
+    // Vertex AI).
+    const cloudRow = kinds.includes("cloud_key")
+      ? [el("p", { class: "muted small", id: `cloud-hint-${p.id}` }, `Or on your cloud: ${info.cloudKeyHint}.`),
+        secretRow("cloud", "cloud", info.cloudKeyLabel, "cloud key")] : [];
     return el("div", { class: "card provider" },
       el("h2", {}, p.name, " ", state),
       policyLine,
@@ -113,7 +121,7 @@ export async function renderProviders(view, user) {
       info.hasSignIn ? el("div", { class: "actions" }, ...(codeFirst ? [code, signIn] : [signIn, code])) : null,
       el("p", { class: "muted small", id: `key-hint-${p.id}` }, `Its key: ${info.keyHint}.`),
       el("div", { class: "provider-row" }, keyInput, saveKey),
-      tokenRow);
+      tokenRow, ...cloudRow);
   });
 
   view.replaceChildren(

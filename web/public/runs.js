@@ -72,6 +72,7 @@ export function renderRuns(view) {
   // Only items the list names are fetched (no 404 per missing key).
   const signedIn = new Set();
   const tokens = new Set();
+  const clouds = new Set();
   const pending = [];
   Promise.all([api.providers(), api.vaultItems().then((r) => r.items).catch(() => [])]).then(([list, items]) => {
     const has = (id) => items.some((i) => i.id === id);
@@ -80,7 +81,7 @@ export function renderRuns(view) {
       const check = el("input", { type: "checkbox", id: `use-${p.id}` });
       const keyInput = el("input", { type: "password", id: `key-${p.id}`, autocomplete: "off", placeholder: p.keyLabel, title: p.keyHint });
       keyInput.addEventListener("input", () => { if (keyInput.value) check.checked = true; });
-      const c = { id: p.id, name: p.name, keyLabel: p.keyLabel, kinds: p.credentialKinds || [], check, keyInput };
+      const c = { id: p.id, name: p.name, keyLabel: p.keyLabel, kinds: p.credentialKinds || [], cloudPrefixes: p.cloudKeyPrefixes || [], check, keyInput };
       choices.push(c);
       if (has(`apikey.${c.id}`)) {
         check.checked = true;
@@ -95,6 +96,11 @@ export function renderRuns(view) {
         check.checked = true;
         tokens.add(c.id);
         c.keyInput.placeholder = `${c.keyLabel} (empty: use your saved ${c.name} token)`;
+      } else if (has(`cloud.${c.id}`) && (p.credentialKinds || []).includes("cloud_key")) {
+        // A cloud account's key saved on the Providers page.
+        check.checked = true;
+        clouds.add(c.id);
+        c.keyInput.placeholder = `${c.keyLabel} (empty: use your saved ${p.cloudKeyLabel})`;
       }
     }
     rows.replaceChildren(...choices.map((c) => el("div", { class: "provider-row" },
@@ -205,7 +211,7 @@ export function renderRuns(view) {
       status.replaceChildren(errorBox("Write a prompt and choose at least one provider."));
       return;
     }
-    const missing = chosen.find((c) => !c.keyInput.value && !signedIn.has(c.id) && !tokens.has(c.id));
+    const missing = chosen.find((c) => !c.keyInput.value && !signedIn.has(c.id) && !tokens.has(c.id) && !clouds.has(c.id));
     if (missing) {
       status.replaceChildren(errorBox(`Enter your ${missing.keyLabel} for ${missing.name}, or sign ${missing.name} in on the Providers page.`));
       return;
@@ -252,15 +258,21 @@ export function renderRuns(view) {
           if (c.keyInput.value) {
             secret = enc.encode(c.keyInput.value);
             // A Claude setup-token pasted as a key is sent as what it is.
-            kinds[c.id] = c.keyInput.value.startsWith("sk-ant-oat") && c.kinds.includes("subscription_token") ? "subscription_token" : "api_key";
+            // A Claude setup-token or an Amazon Bedrock key pasted as a key
+            // is sent as what it is.
+            const typed = c.keyInput.value;
+            kinds[c.id] = typed.startsWith("sk-ant-oat") && c.kinds.includes("subscription_token") ? "subscription_token"
+              : c.cloudPrefixes.some((x) => typed.startsWith(x)) ? "cloud_key"
+              : "api_key";
           } else if (signedIn.has(c.id)) {
             secret = await openLoginCredential(c.id);
             kinds[c.id] = "cli_login";
           } else {
-            const saved = await getSecret(`token.${c.id}`);
-            if (!saved) throw new Error(`Your saved ${c.name} token is gone; save it again on the Providers page, or enter a key.`);
+            const cloud = clouds.has(c.id);
+            const saved = await getSecret(`${cloud ? "cloud" : "token"}.${c.id}`);
+            if (!saved) throw new Error(`Your saved ${c.name} ${cloud ? "cloud key" : "token"} is gone; save it again on the Providers page, or enter a key.`);
             secret = enc.encode(saved);
-            kinds[c.id] = "subscription_token";
+            kinds[c.id] = cloud ? "cloud_key" : "subscription_token";
           }
           const sealed = await seal(pk, PURPOSE, enc.encode(`${runId}/${c.id}`), secret);
           secret.fill(0);

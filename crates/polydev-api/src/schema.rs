@@ -227,9 +227,9 @@ pub(crate) fn credential_boxes() -> Schema {
 pub(crate) fn credential_kinds() -> Schema {
     ObjectBuilder::new()
         .property_names(Some(provider()))
-        .additional_properties(Some(enumeration(["api_key", "cli_login", "subscription_token"], "")))
+        .additional_properties(Some(enumeration(["api_key", "cli_login", "subscription_token", "cloud_key"], "")))
         .max_properties(Some(Provider::ALL.len()))
-        .description(Some("Provider → `api_key` (default) or `cli_login`: the box holds the CLI's credential file from a login session (the vault item `credential.<provider>`); it is sealed back to you after the run; or `subscription_token`: a long-lived subscription token (Claude Code's `claude setup-token`), where the sign-in policy offers it to you."))
+        .description(Some("Provider → `api_key` (default) or `cli_login`: the box holds the CLI's credential file from a login session (the vault item `credential.<provider>`); it is sealed back to you after the run; or `subscription_token`: a long-lived subscription token (Claude Code's `claude setup-token`), where the sign-in policy offers it to you; or `cloud_key`: a cloud account's key (Claude Code: an Amazon Bedrock API key; Gemini CLI: a Vertex AI API key)."))
         .into()
 }
 

@@ -99,6 +99,77 @@ pub struct Terms {
     pub source: &'static str,
 }
 
+/// What a provider's sealed credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialKind {
+    /// The provider's API key.
+    #[default]
+    ApiKey,
+    /// The CLI's own credential file from a login session (the vault item
+    /// `credential.<provider>`). After the run, the file as the CLI left
+    /// it (refreshed tokens included) is sealed back to the user.
+    CliLogin,
+    /// A long-lived token the CLI's own tooling issues for a person's
+    /// subscription (Claude Code's `claude setup-token`): a subscription
+    /// sign-in, offered where the policy allows one.
+    SubscriptionToken,
+    /// A cloud account's key for the vendor's models there (the
+    /// registry's `cloud`: Claude Code on Amazon Bedrock, Gemini CLI on
+    /// Vertex AI): the sanctioned path for products besides the API key.
+    CloudKey,
+}
+
+impl std::str::FromStr for CredentialKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "api_key" => Ok(Self::ApiKey),
+            "cli_login" => Ok(Self::CliLogin),
+            "subscription_token" => Ok(Self::SubscriptionToken),
+            "cloud_key" => Ok(Self::CloudKey),
+            other => Err(format!(
+                "credential kind must be \"api_key\", \"cli_login\", \"subscription_token\" or \"cloud_key\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// The hosts `provider`'s run sandboxes may reach: the registry's, and
+/// for Claude Code on Bedrock that region's endpoints.
+pub fn egress_hosts(provider: Provider, bedrock_region: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = info(provider)
+        .egress_hosts
+        .iter()
+        .map(|h| (*h).to_owned())
+        .collect();
+    if provider == Provider::ClaudeCode && valid_region(bedrock_region) {
+        hosts.push(format!("bedrock-runtime.{bedrock_region}.amazonaws.com"));
+        hosts.push(format!("bedrock.{bedrock_region}.amazonaws.com"));
+    }
+    hosts
+}
+
+/// Whether `region` can be an AWS region's name (it becomes a host name).
+pub fn valid_region(region: &str) -> bool {
+    (2..=32).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A CLI's `cloud_key` credential: a cloud account's key for the vendor's
+/// models there.
+#[derive(Debug, Clone, Copy)]
+pub struct CloudKey {
+    /// In a few words (a field's label).
+    pub label: &'static str,
+    /// What it is, for the person pasting one.
+    pub hint: &'static str,
+    /// How such a key begins, where that tells it from an API key (a
+    /// client then sends a pasted one as a `cloud_key`).
+    pub prefixes: &'static [&'static str],
+}
+
 /// One CLI, as the rest of polydev knows it.
 #[derive(Debug, Clone, Copy)]
 pub struct ProviderInfo {
@@ -126,6 +197,8 @@ pub struct ProviderInfo {
     /// The long-lived subscription token it takes (the
     /// `subscription_token` credential kind), if any: what it is.
     pub token: Option<&'static str>,
+    /// The cloud account's key it takes (the `cloud_key` kind), if any.
+    pub cloud: Option<CloudKey>,
     /// The hosts its run sandboxes may reach (its vendor's API and token
     /// endpoints; nothing else).
     pub egress_hosts: &'static [&'static str],
@@ -159,6 +232,11 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_hint: "an Anthropic API key (sk-ant-…) from the Claude Console",
             sign_in: true,
             token: Some("a long-lived token from `claude setup-token` (meant for a person's own automation)"),
+            cloud: Some(CloudKey {
+                label: "Amazon Bedrock API key",
+                hint: "an Amazon Bedrock API key (ABSK… or bedrock-api-key-…) for this installation's Bedrock region: Claude Code then runs on Claude in your AWS account",
+                prefixes: &["ABSK", "bedrock-api-key-"],
+            }),
             egress_hosts: &["api.anthropic.com", "console.anthropic.com", "platform.claude.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
@@ -177,6 +255,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_hint: "an OpenAI API key (sk-…)",
             sign_in: true,
             token: None,
+            cloud: None,
             egress_hosts: &["api.openai.com", "auth.openai.com", "chatgpt.com"],
             terms: Terms {
                 default: SubscriptionLogin::All,
@@ -195,6 +274,12 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_hint: "a Gemini API key (AIza…) restricted to the Gemini API",
             sign_in: true,
             token: None,
+            cloud: Some(CloudKey {
+                label: "Vertex AI API key",
+                hint: "a Google Cloud API key for Vertex AI (express mode): Gemini CLI then runs on Gemini in your Google Cloud project",
+                // Like a Gemini API key: told apart only where saved.
+                prefixes: &[],
+            }),
             egress_hosts: &["generativelanguage.googleapis.com", "cloudcode-pa.googleapis.com", "oauth2.googleapis.com", "aiplatform.googleapis.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
@@ -213,6 +298,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_hint: "an Anthropic (sk-ant-…), Gemini (AIza…) or OpenAI (sk-…) API key: OpenCode uses that vendor's model",
             sign_in: false,
             token: None,
+            cloud: None,
             egress_hosts: &["api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
@@ -231,6 +317,7 @@ pub fn info(provider: Provider) -> ProviderInfo {
             key_hint: "a GitHub fine-grained personal access token with only the Copilot Requests permission (github_pat_…); not a gh or classic token, which can do far more with your account",
             sign_in: false,
             token: None,
+            cloud: None,
             egress_hosts: &["api.github.com", "api.githubcopilot.com", "*.githubcopilot.com"],
             terms: Terms {
                 default: SubscriptionLogin::Off,
@@ -314,10 +401,8 @@ pub fn credential_file(provider: Provider) -> &'static str {
 /// How a run hands one CLI its credential, and where its provider is.
 #[derive(Debug, Clone, Copy)]
 pub struct RunSetup<'a> {
-    /// The CLI's own login file (a login session's capture), not an API key.
-    pub login: bool,
-    /// A subscription token (`ProviderInfo::token`), not an API key.
-    pub token: bool,
+    /// What the sealed credential is.
+    pub kind: CredentialKind,
     /// The providers' API bases, where not the vendors' own.
     pub bases: ApiBases<'a>,
     /// The run's deadline (Claude Code's key helper outlives it).
@@ -340,6 +425,12 @@ pub struct ApiBases<'a> {
     /// (refresh) URL.
     pub chatgpt: Option<&'a str>,
     pub openai_token: Option<&'a str>,
+    /// Claude Code on Amazon Bedrock: Bedrock's endpoint (runtime and
+    /// control plane at one root) and the region.
+    pub bedrock: Option<&'a str>,
+    pub bedrock_region: &'a str,
+    /// Gemini CLI on Vertex AI: Vertex's endpoint.
+    pub vertex: Option<&'a str>,
 }
 
 /// OpenCode's configuration for one vendor: its model (`vendor/model` in
@@ -369,7 +460,8 @@ const OPENCODE_KEY_PIPE: &str = "/home/sandbox/.polydev/opencode-key";
 /// CLI's variable (the file is deleted); a CLI login file is moved to
 /// where the CLI reads it.
 pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, String)>) {
-    let login = how.login;
+    let login = how.kind == CredentialKind::CliLogin;
+    let cloud = how.kind == CredentialKind::CloudKey;
     let setup = |key_vars: &str| {
         if login {
             let file = credential_file(provider);
@@ -391,7 +483,21 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             let run = "exec claude -p --output-format stream-json --verbose";
             if login {
                 format!("{} && {run} -- \"$POLYDEV_PROMPT\"", setup(""))
-            } else if how.token {
+            } else if cloud {
+                // Claude on Amazon Bedrock with a Bedrock API key: read
+                // only from its variable, which Claude Code strips from
+                // what its tools run with when asked to (its list of
+                // credential variables carries it).
+                env.push(("CLAUDE_CODE_USE_BEDROCK".into(), "1".into()));
+                env.push(("AWS_REGION".into(), how.bases.bedrock_region.to_owned()));
+                if let Some(u) = how.bases.bedrock {
+                    env.push(("ANTHROPIC_BEDROCK_BASE_URL".into(), u.to_owned()));
+                }
+                format!(
+                    "{}; unset KEY; {run} -- \"$POLYDEV_PROMPT\"",
+                    setup("AWS_BEARER_TOKEN_BEDROCK=\"$KEY\" CLAUDE_CODE_SUBPROCESS_ENV_SCRUB=1")
+                )
+            } else if how.kind == CredentialKind::SubscriptionToken {
                 // Claude Code reads a setup-token only from its variable;
                 // it strips it from what its tools run with when asked to.
                 format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export CLAUDE_CODE_OAUTH_TOKEN=\"$KEY\" CLAUDE_CODE_SUBPROCESS_ENV_SCRUB=1; unset KEY; {run} -- \"$POLYDEV_PROMPT\"")
@@ -437,6 +543,13 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             }
             let auth = if login {
                 "oauth-personal"
+            } else if cloud {
+                // Gemini on Vertex AI with an API key (express mode).
+                env.push(("GOOGLE_GENAI_USE_VERTEXAI".into(), "true".into()));
+                if let Some(u) = how.bases.vertex {
+                    env.push(("GOOGLE_VERTEX_BASE_URL".into(), u.to_owned()));
+                }
+                "vertex-ai"
             } else {
                 "gemini-api-key"
             };
@@ -445,7 +558,11 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             let settings = format!(
                 r#"{{"security":{{"auth":{{"selectedType":"{auth}"}},"environmentVariableRedaction":{{"enabled":true,"blocked":["GEMINI_API_KEY","GOOGLE_API_KEY"]}}}},"privacy":{{"usageStatisticsEnabled":false}}}}"#
             );
-            let setup = setup("GEMINI_API_KEY=\"$KEY\"");
+            let setup = setup(if cloud {
+                "GOOGLE_API_KEY=\"$KEY\""
+            } else {
+                "GEMINI_API_KEY=\"$KEY\""
+            });
             format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini --prompt=\"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
         }
         Provider::OpenCode => {
@@ -1263,8 +1380,7 @@ mod tests {
         let base = "http://127.0.0.1:9";
         for p in Provider::ALL {
             let key = RunSetup {
-                login: false,
-                token: false,
+                kind: CredentialKind::ApiKey,
                 bases: ApiBases {
                     anthropic: Some(base),
                     openai: Some(base),
@@ -1286,7 +1402,10 @@ mod tests {
                 "{p:?}: the base URL reaches the CLI"
             );
             if info(p).sign_in {
-                let login = RunSetup { login: true, ..key };
+                let login = RunSetup {
+                    kind: CredentialKind::CliLogin,
+                    ..key
+                };
                 let (line, _) = run_command(p, &login);
                 assert!(
                     line.contains(&format!("mv -f {CREDENTIAL_FILE} {}", credential_file(p))),
@@ -1296,6 +1415,60 @@ mod tests {
         }
     }
 
+    /// A cloud key runs Claude Code on Bedrock and Gemini CLI on Vertex AI:
+    /// read from the unsealed file into the one variable each CLI reads
+    /// (never passed in), with the region and endpoint beside it.
+    #[test]
+    fn a_cloud_key_runs_the_cli_on_its_cloud() {
+        let how = RunSetup {
+            kind: CredentialKind::CloudKey,
+            bases: ApiBases {
+                bedrock: Some("http://bedrock.test:1"),
+                bedrock_region: "eu-west-3",
+                vertex: Some("http://vertex.test:2"),
+                ..ApiBases::default()
+            },
+            deadline: Duration::from_secs(60),
+        };
+        let (line, env) = run_command(Provider::ClaudeCode, &how);
+        for pair in [
+            ("CLAUDE_CODE_USE_BEDROCK", "1"),
+            ("AWS_REGION", "eu-west-3"),
+            ("ANTHROPIC_BEDROCK_BASE_URL", "http://bedrock.test:1"),
+        ] {
+            assert!(
+                env.contains(&(pair.0.into(), pair.1.into())),
+                "{pair:?}: {env:?}"
+            );
+        }
+        assert!(
+            line.contains(&format!("< {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export AWS_BEARER_TOKEN_BEDROCK=\"$KEY\" CLAUDE_CODE_SUBPROCESS_ENV_SCRUB=1; unset KEY;")),
+            "{line}"
+        );
+        let (line, env) = run_command(Provider::GeminiCli, &how);
+        assert!(env.contains(&("GOOGLE_GENAI_USE_VERTEXAI".into(), "true".into())));
+        assert!(env.contains(&(
+            "GOOGLE_VERTEX_BASE_URL".into(),
+            "http://vertex.test:2".into()
+        )));
+        assert!(line.contains(r#""selectedType":"vertex-ai""#), "{line}");
+        assert!(line.contains("export GOOGLE_API_KEY=\"$KEY\""), "{line}");
+        for (_, env) in [
+            run_command(Provider::ClaudeCode, &how),
+            run_command(Provider::GeminiCli, &how),
+        ] {
+            assert!(
+                env.iter()
+                    .all(|(k, _)| !k.contains("KEY") && !k.contains("TOKEN")),
+                "{env:?}"
+            );
+        }
+        assert!(Provider::ALL
+            .iter()
+            .all(|p| info(*p).cloud.is_some()
+                == matches!(p, Provider::ClaudeCode | Provider::GeminiCli)));
+    }
+
     /// Codex on a ChatGPT sign-in sends its tokens where ChatGPT is (the
     /// operator's `chatgpt_base_url`), never to the API base, and
     /// refreshes them where it is told.
@@ -1303,8 +1476,7 @@ mod tests {
     fn a_codex_sign_in_goes_to_chatgpt_never_to_the_api_base() {
         let api = "http://api.test:1/v1";
         let mut how = RunSetup {
-            login: true,
-            token: false,
+            kind: CredentialKind::CliLogin,
             bases: ApiBases {
                 openai: Some(api),
                 ..ApiBases::default()
@@ -1331,7 +1503,7 @@ mod tests {
             "http://auth.test:3/token".to_owned()
         )));
         // An API key run keeps the API base.
-        how.login = false;
+        how.kind = CredentialKind::ApiKey;
         let (line, env) = run_command(Provider::Codex, &how);
         assert!(
             line.contains(api) && !line.contains("chatgpt.test"),
@@ -1348,8 +1520,7 @@ mod tests {
     #[test]
     fn opencode_gets_one_configuration_per_vendor() {
         let how = RunSetup {
-            login: false,
-            token: false,
+            kind: CredentialKind::ApiKey,
             bases: ApiBases {
                 anthropic: Some("http://a.test:1"),
                 openai: Some("http://o.test:2/v1"),
@@ -1417,8 +1588,7 @@ mod tests {
             let cred = dir.path().join("credential");
             std::fs::write(&cred, key).unwrap();
             let how = RunSetup {
-                login: false,
-                token: false,
+                kind: CredentialKind::ApiKey,
                 bases: ApiBases::default(),
                 deadline: Duration::from_secs(5),
             };

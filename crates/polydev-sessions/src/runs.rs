@@ -52,35 +52,7 @@ pub const MAX_VIEWERS: usize = 16;
 /// Finished runs kept in memory at most, whatever their age.
 const MAX_FINISHED: usize = 256;
 
-/// What a provider's sealed credential is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CredentialKind {
-    /// The provider's API key.
-    #[default]
-    ApiKey,
-    /// The CLI's own credential file from a login session (the vault item
-    /// `credential.<provider>`). After the run, the file as the CLI left
-    /// it (refreshed tokens included) is sealed back to the user.
-    CliLogin,
-    /// A long-lived token the CLI's own tooling issues for a person's
-    /// subscription (Claude Code's `claude setup-token`): a subscription
-    /// sign-in, offered where the policy allows one.
-    SubscriptionToken,
-}
-
-impl std::str::FromStr for CredentialKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "api_key" => Ok(Self::ApiKey),
-            "cli_login" => Ok(Self::CliLogin),
-            "subscription_token" => Ok(Self::SubscriptionToken),
-            other => Err(format!(
-                "credential kind must be \"api_key\", \"cli_login\" or \"subscription_token\", not {other:?}"
-            )),
-        }
-    }
-}
+pub use crate::providers::CredentialKind;
 
 #[derive(Debug, Clone)]
 pub struct RunsConfig {
@@ -100,6 +72,13 @@ pub struct RunsConfig {
     /// refreshes its tokens (unset: OpenAI's own).
     pub chatgpt_base_url: Option<String>,
     pub openai_token_url: Option<String>,
+    /// Claude Code on Amazon Bedrock (a `cloud_key`): the region, and
+    /// Bedrock's endpoint when not AWS's own.
+    pub bedrock_region: String,
+    pub bedrock_base_url: Option<String>,
+    /// Gemini CLI on Vertex AI (a `cloud_key`): Vertex's endpoint when not
+    /// Google's own.
+    pub vertex_base_url: Option<String>,
     pub limits: Limits,
     /// How long a finished run stays followable live (its history stays).
     pub linger: Duration,
@@ -118,6 +97,9 @@ impl RunsConfig {
             openai: self.openai_base_url.as_deref(),
             gemini: self.gemini_base_url.as_deref(),
             copilot: self.copilot_base_url.as_deref(),
+            bedrock: self.bedrock_base_url.as_deref(),
+            bedrock_region: &self.bedrock_region,
+            vertex: self.vertex_base_url.as_deref(),
             chatgpt: self.chatgpt_base_url.as_deref(),
             openai_token: self.openai_token_url.as_deref(),
         }
@@ -136,6 +118,9 @@ impl Default for RunsConfig {
             copilot_base_url: None,
             chatgpt_base_url: None,
             openai_token_url: None,
+            bedrock_region: "us-east-1".into(),
+            bedrock_base_url: None,
+            vertex_base_url: None,
             limits: Limits {
                 cpu_millis: 2000,
                 memory_bytes: 2048 << 20,
@@ -868,6 +853,14 @@ impl Runs {
         // installation offers it to this user (checked for all before any
         // is opened).
         for (provider, (_, kind)) in &sealed {
+            if *kind == CredentialKind::CloudKey
+                && crate::providers::info(*provider).cloud.is_none()
+            {
+                return Err(RunError::Invalid(format!(
+                    "{} takes no cloud key (Claude Code takes an Amazon Bedrock key, Gemini CLI a Vertex AI key)",
+                    provider.display_name(),
+                )));
+            }
             if *kind == CredentialKind::SubscriptionToken
                 && crate::providers::info(*provider).token.is_none()
             {
@@ -993,8 +986,7 @@ impl Runs {
         let (line, env) = run_command(
             provider,
             &RunSetup {
-                login: kind == CredentialKind::CliLogin,
-                token: kind == CredentialKind::SubscriptionToken,
+                kind,
                 bases: self.cfg.bases(),
                 deadline: self.cfg.deadline,
             },

@@ -152,9 +152,14 @@ async fn serve(
     let app = match provider {
         Provider::Anthropic => Router::new()
             .route("/v1/messages", post(anthropic_messages))
-            .route("/v1/messages/count_tokens", post(anthropic_count)),
+            .route("/v1/messages/count_tokens", post(anthropic_count))
+            .route("/model/{model}/{call}", post(bedrock_invoke))
+            .route("/inference-profiles", axum::routing::get(bedrock_profiles)),
         Provider::OpenAi => Router::new().route("/v1/responses", any(openai_responses)),
-        Provider::Gemini => Router::new().route("/v1beta/models/{call}", post(gemini)),
+        // The Gemini API, and Vertex AI's express-mode path (same bodies).
+        Provider::Gemini => Router::new()
+            .route("/v1beta/models/{call}", post(gemini))
+            .route("/v1beta1/publishers/google/models/{call}", post(gemini)),
         Provider::Copilot => Router::new()
             .route("/copilot_internal/user", axum::routing::get(copilot_user))
             .route("/models", axum::routing::get(copilot_models))
@@ -280,29 +285,119 @@ fn anthropic_answer(stub: &Stub, body: Bytes) -> Response {
         }))
         .into_response();
     }
-    sse(vec![
-        (
-            Some("message_start"),
-            json!({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
-        ),
-        (
-            Some("content_block_start"),
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ),
-        (
-            Some("content_block_delta"),
-            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": stub.answer}}),
-        ),
-        (
-            Some("content_block_stop"),
-            json!({"type": "content_block_stop", "index": 0}),
-        ),
-        (
-            Some("message_delta"),
-            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}}),
-        ),
-        (Some("message_stop"), json!({"type": "message_stop"})),
-    ])
+    // Each event named by its type, as Anthropic's stream does.
+    let events = anthropic_events(&stub.answer, &model);
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    sse(names.iter().map(|n| Some(n.as_str())).zip(events).collect())
+}
+
+/// An Anthropic Messages stream's events for `answer`.
+fn anthropic_events(answer: &str, model: &str) -> Vec<Value> {
+    vec![
+        json!({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": answer}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}}),
+        json!({"type": "message_stop"}),
+    ]
+}
+
+/// Claude on Amazon Bedrock: `POST /model/{id}/invoke` answers the
+/// Messages JSON, `…/invoke-with-response-stream` the same events in
+/// AWS's event-stream framing (each a `chunk` whose payload is
+/// `{"bytes": base64(event)}`), `GET /inference-profiles` an empty list.
+async fn bedrock_invoke(
+    State(stub): State<Stub>,
+    Path((model, call)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(s) = stub.fail {
+        return failure(s, "stub provider failure");
+    }
+    let _: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => return failure(400, "the body is not JSON"),
+    };
+    match call.as_str() {
+        "invoke" => axum::Json(json!({
+            "id": "msg_stub", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": stub.answer}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 5},
+        }))
+        .into_response(),
+        "invoke-with-response-stream" => {
+            use base64::Engine;
+            let mut out = Vec::new();
+            for event in anthropic_events(&stub.answer, &model) {
+                let payload = json!({
+                    "bytes": base64::engine::general_purpose::STANDARD.encode(event.to_string()),
+                });
+                out.extend(event_stream_message(
+                    &[
+                        (":event-type", "chunk"),
+                        (":content-type", "application/json"),
+                        (":message-type", "event"),
+                    ],
+                    payload.to_string().as_bytes(),
+                ));
+            }
+            Response::builder()
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .body(Body::from(out))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        _ => failure(404, "no such model operation"),
+    }
+}
+
+async fn bedrock_profiles() -> Response {
+    axum::Json(json!({"inferenceProfileSummaries": []})).into_response()
+}
+
+/// One message in AWS's event-stream encoding: total and headers length,
+/// the prelude's CRC-32, string headers, the payload, the message's CRC-32.
+fn event_stream_message(headers: &[(&str, &str)], payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    for (name, value) in headers {
+        h.push(name.len() as u8);
+        h.extend_from_slice(name.as_bytes());
+        h.push(7); // a string
+        h.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        h.extend_from_slice(value.as_bytes());
+    }
+    let total = 12 + h.len() + payload.len() + 4;
+    let mut m = Vec::with_capacity(total);
+    m.extend_from_slice(&(total as u32).to_be_bytes());
+    m.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    let prelude = crc32(&m);
+    m.extend_from_slice(&prelude.to_be_bytes());
+    m.extend_from_slice(&h);
+    m.extend_from_slice(payload);
+    let all = crc32(&m);
+    m.extend_from_slice(&all.to_be_bytes());
+    m
+}
+
+/// CRC-32 (IEEE 802.3, the one AWS's event stream uses).
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        // Bit by bit: a stub's few messages need no table.
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }
 
 async fn anthropic_count(State(_stub): State<Stub>) -> Response {
@@ -418,4 +513,30 @@ async fn gemini(State(stub): State<Stub>, Path(call): Path<String>, body: Bytes)
         stub.answer.clone()
     };
     axum::Json(candidate(&text)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event-stream framing's checksums, against known values: the
+    /// CRC-32 check value, and a message whose prelude CRC matches.
+    #[test]
+    fn event_stream_framing_is_aws_s() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        let m = event_stream_message(&[(":event-type", "chunk")], b"{}");
+        let total = u32::from_be_bytes(m[0..4].try_into().unwrap()) as usize;
+        let headers = u32::from_be_bytes(m[4..8].try_into().unwrap()) as usize;
+        assert_eq!((total, headers), (m.len(), 1 + 11 + 1 + 2 + 5));
+        assert_eq!(
+            u32::from_be_bytes(m[8..12].try_into().unwrap()),
+            crc32(&m[..8])
+        );
+        let end = m.len() - 4;
+        assert_eq!(
+            u32::from_be_bytes(m[end..].try_into().unwrap()),
+            crc32(&m[..end])
+        );
+        assert_eq!(&m[end - 2..end], b"{}");
+    }
 }

@@ -81,6 +81,13 @@ pub struct RunsFile {
     /// Where Codex refreshes a ChatGPT sign-in (the full token URL)
     /// [default: OpenAI's own].
     openai_token_url: Option<String>,
+    /// Claude Code on Amazon Bedrock (a cloud key): the region
+    /// [default: us-east-1], and Bedrock's endpoint [default: AWS's].
+    bedrock_region: Option<String>,
+    bedrock_base_url: Option<String>,
+    /// Gemini CLI on Vertex AI (a cloud key): Vertex's endpoint
+    /// [default: Google's].
+    vertex_base_url: Option<String>,
 }
 
 pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfig {
@@ -107,6 +114,11 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     c.copilot_base_url = f.copilot_base_url;
     c.chatgpt_base_url = f.chatgpt_base_url;
     c.openai_token_url = f.openai_token_url;
+    if let Some(r) = f.bedrock_region {
+        c.bedrock_region = r;
+    }
+    c.bedrock_base_url = f.bedrock_base_url;
+    c.vertex_base_url = f.vertex_base_url;
     c
 }
 
@@ -509,14 +521,14 @@ pub struct ServeConfig {
 /// The egress section with its flags applied.
 pub fn egress_config(args: &EgressArgs, file: &FileConfig) -> anyhow::Result<EgressConfig> {
     let mut config = file.egress.clone().unwrap_or_default();
+    let region = runs_config(file.runs.as_ref()).bedrock_region;
     // Each CLI's run sandboxes reach its own hosts (the registry's).
     config.provider_hosts = polydev_domain::Provider::ALL
         .iter()
         .map(|p| {
-            let hosts = polydev_sessions::providers::info(*p).egress_hosts;
             (
                 p.as_str().to_owned(),
-                hosts.iter().map(|h| (*h).to_owned()).collect(),
+                polydev_sessions::providers::egress_hosts(*p, &region),
             )
         })
         .collect();
@@ -634,6 +646,12 @@ impl ServeConfig {
             bail!("request_timeout_secs and session_ttl_hours must be above zero");
         }
         let mut runs = runs_config(file.runs.as_ref());
+        if !polydev_sessions::providers::valid_region(&runs.bedrock_region) {
+            bail!(
+                "[runs] bedrock_region {:?} is not an AWS region name (like us-east-1)",
+                runs.bedrock_region
+            );
+        }
         let mut login = login_config(file.login.as_ref())?;
         runs.sign_in = sign_in.clone();
         login.sign_in = sign_in;

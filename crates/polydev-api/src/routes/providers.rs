@@ -31,10 +31,18 @@ pub(crate) struct ProviderEntry {
     package: &'static str,
     /// The version this installation's images install.
     version: Option<String>,
-    /// What you may hand a run: `api_key` always; `cli_login` (a login
-    /// session's capture) and `subscription_token` (Claude Code's
-    /// `setup-token`) where the subscription sign-in is offered to you.
+    /// What you may hand a run: `api_key` always; `cloud_key` where the
+    /// CLI runs on a cloud account (Claude Code on Amazon Bedrock, Gemini
+    /// CLI on Vertex AI); `cli_login` (a login session's capture) and
+    /// `subscription_token` (Claude Code's `setup-token`) where the
+    /// subscription sign-in is offered to you.
     credential_kinds: Vec<&'static str>,
+    /// Its `cloud_key` credential in a few words, if it takes one.
+    cloud_key_label: Option<&'static str>,
+    /// What its `cloud_key` credential is, if it takes one.
+    cloud_key_hint: Option<&'static str>,
+    /// How a `cloud_key` begins where that tells it from an API key.
+    cloud_key_prefixes: &'static [&'static str],
     /// The login-session modes you may start (`browser`, `code`); none
     /// when the subscription sign-in is not offered to you, or login
     /// sessions are off here.
@@ -72,6 +80,9 @@ pub(crate) async fn list(
             let policy = state.config.sign_in.of(p);
             let offered = policy.allows(admin);
             let mut kinds = vec!["api_key"];
+            if info.cloud.is_some() {
+                kinds.push("cloud_key");
+            }
             if offered && info.sign_in {
                 kinds.push("cli_login");
             }
@@ -87,6 +98,9 @@ pub(crate) async fn list(
                 package: info.package,
                 version: providers::pinned_version(p),
                 credential_kinds: kinds,
+                cloud_key_label: info.cloud.map(|c| c.label),
+                cloud_key_hint: info.cloud.map(|c| c.hint),
+                cloud_key_prefixes: info.cloud.map(|c| c.prefixes).unwrap_or_default(),
                 sign_in_modes: if offered {
                     modes.get(p.as_str()).cloned().unwrap_or_default()
                 } else {

@@ -1067,6 +1067,156 @@ async fn a_subscription_token_run_shows_its_windows_and_when_a_limit_resets() {
     assert!(!events.iter().any(|(e, _)| e == "delta"), "{events:?}");
 }
 
+/// Cloud keys, the sanctioned path for products besides API keys: the
+/// real Claude Code on Amazon Bedrock (a Bedrock API key; the stand-in
+/// speaks Bedrock's invoke and event-stream protocol) and the real Gemini
+/// CLI on Vertex AI (an express-mode API key) answer through the proxy,
+/// each key reaching only its own vendor as its own credential header and
+/// nowhere else; a CLI without a cloud gets a clear 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn cloud_keys_run_claude_on_bedrock_and_gemini_on_vertex() {
+    let bedrock = polydev_stubs::start(Provider::Anthropic, "claude on bedrock", None)
+        .await
+        .unwrap();
+    let vertex = polydev_stubs::start(Provider::Gemini, "gemini on vertex", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), 1, 1, 1, 1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "bedrock_region = \"eu-west-3\"\nbedrock_base_url = \"http://anthropic.stub.test:{}\"\nvertex_base_url = \"http://gemini.stub.test:{}\"\n",
+        bedrock.addr.port(),
+        vertex.addr.port()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, user) = app.user("cloud@example.com").await;
+    let bedrock_key = format!("ABSKcanary{}", uuid::Uuid::new_v4().simple());
+    let vertex_key = format!("AQ.canary{}", uuid::Uuid::new_v4().simple());
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&user),
+            json!({"prompt": "hello?", "providers": ["claude_code", "gemini_cli"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["runId"].as_str().unwrap().to_owned();
+    let sent = post_keys(
+        &app,
+        &user,
+        &r.body,
+        |p| {
+            if p == "claude_code" {
+                bedrock_key.clone()
+            } else {
+                vertex_key.clone()
+            }
+        },
+        json!({"claude_code": "cloud_key", "gemini_cli": "cloud_key"}),
+    )
+    .await;
+    assert_eq!(sent.status, StatusCode::ACCEPTED, "{}", sent.text);
+    let events = sse_events(&app, &format!("/api/runs/{id}/events"), &user).await;
+    for (p, answer) in [
+        ("claude_code", "claude on bedrock"),
+        ("gemini_cli", "gemini on vertex"),
+    ] {
+        let mine: Vec<_> = events.iter().filter(|(_, d)| d["provider"] == p).collect();
+        assert!(
+            mine.iter()
+                .any(|(e, d)| e == "delta" && d["text"].as_str().unwrap_or("").contains(answer)),
+            "{p}: {mine:?}"
+        );
+        assert_eq!(
+            mine.last().map(|e| e.0.as_str()),
+            Some("done"),
+            "{p}: {mine:?}"
+        );
+    }
+    // Bedrock: the streamed invoke, on the key as its bearer, in the
+    // region's inference profile; Vertex: its express path, on the key.
+    let b = bedrock.seen();
+    assert!(
+        b.iter()
+            .any(|s| s.path.ends_with("/invoke-with-response-stream")
+                && s.path.starts_with("/model/")
+                && s.headers
+                    .iter()
+                    .any(|(k, v)| k == "authorization" && v == &format!("Bearer {bedrock_key}"))),
+        "{:?}",
+        b.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    let v = vertex.seen();
+    assert!(
+        v.iter()
+            .any(|s| s.path.starts_with("/v1beta1/publishers/google/models/")
+                && s.headers
+                    .iter()
+                    .any(|(k, val)| k == "x-goog-api-key" && val == &vertex_key)),
+        "{v:?}"
+    );
+    assert!(!b
+        .iter()
+        .chain(&v)
+        .any(|s| s.path.starts_with("/v1/messages") || s.path.starts_with("/v1beta/models")));
+    app.assert_nowhere(&[&bedrock_key, &vertex_key]).await;
+
+    // Codex has no cloud here: said before anything starts.
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&user),
+            json!({"prompt": "x", "providers": ["codex"]}),
+        )
+        .await;
+    let refused = post_keys(
+        &app,
+        &user,
+        &r.body,
+        |_| "k".into(),
+        json!({"codex": "cloud_key"}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+    assert!(
+        refused.message().contains("no cloud key"),
+        "{}",
+        refused.text
+    );
+    drop(app);
+
+    // In the browser: the Providers page offers the cloud key where a CLI
+    // takes one, saves it to the vault, and the Runs page runs on it.
+    let page_key = format!("ABSKpage{}", uuid::Uuid::new_v4().simple());
+    let v = crate::app::browser_script("cloud-key.mjs", json!({"config": config, "key": page_key}))
+        .await;
+    assert!(
+        v["hint"].as_str().unwrap().contains("Amazon Bedrock"),
+        "{v}"
+    );
+    assert_eq!(v["codexHasCloud"], 0, "{v}");
+    assert!(
+        v["placeholder"]
+            .as_str()
+            .unwrap()
+            .contains("saved Amazon Bedrock API key"),
+        "{v}"
+    );
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(
+        v["answer"].as_str().unwrap().contains("claude on bedrock"),
+        "{v}"
+    );
+    assert_eq!(v["errors"], json!([]), "{v}");
+    assert!(!v["logs"].as_str().unwrap().contains(&page_key));
+    assert!(bedrock.seen().iter().any(|s| s
+        .headers
+        .iter()
+        .any(|(k, val)| k == "authorization" && val == &format!("Bearer {page_key}"))));
+}
+
 /// An OpenAI stand-in that takes each request and never answers.
 async fn hung_openai() -> polydev_stubs::StubServer {
     polydev_stubs::start_slow(Provider::OpenAi, "never", None, Duration::from_secs(600))
