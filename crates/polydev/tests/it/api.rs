@@ -143,7 +143,12 @@ async fn auth_start_validates_its_input(backend: Backend) {
     );
     let claude = by_id("claude_code");
     assert_eq!(claude["signInModes"], json!([]), "{claude}");
-    assert_eq!(claude["credentialKinds"], json!(["api_key"]));
+    // A plain user: no subscription sign-in, but the cloud key (Bedrock).
+    assert_eq!(claude["credentialKinds"], json!(["api_key", "cloud_key"]));
+    assert_eq!(
+        claude["cloudKeyPrefixes"],
+        json!(["ABSK", "bedrock-api-key-"])
+    );
     assert_eq!(
         (
             &claude["policy"]["subscriptionLogin"],
