@@ -45,7 +45,7 @@ export async function renderProviders(view, user) {
   const rows = list.map((info) => {
     const p = { id: info.id, name: info.name, key: info.keyLabel };
     const state = el("span", { id: `provider-state-${p.id}`, class: "muted" },
-      has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : has(`token.${p.id}`) ? "token saved" : "not connected");
+      has(`credential.${p.id}`) ? "signed in" : has(`apikey.${p.id}`) ? "API key saved" : has(`token.${p.id}`) ? "token saved" : has(`cloud.${p.id}`) ? "cloud key saved" : "not connected");
     const offered = (info && info.signInModes) || [];
     const policy = info && info.policy;
     const policyLine = policy

@@ -215,7 +215,9 @@ pub enum ManagerError {
     },
     /// This controller's build of the template's image failed (first
     /// start); `error` is the build's own account, for the operator.
-    #[error("preparing the {template} environment failed: {error}")]
+    // The build's account stays out of the message (it is for operators:
+    // the API hands it to admins alone, the log has it).
+    #[error("preparing the {template} environment failed")]
     PrepareFailed { template: String, error: String },
     #[error(transparent)]
     Driver(#[from] DriverError),

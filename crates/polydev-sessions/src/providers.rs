@@ -151,10 +151,17 @@ pub fn egress_hosts(provider: Provider, bedrock_region: &str) -> Vec<String> {
 
 /// Whether `region` can be an AWS region's name (it becomes a host name).
 pub fn valid_region(region: &str) -> bool {
-    (2..=32).contains(&region.len())
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    // `<area>-<place>-<number>` (us-east-1, ap-southeast-2, us-gov-west-1).
+    let parts: Vec<&str> = region.split('-').collect();
+    region.len() <= 32
+        && parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1]
+            .parse::<u8>()
+            .is_ok_and(|_| parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A CLI's `cloud_key` credential: a cloud account's key for the vendor's
@@ -1412,6 +1419,28 @@ mod tests {
                     "{p:?}: {line}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn only_aws_region_names_are_regions() {
+        for ok in ["us-east-1", "ap-southeast-2", "us-gov-west-1", "eu-west-3"] {
+            assert!(valid_region(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "--",
+            "-x-",
+            "us-east",
+            "US-EAST-1",
+            "us-east-1.evil.com",
+            "us-east-1 ",
+            "us--1",
+            "usa-east-1",
+            "us-east-+1",
+        ] {
+            assert!(!valid_region(bad), "{bad}");
         }
     }
 

@@ -518,6 +518,24 @@ pub struct ServeConfig {
     pub listen_stdin: bool,
 }
 
+/// A provider URL from `[runs]`: it reaches the CLIs' command lines and
+/// configuration, so only a plain http(s) URL is taken (no quotes,
+/// backslashes, spaces or control characters).
+fn check_provider_url(name: &str, url: &str) -> anyhow::Result<()> {
+    let plain = url
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b'\'' | b'"' | b'\\' | b'`' | b'$'));
+    let scheme = url.starts_with("http://") || url.starts_with("https://");
+    let host = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        .unwrap_or("");
+    if !plain || !scheme || host.is_empty() || url.len() > 2048 {
+        bail!("[runs] {name} {url:?} is not a plain http:// or https:// URL");
+    }
+    Ok(())
+}
+
 /// The egress section with its flags applied.
 pub fn egress_config(args: &EgressArgs, file: &FileConfig) -> anyhow::Result<EgressConfig> {
     let mut config = file.egress.clone().unwrap_or_default();
@@ -646,6 +664,20 @@ impl ServeConfig {
             bail!("request_timeout_secs and session_ttl_hours must be above zero");
         }
         let mut runs = runs_config(file.runs.as_ref());
+        for (name, url) in [
+            ("anthropic_base_url", &runs.anthropic_base_url),
+            ("openai_base_url", &runs.openai_base_url),
+            ("gemini_base_url", &runs.gemini_base_url),
+            ("copilot_base_url", &runs.copilot_base_url),
+            ("chatgpt_base_url", &runs.chatgpt_base_url),
+            ("openai_token_url", &runs.openai_token_url),
+            ("bedrock_base_url", &runs.bedrock_base_url),
+            ("vertex_base_url", &runs.vertex_base_url),
+        ] {
+            if let Some(u) = url {
+                check_provider_url(name, u)?;
+            }
+        }
         if !polydev_sessions::providers::valid_region(&runs.bedrock_region) {
             bail!(
                 "[runs] bedrock_region {:?} is not an AWS region name (like us-east-1)",
@@ -852,6 +884,35 @@ mod tests {
         let err =
             ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()])).unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+        // Provider URLs reach the CLIs' command lines: plain URLs only;
+        // a region becomes a host name: region names only.
+        for (line, says) in [
+            (
+                "chatgpt_base_url = \"http://x.test/v1' ; touch /tmp/p '\"",
+                "chatgpt_base_url",
+            ),
+            ("openai_base_url = \"ftp://x.test\"", "openai_base_url"),
+            (
+                "anthropic_base_url = \"http:///nohost\"",
+                "anthropic_base_url",
+            ),
+            (
+                "bedrock_base_url = \"http://x.test/$(id)\"",
+                "bedrock_base_url",
+            ),
+            ("bedrock_region = \"us-east-1.evil.test\"", "bedrock_region"),
+        ] {
+            std::fs::write(&file, format!("[runs]\n{line}\n")).unwrap();
+            let err = ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()]))
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{line}: {err:#}");
+        }
+        std::fs::write(
+            &file,
+            "[runs]\nchatgpt_base_url = \"http://chatgpt.stub.test:8080/v1\"\nbedrock_region = \"eu-west-3\"\n",
+        )
+        .unwrap();
+        ServeConfig::resolve(&serve_args(&["--config", file.to_str().unwrap()])).unwrap();
     }
 
     #[test]
