@@ -179,6 +179,13 @@ const routes = {
     // Loaded on demand: only this page needs the chart library.
     render: async () => (await import("/health.js")).renderHealth(view),
   },
+  "/admin/sandboxes": {
+    title: "Sandboxes",
+    admin: true,
+    // Images (and how far their preparation is), pools, live sandboxes
+    // (web/public/sandboxes.js).
+    render: async () => (await import("/sandboxes.js")).renderSandboxes(view),
+  },
   "/admin/users": {
     title: "Users",
     admin: true,
@@ -202,6 +209,8 @@ const routes = {
 function renderChrome() {
   const links = Object.entries(routes)
     .filter(([, r]) => r.title && currentUser && (!r.admin || currentUser.role === "admin"))
+    // Unlock is a way back in, not a place to go while unlocked.
+    .filter(([path]) => !(path === "/unlock" && session.isUnlocked()))
     .map(([path, r]) => el("a", {
       href: path, "data-link": true, "aria-current": location.pathname === path ? "page" : false,
     }, r.title));

@@ -7,7 +7,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    admin, egress, health, health_admin, login, providers, runs, sandboxes, session, users, vault,
+    admin, egress, environment, health, health_admin, login, providers, runs, sandboxes, session,
+    users, vault,
 };
 
 #[derive(OpenApi)]
@@ -26,6 +27,7 @@ use crate::routes::{
         session::logout,
         login::start,
         admin::list_users,
+        environment::get,
         health_admin::metrics,
         health_admin::system,
         health_admin::cpu_route,

@@ -113,6 +113,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The sandbox manager, or a 503 saying why this controller has none.
+    pub(crate) fn manager(&self) -> crate::error::ApiResult<&Arc<polydev_sandbox::Manager>> {
+        self.sandboxes.as_ref().map_err(|why| {
+            crate::error::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "sandboxes_unavailable",
+                why.to_string(),
+            )
+        })
+    }
+
     pub fn new(
         store: Store,
         config: ApiConfig,

@@ -682,6 +682,50 @@ async fn smoke_check(
     Ok(())
 }
 
+/// One template as an operator sees it: its current image and where a
+/// preparation of it stands (`polydev image status`, the admin API).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateStatus {
+    pub template: &'static str,
+    /// The current image's content hash, if any.
+    pub image: Option<String>,
+    pub validated: Option<bool>,
+    /// `{"state": "ready" | "missing"}` or a `Prepared` (building with its
+    /// step, queued, failed with its error).
+    pub status: serde_json::Value,
+}
+
+/// Every template's status. A controller that died mid-build left
+/// "building" behind: it counts only while a preparation is alive; an
+/// image made since a failure (e.g. by hand) outranks the failure.
+pub fn template_status(images: &ImageStore) -> Vec<TemplateStatus> {
+    let preparing = Preparation::read(images);
+    let build_running = Preparation::running(images);
+    TEMPLATES
+        .iter()
+        .map(|&template| {
+            let current = images.current(template).ok();
+            let state = match (&current, preparing.get(template)) {
+                (_, Some(p @ (Prepared::Building { .. } | Prepared::Queued))) if build_running => {
+                    serde_json::to_value(p).unwrap_or_default()
+                }
+                (None, Some(p @ Prepared::Failed { .. })) => {
+                    serde_json::to_value(p).unwrap_or_default()
+                }
+                (Some(_), _) => serde_json::json!({"state": "ready"}),
+                (None, _) => serde_json::json!({"state": "missing"}),
+            };
+            TemplateStatus {
+                template,
+                image: current.as_ref().map(|i| i.manifest.hash.clone()),
+                validated: current.as_ref().map(|i| i.manifest.validated),
+                status: state,
+            }
+        })
+        .collect()
+}
+
 /// Where one template's preparation stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(

@@ -246,31 +246,10 @@ pub async fn build(
 /// controller is preparing (from its status file).
 pub fn status(images_dir: &Path, json: bool) -> anyhow::Result<()> {
     let images = images(images_dir);
-    let preparing = Preparation::read(&images);
-    // A controller that died mid-build left "building" behind: it counts
-    // only while a preparation is alive.
-    let build_running = Preparation::running(&images);
-    let mut rows = Vec::new();
-    for template in polydev_sandbox::build::TEMPLATES {
-        let current = images.current(template).ok();
-        let state = match (&current, preparing.get(template)) {
-            (_, Some(p @ (Prepared::Building { .. } | Prepared::Queued))) if build_running => {
-                serde_json::to_value(p).unwrap_or_default()
-            }
-            // An image made since (e.g. by hand) outranks an old failure.
-            (None, Some(p @ Prepared::Failed { .. })) => {
-                serde_json::to_value(p).unwrap_or_default()
-            }
-            (Some(_), _) => serde_json::json!({"state": "ready"}),
-            (None, _) => serde_json::json!({"state": "missing"}),
-        };
-        rows.push(serde_json::json!({
-            "template": template,
-            "image": current.as_ref().map(|i| i.manifest.hash.clone()),
-            "validated": current.as_ref().map(|i| i.manifest.validated),
-            "status": state,
-        }));
-    }
+    let rows: Vec<serde_json::Value> = polydev_sandbox::build::template_status(&images)
+        .into_iter()
+        .map(|t| serde_json::to_value(t).unwrap_or_default())
+        .collect();
     if json {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());

@@ -2,6 +2,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod egress;
+pub(crate) mod environment;
 pub(crate) mod health;
 pub(crate) mod health_admin;
 pub(crate) mod keys;
@@ -46,6 +47,7 @@ pub(crate) fn api_routes() -> Router<AppState> {
         .route("/api/auth/session/{id}/code", post(login::code))
         .route("/api/auth/session/{id}/novnc/websock", get(login::websock))
         .route("/api/admin/users", get(admin::list_users))
+        .route("/api/admin/environment", get(environment::get))
         .route("/metrics", get(health_admin::metrics))
         .route("/api/admin/health/system", get(health_admin::system))
         .route("/api/admin/health/cpu", get(health_admin::cpu_route))

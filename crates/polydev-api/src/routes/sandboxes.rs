@@ -32,13 +32,7 @@ use crate::limits::{
 use crate::state::AppState;
 
 fn manager(state: &AppState) -> ApiResult<&Arc<Manager>> {
-    state.sandboxes.as_ref().map_err(|why| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "sandboxes_unavailable",
-            why.to_string(),
-        )
-    })
+    state.manager()
 }
 
 fn parse_id(raw: &str) -> ApiResult<SandboxId> {
