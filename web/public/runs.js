@@ -8,7 +8,7 @@
 import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
-import { getSecret, openLoginCredential, openRunAnswer } from "/session.js";
+import { getSecret, openLoginCredential, openRunAnswer, openRunPrompt } from "/session.js";
 import { copyButton, showAnswer } from "/markdown.js";
 
 // The CLIs' names, from the provider registry once it has answered.
@@ -314,7 +314,23 @@ export function renderRuns(view) {
   });
 
   /// Your runs, newest first: running ones can be cancelled, finished ones
-  /// opened (their answers are sealed to your vault key).
+  /// opened (prompts and answers are sealed to your vault key and opened
+  /// here); a search box filters them by prompt, CLI and state.
+  const search = el("input", { type: "search", id: "history-search", placeholder: "Search your runs", "aria-label": "Search your runs", autocomplete: "off" });
+  const shown = el("p", { class: "muted small", id: "history-count", "aria-live": "polite" });
+  let entries = [];
+  const filter = () => {
+    const q = search.value.trim().toLowerCase();
+    let n = 0;
+    for (const e of entries) {
+      const hit = !q || e.text.includes(q);
+      e.row.hidden = !hit;
+      if (hit) n += 1;
+    }
+    shown.textContent = q ? `${n} of ${entries.length} runs match.` : `${entries.length} runs.`;
+    if (q && n === 0) shown.textContent = `No run matches "${search.value.trim()}".`;
+  };
+  search.addEventListener("input", filter);
   async function refreshHistory() {
     let runs;
     try {
@@ -324,12 +340,21 @@ export function renderRuns(view) {
       return;
     }
     if (runs.length === 0) {
-      history.replaceChildren();
+      history.replaceChildren(el("section", { class: "card" }, el("h2", {}, "Your runs"),
+        el("p", { class: "muted", id: "history-empty" }, "No runs yet: your questions and their answers will be kept here, sealed to your vault.")));
       return;
     }
-    const rows = runs.map((r) => {
+    entries = await Promise.all(runs.map(async (r) => {
       const when = new Date(r.createdAtMs).toLocaleString();
       const states = (r.providers || []).map((p) => `${NAMES[p.provider] || p.provider}: ${p.state}`).join(", ");
+      let prompt = "";
+      if (r.prompt) {
+        try {
+          prompt = await openRunPrompt(r.runId, r.prompt);
+        } catch (e) {
+          prompt = "";
+        }
+      }
       const body = el("div", { class: "columns" });
       const actions = el("div", { class: "actions" });
       if (r.state === "running") {
@@ -362,9 +387,15 @@ export function renderRuns(view) {
         });
         actions.append(open);
       }
-      return el("li", { class: "run-row", "data-run": r.runId }, el("span", {}, `${when} — ${r.state} — ${states} `), actions, body);
-    });
-    history.replaceChildren(el("section", { class: "card" }, el("h2", {}, "Your runs"), el("ul", { class: "runs" }, ...rows)));
+      const short = prompt.length > 200 ? `${prompt.slice(0, 200)}…` : prompt;
+      const row = el("li", { class: "run-row", "data-run": r.runId },
+        prompt ? el("p", { class: "run-prompt" }, short) : null,
+        el("span", { class: "muted small" }, `${when} — ${r.state} — ${states} `), actions, body);
+      return { row, text: `${prompt} ${states} ${r.state}`.toLowerCase() };
+    }));
+    history.replaceChildren(el("section", { class: "card" }, el("h2", {}, "Your runs"), search, shown,
+      el("ul", { class: "runs" }, ...entries.map((e) => e.row))));
+    filter();
   }
   refreshHistory();
 

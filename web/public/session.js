@@ -224,8 +224,18 @@ export async function openLoginCredential(provider) {
   return plain;
 }
 
-/// A run's stored answer from `provider` (sealed to this user's key inside
-/// the run's sandbox; info polydev/run-answer/v1, aad `<runId>/<provider>`).
+/// A run's stored prompt (sealed to this user's key by the controller as
+/// the run started; info polydev/run-prompt/v1, aad the run id).
+export async function openRunPrompt(runId, sealedB64) {
+  if (!keys) throw new Error("unlock your vault first");
+  const plain = await v.open(keys.privateKey, "polydev/run-prompt/v1",
+    new TextEncoder().encode(runId), unb64(sealedB64));
+  touch();
+  return new TextDecoder().decode(plain);
+}
+
+/// A run's stored answer from `provider` (sealed to this user's key by the
+/// controller as the run ended; info polydev/run-answer/v1, aad `<runId>/<provider>`).
 export async function openRunAnswer(runId, provider, sealedB64) {
   if (!keys) throw new Error("unlock your vault first");
   const plain = await v.open(keys.privateKey, "polydev/run-answer/v1",

@@ -39,6 +39,12 @@ try {
   await page.click("#history li.run-row >> nth=0 >> button[data-open]");
   await page.locator("#history li.run-row >> nth=0 >> .answer").first().waitFor({ timeout: 10_000 });
   out.opened = await page.textContent("#history li.run-row >> nth=0");
+  // The prompt, opened in the tab, and the search over the history.
+  out.historyPrompt = await page.textContent("#history li.run-row >> nth=0 >> .run-prompt");
+  await page.fill("#history-search", "zzz-no-such-run");
+  out.searchNone = { count: await page.textContent("#history-count"), visible: await page.locator("#history li.run-row:visible").count() };
+  await page.fill("#history-search", input.prompt.split(" ")[1]);
+  out.searchHit = { count: await page.textContent("#history-count"), visible: await page.locator("#history li.run-row:visible").count() };
   await page.screenshot({ path: artifactPath("run-page.png"), fullPage: true });
   out.logs = server.logs.join("\n");
 } finally {

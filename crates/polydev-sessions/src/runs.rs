@@ -35,6 +35,9 @@ pub const CREDENTIAL_PURPOSE: &str = "polydev/run-credential/v1";
 /// HPKE `info` for answers stored sealed to the user's vault public key;
 /// the AAD is `<run id>/<provider>` too.
 pub const ANSWER_PURPOSE: &str = "polydev/run-answer/v1";
+/// HPKE `info` for a run's prompt stored sealed to the user's vault
+/// public key; the AAD is the run id.
+pub const PROMPT_PURPOSE: &str = "polydev/run-prompt/v1";
 
 /// Longest line of CLI output kept (longer ones are dropped whole).
 pub const MAX_LINE: usize = 1 << 20;
@@ -640,6 +643,19 @@ impl Runs {
             }
             r.insert(id.clone(), run.clone());
         }
+        // The prompt is kept for the history only sealed to the user.
+        let prompt_sealed = match self.store.vault_keys(user).await {
+            Ok(keys) => polydev_vault::SealingPublicKey::from_bytes(&keys.public_key)
+                .ok()
+                .map(|pk| {
+                    base64::engine::general_purpose::STANDARD.encode(pk.seal(
+                        PROMPT_PURPOSE,
+                        id.as_bytes(),
+                        prompt.as_bytes(),
+                    ))
+                }),
+            Err(_) => None,
+        };
         let stored = self
             .store
             .insert_run(&polydev_store::RunRecord {
@@ -648,6 +664,7 @@ impl Runs {
                 state: RunState::Running,
                 providers: providers_json(&run),
                 answers: None,
+                prompt: prompt_sealed,
                 created_at_ms: run.created_ms,
                 finished_at_ms: None,
             })
@@ -1529,6 +1546,8 @@ pub async fn history(store: &Store, user: UserId) -> Result<Vec<Value>, RunError
                 "providers": serde_json::from_str::<Value>(&r.providers).unwrap_or_default(),
                 "answers": r.answers.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()),
                 "answerPurpose": ANSWER_PURPOSE,
+                "prompt": r.prompt,
+                "promptPurpose": PROMPT_PURPOSE,
                 "createdAtMs": r.created_at_ms,
                 "finishedAtMs": r.finished_at_ms,
             })

@@ -13,6 +13,8 @@ pub struct RunRecord {
     pub state: RunState,
     pub providers: String,
     pub answers: Option<String>,
+    /// The prompt, sealed to the user (base64), if they have vault keys.
+    pub prompt: Option<String>,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
 }
@@ -29,6 +31,7 @@ fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
             .map_err(|e: polydev_domain::UnknownState| StoreError::Corrupt(e.to_string()))?,
         providers: row.try_get("providers").map_err(StoreError::internal)?,
         answers: row.try_get("answers").map_err(StoreError::internal)?,
+        prompt: row.try_get("prompt").map_err(StoreError::internal)?,
         created_at_ms: row.try_get("created_at").map_err(StoreError::internal)?,
         finished_at_ms: row.try_get("finished_at").map_err(StoreError::internal)?,
     })
@@ -50,7 +53,7 @@ impl Store {
         .await
         .map_err(|e| StoreError::on_write(e, "run"))?;
         sqlx::query(
-            "INSERT INTO runs (id, user_id, state, providers, answers, created_at, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO runs (id, user_id, state, providers, answers, created_at, finished_at, prompt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(r.id.clone())
         .bind(r.user_id.to_string())
@@ -59,6 +62,7 @@ impl Store {
         .bind(r.answers.clone())
         .bind(r.created_at_ms)
         .bind(r.finished_at_ms)
+        .bind(r.prompt.clone())
         .execute(self.pool())
         .await
         .map_err(|e| StoreError::on_write(e, "run"))?;
@@ -90,7 +94,7 @@ impl Store {
     /// A user's runs, newest first.
     pub async fn list_runs(&self, user: UserId, limit: i64) -> Result<Vec<RunRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
         )
         .bind(user.to_string())
         .bind(limit)
@@ -103,7 +107,7 @@ impl Store {
     /// One run of `user` (`NotFound` for another user's, as if absent).
     pub async fn run(&self, user: UserId, id: &str) -> Result<RunRecord, StoreError> {
         let row = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at FROM runs WHERE id = $1 AND user_id = $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt FROM runs WHERE id = $1 AND user_id = $2",
         )
         .bind(id.to_owned())
         .bind(user.to_string())

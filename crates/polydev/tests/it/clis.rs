@@ -788,6 +788,19 @@ async fn the_run_page_streams_three_answers_side_by_side() {
             .contains("page view of gemini"),
         "{v}"
     );
+    // The history shows the prompt (sealed to the user, opened in the
+    // tab) and searches it.
+    assert_eq!(v["historyPrompt"], "what do you see?", "{v}");
+    assert_eq!(v["searchNone"]["visible"], 0, "{v}");
+    assert!(
+        v["searchNone"]["count"]
+            .as_str()
+            .unwrap()
+            .contains("No run matches"),
+        "{v}"
+    );
+    assert_eq!(v["searchHit"]["visible"], 1, "{v}");
+    assert_eq!(v["searchHit"]["count"], "1 of 1 runs match.", "{v}");
     // The key typed in the page reached the stubs, never the server's logs.
     assert!(!v["logs"].as_str().unwrap().contains(&key));
     assert!(openai
