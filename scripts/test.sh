@@ -3,8 +3,8 @@
 # tests need (PostgreSQL, Chromium, TigerVNC's Xvnc, nginx, websockify,
 # promtool, curl, bubblewrap, debootstrap, the web UI's npm packages), then runs the repository rules (fmt, clippy),
 # the browser tests, the Rust suite (unit, store on SQLite and PostgreSQL,
-# sandboxes on the real kernel, the binary end to end), and builds and boots
-# the real golden images (base, runtime, browser).
+# sandboxes on the real kernel, the binary end to end), a short load test,
+# and builds and boots the real golden images (base, runtime, browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -101,6 +101,13 @@ cargo nextest run --locked --workspace --profile "$profile" -E 'test(first_start
 
 echo "==> Rust tests"
 cargo nextest run --locked --workspace --profile "$profile" -E 'not test(first_start_prepares)'
+
+# A short load test (the full one: `polydev-bench load --duration-secs 300`): API
+# clients, runs in flight on the real CLIs, login sessions; it fails on a
+# 5xx, an overload answer without Retry-After, a timeout or a leak.
+echo "==> load test (30 s)"
+cargo build --locked -p polydev-bench
+target/debug/polydev-bench load --duration-secs 30 --load-clients 50 --load-runs 8 --load-logins 3
 
 echo "==> the base template (from the cached debootstrap base)"
 scratch=$(mktemp -d)

@@ -7,6 +7,7 @@
 mod deploy;
 mod egress;
 mod kit;
+mod load;
 mod runs;
 mod sandboxes;
 mod stream;
@@ -39,6 +40,11 @@ pub enum BenchArea {
     /// The login viewer's WebSocket bridge vs websockify (throughput, round
     /// trips) and login start → first framebuffer update.
     Stream,
+    /// A load test for `--duration-secs`: API clients, runs in flight
+    /// against the stubs, login sessions; requests/s and p50/p99 per route,
+    /// answers by status; fails on a 5xx, an overload answer without
+    /// Retry-After, a timeout or a leak.
+    Load,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -77,6 +83,15 @@ pub struct BenchArgs {
     /// egress: tunnels held open for the latency and memory figures.
     #[arg(long, default_value_t = 1000)]
     pub tunnels: usize,
+    /// load: simulated API clients.
+    #[arg(long, default_value_t = 200)]
+    pub load_clients: usize,
+    /// load: runs kept in flight (one user each).
+    #[arg(long, default_value_t = 50)]
+    pub load_runs: usize,
+    /// load: login sessions kept going.
+    #[arg(long, default_value_t = 10)]
+    pub load_logins: usize,
 }
 
 /// The polydev binary the benches start: `--polydev`, else `polydev` beside
@@ -105,6 +120,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchArea::Sandboxes => sandboxes::run(&args).await,
         BenchArea::Deploy => deploy::run(&args).await,
         BenchArea::Runs => runs::run(&args).await,
+        BenchArea::Load => load::run(&args).await,
         BenchArea::Stream => match args.bridge_to {
             Some(echo) => stream::serve_bridge(echo).await,
             None => stream::run(&args).await,
