@@ -94,8 +94,24 @@ pub(crate) async fn record_route(req: Request, next: Next) -> Response {
     response
 }
 
-/// Bounds the time to a response head.
+/// Whether a request bounds its own time instead: a JSON exec answers when
+/// its command ends, which its `timeoutMs` (at most an hour) bounds, plus
+/// a grace for the agent (the handler's own deadline).
+fn bounds_itself(req: &Request) -> bool {
+    let path = req.uri().path();
+    req.method() == axum::http::Method::POST
+        && path
+            .strip_prefix("/api/sandboxes/")
+            .and_then(|rest| rest.strip_suffix("/exec"))
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// Bounds the time to a response head (but for a request that bounds its
+/// own, `bounds_itself`).
 pub(crate) async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    if bounds_itself(&req) {
+        return next.run(req).await;
+    }
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {
@@ -143,4 +159,31 @@ pub(crate) async fn method_not_allowed(req: Request) -> ApiError {
         "method_not_allowed",
         format!("{} is not allowed on {}", req.method(), req.uri().path()),
     )
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sandbox_exec_bounds_its_own_time() {
+        let req = |method: &str, path: &str| {
+            axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        assert!(bounds_itself(&req("POST", "/api/sandboxes/sb-1/exec")));
+        for (m, p) in [
+            ("GET", "/api/sandboxes/sb-1/exec"),
+            ("POST", "/api/sandboxes/sb-1/exec/x"),
+            ("POST", "/api/sandboxes//exec"),
+            ("POST", "/api/sandboxes/a/b/exec"),
+            ("POST", "/api/runs"),
+            ("PUT", "/api/sandboxes/sb-1/files"),
+        ] {
+            assert!(!bounds_itself(&req(m, p)), "{m} {p}");
+        }
+    }
 }
