@@ -43,7 +43,7 @@ test("at 390 px no page is wider than the screen and the header stays tappable",
   const page = await context.newPage();
   page.setDefaultTimeout(15_000);
   await logIn(page, server.base, "root@example.com", "admin password 1");
-  const pages = ["/", "/runs", "/providers", "/admin/health", "/admin/sandboxes"];
+  const pages = ["/", "/runs", "/providers", "/admin/health", "/admin/sandboxes", "/admin/users"];
   for (const path of pages) {
     await page.evaluate((p) => { history.pushState({}, "", p); dispatchEvent(new PopStateEvent("popstate")); }, path);
     await page.waitForLoadState("networkidle");
