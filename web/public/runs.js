@@ -30,13 +30,13 @@ const WINDOW_NAMES = new Map([["five_hour", "5-hour"], ["seven_day", "7-day"]]);
 const when = (secs) => new Date(secs * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
 
 /// Starts a run; while the server is still preparing the CLIs' environment
-/// (a first start), says how far along it is and tries again.
+/// (a first start), or runs as many CLIs as it can, says so and tries again.
 async function startWhenReady(prompt, providers, say, stopped) {
   for (;;) {
     try {
       return await api.startRun(prompt, providers);
     } catch (e) {
-      if (!(e instanceof ApiError) || e.code !== "environment_preparing" || stopped()) throw e;
+      if (!(e instanceof ApiError) || !["environment_preparing", "runs_at_capacity"].includes(e.code) || stopped()) throw e;
       say(`${e.message} Waiting…`);
       await sleep(Math.min(30, Math.max(2, e.retryAfter || 10)) * 1000);
     }

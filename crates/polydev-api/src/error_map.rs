@@ -202,6 +202,14 @@ impl From<RunError> for ApiError {
                 ApiError::new(StatusCode::GONE, "run_finished", e.to_string())
             }
             e @ RunError::TooManyViewers => ApiError::too_many_requests(e.to_string(), 5),
+            e @ RunError::Busy { .. } => ApiError {
+                retry_after: Some(10),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "runs_at_capacity",
+                    e.to_string(),
+                )
+            },
             RunError::NotOffered(e) => not_offered(&e),
             RunError::Sandbox(e) => ApiError::from(e),
         }

@@ -8,8 +8,9 @@
 //!
 //! Reported: requests/s and p50/p99 per route, answers by status, runs and
 //! logins finished. Overload must be 429 or 503 with `Retry-After`; a 5xx of
-//! another kind, a 429/503 without `Retry-After`, a timeout or a leak fails
-//! the bench (exit status 1), after the report.
+//! another kind, a 429/503 without `Retry-After`, a timeout, an admitted
+//! run that does not finish or a leak fails the bench (exit status 1),
+//! after the report.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -237,7 +238,21 @@ async fn follow(
                 .entry("run (stream to its end)")
                 .or_default()
                 .push(t.elapsed().as_secs_f64() * 1000.0);
-            text.contains("event: done")
+            // An admitted run that does not finish is a fault: overload is
+            // refused at the door (503), not ended late.
+            let done = text.contains("event: done");
+            if !done {
+                let why: String = text
+                    .lines()
+                    .filter(|l| l.starts_with("data:") && l.contains("\"stage\""))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(300)
+                    .collect();
+                g.faults.push(format!("run {id} did not finish: {why}"));
+            }
+            done
         }
         Ok(Err(e)) => {
             g.faults.push(format!("run {id}: its stream broke: {e}"));

@@ -191,7 +191,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\nrequests_per_sec_per_user = 10000\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[sandbox]\nper_user_max = 100\nhost_max = 500\n[runs]\ntemplate = \"minimal\"\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\nrequests_per_sec_per_user = 10000\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[sandbox]\nper_user_max = 100\nhost_max = 500\n[runs]\ntemplate = \"minimal\"\nmax_providers_in_flight = 1000\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
             stubs[0].addr.port(),
             stubs[1].addr.port(),
             stubs[2].addr.port()

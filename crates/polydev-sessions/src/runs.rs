@@ -88,6 +88,9 @@ pub struct RunsConfig {
     /// How long a provider may wait its turn behind another run of the
     /// same user on the same credential.
     pub queue_wait: Duration,
+    /// The most CLIs (providers of live runs) this host runs at once; a
+    /// run beyond it is refused (503, Retry-After).
+    pub max_providers_in_flight: usize,
     /// Whose subscription sign-ins (CLI login files) runs may use.
     pub sign_in: crate::providers::SignInPolicy,
 }
@@ -107,6 +110,11 @@ impl RunsConfig {
             openai_token: self.openai_token_url.as_deref(),
         }
     }
+}
+
+/// Eight CLIs per core (a CLI mostly waits on its model).
+pub fn default_providers_in_flight() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 8
 }
 
 impl Default for RunsConfig {
@@ -132,6 +140,7 @@ impl Default for RunsConfig {
             },
             linger: Duration::from_secs(60),
             queue_wait: Duration::from_secs(600),
+            max_providers_in_flight: default_providers_in_flight(),
             sign_in: Default::default(),
         }
     }
@@ -441,6 +450,11 @@ pub enum RunError {
     Queued(String),
     #[error("no run {0}")]
     NotFound(String),
+    /// This host already runs as many CLIs as it serves in time.
+    #[error(
+        "this server is running {in_flight} CLIs, its most at once ({max}); try again shortly"
+    )]
+    Busy { in_flight: usize, max: usize },
     #[error("this run has {MAX_VIEWERS} viewers already; close one")]
     TooManyViewers,
     /// Finished and no longer followed live; its states and sealed answers
@@ -557,6 +571,15 @@ impl Runs {
             )));
         }
         self.sweep();
+        // Admission: more CLIs than the host runs in time would make every
+        // run late; beyond the cap a run is refused, to be tried again.
+        let in_flight = self.providers_in_flight();
+        if in_flight > 0 && in_flight + providers.len() > self.cfg.max_providers_in_flight {
+            return Err(RunError::Busy {
+                in_flight,
+                max: self.cfg.max_providers_in_flight,
+            });
+        }
         let id = format!("run-{:016x}", rand::random::<u64>());
         let created_ms = now_ms();
         let mut made: Vec<ProviderRun> = Vec::new();
@@ -850,6 +873,20 @@ impl Runs {
 
     /// `NotFound` for a run the store knows but memory no longer holds
     /// becomes `Finished` (a clear 410 for a late viewer).
+    /// The providers of live runs that have not ended (queued ones too:
+    /// they are about to run).
+    fn providers_in_flight(&self) -> usize {
+        self.runs
+            .lock()
+            .map(|r| {
+                r.values()
+                    .flat_map(|run| run.providers.iter())
+                    .filter(|p| p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     async fn finished_or_missing(&self, id: &str, user: UserId) -> RunError {
         match self.store.run(user, id).await {
             Ok(_) => RunError::Finished(id.to_owned()),

@@ -68,6 +68,9 @@ pub struct RunsFile {
     /// How long a provider waits its turn behind another run of the same
     /// user on the same credential [default: 600].
     queue_wait_secs: Option<u64>,
+    /// The most CLIs this host runs at once (the providers of live runs);
+    /// a run beyond it answers 503 [default: 8 per core; at least 5].
+    max_providers_in_flight: Option<usize>,
     /// Provider API base URLs (default: each CLI's own).
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
@@ -107,6 +110,9 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     }
     if let Some(s) = f.queue_wait_secs {
         c.queue_wait = Duration::from_secs(s.max(1));
+    }
+    if let Some(n) = f.max_providers_in_flight {
+        c.max_providers_in_flight = n.clamp(5, 100_000);
     }
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;

@@ -83,7 +83,11 @@ pub async fn perspectives(
             break run;
         }
         let message = run["error"]["message"].as_str().unwrap_or("").to_owned();
-        if run["error"]["code"] == "environment_preparing" && std::time::Instant::now() < patience {
+        // A first start's preparation, or a host at its most CLIs: both pass.
+        let passes = ["environment_preparing", "runs_at_capacity"]
+            .iter()
+            .any(|c| run["error"]["code"] == *c);
+        if passes && std::time::Instant::now() < patience {
             tracing::info!(%message, "waiting for the run environment");
             tokio::time::sleep(Duration::from_secs(retry.clamp(1, 30))).await;
             continue;

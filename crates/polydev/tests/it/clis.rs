@@ -472,6 +472,66 @@ async fn a_queued_provider_gives_up_after_the_queue_wait() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }
 
+/// A host runs only so many CLIs at once (`max_providers_in_flight`): a
+/// run beyond it is refused with 503 and Retry-After, before any sandbox
+/// is made, and is admitted once the runs ahead have ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_at_its_most_cli_runs_refuses_more_until_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config(dir.path(), 1, 1, 1, 1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("max_providers_in_flight = 5\n");
+    std::fs::write(&config, text).unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, first) = app.user("first@example.com").await;
+    let (_, second) = app.user("second@example.com").await;
+    let all = ["claude_code", "codex", "gemini_cli", "opencode", "copilot"];
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&first),
+            json!({"prompt": "x", "providers": all}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let ahead = r.body["runId"].as_str().unwrap().to_owned();
+    let before = app.get("/api/sandboxes", Some(&second)).await;
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&second),
+            json!({"prompt": "y", "providers": ["codex"]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "runs_at_capacity"),
+        "{}",
+        r.text
+    );
+    assert!(r.message().contains("its most at once (5)"), "{}", r.text);
+    assert!(r.headers.contains_key("retry-after"));
+    let after = app.get("/api/sandboxes", Some(&second)).await;
+    assert_eq!(before.body, after.body, "no sandbox was made for it");
+    let r = app
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/runs/{ahead}"),
+            Some(&first),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&second),
+            json!({"prompt": "y", "providers": ["codex"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_ends_every_provider_and_its_sandboxes() {
     let dir = tempfile::tempdir().unwrap();
