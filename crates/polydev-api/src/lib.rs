@@ -52,7 +52,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            state.config.request_timeout,
+            (state.config.request_timeout, state.config.body_limit),
             middleware::deadline,
         ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

@@ -106,11 +106,37 @@ fn bounds_itself(req: &Request) -> bool {
             .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
-/// Bounds the time to a response head (but for a request that bounds its
-/// own, `bounds_itself`).
-pub(crate) async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+/// Bounds the time to a response head. A request that bounds its own
+/// (`bounds_itself`) still has its body read within the deadline: only
+/// the work after it is the handler's to bound.
+pub(crate) async fn deadline(
+    State((limit, body_limit)): State<(Duration, usize)>,
+    req: Request,
+    next: Next,
+) -> Response {
     if bounds_itself(&req) {
-        return next.run(req).await;
+        let (parts, body) = req.into_parts();
+        return match tokio::time::timeout(limit, axum::body::to_bytes(body, body_limit)).await {
+            Ok(Ok(bytes)) => {
+                next.run(Request::from_parts(parts, Body::from(bytes)))
+                    .await
+            }
+            Ok(Err(_)) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than {body_limit} bytes, or broke off"),
+            )
+            .into_response(),
+            Err(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    limit.as_secs()
+                ),
+            )
+            .into_response(),
+        };
     }
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,

@@ -38,6 +38,22 @@ fn children(pid: u32) -> Vec<(u32, Vec<String>)> {
     out
 }
 
+/// Stops the bench if the test fails before it ended (its own SIGTERM
+/// handling then ends what it started); disarmed once it has exited, so
+/// no other process that got its pid is ever signalled.
+struct Stop(Option<u32>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
 #[test]
 fn an_interrupted_load_test_leaves_nothing_behind() {
     let bench = env!("CARGO_BIN_EXE_polydev-bench");
@@ -58,6 +74,7 @@ fn an_interrupted_load_test_leaves_nothing_behind() {
         .spawn()
         .expect("the bench starts");
     let pid = child.id();
+    let mut stop = Stop(Some(pid));
     // Its server, once it is up and has sandboxes (runs and logins going).
     let deadline = Instant::now() + Duration::from_secs(90);
     let (server, data_dir) = loop {
@@ -65,7 +82,9 @@ fn an_interrupted_load_test_leaves_nothing_behind() {
             Instant::now() < deadline,
             "the bench's server never came up"
         );
+        // Its `polydev serve` (not a `polydev user add` beside it).
         let found = children(pid).into_iter().find_map(|(p, args)| {
+            args.iter().any(|a| a == "serve").then_some(())?;
             let i = args.iter().position(|a| a == "--data-dir")?;
             Some((p, PathBuf::from(args.get(i + 1)?)))
         });
@@ -90,6 +109,7 @@ fn an_interrupted_load_test_leaves_nothing_behind() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
+            stop.0 = None;
             break s;
         }
         assert!(

@@ -450,11 +450,14 @@ pub enum RunError {
     Queued(String),
     #[error("no run {0}")]
     NotFound(String),
-    /// This host already runs as many CLIs as it serves in time.
-    #[error(
-        "this server is running {in_flight} CLIs, its most at once ({max}); try again shortly"
-    )]
-    Busy { in_flight: usize, max: usize },
+    /// This host already runs as many CLIs as it serves in time, or this
+    /// user their share of them.
+    #[error("{}", busy_message(*in_flight, *max, *yours))]
+    Busy {
+        in_flight: usize,
+        max: usize,
+        yours: bool,
+    },
     #[error("this run has {MAX_VIEWERS} viewers already; close one")]
     TooManyViewers,
     /// Finished and no longer followed live; its states and sealed answers
@@ -467,6 +470,16 @@ pub enum RunError {
     NotOffered(#[from] crate::providers::NotOffered),
     #[error(transparent)]
     Sandbox(#[from] ManagerError),
+}
+
+fn busy_message(in_flight: usize, max: usize, yours: bool) -> String {
+    if yours {
+        format!("your runs have {in_flight} CLIs going, your share of this server ({max}); try again when one ends")
+    } else {
+        format!(
+            "this server is running {in_flight} CLIs, its most at once ({max}); try again shortly"
+        )
+    }
 }
 
 /// [`Runs::ahead`] over a table already locked.
@@ -493,6 +506,29 @@ pub struct Runs {
     admitted: std::sync::atomic::AtomicU64,
     /// Set when the controller stops: no queued provider takes its turn.
     stopping: AtomicBool,
+    /// Providers admitted but not yet in `runs` (their sandboxes are being
+    /// made), per user: counted by the admission like live ones.
+    reserved: Mutex<HashMap<UserId, usize>>,
+}
+
+/// A run's place in the admission count until it is in the table.
+struct Reservation<'a> {
+    reserved: &'a Mutex<HashMap<UserId, usize>>,
+    user: UserId,
+    providers: usize,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.reserved.lock() {
+            if let Some(n) = r.get_mut(&self.user) {
+                *n = n.saturating_sub(self.providers);
+                if *n == 0 {
+                    r.remove(&self.user);
+                }
+            }
+        }
+    }
 }
 
 impl Runs {
@@ -506,6 +542,7 @@ impl Runs {
             turns: Arc::new(tokio::sync::Notify::new()),
             admitted: std::sync::atomic::AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            reserved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -572,14 +609,9 @@ impl Runs {
         }
         self.sweep();
         // Admission: more CLIs than the host runs in time would make every
-        // run late; beyond the cap a run is refused, to be tried again.
-        let in_flight = self.providers_in_flight();
-        if in_flight > 0 && in_flight + providers.len() > self.cfg.max_providers_in_flight {
-            return Err(RunError::Busy {
-                in_flight,
-                max: self.cfg.max_providers_in_flight,
-            });
-        }
+        // run late; beyond the cap a run is refused, to be tried again. No
+        // user holds more than a share of it (a quarter, five at least).
+        let _reservation = self.admit(user, providers.len())?;
         let id = format!("run-{:016x}", rand::random::<u64>());
         let created_ms = now_ms();
         let mut made: Vec<ProviderRun> = Vec::new();
@@ -874,17 +906,59 @@ impl Runs {
     /// `NotFound` for a run the store knows but memory no longer holds
     /// becomes `Finished` (a clear 410 for a late viewer).
     /// The providers of live runs that have not ended (queued ones too:
-    /// they are about to run).
-    fn providers_in_flight(&self) -> usize {
-        self.runs
+    /// they are about to run), in all and `user`'s.
+    fn providers_in_flight(&self, user: UserId) -> (usize, usize) {
+        let Ok(r) = self.runs.lock() else {
+            return (0, 0);
+        };
+        let mut all = 0;
+        let mut mine = 0;
+        for run in r.values() {
+            let n = run
+                .providers
+                .iter()
+                .filter(|p| p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false))
+                .count();
+            all += n;
+            if run.user == user {
+                mine += n;
+            }
+        }
+        (all, mine)
+    }
+
+    /// Takes `providers` places in the admission count for `user`, or says
+    /// why not: the host at its most CLIs, or the user at their share.
+    fn admit(&self, user: UserId, providers: usize) -> Result<Reservation<'_>, RunError> {
+        let mut reserved = self
+            .reserved
             .lock()
-            .map(|r| {
-                r.values()
-                    .flat_map(|run| run.providers.iter())
-                    .filter(|p| p.state.lock().map(|s| !s.is_terminal()).unwrap_or(false))
-                    .count()
-            })
-            .unwrap_or(0)
+            .map_err(|_| RunError::Invalid("admission poisoned".into()))?;
+        let (live, live_mine) = self.providers_in_flight(user);
+        let all = live + reserved.values().sum::<usize>();
+        let mine = live_mine + reserved.get(&user).copied().unwrap_or(0);
+        let max = self.cfg.max_providers_in_flight;
+        let share = (max / 4).max(5);
+        if all > 0 && all + providers > max {
+            return Err(RunError::Busy {
+                in_flight: all,
+                max,
+                yours: false,
+            });
+        }
+        if mine > 0 && mine + providers > share {
+            return Err(RunError::Busy {
+                in_flight: mine,
+                max: share,
+                yours: true,
+            });
+        }
+        *reserved.entry(user).or_default() += providers;
+        Ok(Reservation {
+            reserved: &self.reserved,
+            user,
+            providers,
+        })
     }
 
     async fn finished_or_missing(&self, id: &str, user: UserId) -> RunError {

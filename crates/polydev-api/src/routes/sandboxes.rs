@@ -382,7 +382,19 @@ pub(crate) async fn exec(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ExecBody>,
 ) -> ApiResult<Response> {
-    let mut agent = live_agent(&state, &user, &id).await?;
+    // The request deadline does not cover an exec (its `timeoutMs` does):
+    // reaching the agent and starting the command get one of their own.
+    let start_deadline = state.config.request_timeout;
+    let agent_late = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            "the sandbox's agent did not take the command in time",
+        )
+    };
+    let mut agent = tokio::time::timeout(start_deadline, live_agent(&state, &user, &id))
+        .await
+        .map_err(|_| agent_late())??;
     if body.cmd.is_empty() || body.cmd[0].is_empty() {
         return Err(ApiError::bad_request(
             "invalid_exec",
@@ -402,21 +414,31 @@ pub(crate) async fn exec(
     }
     check_env("invalid_exec", &body.env)?;
     let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000).clamp(1, 3_600_000));
-    agent
-        .start_exec(
-            body.cmd,
-            body.env.into_iter().collect(),
-            body.stdin.as_deref().map(str::as_bytes),
-            timeout,
-        )
-        .await
-        .map_err(|e| ApiError::from(DriverError::from(e)))?;
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    // A JSON answer is held in memory: its slot is taken before the
+    // command starts, so a refusal leaves nothing running.
+    let slot = if wants_sse {
+        None
+    } else {
+        Some(state.exec_gate.enter(user.0.user.id).await?)
+    };
+    tokio::time::timeout(
+        start_deadline,
+        agent.start_exec(
+            body.cmd,
+            body.env.into_iter().collect(),
+            body.stdin.as_deref().map(str::as_bytes),
+            timeout,
+        ),
+    )
+    .await
+    .map_err(|_| agent_late())?
+    .map_err(|e| ApiError::from(DriverError::from(e)))?;
     if !wants_sse {
-        let _slot = state.exec_gate.enter(user.0.user.id).await?;
+        let _slot = slot;
         let mut encoded = 0usize;
         let mut answer = ExecAnswer {
             exit_code: None,

@@ -530,6 +530,41 @@ async fn a_host_at_its_most_cli_runs_refuses_more_until_one_ends() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    drop(app);
+
+    // No user holds more than a share of the host (a quarter, five at
+    // least): here 6 of 24.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "max_providers_in_flight = 5",
+        "max_providers_in_flight = 24",
+    );
+    std::fs::write(&config, text).unwrap();
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, greedy) = app.user("greedy@example.com").await;
+    let (_, other) = app.user("other@example.com").await;
+    let two = json!({"prompt": "x", "providers": ["codex", "gemini_cli"]});
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&greedy),
+            json!({"prompt": "x", "providers": all}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = app.post("/api/runs", Some(&greedy), two.clone()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "runs_at_capacity"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.message().contains("your share of this server (6)"),
+        "{}",
+        r.text
+    );
+    let r = app.post("/api/runs", Some(&other), two).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
 }
 
 #[tokio::test(flavor = "multi_thread")]
