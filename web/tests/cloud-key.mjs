@@ -5,13 +5,9 @@
 // a prompt on Claude Code from the Runs page with nothing typed, and prints
 // what the pages showed. Not a node:test file; the Rust test asserts.
 
-import { startServer, startBrowser, artifactPath } from "./harness.mjs";
+import { startServer, startBrowser, artifactPath, readInput } from "./harness.mjs";
 
-const input = JSON.parse(await new Promise((resolve) => {
-  let data = "";
-  process.stdin.on("data", (c) => (data += c));
-  process.stdin.on("end", () => resolve(data));
-}));
+const input = await readInput();
 
 const server = await startServer(["--config", input.config], { sandboxes: true });
 const chrome = await startBrowser();

@@ -103,3 +103,12 @@ export function artifactPath(name) {
   mkdirSync(artifacts, { recursive: true });
   return join(artifacts, name);
 }
+
+// What a Rust test hands a browser script: one JSON value on stdin.
+export async function readInput() {
+  return JSON.parse(await new Promise((resolve) => {
+    let data = "";
+    process.stdin.on("data", (c) => (data += c));
+    process.stdin.on("end", () => resolve(data));
+  }));
+}

@@ -7,13 +7,9 @@
 // back in and finds the run in the history. Prints what it saw; the Rust
 // test owns the assertions.
 
-import { startServer, startBrowser, artifactPath } from "./harness.mjs";
+import { startServer, startBrowser, artifactPath, readInput } from "./harness.mjs";
 
-const input = JSON.parse(await new Promise((resolve) => {
-  let data = "";
-  process.stdin.on("data", (c) => (data += c));
-  process.stdin.on("end", () => resolve(data));
-}));
+const input = await readInput();
 
 const EMAIL = "newcomer@example.com";
 const PASSWORD = "a long first password";

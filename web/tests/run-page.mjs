@@ -4,13 +4,9 @@
 // prompt on all three providers and prints what each column shows.
 // Not a node:test file; the Rust test owns the assertions.
 
-import { startServer, startBrowser, logIn, artifactPath } from "./harness.mjs";
+import { startServer, startBrowser, logIn, artifactPath, readInput } from "./harness.mjs";
 
-const input = JSON.parse(await new Promise((resolve) => {
-  let data = "";
-  process.stdin.on("data", (c) => (data += c));
-  process.stdin.on("end", () => resolve(data));
-}));
+const input = await readInput();
 
 const server = await startServer(["--config", input.config], { sandboxes: true });
 const chrome = await startBrowser();

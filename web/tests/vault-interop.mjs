@@ -3,13 +3,9 @@
 // reads a JSON request on stdin, prints a JSON answer on stdout.
 // Not a node:test file; the Rust test owns the assertions.
 
-import { startServer, startBrowser } from "./harness.mjs";
+import { startServer, startBrowser, readInput } from "./harness.mjs";
 
-const input = JSON.parse(await new Promise((resolve) => {
-  let data = "";
-  process.stdin.on("data", (c) => (data += c));
-  process.stdin.on("end", () => resolve(data));
-}));
+const input = await readInput();
 
 const server = await startServer();
 const chrome = await startBrowser();

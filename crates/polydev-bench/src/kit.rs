@@ -32,6 +32,36 @@ pub(crate) fn report(json: bool, figures: Map<String, Value>) {
     }
 }
 
+/// The three stub providers (Anthropic, OpenAI, Gemini, in that order),
+/// each answering its text.
+pub(crate) async fn start_stubs(
+    answers: [&str; 3],
+) -> anyhow::Result<Vec<polydev_stubs::StubServer>> {
+    let kinds = [
+        polydev_stubs::Provider::Anthropic,
+        polydev_stubs::Provider::OpenAi,
+        polydev_stubs::Provider::Gemini,
+    ];
+    let mut stubs = Vec::new();
+    for (kind, answer) in kinds.into_iter().zip(answers) {
+        stubs.push(polydev_stubs::start(kind, answer, None).await?);
+    }
+    Ok(stubs)
+}
+
+/// The `[egress.hosts]` lines naming the stubs (for the egress section).
+pub(crate) const STUB_HOSTS: &str = "[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n";
+
+/// The `[runs]` base-URL lines pointing the CLIs at `start_stubs`' stubs.
+pub(crate) fn stub_bases(stubs: &[polydev_stubs::StubServer]) -> String {
+    format!(
+        "anthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
+        stubs[0].addr.port(),
+        stubs[1].addr.port(),
+        stubs[2].addr.port()
+    )
+}
+
 /// A `polydev serve` started for the benchmark; stopped on drop.
 pub(crate) struct Server {
     serve: polydev_testkit::Serve,

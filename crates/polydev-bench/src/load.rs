@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::Provider;
-use polydev_stubs::Provider as Stub;
 use serde_json::{json, Map, Value};
 
 use crate::kit::{percentile, Server};
@@ -348,15 +347,12 @@ async fn login(
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let answers = [
-        (Stub::Anthropic, "load answer from claude"),
-        (Stub::OpenAi, "load answer from codex"),
-        (Stub::Gemini, "load answer from gemini"),
-    ];
-    let mut stubs = Vec::new();
-    for (s, a) in answers {
-        stubs.push(polydev_stubs::start(s, a, None).await?);
-    }
+    let stubs = crate::kit::start_stubs([
+        "load answer from claude",
+        "load answer from codex",
+        "load answer from gemini",
+    ])
+    .await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("polydev.toml");
     // Runs on the host-borrowing `minimal` template (the CLIs from the
@@ -365,10 +361,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[sandbox]\npools = {{minimal = 4}}\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 120\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n[login]\ntemplate = \"minimal\"\n[login.providers.codex]\ncode = 'echo \"Visit https://auth.stub.test/authorize?state=load to sign in\"; exec sleep 600'\ncredential_file = \"/home/sandbox/.codex/auth.json\"\n",
-            stubs[0].addr.port(),
-            stubs[1].addr.port(),
-            stubs[2].addr.port()
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n{}[sandbox]\npools = {{minimal = 4}}\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 120\n{}[login]\ntemplate = \"minimal\"\n[login.providers.codex]\ncode = 'echo \"Visit https://auth.stub.test/authorize?state=load to sign in\"; exec sleep 600'\ncredential_file = \"/home/sandbox/.codex/auth.json\"\n",
+            crate::kit::STUB_HOSTS,
+            crate::kit::stub_bases(&stubs),
         ),
     )?;
     let server = Server::start(&["--config", config.to_str().unwrap_or_default()])?;

@@ -10,7 +10,6 @@ use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::Provider;
-use polydev_stubs::Provider as Stub;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -169,32 +168,21 @@ async fn through(
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    // In start_stubs' order: Anthropic, OpenAI, Gemini.
     let answers = [
-        (
-            Provider::ClaudeCode,
-            Stub::Anthropic,
-            "bench answer from claude",
-        ),
-        (Provider::Codex, Stub::OpenAi, "bench answer from codex"),
-        (
-            Provider::GeminiCli,
-            Stub::Gemini,
-            "bench answer from gemini",
-        ),
+        (Provider::ClaudeCode, "bench answer from claude"),
+        (Provider::Codex, "bench answer from codex"),
+        (Provider::GeminiCli, "bench answer from gemini"),
     ];
-    let mut stubs = Vec::new();
-    for (_, s, a) in answers {
-        stubs.push(polydev_stubs::start(s, a, None).await?);
-    }
+    let stubs = crate::kit::start_stubs(answers.map(|(_, a)| a)).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("polydev.toml");
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\nrequests_per_sec_per_user = 10000\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[sandbox]\nper_user_max = 100\nhost_max = 500\n[runs]\ntemplate = \"minimal\"\nmax_providers_in_flight = 1000\nanthropic_base_url = \"http://anthropic.stub.test:{}\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
-            stubs[0].addr.port(),
-            stubs[1].addr.port(),
-            stubs[2].addr.port()
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\nrequests_per_sec_per_user = 10000\n{}[sandbox]\nper_user_max = 100\nhost_max = 500\n[runs]\ntemplate = \"minimal\"\nmax_providers_in_flight = 1000\n{}",
+            crate::kit::STUB_HOSTS,
+            crate::kit::stub_bases(&stubs),
         ),
     )?;
     let server = Server::start(&[
@@ -208,7 +196,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let base = format!("http://{}", server.addr);
     let token = server.admin_token()?;
     let mut figures = Map::new();
-    for (i, (provider, _, answer)) in answers.iter().enumerate() {
+    for (i, (provider, answer)) in answers.iter().enumerate() {
         let home = dir.path().join(format!("home-{i}"));
         std::fs::create_dir_all(&home)?;
         let mut d = Vec::new();

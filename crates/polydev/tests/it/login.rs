@@ -982,8 +982,6 @@ async fn a_run_uses_the_credential_a_login_session_captured() {
 /// was never used twice, which the stand-in would refuse).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotated_tokens() {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let canary = format!("canary{}", uuid::Uuid::new_v4().simple());
     let oauth = polydev_stubs::oauth::start(&canary).await.unwrap();
     let chatgpt = polydev_stubs::start(
@@ -1053,28 +1051,19 @@ async fn two_runs_on_one_codex_sign_in_take_turns_and_the_second_uses_the_rotate
     );
     // The client opens the item's newest version when a run's turn comes.
     let hand_over = |run: Value| {
-        let (app, enrollment, uid, b64, token) = (&app, &enrollment, &uid, &b64, &token);
+        let (app, enrollment, uid, token) = (&app, &enrollment, &uid, &token);
         async move {
             let item = app.get("/api/vault/items/credential.codex", t).await;
             let file = open_credential(enrollment, uid, &item.body, "codex");
             let id = run["runId"].as_str().unwrap().to_owned();
-            let pk = b64
-                .decode(run["sandboxes"]["codex"]["publicKey"].as_str().unwrap())
-                .unwrap();
-            let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
-                .unwrap()
-                .seal(
-                    polydev_sessions::runs::CREDENTIAL_PURPOSE,
-                    format!("{id}/codex").as_bytes(),
-                    file.as_bytes(),
-                );
-            let r = app
-                .post(
-                    &format!("/api/runs/{id}/credentials"),
-                    t,
-                    json!({"credentials": {"codex": b64.encode(sealed)}, "kinds": {"codex": "cli_login"}}),
-                )
-                .await;
+            let r = crate::clis::post_keys(
+                app,
+                token,
+                &run,
+                |_| file.clone(),
+                json!({"codex": "cli_login"}),
+            )
+            .await;
             assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
             let events =
                 crate::clis::sse_events(app, &format!("/api/runs/{id}/events"), token).await;
