@@ -1172,3 +1172,46 @@ async fn a_stopped_agent_makes_requests_fail_within_their_deadline() {
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }
+
+/// An exec is bounded by its own `timeoutMs`, not the request deadline,
+/// but its body is not: a client that sends an exec's headers and then
+/// trickles (or withholds) the body gets 408 at the request deadline
+/// instead of holding the request open for as long as it likes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_whose_body_never_arrives_ends_at_the_request_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--request-timeout-secs", "2"]).await;
+    let (_, token) = app.user("slow@example.com").await;
+    let url = reqwest::Url::parse(&app.url("/")).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/sandboxes/sb-0123456789/exec HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"cmd\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the request was held for 20 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_timeout"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
