@@ -24,6 +24,7 @@ mod routes;
 mod schema;
 mod state;
 mod web;
+pub mod ws;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
@@ -32,9 +33,9 @@ pub use auth::{mint_token, token_hash, MintedToken, PasswordHasherPool, SESSION_
 pub use error::{ApiError, ErrorBody};
 pub use metrics::HttpMetrics;
 pub use openapi::openapi_json;
-/// The viewer WebSocket ↔ stream pump (also measured by `polydev-bench stream`).
-pub use routes::login::bridge;
 pub use state::{ApiConfig, AppState, BuildInfo, Observability};
+/// The viewer WebSocket ↔ stream pump (also measured by `polydev-bench stream`).
+pub use ws::bridge;
 
 /// The whole HTTP surface: API routes, the web UI, and the layers that give
 /// every response a request id, a deadline and the JSON error shape.

@@ -22,18 +22,17 @@ const LOGIN_ROUNDS: usize = 10;
 /// polydev's bridge in front of `echo`, on an axum server like the
 /// controller's (TCP_NODELAY on accepted sockets).
 async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
-    use axum::extract::ws::WebSocketUpgrade;
+    let tasks = std::sync::Arc::new(polydev_sessions::tasks::Tasks::new());
     let app = axum::Router::new().route(
         "/ws",
-        axum::routing::get(move |ws: WebSocketUpgrade| async move {
-            ws.protocols(["binary"])
-                .on_upgrade(move |socket| async move {
-                    if let Ok(tcp) = TcpStream::connect(echo).await {
-                        let _ = tcp.set_nodelay(true);
-                        let (_keep, ending) = tokio::sync::watch::channel(None);
-                        polydev_api::bridge(socket, tcp, ending, || {}, Default::default()).await;
-                    }
-                })
+        axum::routing::get(move |upgrade: polydev_api::ws::Upgrade| async move {
+            upgrade.on_upgrade(&tasks, move |socket| async move {
+                if let Ok(tcp) = TcpStream::connect(echo).await {
+                    let _ = tcp.set_nodelay(true);
+                    let (_keep, ending) = tokio::sync::watch::channel(None);
+                    polydev_api::bridge(socket, tcp, ending, || {}, Default::default()).await;
+                }
+            })
         }),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -201,28 +200,141 @@ async fn connect(url: &str) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
+/// A WebSocket client for the throughput figures that costs as little as
+/// a client can, so that the bridges, not the client, set the pace (both
+/// bridges get the same one): its frames are masked once, with a fixed key,
+/// and sent 64 KiB at a time; the echo is counted where it was read, never
+/// copied into messages. (A browser masks each frame with a fresh key;
+/// that is the client's work, not the bridge's, which unmasks either way.)
+async fn lean_connect(url: &str) -> anyhow::Result<TcpStream> {
+    let rest = url.strip_prefix("ws://").context("a ws:// URL")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = TcpStream::connect(authority).await?;
+    s.set_nodelay(true)?;
+    let path = if path.is_empty() { "/" } else { path };
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: binary\r\nOrigin: http://{authority}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 || s.read(&mut byte).await? == 0 {
+            bail!("no WebSocket handshake from {url}");
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!(
+            "{url} refused the upgrade: {}",
+            String::from_utf8_lossy(&head)
+        );
+    }
+    Ok(s)
+}
+
+/// Counts the payload bytes of the server frames in a byte stream that
+/// may split a header anywhere.
+#[derive(Default)]
+struct FrameCounter {
+    head: Vec<u8>,
+    payload_left: u64,
+    data: bool,
+}
+
+impl FrameCounter {
+    /// The data payload bytes in `chunk`.
+    fn count(&mut self, mut chunk: &[u8]) -> anyhow::Result<u64> {
+        let mut data = 0;
+        while !chunk.is_empty() {
+            if self.payload_left > 0 {
+                let k = self.payload_left.min(chunk.len() as u64);
+                if self.data {
+                    data += k;
+                }
+                self.payload_left -= k;
+                chunk = &chunk[k as usize..];
+                continue;
+            }
+            self.head.push(chunk[0]);
+            chunk = &chunk[1..];
+            let h = &self.head;
+            if h.len() < 2 {
+                continue;
+            }
+            let need = match h[1] & 0x7F {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            if h[1] & 0x80 != 0 {
+                bail!("the server masked a frame");
+            }
+            if h.len() < need {
+                continue;
+            }
+            self.payload_left = match need {
+                4 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                10 => u64::from_be_bytes(h[2..10].try_into()?),
+                _ => u64::from(h[1] & 0x7F),
+            };
+            self.data = matches!(h[0] & 0x0F, 0 | 2);
+            if h[0] & 0x0F == 8 {
+                bail!("the bridge closed the connection");
+            }
+            self.head.clear();
+        }
+        Ok(data)
+    }
+}
+
 /// MB/s through the bridge and back: `total` bytes in `chunk`-byte
 /// messages, written and read concurrently.
 async fn throughput(url: &str, total: usize, chunk: usize) -> anyhow::Result<f64> {
-    let ws = connect(url).await?;
-    let (mut tx, mut rx) = ws.split();
+    let s = lean_connect(url).await?;
+    let (mut rd, mut wr) = s.into_split();
+    // One masked frame, repeated to fill 64 KiB per write.
+    let key = [0x3a, 0x91, 0x5c, 0xe7];
+    let mut frame = vec![0x82u8];
+    match chunk {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&key);
+    frame.extend((0..chunk).map(|i| 7u8 ^ key[i % 4]));
+    let per_write = (65536 / chunk).max(1);
+    let batch = frame.repeat(per_write);
     let start = Instant::now();
     let writer = tokio::spawn(async move {
-        let buf = vec![7u8; chunk];
         let mut sent = 0;
         while sent < total {
-            tx.send(Message::Binary(buf.clone().into())).await?;
-            sent += chunk;
+            let frames = per_write.min((total - sent).div_ceil(chunk));
+            wr.write_all(&batch[..frames * frame.len()]).await?;
+            sent += frames * chunk;
         }
-        anyhow::Ok(tx)
+        anyhow::Ok(wr)
     });
-    let mut got = 0;
-    while got < total {
-        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await? {
-            Some(Ok(Message::Binary(b))) => got += b.len(),
-            Some(Ok(_)) => {}
-            other => bail!("the bridge ended early: {other:?}"),
+    let mut counter = FrameCounter::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < total as u64 {
+        let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf)).await??;
+        if n == 0 {
+            bail!("the bridge ended early after {got} bytes");
         }
+        got += counter.count(&buf[..n])?;
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = writer.await?;

@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
@@ -18,7 +17,6 @@ use polydev_sessions::login::{LoginError, LoginView, Logins};
 use polydev_store::StoreError;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{ensure_self_or_admin, CurrentUser, Principal};
@@ -245,7 +243,7 @@ pub(crate) async fn websock(
     MaybeUser(caller): MaybeUser,
     crate::origin::Peer(peer): crate::origin::Peer,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    upgrade: Result<crate::ws::Upgrade, crate::ws::NotAWebSocket>,
 ) -> Response {
     let refuse = |e: ApiError, why: &str| {
         tracing::warn!(session = %id, status = e.status.as_u16(), why, "viewer WebSocket refused");
@@ -254,14 +252,8 @@ pub(crate) async fn websock(
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => {
-            let detail = rejection.body_text();
-            return refuse(
-                ApiError::bad_request(
-                    "not_a_websocket",
-                    format!("this endpoint only accepts a WebSocket upgrade (GET with Upgrade: websocket): {detail}"),
-                ),
-                "failed upgrade",
-            );
+            tracing::warn!(session = %id, why = rejection.0, "viewer WebSocket refused: not an upgrade");
+            return rejection.into_response();
         }
     };
     let logins = match logins(&state) {
@@ -305,146 +297,16 @@ pub(crate) async fn websock(
         }
     };
     let metrics = logins.metrics().clone();
-    upgrade
-        .protocols(["binary"])
-        .max_message_size(1 << 20)
-        .on_failed_upgrade(|e| tracing::warn!(error = %e, "viewer WebSocket upgrade failed"))
-        .on_upgrade(move |ws| async move {
-            metrics.viewers.inc();
-            let touch = {
-                let (logins, id) = (logins.clone(), id.clone());
-                move || logins.touch(&id)
-            };
-            let end = bridge(ws, vnc, admitted.ending, touch, metrics.clone()).await;
-            metrics.viewers.dec();
-            tracing::info!(session = %id, end, "viewer disconnected");
-        })
-}
-
-/// Idle viewer connections are closed after this long without any frame
-/// from the client (pings go out every `PING`).
-const IDLE: Duration = Duration::from_secs(90);
-const PING: Duration = Duration::from_secs(20);
-/// Largest read from the VNC side per WebSocket message.
-const READ_BUF: usize = 64 * 1024;
-
-/// Pumps bytes between the WebSocket and a stream (the VNC server) until
-/// either side ends; returns why. Each direction waits for its write to
-/// complete before reading more (one 64 KiB buffer each way: bounded, with
-/// backpressure). A VNC side that fails closes the WebSocket with 1011;
-/// the session ending closes it with 1001; a client silent for `IDLE`
-/// (pings go out every `PING`) is closed with 1001 too.
-pub async fn bridge<S>(
-    ws: WebSocket,
-    stream: S,
-    mut ending: tokio::sync::watch::Receiver<Option<u16>>,
-    touch: impl Fn() + Send + 'static,
-    metrics: polydev_telemetry::metrics::LoginMetrics,
-) -> &'static str
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    use futures_util::{SinkExt, StreamExt};
-    let (mut sink, mut source) = ws.split();
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
-
-    // VNC → WebSocket (and pings, and the close frame).
-    let down_metrics = metrics.clone();
-    let session_ending = ending.clone();
-    let mut down = tokio::spawn(async move {
-        // Read straight into the frame's buffer (no copy per message).
-        let mut buf = bytes::BytesMut::with_capacity(READ_BUF);
-        let mut ping = tokio::time::interval(PING);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                n = {
-                    buf.reserve(READ_BUF);
-                    rd.read_buf(&mut buf)
-                } => {
-                    let n = match n {
-                        Ok(0) | Err(_) => {
-                            let (code, reason) = match *session_ending.borrow() {
-                                Some(1001) => (1001, "the login session ended"),
-                                Some(_) => (1011, "the login session failed"),
-                                None => (1011, "the remote browser's VNC server closed"),
-                            };
-                            let _ = sink.send(Message::Close(Some(CloseFrame {
-                                code,
-                                reason: reason.into(),
-                            }))).await;
-                            return reason;
-                        }
-                        Ok(n) => n,
-                    };
-                    down_metrics.bridged("to_client", n as u64);
-                    if sink.send(Message::Binary(buf.split_to(n).freeze())).await.is_err() {
-                        return "client gone";
-                    }
-                }
-                _ = ping.tick() => {
-                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
-                        return "client gone";
-                    }
-                }
-                c = close_rx.recv() => {
-                    let (code, reason) = c.unwrap_or((1000, "closed"));
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-                    return reason;
-                }
-            }
-        }
-    });
-
-    // WebSocket → VNC, until either side ends.
-    loop {
-        let next = tokio::select! {
-            why = &mut down => return why.unwrap_or("client gone"),
-            m = tokio::time::timeout(IDLE, source.next()) => m,
-            changed = ending.changed() => {
-                let code = *ending.borrow();
-                match (changed, code) {
-                    (_, Some(1001)) | (Err(_), None) => {
-                        let _ = close_tx.try_send((1001, "the login session ended"));
-                    }
-                    (_, Some(_)) => {
-                        let _ = close_tx.try_send((1011, "the login session failed"));
-                    }
-                    (Ok(()), None) => continue,
-                }
-                break;
-            }
+    upgrade.on_upgrade(&state.tasks, move |ws| async move {
+        metrics.viewers.inc();
+        let touch = {
+            let (logins, id) = (logins.clone(), id.clone());
+            move || logins.touch(&id)
         };
-        match next {
-            Err(_) => {
-                let _ = close_tx.try_send((1001, "idle"));
-                break;
-            }
-            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break,
-            Ok(Some(Ok(Message::Binary(b)))) => {
-                touch();
-                metrics.bridged("to_vnc", b.len() as u64);
-                if wr.write_all(&b).await.is_err() {
-                    let _ = close_tx.try_send((1011, "the remote browser's VNC server closed"));
-                    break;
-                }
-            }
-            Ok(Some(Ok(Message::Text(_)))) => {
-                let _ = close_tx.try_send((1003, "binary frames only"));
-                break;
-            }
-            Ok(Some(Ok(_))) => {} // ping/pong: alive
-        }
-    }
-    drop(close_tx);
-    match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
-        Ok(Ok(why)) => why,
-        _ => {
-            down.abort();
-            "client gone"
-        }
-    }
+        let end = crate::ws::bridge(ws, vnc, admitted.ending, touch, metrics.clone()).await;
+        metrics.viewers.dec();
+        tracing::info!(session = %id, end, "viewer disconnected");
+    })
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
