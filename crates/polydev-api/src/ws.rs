@@ -78,14 +78,22 @@ impl IntoResponse for NotAWebSocket {
     }
 }
 
-/// Whether a comma-separated header holds `token` (case-insensitively).
-fn has_token(headers: &HeaderMap, name: axum::http::HeaderName, token: &str) -> bool {
+/// Whether a comma-separated header holds `token` (case-insensitively,
+/// or exactly where `exact`: a subprotocol must come back as offered).
+fn has_token(headers: &HeaderMap, name: axum::http::HeaderName, token: &str, exact: bool) -> bool {
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
+        .any(|t| {
+            if exact {
+                t == token
+            } else {
+                t.eq_ignore_ascii_case(token)
+            }
+        })
 }
 
 /// `Sec-WebSocket-Accept` for a client's key.
@@ -108,10 +116,10 @@ impl Upgrade {
         if parts.version != Version::HTTP_11 {
             return Err(NotAWebSocket("a WebSocket upgrade needs HTTP/1.1"));
         }
-        if !has_token(&parts.headers, CONNECTION, "upgrade") {
+        if !has_token(&parts.headers, CONNECTION, "upgrade", false) {
             return Err(NotAWebSocket("the Connection header does not say upgrade"));
         }
-        if !has_token(&parts.headers, UPGRADE, "websocket") {
+        if !has_token(&parts.headers, UPGRADE, "websocket", false) {
             return Err(NotAWebSocket("the Upgrade header does not say websocket"));
         }
         if parts
@@ -132,7 +140,7 @@ impl Upgrade {
             return Err(NotAWebSocket("Sec-WebSocket-Key is not 16 bytes"));
         }
         let accept = accept_key(key.as_bytes());
-        let binary = has_token(&parts.headers, SEC_WEBSOCKET_PROTOCOL, "binary");
+        let binary = has_token(&parts.headers, SEC_WEBSOCKET_PROTOCOL, "binary", true);
         let on_upgrade = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
@@ -238,8 +246,18 @@ async fn write_control<W: AsyncWrite + Unpin>(
     let mut frame = [0u8; 2 + 125];
     frame[..n].copy_from_slice(&h[..n]);
     frame[n..n + payload.len()].copy_from_slice(payload);
-    w.write_all(&frame[..n + payload.len()]).await?;
-    w.flush().await
+    write_within(w, &frame[..n + payload.len()]).await
+}
+
+/// Writes `bytes` to the client, which must take them within `IDLE`.
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    let write = async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(IDLE, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn write_close<W: AsyncWrite + Unpin>(
@@ -315,16 +333,21 @@ impl Frames {
         &self.buf[..self.out]
     }
 
-    /// Marks the gathered data written, and moves what is not parsed yet
-    /// (at most one incomplete header or control frame) to the front.
-    pub(crate) fn take_data(&mut self) {
+    /// Marks the gathered data written; parsing goes on where it was.
+    pub(crate) fn data_written(&mut self) {
+        self.out = 0;
+    }
+
+    /// Before a read, once `parse` needs more: moves what is not parsed
+    /// yet (at most one incomplete header or control frame) to the front.
+    pub(crate) fn compact(&mut self) {
         self.out = 0;
         self.buf.copy_within(self.pos..self.end, 0);
         self.end -= self.pos;
         self.pos = 0;
     }
 
-    /// Room for the next read (call `take_data` first).
+    /// Room for the next read (after `compact`).
     pub(crate) fn spare(&mut self) -> &mut [u8] {
         let end = self.end;
         &mut self.buf[end..]
@@ -446,6 +469,36 @@ impl Frames {
     }
 }
 
+/// The close frame for the session's ending (`None`: its sender went,
+/// which only happens as it ends).
+fn session_close(code: Option<u16>) -> (u16, &'static str) {
+    match code {
+        Some(1001) | None => (1001, "the login session ended"),
+        Some(_) => (1011, "the login session failed"),
+    }
+}
+
+/// A task that is aborted when its handle is dropped: the bridge's
+/// stream-to-client half ends with the bridge, also when the bridge's own
+/// task is aborted (at shutdown).
+struct Half<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Half<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for Half<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// What the client side asks the side writing to the client to send.
 enum Out {
     Pong(Vec<u8>),
@@ -478,7 +531,7 @@ where
     let to_client = metrics.bridged_counter("to_client");
     let to_vnc = metrics.bridged_counter("to_vnc");
     let session_ending = ending.clone();
-    let mut down = tokio::spawn(async move {
+    let mut down = Half(tokio::spawn(async move {
         let mut buf = vec![0u8; HEAD_ROOM + READ_BUF].into_boxed_slice();
         let mut ping = tokio::time::interval(PING);
         ping.tick().await;
@@ -501,11 +554,7 @@ where
                     let (h, hl) = header(OP_BINARY, n);
                     let at = HEAD_ROOM - hl;
                     buf[at..HEAD_ROOM].copy_from_slice(&h[..hl]);
-                    let sent = async {
-                        client_wr.write_all(&buf[at..HEAD_ROOM + n]).await?;
-                        client_wr.flush().await
-                    };
-                    if sent.await.is_err() {
+                    if write_within(&mut client_wr, &buf[at..HEAD_ROOM + n]).await.is_err() {
                         return "client gone";
                     }
                 }
@@ -531,7 +580,7 @@ where
                 },
             }
         }
-    });
+    }));
 
     // Client → stream, until either side ends. One idle timer, moved on
     // when it fires (not re-armed per read); the session is touched at
@@ -549,32 +598,45 @@ where
         }
     };
     let close = loop {
-        match frames.parse() {
+        let step = match frames.parse() {
             Err(broken) => break Some((broken.code, broken.reason)),
-            Ok(step) => {
-                if !frames.data().is_empty() {
-                    touch();
-                    let n = frames.data().len();
-                    tokio::select! {
-                        w = wr.write_all(frames.data()) => if w.is_err() {
-                            break Some((1011, "the remote browser's VNC server closed"));
-                        },
-                        why = &mut down => return why.unwrap_or("client gone"),
+            Ok(step) => step,
+        };
+        if !frames.data().is_empty() {
+            touch();
+            let n = frames.data().len();
+            let write = tokio::time::timeout(IDLE, wr.write_all(frames.data()));
+            tokio::pin!(write);
+            let failed = loop {
+                tokio::select! {
+                    w = &mut write => break (!matches!(w, Ok(Ok(())))).then_some((1011, "the remote browser's VNC server closed")),
+                    why = &mut down => return why.unwrap_or("client gone"),
+                    changed = ending.changed() => {
+                        let code = *ending.borrow();
+                        match (changed, code) {
+                            (Ok(()), None) => continue,
+                            _ => break Some(session_close(code)),
+                        }
                     }
-                    to_vnc.inc_by(n as u64);
                 }
-                match step {
-                    Step::Control(Control::Close) => break None,
-                    Step::Control(Control::Ping(p)) => {
-                        touch();
-                        // A pong answers the latest ping: one may be dropped.
-                        let _ = out_tx.try_send(Out::Pong(p));
-                    }
-                    Step::Control(Control::Pong) => {}
-                    Step::NeedMore => {}
-                }
-                frames.take_data();
+            };
+            if let Some(close) = failed {
+                break Some(close);
             }
+            to_vnc.inc_by(n as u64);
+        }
+        frames.data_written();
+        match step {
+            Step::Control(Control::Close) => break None,
+            Step::Control(Control::Ping(p)) => {
+                touch();
+                // A pong answers the latest ping: one may be dropped.
+                let _ = out_tx.try_send(Out::Pong(p));
+                continue;
+            }
+            // More may be buffered behind a control frame: parse on.
+            Step::Control(Control::Pong) => continue,
+            Step::NeedMore => frames.compact(),
         }
         let read = tokio::select! {
             why = &mut down => return why.unwrap_or("client gone"),
@@ -589,9 +651,8 @@ where
             changed = ending.changed() => {
                 let code = *ending.borrow();
                 match (changed, code) {
-                    (_, Some(1001)) | (Err(_), None) => break Some((1001, "the login session ended")),
-                    (_, Some(_)) => break Some((1011, "the login session failed")),
                     (Ok(()), None) => continue,
+                    _ => break Some(session_close(code)),
                 }
             }
         };
@@ -605,16 +666,16 @@ where
     };
     match close {
         Some((code, reason)) => {
-            let _ = out_tx.try_send(Out::Close(code, reason));
+            // Waits for room behind queued pongs (briefly).
+            let queued = out_tx.send(Out::Close(code, reason));
+            let _ = tokio::time::timeout(Duration::from_secs(1), queued).await;
         }
         None => drop(out_tx),
     }
     match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
         Ok(Ok(why)) => why,
-        _ => {
-            down.abort();
-            "client gone"
-        }
+        // Dropped (so aborted) on the way out.
+        _ => "client gone",
     }
 }
 
@@ -652,12 +713,13 @@ mod tests {
             loop {
                 let step = f.parse()?;
                 data.extend_from_slice(f.data());
-                f.take_data();
+                f.data_written();
                 match step {
                     Step::NeedMore => break,
                     Step::Control(c) => controls.push(c),
                 }
             }
+            f.compact();
             if at == bytes.len() {
                 return Ok((data, controls));
             }
@@ -935,6 +997,48 @@ mod tests {
         );
     }
 
+    /// The bridge's task aborted (as at shutdown) while its other half is
+    /// stuck writing to a client that reads nothing: that half goes too,
+    /// so the stream is let go rather than held.
+    #[tokio::test]
+    async fn aborting_the_bridge_ends_a_stuck_half_too() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (_client, server) = tokio::io::duplex(16);
+        let (vnc, far) = tokio::io::duplex(1 << 20);
+        let (_end, end_rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
+        let written = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = written.clone();
+        let (_far_rd, mut far_wr) = tokio::io::split(far);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 * 1024];
+            loop {
+                far_wr.write_all(&chunk).await?;
+                count.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+            #[allow(unreachable_code)]
+            std::io::Result::Ok(())
+        });
+        // More than the stream's own buffer holds: the bridge has read,
+        // and its write to the 16-byte client is stuck.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while written.load(Ordering::Relaxed) <= (1 << 20) + 64 * 1024 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bridge never read"
+            );
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        let ended = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the stream is let go");
+        assert!(
+            ended.unwrap().is_err(),
+            "the stream's far end sees it closed"
+        );
+    }
+
     #[tokio::test]
     async fn the_session_ending_closes_the_viewer_with_1001() {
         let (mut ws, _far, task, end) = bridged().await;
@@ -957,6 +1061,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, 0, "the stream got bytes");
+    }
+
+    /// A pong (or ping) and data in one read: the data goes on at once, not
+    /// when the client next sends something (a viewer's pong often shares
+    /// a packet with noVNC's next update request).
+    #[tokio::test]
+    async fn data_behind_a_control_frame_in_the_same_read_goes_on_at_once() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (vnc, mut far) = tokio::io::duplex(1 << 16);
+        let (_end, end_rx) = tokio::sync::watch::channel(None);
+        let _task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let wire = [
+            client_frame(true, OP_PONG, b"", [1, 2, 3, 4]),
+            client_frame(true, OP_PING, b"p", [5, 6, 7, 8]),
+            client_frame(true, OP_BINARY, b"after", [9, 10, 11, 12]),
+        ]
+        .concat();
+        wr.write_all(&wire).await.unwrap();
+        let mut got = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), far.read_exact(&mut got))
+            .await
+            .expect("the data behind the control frames went on")
+            .unwrap();
+        assert_eq!(&got, b"after");
+        let mut pong = [0u8; 3];
+        rd.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0x80 | OP_PONG, 1, b'p']);
     }
 
     /// Raw bytes a hostile client might send: an unmasked frame closes the
