@@ -521,17 +521,21 @@ async fn usage_is_recorded_per_user_and_sandbox_and_totals_exported() {
     let mut back = vec![0u8; 10_000];
     tunnel.read_exact(&mut back).await.unwrap();
     drop(tunnel);
-    // The tunnel is accounted once the proxy has seen it close.
+    // The tunnel counts when it opens; its last bytes once the pump has
+    // written them on (the client may read them a moment before).
     let deadline = Instant::now() + Duration::from_secs(10);
     let usage = loop {
         proxy.egress.flush_usage().await;
         let usage = proxy.store.egress_usage(user).await.unwrap();
-        if usage.first().is_some_and(|u| u.tunnels == 1) {
+        if usage
+            .first()
+            .is_some_and(|u| u.tunnels == 1 && u.bytes_down >= 30_000 && u.bytes_up >= 10_000)
+        {
             break usage;
         }
         assert!(
             Instant::now() < deadline,
-            "the closed tunnel was never accounted: {usage:?}"
+            "the tunnel and all its bytes were never accounted: {usage:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
