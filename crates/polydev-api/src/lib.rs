@@ -22,6 +22,7 @@ mod openapi;
 mod origin;
 mod routes;
 mod schema;
+mod serve;
 mod state;
 mod web;
 pub mod ws;
@@ -33,6 +34,7 @@ pub use auth::{mint_token, token_hash, MintedToken, PasswordHasherPool, SESSION_
 pub use error::{ApiError, ErrorBody};
 pub use metrics::HttpMetrics;
 pub use openapi::openapi_json;
+pub use serve::serve;
 pub use state::{ApiConfig, AppState, BuildInfo, Observability};
 /// The viewer WebSocket ↔ stream pump (also measured by `polydev-bench stream`).
 pub use ws::bridge;

@@ -26,7 +26,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use tokio::io::Interest;
 
 use crate::error::ApiError;
 
@@ -165,9 +167,21 @@ impl Upgrade {
             on_upgrade,
         } = self;
         let started = tasks.spawn(async move {
-            match on_upgrade.await {
-                Ok(up) => run(hyper_util::rt::TokioIo::new(up)).await,
-                Err(e) => tracing::warn!(error = %e, "viewer WebSocket upgrade failed"),
+            let up = match on_upgrade.await {
+                Ok(up) => up,
+                Err(e) => return tracing::warn!(error = %e, "viewer WebSocket upgrade failed"),
+            };
+            // The server's connections are TCP sockets: the pump works on
+            // the socket itself (splice needs its descriptor).
+            match up.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+                Ok(parts) => {
+                    run(Socket {
+                        stream: Stream::Tcp(parts.io.into_inner()),
+                        early: parts.read_buf,
+                    })
+                    .await
+                }
+                Err(_) => tracing::error!("a viewer WebSocket not on a TCP socket: closed"),
             }
         });
         if !started {
@@ -199,8 +213,155 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     }
 }
 
-/// The upgraded connection.
-pub type Socket = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+/// The upgraded connection: its socket, and any bytes the HTTP server
+/// read past the handshake (frames a client sent before the answer).
+#[derive(Debug)]
+pub struct Socket {
+    pub stream: Stream,
+    pub early: bytes::Bytes,
+}
+
+/// A connected stream socket: the viewer's TCP connection, or the VNC
+/// server's Unix socket (TCP in the benchmark and the tests).
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+macro_rules! each {
+    ($s:expr, $v:ident => $e:expr) => {
+        match $s {
+            Stream::Tcp($v) => $e,
+            Stream::Unix($v) => $e,
+        }
+    };
+}
+
+impl Stream {
+    async fn ready(&self, i: Interest) -> std::io::Result<()> {
+        each!(self, s => s.ready(i).await.map(|_| ()))
+    }
+
+    /// `f` on the socket once it is ready for `i`, until it does not
+    /// block (a `WouldBlock` from `f` clears the readiness).
+    async fn when_ready<R>(
+        &self,
+        i: Interest,
+        mut f: impl FnMut(BorrowedFd<'_>) -> nix::Result<R>,
+    ) -> std::io::Result<R> {
+        loop {
+            self.ready(i).await?;
+            let fd = self.fd();
+            match each!(self, s => s.try_io(i, || f(fd).map_err(std::io::Error::from))) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        each!(self, s => s.as_fd())
+    }
+
+    async fn read_some(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.when_ready(Interest::READABLE, |fd| nix::unistd::read(fd, buf))
+            .await
+    }
+
+    /// All of `bytes`, within `IDLE`; `more`: the next write follows at
+    /// once (the header before its spliced payload: one segment, not two).
+    async fn send_all(&self, mut bytes: &[u8], more: bool) -> std::io::Result<()> {
+        use nix::sys::socket::MsgFlags;
+        let flags = if more {
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::from_bits_retain(nix::libc::MSG_MORE)
+        } else {
+            MsgFlags::MSG_NOSIGNAL
+        };
+        let all = async {
+            while !bytes.is_empty() {
+                let n = self
+                    .when_ready(Interest::WRITABLE, |fd| {
+                        nix::sys::socket::send(fd.as_raw_fd(), bytes, flags)
+                    })
+                    .await?;
+                bytes = &bytes[n..];
+            }
+            Ok(())
+        };
+        within_idle(all).await
+    }
+}
+
+async fn within_idle(f: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    tokio::time::timeout(IDLE, f)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Moves the VNC side's bytes to the client through a pipe (`splice`: the
+/// bytes never cross user space), each read behind a frame header.
+struct Splicer {
+    pipe_r: std::os::fd::OwnedFd,
+    pipe_w: std::os::fd::OwnedFd,
+    /// What the pipe holds: the most one frame carries.
+    room: usize,
+}
+
+impl Splicer {
+    fn new() -> std::io::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A bigger pipe where the host allows it; the default otherwise.
+        let want = i32::try_from(READ_BUF).unwrap_or(i32::MAX);
+        let _ = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(want));
+        let room = fcntl(&pipe_w, FcntlArg::F_GETPIPE_SZ)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(64 * 1024);
+        Ok(Self {
+            pipe_r,
+            pipe_w,
+            room,
+        })
+    }
+
+    /// What `from` has (up to the pipe's room) into the empty pipe; 0 at
+    /// its end.
+    async fn fill(&self, from: &Stream) -> std::io::Result<usize> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        from.when_ready(Interest::READABLE, |fd| {
+            splice(fd, None, &self.pipe_w, None, self.room, flags)
+        })
+        .await
+    }
+
+    /// The pipe's `n` bytes to `to`, behind their frame header.
+    async fn frame_to(&self, to: &Stream, n: usize) -> std::io::Result<()> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let (h, hl) = header(OP_BINARY, n);
+        to.send_all(&h[..hl], true).await?;
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let mut left = n;
+        within_idle(async {
+            while left > 0 {
+                let m = to
+                    .when_ready(Interest::WRITABLE, |fd| {
+                        splice(&self.pipe_r, None, fd, None, left, flags)
+                    })
+                    .await?;
+                if m == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                left -= m.min(left);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
 
 /// XORs `data` with the mask key, starting `phase` bytes into it.
 fn unmask(data: &mut [u8], key: [u8; 4], phase: usize) {
@@ -236,40 +397,21 @@ fn header(opcode: u8, len: usize) -> ([u8; HEAD_ROOM], usize) {
 }
 
 /// One whole control frame (payload at most 125 bytes).
-async fn write_control<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    opcode: u8,
-    payload: &[u8],
-) -> std::io::Result<()> {
+async fn write_control(to: &Stream, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
     let payload = &payload[..payload.len().min(125)];
     let (h, n) = header(opcode, payload.len());
     let mut frame = [0u8; 2 + 125];
     frame[..n].copy_from_slice(&h[..n]);
     frame[n..n + payload.len()].copy_from_slice(payload);
-    write_within(w, &frame[..n + payload.len()]).await
+    to.send_all(&frame[..n + payload.len()], false).await
 }
 
-/// Writes `bytes` to the client, which must take them within `IDLE`.
-async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    let write = async {
-        w.write_all(bytes).await?;
-        w.flush().await
-    };
-    tokio::time::timeout(IDLE, write)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-async fn write_close<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    code: u16,
-    reason: &str,
-) -> std::io::Result<()> {
+async fn write_close(to: &Stream, code: u16, reason: &str) -> std::io::Result<()> {
     let mut p = [0u8; 125];
     let r = &reason.as_bytes()[..reason.len().min(123)];
     p[..2].copy_from_slice(&code.to_be_bytes());
     p[2..2 + r.len()].copy_from_slice(r);
-    write_control(w, OP_CLOSE, &p[..2 + r.len()]).await
+    write_control(to, OP_CLOSE, &p[..2 + r.len()]).await
 }
 
 /// A client frame that breaks the protocol: the connection closes with
@@ -512,32 +654,40 @@ enum Out {
 /// 1011; the session ending, with 1001 (1011 if it failed); a client
 /// silent for `IDLE` (pings go out every `PING`), with 1001; a client
 /// breaking the protocol, with 1002 (1003 for text frames).
-pub async fn bridge<C, S>(
-    client: C,
-    stream: S,
+pub async fn bridge(
+    client: Socket,
+    stream: Stream,
     mut ending: tokio::sync::watch::Receiver<Option<u16>>,
     touch: impl Fn() + Send + 'static,
     metrics: polydev_telemetry::metrics::LoginMetrics,
-) -> &'static str
-where
-    C: AsyncRead + AsyncWrite + Send + 'static,
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut rd, mut wr) = tokio::io::split(stream);
+) -> &'static str {
+    let Socket {
+        stream: client,
+        early,
+    } = client;
+    let (client, vnc) = (std::sync::Arc::new(client), std::sync::Arc::new(stream));
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Out>(4);
+    let splicer = match Splicer::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no pipe for the viewer");
+            let _ = write_close(&client, 1011, "the server is out of resources").await;
+            return "no pipe";
+        }
+    };
 
     // Stream → client (and pings, pongs and the close frame).
     let to_client = metrics.bridged_counter("to_client");
     let to_vnc = metrics.bridged_counter("to_vnc");
     let session_ending = ending.clone();
+    let (down_client, down_vnc) = (client.clone(), vnc.clone());
     let mut down = Half(tokio::spawn(async move {
-        let mut buf = vec![0u8; HEAD_ROOM + READ_BUF].into_boxed_slice();
+        let (client, vnc) = (down_client, down_vnc);
         let mut ping = tokio::time::interval(PING);
         ping.tick().await;
         loop {
             tokio::select! {
-                n = rd.read(&mut buf[HEAD_ROOM..]) => {
+                n = splicer.fill(&vnc) => {
                     let n = match n {
                         Ok(0) | Err(_) => {
                             let (code, reason) = match *session_ending.borrow() {
@@ -545,36 +695,33 @@ where
                                 Some(_) => (1011, "the login session failed"),
                                 None => (1011, "the remote browser's VNC server closed"),
                             };
-                            let _ = write_close(&mut client_wr, code, reason).await;
+                            let _ = write_close(&client, code, reason).await;
                             return reason;
                         }
                         Ok(n) => n,
                     };
                     to_client.inc_by(n as u64);
-                    let (h, hl) = header(OP_BINARY, n);
-                    let at = HEAD_ROOM - hl;
-                    buf[at..HEAD_ROOM].copy_from_slice(&h[..hl]);
-                    if write_within(&mut client_wr, &buf[at..HEAD_ROOM + n]).await.is_err() {
+                    if splicer.frame_to(&client, n).await.is_err() {
                         return "client gone";
                     }
                 }
                 _ = ping.tick() => {
-                    if write_control(&mut client_wr, OP_PING, &[]).await.is_err() {
+                    if write_control(&client, OP_PING, &[]).await.is_err() {
                         return "client gone";
                     }
                 }
                 o = out_rx.recv() => match o {
                     Some(Out::Pong(p)) => {
-                        if write_control(&mut client_wr, OP_PONG, &p).await.is_err() {
+                        if write_control(&client, OP_PONG, &p).await.is_err() {
                             return "client gone";
                         }
                     }
                     Some(Out::Close(code, reason)) => {
-                        let _ = write_close(&mut client_wr, code, reason).await;
+                        let _ = write_close(&client, code, reason).await;
                         return reason;
                     }
                     None => {
-                        let _ = write_close(&mut client_wr, 1000, "closed").await;
+                        let _ = write_close(&client, 1000, "closed").await;
                         return "closed";
                     }
                 },
@@ -586,6 +733,19 @@ where
     // when it fires (not re-armed per read); the session is touched at
     // most once a second.
     let mut frames = Frames::new();
+    if early.len() > frames.spare().len() {
+        let _ = out_tx.try_send(Out::Close(
+            1009,
+            "too many bytes before the handshake's answer",
+        ));
+        drop(out_tx);
+        return match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
+            Ok(Ok(why)) => why,
+            _ => "client gone",
+        };
+    }
+    frames.spare()[..early.len()].copy_from_slice(&early);
+    frames.filled(early.len());
     let mut heard = tokio::time::Instant::now();
     let idle = tokio::time::sleep(IDLE);
     tokio::pin!(idle);
@@ -605,11 +765,11 @@ where
         if !frames.data().is_empty() {
             touch();
             let n = frames.data().len();
-            let write = tokio::time::timeout(IDLE, wr.write_all(frames.data()));
+            let write = vnc.send_all(frames.data(), false);
             tokio::pin!(write);
             let failed = loop {
                 tokio::select! {
-                    w = &mut write => break (!matches!(w, Ok(Ok(())))).then_some((1011, "the remote browser's VNC server closed")),
+                    w = &mut write => break w.is_err().then_some((1011, "the remote browser's VNC server closed")),
                     why = &mut down => return why.unwrap_or("client gone"),
                     changed = ending.changed() => {
                         let code = *ending.borrow();
@@ -640,7 +800,7 @@ where
         }
         let read = tokio::select! {
             why = &mut down => return why.unwrap_or("client gone"),
-            r = client_rd.read(frames.spare()) => r,
+            r = client.read_some(frames.spare()) => r,
             () = &mut idle => {
                 if heard.elapsed() >= IDLE {
                     break Some((1001, "idle"));
@@ -683,6 +843,42 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected TCP pair on loopback: (client end, server end).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// The bridge between a client's TCP socket and a Unix "VNC" socket
+    /// whose far end the test holds.
+    async fn start(
+        server: tokio::net::TcpStream,
+    ) -> (
+        tokio::net::UnixStream,
+        tokio::task::JoinHandle<&'static str>,
+        tokio::sync::watch::Sender<Option<u16>>,
+    ) {
+        let (vnc, far) = tokio::net::UnixStream::pair().unwrap();
+        let (end_tx, end_rx) = tokio::sync::watch::channel(None);
+        let socket = Socket {
+            stream: Stream::Tcp(server),
+            early: bytes::Bytes::new(),
+        };
+        let task = tokio::spawn(bridge(
+            socket,
+            Stream::Unix(vnc),
+            end_rx,
+            || {},
+            Default::default(),
+        ));
+        (far, task, end_tx)
+    }
 
     /// A client frame as a browser sends it: masked with `key`.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
@@ -912,20 +1108,18 @@ mod tests {
         assert_eq!(f.buf.len(), cap);
     }
 
-    type Client = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
+    type Client = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
     /// A well-kept client (tungstenite) on one end of the bridge and the
     /// far end of its stream; the bridge's task and its session's ending.
     async fn bridged() -> (
         Client,
-        tokio::io::DuplexStream,
+        tokio::net::UnixStream,
         tokio::task::JoinHandle<&'static str>,
         tokio::sync::watch::Sender<Option<u16>>,
     ) {
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let (vnc, far) = tokio::io::duplex(1 << 20);
-        let (end_tx, end_rx) = tokio::sync::watch::channel(None);
-        let task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
+        let (client, server) = tcp_pair().await;
+        let (far, task, end_tx) = start(server).await;
         let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             client,
             tokio_tungstenite::tungstenite::protocol::Role::Client,
@@ -957,7 +1151,7 @@ mod tests {
         use tokio_tungstenite::tungstenite::Message;
         let (mut ws, far, task, _end) = bridged().await;
         // The far end echoes.
-        let (mut far_rd, mut far_wr) = tokio::io::split(far);
+        let (mut far_rd, mut far_wr) = far.into_split();
         tokio::spawn(async move { tokio::io::copy(&mut far_rd, &mut far_wr).await });
         let mut sent = Vec::new();
         for n in [1usize, 125, 126, 4096, 65536, 200_000] {
@@ -1003,13 +1197,15 @@ mod tests {
     #[tokio::test]
     async fn aborting_the_bridge_ends_a_stuck_half_too() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let (_client, server) = tokio::io::duplex(16);
-        let (vnc, far) = tokio::io::duplex(1 << 20);
-        let (_end, end_rx) = tokio::sync::watch::channel(None);
-        let task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
+        let (client, server) = tcp_pair().await;
+        // Small socket buffers, so the bridge gets stuck soon.
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&client, sockopt::RcvBuf, &4096).unwrap();
+        setsockopt(&server, sockopt::SndBuf, &4096).unwrap();
+        let (far, task, _end) = start(server).await;
         let written = std::sync::Arc::new(AtomicUsize::new(0));
         let count = written.clone();
-        let (_far_rd, mut far_wr) = tokio::io::split(far);
+        let (_far_rd, mut far_wr) = far.into_split();
         let writer = tokio::spawn(async move {
             let chunk = vec![1u8; 64 * 1024];
             loop {
@@ -1019,10 +1215,11 @@ mod tests {
             #[allow(unreachable_code)]
             std::io::Result::Ok(())
         });
-        // More than the stream's own buffer holds: the bridge has read,
-        // and its write to the 16-byte client is stuck.
+        // More than the Unix socket holds (~208 KiB) and the client's
+        // small TCP buffers: the bridge has read, and its write to the
+        // client, which reads nothing, is stuck.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while written.load(Ordering::Relaxed) <= (1 << 20) + 64 * 1024 {
+        while written.load(Ordering::Relaxed) < 384 << 10 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the bridge never read"
@@ -1068,11 +1265,9 @@ mod tests {
     /// a packet with noVNC's next update request).
     #[tokio::test]
     async fn data_behind_a_control_frame_in_the_same_read_goes_on_at_once() {
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let (vnc, mut far) = tokio::io::duplex(1 << 16);
-        let (_end, end_rx) = tokio::sync::watch::channel(None);
-        let _task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
-        let (mut rd, mut wr) = tokio::io::split(client);
+        let (client, server) = tcp_pair().await;
+        let (mut far, _task, _end) = start(server).await;
+        let (mut rd, mut wr) = client.into_split();
         let wire = [
             client_frame(true, OP_PONG, b"", [1, 2, 3, 4]),
             client_frame(true, OP_PING, b"p", [5, 6, 7, 8]),
@@ -1095,11 +1290,9 @@ mod tests {
     /// connection with 1002 before any of it reaches the stream.
     #[tokio::test]
     async fn an_unmasked_frame_closes_with_1002() {
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let (vnc, mut far) = tokio::io::duplex(1 << 16);
-        let (_end, end_rx) = tokio::sync::watch::channel(None);
-        let task = tokio::spawn(bridge(server, vnc, end_rx, || {}, Default::default()));
-        let (mut rd, mut wr) = tokio::io::split(client);
+        let (client, server) = tcp_pair().await;
+        let (mut far, task, _end) = start(server).await;
+        let (mut rd, mut wr) = client.into_split();
         wr.write_all(&[0x82, 0x02, b'h', b'i']).await.unwrap();
         let mut got = [0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))

@@ -30,6 +30,7 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
                 if let Ok(tcp) = TcpStream::connect(echo).await {
                     let _ = tcp.set_nodelay(true);
                     let (_keep, ending) = tokio::sync::watch::channel(None);
+                    let tcp = polydev_api::ws::Stream::Tcp(tcp);
                     polydev_api::bridge(socket, tcp, ending, || {}, Default::default()).await;
                 }
             })
@@ -37,12 +38,8 @@ async fn polydev_bridge(echo: std::net::SocketAddr) -> anyhow::Result<std::net::
     );
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let listener = axum::serve::ListenerExt::tap_io(listener, |t: &mut TcpStream| {
-        let _ = t.set_nodelay(true);
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    // The controller's own server (TCP_NODELAY on accepted sockets).
+    tokio::spawn(polydev_api::serve(listener, app, std::future::pending()));
     Ok(addr)
 }
 

@@ -1,6 +1,5 @@
 //! `polydev serve` and `polydev migrate`.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -283,18 +282,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     ));
 
     let mut graceful = stop_rx.clone();
-    // Small frames (VNC input, SSE deltas) go out at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // TCP_NODELAY on every connection; the peer on every request.
+    let server = polydev_api::serve(listener, app, async move {
         let _ = graceful.changed().await;
-    })
-    .into_future();
+    });
     tokio::pin!(server);
 
     let result = tokio::select! {

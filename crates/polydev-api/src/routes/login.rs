@@ -303,7 +303,14 @@ pub(crate) async fn websock(
             let (logins, id) = (logins.clone(), id.clone());
             move || logins.touch(&id)
         };
-        let end = crate::ws::bridge(ws, vnc, admitted.ending, touch, metrics.clone()).await;
+        let end = crate::ws::bridge(
+            ws,
+            crate::ws::Stream::Unix(vnc),
+            admitted.ending,
+            touch,
+            metrics.clone(),
+        )
+        .await;
         metrics.viewers.dec();
         tracing::info!(session = %id, end, "viewer disconnected");
     })
