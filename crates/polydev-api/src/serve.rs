@@ -19,7 +19,9 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-/// A client must send its request head within this long (slow-loris).
+/// A client must send its request head within this long (slow-loris);
+/// hyper also closes a keep-alive connection idle for this long (the
+/// shipped nginx config keeps its upstream connections for less).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops
@@ -46,8 +48,10 @@ pub async fn serve(
             Err(e) => {
                 // Out of descriptors or memory: wait instead of spinning.
                 tracing::error!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
             }
         };
         let _ = tcp.set_nodelay(true);

@@ -301,6 +301,8 @@ async fn within_idle(f: impl Future<Output = std::io::Result<()>>) -> std::io::R
 
 /// Moves the VNC side's bytes to the client through a pipe (`splice`: the
 /// bytes never cross user space), each read behind a frame header.
+/// (`splice` into a socket has no MSG_NOSIGNAL: a closed client is an
+/// EPIPE because Rust programs ignore SIGPIPE.)
 struct Splicer {
     pipe_r: std::os::fd::OwnedFd,
     pipe_w: std::os::fd::OwnedFd,

@@ -211,7 +211,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         move |mut resp: axum::response::Response| {
             let flag = flag.clone();
             async move {
-                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                // Not on a WebSocket's 101, whose `Connection: upgrade` the
+                // browser checks.
+                if flag.load(std::sync::atomic::Ordering::Relaxed)
+                    && resp.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS
+                {
                     resp.headers_mut().insert(
                         axum::http::header::CONNECTION,
                         axum::http::HeaderValue::from_static("close"),
@@ -283,10 +287,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let mut graceful = stop_rx.clone();
     // TCP_NODELAY on every connection; the peer on every request.
-    let server = polydev_api::serve(listener, app, async move {
+    let mut server = Box::pin(polydev_api::serve(listener, app, async move {
         let _ = graceful.changed().await;
-    });
-    tokio::pin!(server);
+    }));
 
     let result = tokio::select! {
         result = &mut server => result.context("the HTTP server failed"),
@@ -313,6 +316,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             }
         }
     };
+    // Past the drain deadline: the connections still open end here.
+    drop(server);
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     store.close().await;
