@@ -50,7 +50,7 @@ const MAX_CONTROL_FRAME: usize = 2 + 8 + 4 + 125;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
+pub const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
@@ -398,6 +398,21 @@ fn header(opcode: u8, len: usize) -> ([u8; HEAD_ROOM], usize) {
     }
 }
 
+/// A frame as a client sends it, masked with `key` (the tests' and the
+/// stream bench's client).
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let (mut h, n) = header(opcode, payload.len());
+    if !fin {
+        h[0] &= 0x7F;
+    }
+    h[1] |= 0x80;
+    let mut f = Vec::with_capacity(n + 4 + payload.len());
+    f.extend_from_slice(&h[..n]);
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
 /// One whole control frame (payload at most 125 bytes).
 async fn write_control(to: &Stream, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
     let payload = &payload[..payload.len().min(125)];
@@ -693,9 +708,8 @@ pub async fn bridge(
                     let n = match n {
                         Ok(0) | Err(_) => {
                             let (code, reason) = match *session_ending.borrow() {
-                                Some(1001) => (1001, "the login session ended"),
-                                Some(_) => (1011, "the login session failed"),
                                 None => (1011, "the remote browser's VNC server closed"),
+                                code => session_close(code),
                             };
                             let _ = write_close(&client, code, reason).await;
                             return reason;
@@ -735,19 +749,11 @@ pub async fn bridge(
     // when it fires (not re-armed per read); the session is touched at
     // most once a second.
     let mut frames = Frames::new();
-    if early.len() > frames.spare().len() {
-        let _ = out_tx.try_send(Out::Close(
-            1009,
-            "too many bytes before the handshake's answer",
-        ));
-        drop(out_tx);
-        return match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
-            Ok(Ok(why)) => why,
-            _ => "client gone",
-        };
+    let fits = early.len() <= frames.spare().len();
+    if fits {
+        frames.spare()[..early.len()].copy_from_slice(&early);
+        frames.filled(early.len());
     }
-    frames.spare()[..early.len()].copy_from_slice(&early);
-    frames.filled(early.len());
     let mut heard = tokio::time::Instant::now();
     let idle = tokio::time::sleep(IDLE);
     tokio::pin!(idle);
@@ -759,70 +765,74 @@ pub async fn bridge(
             touch();
         }
     };
-    let close = loop {
-        let step = match frames.parse() {
-            Err(broken) => break Some((broken.code, broken.reason)),
-            Ok(step) => step,
-        };
-        if !frames.data().is_empty() {
-            touch();
-            let n = frames.data().len();
-            let write = vnc.send_all(frames.data(), false);
-            tokio::pin!(write);
-            let failed = loop {
-                tokio::select! {
-                    w = &mut write => break w.is_err().then_some((1011, "the remote browser's VNC server closed")),
-                    why = &mut down => return why.unwrap_or("client gone"),
-                    changed = ending.changed() => {
-                        let code = *ending.borrow();
-                        match (changed, code) {
-                            (Ok(()), None) => continue,
-                            _ => break Some(session_close(code)),
+    let close = if !fits {
+        Some((1009, "too many bytes before the handshake's answer"))
+    } else {
+        loop {
+            let step = match frames.parse() {
+                Err(broken) => break Some((broken.code, broken.reason)),
+                Ok(step) => step,
+            };
+            if !frames.data().is_empty() {
+                touch();
+                let n = frames.data().len();
+                let write = vnc.send_all(frames.data(), false);
+                tokio::pin!(write);
+                let failed = loop {
+                    tokio::select! {
+                        w = &mut write => break w.is_err().then_some((1011, "the remote browser's VNC server closed")),
+                        why = &mut down => return why.unwrap_or("client gone"),
+                        changed = ending.changed() => {
+                            let code = *ending.borrow();
+                            match (changed, code) {
+                                (Ok(()), None) => continue,
+                                _ => break Some(session_close(code)),
+                            }
                         }
+                    }
+                };
+                if let Some(close) = failed {
+                    break Some(close);
+                }
+                to_vnc.inc_by(n as u64);
+            }
+            frames.data_written();
+            match step {
+                Step::Control(Control::Close) => break None,
+                Step::Control(Control::Ping(p)) => {
+                    touch();
+                    // A pong answers the latest ping: one may be dropped.
+                    let _ = out_tx.try_send(Out::Pong(p));
+                    continue;
+                }
+                // More may be buffered behind a control frame: parse on.
+                Step::Control(Control::Pong) => continue,
+                Step::NeedMore => frames.compact(),
+            }
+            let read = tokio::select! {
+                why = &mut down => return why.unwrap_or("client gone"),
+                r = client.read_some(frames.spare()) => r,
+                () = &mut idle => {
+                    if heard.elapsed() >= IDLE {
+                        break Some((1001, "idle"));
+                    }
+                    idle.as_mut().reset(heard + IDLE);
+                    continue;
+                }
+                changed = ending.changed() => {
+                    let code = *ending.borrow();
+                    match (changed, code) {
+                        (Ok(()), None) => continue,
+                        _ => break Some(session_close(code)),
                     }
                 }
             };
-            if let Some(close) = failed {
-                break Some(close);
-            }
-            to_vnc.inc_by(n as u64);
-        }
-        frames.data_written();
-        match step {
-            Step::Control(Control::Close) => break None,
-            Step::Control(Control::Ping(p)) => {
-                touch();
-                // A pong answers the latest ping: one may be dropped.
-                let _ = out_tx.try_send(Out::Pong(p));
-                continue;
-            }
-            // More may be buffered behind a control frame: parse on.
-            Step::Control(Control::Pong) => continue,
-            Step::NeedMore => frames.compact(),
-        }
-        let read = tokio::select! {
-            why = &mut down => return why.unwrap_or("client gone"),
-            r = client.read_some(frames.spare()) => r,
-            () = &mut idle => {
-                if heard.elapsed() >= IDLE {
-                    break Some((1001, "idle"));
+            match read {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => {
+                    heard = tokio::time::Instant::now();
+                    frames.filled(n);
                 }
-                idle.as_mut().reset(heard + IDLE);
-                continue;
-            }
-            changed = ending.changed() => {
-                let code = *ending.borrow();
-                match (changed, code) {
-                    (Ok(()), None) => continue,
-                    _ => break Some(session_close(code)),
-                }
-            }
-        };
-        match read {
-            Ok(0) | Err(_) => break None,
-            Ok(n) => {
-                heard = tokio::time::Instant::now();
-                frames.filled(n);
             }
         }
     };
@@ -880,25 +890,6 @@ mod tests {
             Default::default(),
         ));
         (far, task, end_tx)
-    }
-
-    /// A client frame as a browser sends it: masked with `key`.
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        f
     }
 
     /// Feeds `bytes` to a parser `chunk` bytes per read; returns the data

@@ -297,20 +297,8 @@ async fn throughput(url: &str, total: usize, chunk: usize) -> anyhow::Result<f64
     let (mut rd, mut wr) = s.into_split();
     // One masked frame, repeated to fill 64 KiB per write.
     let key = [0x3a, 0x91, 0x5c, 0xe7];
-    let mut frame = vec![0x82u8];
-    match chunk {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&key);
-    frame.extend((0..chunk).map(|i| 7u8 ^ key[i % 4]));
+    let frame =
+        polydev_api::ws::client_frame(true, polydev_api::ws::OP_BINARY, &vec![7u8; chunk], key);
     let per_write = (65536 / chunk).max(1);
     let batch = frame.repeat(per_write);
     let start = Instant::now();

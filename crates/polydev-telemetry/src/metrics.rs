@@ -325,10 +325,6 @@ impl LoginMetrics {
             .inc();
     }
 
-    pub fn bridged(&self, direction: &str, bytes: u64) {
-        self.bridged_counter(direction).inc_by(bytes);
-    }
-
     /// The bridged-bytes counter of one direction, to count into without
     /// a lookup per message.
     pub fn bridged_counter(&self, direction: &str) -> Counter {

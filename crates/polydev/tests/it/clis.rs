@@ -158,11 +158,24 @@ async fn each_cli_answers_from_its_stub_through_the_proxy_only() {
 }
 
 fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16, c: u16) -> std::path::PathBuf {
+    stub_config_with(dir, a, o, g, c, "")
+}
+
+/// `stub_config` with `extra` lines after it (in its `[runs]` table
+/// unless they open another).
+fn stub_config_with(
+    dir: &std::path::Path,
+    a: u16,
+    o: u16,
+    g: u16,
+    c: u16,
+    extra: &str,
+) -> std::path::PathBuf {
     let config = dir.join("polydev.toml");
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"copilot.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 60\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{a}\"\nopenai_base_url = \"http://openai.stub.test:{o}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{g}\"\ncopilot_base_url = \"http://copilot.stub.test:{c}\"\n"
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"anthropic.stub.test\" = \"127.0.0.1\"\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n\"copilot.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 60\ncredential_wait_secs = 60\nanthropic_base_url = \"http://anthropic.stub.test:{a}\"\nopenai_base_url = \"http://openai.stub.test:{o}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{g}\"\ncopilot_base_url = \"http://copilot.stub.test:{c}\"\n{extra}"
         ),
     )
     .unwrap();
@@ -434,10 +447,7 @@ async fn a_rate_limited_provider_is_reported_as_rate_limited() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queued_provider_gives_up_after_the_queue_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, 1, 1);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("queue_wait_secs = 1\n");
-    std::fs::write(&config, text).unwrap();
+    let config = stub_config_with(dir.path(), 1, 1, 1, 1, "queue_wait_secs = 1\n");
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("queue@example.com").await;
     let t = Some(token.as_str());
@@ -478,10 +488,7 @@ async fn a_queued_provider_gives_up_after_the_queue_wait() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_at_its_most_cli_runs_refuses_more_until_one_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, 1, 1);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("max_providers_in_flight = 5\n");
-    std::fs::write(&config, text).unwrap();
+    let config = stub_config_with(dir.path(), 1, 1, 1, 1, "max_providers_in_flight = 5\n");
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, first) = app.user("first@example.com").await;
     let (_, second) = app.user("second@example.com").await;
@@ -1082,12 +1089,8 @@ async fn a_subscription_token_run_shows_its_windows_and_when_a_limit_resets() {
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let config = stub_config(dir.path(), stub.addr.port(), 1, 1, 1);
-        let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!(
-            "[providers.claude_code]\nsubscription_login = \"{policy}\"\n"
-        ));
-        std::fs::write(&config, text).unwrap();
+        let extra = format!("[providers.claude_code]\nsubscription_login = \"{policy}\"\n");
+        let config = stub_config_with(dir.path(), stub.addr.port(), 1, 1, 1, &extra);
         let app =
             TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
         (stub, dir, app)
@@ -1190,14 +1193,12 @@ async fn cloud_keys_run_claude_on_bedrock_and_gemini_on_vertex() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = stub_config(dir.path(), 1, 1, 1, 1);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
+    let extra = format!(
         "bedrock_region = \"eu-west-3\"\nbedrock_base_url = \"http://anthropic.stub.test:{}\"\nvertex_base_url = \"http://gemini.stub.test:{}\"\n",
         bedrock.addr.port(),
         vertex.addr.port()
-    ));
-    std::fs::write(&config, text).unwrap();
+    );
+    let config = stub_config_with(dir.path(), 1, 1, 1, 1, &extra);
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, user) = app.user("cloud@example.com").await;
     let bedrock_key = format!("ABSKcanary{}", uuid::Uuid::new_v4().simple());
