@@ -1279,6 +1279,40 @@ mod tests {
         assert_eq!(pong, [0x80 | OP_PONG, 1, b'p']);
     }
 
+    /// A client that sends more before the handshake's answer than a
+    /// parse buffer holds (hyper hands those bytes over with the socket)
+    /// is closed with 1009; none of it reaches the stream.
+    #[tokio::test]
+    async fn too_many_bytes_before_the_answer_close_with_1009() {
+        let (client, server) = tcp_pair().await;
+        let (vnc, mut far) = tokio::net::UnixStream::pair().unwrap();
+        let (_end, end_rx) = tokio::sync::watch::channel(None);
+        let frame = client_frame(true, OP_BINARY, &[1u8; 60_000], [1, 2, 3, 4]);
+        let early = bytes::Bytes::from(frame.repeat(5));
+        let socket = Socket {
+            stream: Stream::Tcp(server),
+            early,
+        };
+        let task = tokio::spawn(bridge(
+            socket,
+            Stream::Unix(vnc),
+            end_rx,
+            || {},
+            Default::default(),
+        ));
+        let (mut rd, _wr) = client.into_split();
+        let mut got = [0u8; 4];
+        rd.read_exact(&mut got).await.unwrap();
+        assert_eq!(got[0], 0x88, "a close frame");
+        assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1009);
+        assert_eq!(
+            task.await.unwrap(),
+            "too many bytes before the handshake's answer"
+        );
+        let mut b = [0u8; 8];
+        assert_eq!(far.read(&mut b).await.unwrap(), 0, "the stream got bytes");
+    }
+
     /// Raw bytes a hostile client might send: an unmasked frame closes the
     /// connection with 1002 before any of it reaches the stream.
     #[tokio::test]
