@@ -377,12 +377,28 @@ impl AgentClient {
         path: &str,
         mode: u32,
     ) -> Result<u64, ClientError> {
+        self.unseal_into(purpose, aad, sealed, path, mode, false)
+            .await
+    }
+
+    /// `unseal`, adding the plaintext after the end of `path` when
+    /// `append` (the next chunk of a sealed stream).
+    pub async fn unseal_into(
+        &mut self,
+        purpose: &str,
+        aad: &[u8],
+        sealed: &[u8],
+        path: &str,
+        mode: u32,
+        append: bool,
+    ) -> Result<u64, ClientError> {
         let op = Op::Unseal {
             purpose: purpose.to_owned(),
             aad: B64.encode(aad),
             sealed: B64.encode(sealed),
             path: path.to_owned(),
             mode,
+            append,
         };
         match self.one(op).await? {
             Event::Done { bytes } => Ok(bytes),

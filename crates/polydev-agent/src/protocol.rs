@@ -88,12 +88,16 @@ pub enum Op {
     },
     /// Opens a box sealed to this agent's public key and writes the
     /// plaintext to `path` (mode `mode`); the plaintext never goes back.
+    /// With `append` it is added to the end of the file (one chunk of a
+    /// sealed stream after another) instead of replacing it.
     Unseal {
         purpose: String,
         aad: String,
         sealed: String,
         path: String,
         mode: u32,
+        #[serde(default)]
+        append: bool,
     },
 }
 
@@ -263,6 +267,7 @@ mod tests {
                 sealed: "UAEE".into(),
                 path: "/x".into(),
                 mode: 0o600,
+                append: false,
             },
         })
         .unwrap();

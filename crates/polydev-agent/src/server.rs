@@ -281,6 +281,7 @@ impl Agent {
                 sealed,
                 path,
                 mode,
+                append,
             } => {
                 let (Ok(aad), Ok(sealed)) = (B64.decode(aad), B64.decode(sealed)) else {
                     return write_frame(
@@ -290,12 +291,14 @@ impl Agent {
                     .await;
                 };
                 match self.sealing.open(&purpose, &aad, &sealed) {
-                    Ok(plaintext) => match write_file(Path::new(&path), mode, &plaintext).await {
-                        Ok(()) => Event::Done {
-                            bytes: plaintext.len() as u64,
-                        },
-                        Err(e) => error("io", format!("cannot write {path}: {e}")),
-                    },
+                    Ok(plaintext) => {
+                        match write_file_as(Path::new(&path), mode, &plaintext, append).await {
+                            Ok(()) => Event::Done {
+                                bytes: plaintext.len() as u64,
+                            },
+                            Err(e) => error("io", format!("cannot write {path}: {e}")),
+                        }
+                    }
                     Err(e) => error("unseal", e.to_string()),
                 }
             }
@@ -527,8 +530,9 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Largest file `Seal` reads (credential files are a few KiB).
-const MAX_SEAL: u64 = 1 << 20;
+/// Largest file `Seal` reads (credential files are a few KiB, a run's
+/// diff up to this): its box, in base64, fits one frame.
+const MAX_SEAL: u64 = 8 << 20;
 
 async fn seal_file(path: &str, recipient: &str, purpose: &str, aad: &str) -> Event {
     let (Ok(recipient), Ok(aad)) = (B64.decode(recipient), B64.decode(aad)) else {
@@ -559,6 +563,11 @@ async fn seal_file(path: &str, recipient: &str, purpose: &str, aad: &str) -> Eve
 }
 
 async fn write_file(path: &Path, mode: u32, bytes: &[u8]) -> std::io::Result<()> {
+    write_file_as(path, mode, bytes, false).await
+}
+
+/// Writes `bytes` to `path`, replacing it or (`append`) after its end.
+async fn write_file_as(path: &Path, mode: u32, bytes: &[u8], append: bool) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -568,9 +577,10 @@ async fn write_file(path: &Path, mode: u32, bytes: &[u8]) -> std::io::Result<()>
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
-            .write(true)
+            .write(!append)
+            .append(append)
             .create(true)
-            .truncate(true)
+            .truncate(!append)
             .mode(mode)
             .open(&path)?;
         f.write_all(&bytes)?;

@@ -210,6 +210,10 @@ impl From<RunError> for ApiError {
                     e.to_string(),
                 )
             },
+            RunError::TooLarge(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "workspace_too_large", m)
+            }
+            RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "run_conflict", m),
             RunError::NotOffered(e) => not_offered(&e),
             RunError::Sandbox(e) => ApiError::from(e),
         }

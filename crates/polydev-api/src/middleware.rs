@@ -106,6 +106,23 @@ fn bounds_itself(req: &Request) -> bool {
             .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
+/// Whether a request's body streams through its handler, which bounds
+/// each read and the whole (a run's workspace upload: up to hundreds of
+/// MiB, relayed to the sandbox as it arrives).
+fn streams_itself(req: &Request) -> bool {
+    let path = req.uri().path();
+    req.method() == axum::http::Method::PUT
+        && path
+            .strip_prefix("/api/runs/")
+            .and_then(|rest| rest.split_once("/workspace/"))
+            .is_some_and(|(id, provider)| {
+                !id.is_empty()
+                    && !id.contains('/')
+                    && !provider.is_empty()
+                    && !provider.contains('/')
+            })
+}
+
 /// Bounds the time to a response head. A request that bounds its own
 /// (`bounds_itself`) still has its body read within the deadline: only
 /// the work after it is the handler's to bound.
@@ -114,6 +131,9 @@ pub(crate) async fn deadline(
     req: Request,
     next: Next,
 ) -> Response {
+    if streams_itself(&req) {
+        return next.run(req).await;
+    }
     if bounds_itself(&req) {
         let (parts, body) = req.into_parts();
         return match tokio::time::timeout(limit, axum::body::to_bytes(body, body_limit)).await {

@@ -59,6 +59,8 @@ use crate::routes::{
         runs::start,
         runs::history,
         runs::credentials,
+        runs::workspace,
+        runs::diff,
         runs::get,
         runs::cancel,
         runs::cancel_provider,
@@ -72,7 +74,7 @@ use crate::routes::{
         providers::list,
         login::websock,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &WorkspaceProviders),
     tags(
         (name = "health", description = "Liveness and readiness"),
         (name = "users", description = "Accounts"),
@@ -99,12 +101,51 @@ impl Modify for BearerAuth {
     }
 }
 
+/// What a derived schema cannot say: a run with a workspace takes only
+/// the CLIs that work on code (`if`/`then` on the start body, added as
+/// extensions and renamed to the keywords in `openapi_json`).
+struct WorkspaceProviders;
+
+impl Modify for WorkspaceProviders {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{schema::Schema, RefOr};
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut("StartBody") {
+            let code: Vec<&str> = polydev_domain::Provider::ALL
+                .iter()
+                .filter(|p| polydev_sessions::providers::works_on_code(**p))
+                .map(|p| p.as_str())
+                .collect();
+            let rule = utoipa::openapi::extensions::ExtensionsBuilder::new()
+                .add("if", serde_json::json!({"required": ["workspace"]}))
+                .add(
+                    "then",
+                    serde_json::json!({"properties": {"providers": {"items": {"enum": code}}}}),
+                )
+                .build();
+            match body.extensions.as_mut() {
+                Some(e) => e.merge(rule),
+                None => body.extensions = Some(rule),
+            }
+        }
+    }
+}
+
 /// The document as pretty JSON (stable key order, for the snapshot).
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     // The version comes from the crate, not from whatever built it.
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    doc.to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
+    doc.to_pretty_json()
+        // utoipa writes every extension as `x-…`; these two are JSON
+        // Schema's own keywords (see `WorkspaceProviders`).
+        .map(|j| {
+            j.replace("\"x-if\": {", "\"if\": {")
+                .replace("\"x-then\": {", "\"then\": {")
+        })
+        .unwrap_or_else(|_| "{}".to_owned())
 }
 
 pub(crate) async fn serve() -> impl IntoResponse {

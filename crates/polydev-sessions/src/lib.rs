@@ -4,10 +4,13 @@
 //! `polydev_sandbox::Manager` (create, the agent connection, a service
 //! connection, destroy) and keep their own records in the store.
 //! `providers` holds everything CLI-specific; `vault` seals a CLI's
-//! credential file to the user's vault inside its sandbox.
+//! credential file to the user's vault inside its sandbox; `workspace`
+//! is what a run's workspace is (its sealed stream, how it is unpacked
+//! and how its diff is made).
 
 pub mod login;
 pub mod providers;
 pub mod runs;
 pub mod tasks;
 pub mod vault;
+pub mod workspace;

@@ -414,6 +414,18 @@ pub struct RunSetup<'a> {
     pub bases: ApiBases<'a>,
     /// The run's deadline (Claude Code's key helper outlives it).
     pub deadline: Duration,
+    /// On a workspace: what the CLI may do with it (its own permission
+    /// mode); `None` for a run without one.
+    pub mode: Option<crate::workspace::Mode>,
+}
+
+/// Whether `provider` takes a workspace: it has a read-only mode of its
+/// own for `ask` and an edit mode for `edit`.
+pub fn works_on_code(provider: Provider) -> bool {
+    matches!(
+        provider,
+        Provider::ClaudeCode | Provider::Codex | Provider::GeminiCli
+    )
 }
 
 /// Where the CLIs' providers are, when not the vendors' own API hosts (an
@@ -477,6 +489,7 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             format!("KEY=\"$(tr -d '\\r\\n' < {CREDENTIAL_FILE})\"; rm -f {CREDENTIAL_FILE}; export {key_vars}")
         }
     };
+    use crate::workspace::Mode;
     let mut env = Vec::new();
     let line = match provider {
         Provider::ClaudeCode => {
@@ -487,7 +500,13 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             if let Some(u) = how.bases.anthropic {
                 env.push(("ANTHROPIC_BASE_URL".into(), u.to_owned()));
             }
-            let run = "exec claude -p --output-format stream-json --verbose";
+            // Plan mode reads and answers; acceptEdits may change files
+            // (its other tools still ask, and in print mode are refused).
+            let run = match how.mode {
+                None => "exec claude -p --output-format stream-json --verbose",
+                Some(Mode::Ask) => "exec claude -p --output-format stream-json --verbose --permission-mode plan",
+                Some(Mode::Edit) => "exec claude -p --output-format stream-json --verbose --permission-mode acceptEdits",
+            };
             if login {
                 format!("{} && {run} -- \"$POLYDEV_PROMPT\"", setup(""))
             } else if cloud {
@@ -539,10 +558,17 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
                 env.push(("CODEX_REFRESH_TOKEN_URL_OVERRIDE".into(), u.to_owned()));
             }
             let setup = setup("OPENAI_API_KEY=\"$KEY\" CODEX_API_KEY=\"$KEY\"");
+            // Asked about code, it reads only (its own read-only sandbox
+            // for the commands it runs); otherwise our sandbox is the
+            // boundary.
+            let sandbox_mode = match how.mode {
+                Some(Mode::Ask) => "read-only",
+                _ => "danger-full-access",
+            };
             // The commands Codex runs do not inherit variables named
             // like *KEY*, *SECRET*, *TOKEN* (its default excludes, off
             // unless asked for).
-            format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode=danger-full-access -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} -- \"$POLYDEV_PROMPT\"")
+            format!("{setup} && mkdir -p \"$CODEX_HOME\" && exec codex exec --skip-git-repo-check --json -c analytics.enabled=false -c cli_auth_credentials_store=file -c sandbox_mode={sandbox_mode} -c shell_environment_policy.ignore_default_excludes=false{provider_cfg} -- \"$POLYDEV_PROMPT\"")
         }
         Provider::GeminiCli => {
             if let Some(u) = how.bases.gemini {
@@ -570,7 +596,13 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             } else {
                 "GEMINI_API_KEY=\"$KEY\""
             });
-            format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini --prompt=\"$POLYDEV_PROMPT\" -o stream-json --skip-trust")
+            // Plan mode is read-only; auto_edit takes edits without asking.
+            let approval = match how.mode {
+                None => "",
+                Some(Mode::Ask) => " --approval-mode plan",
+                Some(Mode::Edit) => " --approval-mode auto_edit",
+            };
+            format!("{setup} && mkdir -p ~/.gemini && printf '%s' '{settings}' > ~/.gemini/settings.json && exec gemini --prompt=\"$POLYDEV_PROMPT\" -o stream-json --skip-trust{approval}")
         }
         Provider::OpenCode => {
             // One key, three possible vendors: told apart by the key's
@@ -1396,6 +1428,7 @@ mod tests {
                     ..ApiBases::default()
                 },
                 deadline: Duration::from_secs(60),
+                mode: None,
             };
             let (line, env) = run_command(p, &key);
             assert!(line.contains(CREDENTIAL_FILE), "{p:?}: {line}");
@@ -1458,6 +1491,7 @@ mod tests {
                 ..ApiBases::default()
             },
             deadline: Duration::from_secs(60),
+            mode: None,
         };
         let (line, env) = run_command(Provider::ClaudeCode, &how);
         for pair in [
@@ -1511,6 +1545,7 @@ mod tests {
                 ..ApiBases::default()
             },
             deadline: Duration::from_secs(60),
+            mode: None,
         };
         let (line, env) = run_command(Provider::Codex, &how);
         assert!(
@@ -1557,6 +1592,7 @@ mod tests {
                 ..ApiBases::default()
             },
             deadline: Duration::from_secs(60),
+            mode: None,
         };
         let (line, env) = run_command(Provider::OpenCode, &how);
         let cfg = |name: &str| -> Value {
@@ -1620,6 +1656,7 @@ mod tests {
                 kind: CredentialKind::ApiKey,
                 bases: ApiBases::default(),
                 deadline: Duration::from_secs(5),
+                mode: None,
             };
             let (line, env) = run_command(Provider::OpenCode, &how);
             let pipe = dir.path().join("pipe");

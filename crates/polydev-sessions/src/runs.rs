@@ -24,6 +24,7 @@ use polydev_sandbox::{CreateRequest, Limits, Manager, ManagerError, Network, San
 use polydev_store::{now_ms, Store};
 
 use crate::tasks::Tasks;
+use crate::workspace::{self, Mode, Workspace};
 
 use crate::providers::{
     credential_file, last_meaningful_line, normalise, run_command, Line, RunSetup, Usage,
@@ -52,6 +53,8 @@ pub const MAX_EVENTS: usize = 20_000;
 pub const MAX_HISTORY_BYTES: usize = 16 << 20;
 /// Viewers one run's event stream may have at once.
 pub const MAX_VIEWERS: usize = 16;
+/// How long one provider's workspace may take to arrive and unpack.
+const UPLOAD_DEADLINE: Duration = Duration::from_secs(600);
 /// Finished runs kept in memory at most, whatever their age.
 const MAX_FINISHED: usize = 256;
 
@@ -93,6 +96,8 @@ pub struct RunsConfig {
     pub max_providers_in_flight: usize,
     /// Whose subscription sign-ins (CLI login files) runs may use.
     pub sign_in: crate::providers::SignInPolicy,
+    /// The largest workspace archive a run takes (bytes).
+    pub max_workspace_bytes: u64,
 }
 
 impl RunsConfig {
@@ -142,6 +147,7 @@ impl Default for RunsConfig {
             queue_wait: Duration::from_secs(600),
             max_providers_in_flight: default_providers_in_flight(),
             sign_in: Default::default(),
+            max_workspace_bytes: 200 << 20,
         }
     }
 }
@@ -198,6 +204,14 @@ pub enum RunEvent {
         message: String,
         attempt: u32,
     },
+    /// What the CLI changed in the workspace (`edit` runs), sealed to the
+    /// user's vault key and stored with the run: its size in bytes (0: no
+    /// change), or why there is none.
+    Diff {
+        provider: Provider,
+        bytes: u64,
+        error: Option<String>,
+    },
     Done {
         provider: Provider,
         usage: Usage,
@@ -228,6 +242,7 @@ impl RunEvent {
             Self::Started { .. } => "started",
             Self::Delta { .. } => "delta",
             Self::Retrying { .. } => "retrying",
+            Self::Diff { .. } => "diff",
             Self::Done { .. } => "done",
             Self::Error { .. } => "error",
             Self::End { .. } => "end",
@@ -241,6 +256,7 @@ impl RunEvent {
             | Self::Started { provider, .. }
             | Self::Delta { provider, .. }
             | Self::Retrying { provider, .. }
+            | Self::Diff { provider, .. }
             | Self::Done { provider, .. }
             | Self::Error { provider, .. } => Some(*provider),
             Self::End { .. } => None,
@@ -261,6 +277,10 @@ impl RunEvent {
             Self::Retrying {
                 message, attempt, ..
             } => json!({"message": message, "attempt": attempt}),
+            Self::Diff { bytes, error, .. } => match error {
+                Some(e) => json!({"bytes": bytes, "error": e}),
+                None => json!({"bytes": bytes}),
+            },
             Self::Done { usage, limits, .. } => {
                 let mut v = json!({"exitCode": 0, "usage": usage});
                 if let Some(l) = limits {
@@ -300,6 +320,10 @@ pub struct ProviderView {
     /// While `queued`: how many runs are ahead of this one (1: next).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<usize>,
+    /// For a run with a workspace: whether this sandbox has it unpacked
+    /// (`awaiting`, `sending`, `ready`); its credential is taken only then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -321,6 +345,32 @@ struct ProviderRun {
     kind: Mutex<CredentialKind>,
     /// When its CLI started and when it finished (Unix ms).
     times: Mutex<(Option<i64>, Option<i64>)>,
+    /// Where its workspace stands (runs with one).
+    upload: Mutex<Upload>,
+    /// Its diff, sealed to the user (base64), once made.
+    diff: Mutex<Option<String>>,
+}
+
+/// Where a provider's workspace stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// The run has no workspace.
+    None,
+    Awaiting,
+    /// Chunks are arriving (one upload at a time).
+    Sending,
+    Ready,
+}
+
+impl Upload {
+    fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::Awaiting => Some("awaiting"),
+            Self::Sending => Some("sending"),
+            Self::Ready => Some("ready"),
+        }
+    }
 }
 
 /// A run's events so far (what a new viewer is replayed), and their size.
@@ -335,6 +385,8 @@ struct Run {
     id: String,
     user: UserId,
     providers: Vec<ProviderRun>,
+    /// The user's code the CLIs work on, if the run has one.
+    workspace: Option<Workspace>,
     events: Mutex<History>,
     tx: broadcast::Sender<Arc<RunEvent>>,
     cancelled: AtomicBool,
@@ -428,6 +480,7 @@ impl Run {
                         public_key: base64::engine::general_purpose::STANDARD.encode(&p.public_key),
                         state: p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed),
                         queue_position: p.position.lock().ok().and_then(|q| *q),
+                        workspace: p.upload.lock().ok().and_then(|u| u.as_str()),
                     },
                 )
             })
@@ -460,6 +513,13 @@ pub enum RunError {
     },
     #[error("this run has {MAX_VIEWERS} viewers already; close one")]
     TooManyViewers,
+    /// A workspace (or one of its chunks) larger than this server takes.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Asked out of order (a credential before the workspace arrived, a
+    /// second upload while one is arriving).
+    #[error("{0}")]
+    Conflict(String),
     /// Finished and no longer followed live; its states and sealed answers
     /// are in the history.
     #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
@@ -592,6 +652,7 @@ impl Runs {
         user: UserId,
         prompt: String,
         providers: Vec<Provider>,
+        workspace: Option<Workspace>,
     ) -> Result<RunView, RunError> {
         if prompt.trim().is_empty() || prompt.len() > MAX_PROMPT_BYTES || prompt.contains('\0') {
             return Err(RunError::Invalid(
@@ -606,6 +667,9 @@ impl Runs {
                 "providers: name at least one of {}",
                 Provider::VALID
             )));
+        }
+        if let Some(w) = workspace {
+            self.check_workspace(user, w, &providers).await?;
         }
         self.sweep();
         // Admission: more CLIs than the host runs in time would make every
@@ -660,6 +724,12 @@ impl Runs {
                 position: Mutex::new(None),
                 kind: Mutex::new(CredentialKind::ApiKey),
                 times: Mutex::new((None, None)),
+                upload: Mutex::new(if workspace.is_some() {
+                    Upload::Awaiting
+                } else {
+                    Upload::None
+                }),
+                diff: Mutex::new(None),
             });
         }
         let (tx, _) = broadcast::channel(1024);
@@ -667,6 +737,7 @@ impl Runs {
             id: id.clone(),
             user,
             providers: made,
+            workspace,
             events: Mutex::new(History::default()),
             tx,
             cancelled: AtomicBool::new(false),
@@ -720,6 +791,7 @@ impl Runs {
                 providers: providers_json(&run),
                 answers: None,
                 prompt: prompt_sealed,
+                diffs: None,
                 created_at_ms: run.created_ms,
                 finished_at_ms: None,
             })
@@ -889,6 +961,7 @@ impl Runs {
                                 public_key: String::new(),
                                 state: p["state"].as_str()?.parse().ok()?,
                                 queue_position: None,
+                                workspace: None,
                             },
                         ))
                     })
@@ -968,6 +1041,278 @@ impl Runs {
         }
     }
 
+    /// Whether a run with workspace `w` may start: within this server's
+    /// size, on CLIs that have a read-only mode, for a user with vault
+    /// keys (the diffs come back sealed to them).
+    async fn check_workspace(
+        &self,
+        user: UserId,
+        w: Workspace,
+        providers: &[Provider],
+    ) -> Result<(), RunError> {
+        let max = self.cfg.max_workspace_bytes;
+        if w.bytes > max {
+            return Err(RunError::TooLarge(format!(
+                "the workspace is {} bytes; this server takes at most {max} bytes ({} MiB)",
+                w.bytes,
+                max >> 20
+            )));
+        }
+        if w.bytes == 0 {
+            return Err(RunError::Invalid(
+                "workspace.bytes: the archive's size must be at least 1 byte".into(),
+            ));
+        }
+        if let Some(p) = providers
+            .iter()
+            .find(|p| !crate::providers::works_on_code(**p))
+        {
+            return Err(RunError::Invalid(format!(
+                "{} has no read-only mode of its own, so it does not take a workspace yet; workspaces run on Claude Code, Codex and Gemini CLI",
+                p.display_name()
+            )));
+        }
+        match self.store.vault_keys(user).await {
+            Ok(_) => Ok(()),
+            Err(polydev_store::StoreError::NotFound) => Err(RunError::Invalid(
+                "a workspace run needs your vault (its diffs come back sealed to it): set it up first".into(),
+            )),
+            Err(e) => Err(ManagerError::from(e).into()),
+        }
+    }
+
+    /// Takes one provider's workspace: the sealed chunks (see
+    /// [`crate::workspace`]) as they arrive, each opened by that
+    /// sandbox's agent and added to the archive, which is then unpacked
+    /// and committed as the base. A stream that is cut short, too long,
+    /// or whose chunks do not open leaves the provider awaiting its
+    /// workspace (to be sent again whole).
+    pub async fn upload_workspace<S>(
+        &self,
+        id: &str,
+        user: UserId,
+        provider: Provider,
+        mut chunks: S,
+    ) -> Result<RunView, RunError>
+    where
+        S: futures_util::Stream<Item = Result<Vec<u8>, RunError>> + Unpin + Send,
+    {
+        use futures_util::StreamExt;
+        let run = self.get(id, user)?;
+        let Some(w) = run.workspace else {
+            return Err(RunError::Invalid(format!(
+                "run {id} has no workspace (start it with one)"
+            )));
+        };
+        let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
+            return Err(RunError::Invalid(format!(
+                "{} is not part of this run",
+                provider.as_str()
+            )));
+        };
+        {
+            let state = p.state.lock().map(|s| *s).unwrap_or(ProviderState::Failed);
+            if !matches!(
+                state,
+                ProviderState::AwaitingCredentials | ProviderState::Queued
+            ) {
+                return Err(RunError::Conflict(format!(
+                    "{} has started (or ended) already; its workspace can no longer change",
+                    provider.as_str()
+                )));
+            }
+            let mut u = p
+                .upload
+                .lock()
+                .map_err(|_| RunError::Invalid("run state poisoned".into()))?;
+            match *u {
+                Upload::Awaiting => *u = Upload::Sending,
+                Upload::Sending => {
+                    return Err(RunError::Conflict(format!(
+                        "{}'s workspace is arriving already",
+                        provider.as_str()
+                    )))
+                }
+                Upload::Ready => {
+                    return Err(RunError::Conflict(format!(
+                        "{}'s workspace is in its sandbox already",
+                        provider.as_str()
+                    )))
+                }
+                Upload::None => unreachable!("a run with a workspace"),
+            }
+        }
+        let upload = async {
+            let count = w.chunks();
+            let name = provider.as_str();
+            let mut agent = self
+                .manager
+                .agent(&p.sandbox, Duration::from_secs(5))
+                .await
+                .map_err(ManagerError::from)?;
+            let mut total = 0u64;
+            for index in 0..count {
+                let chunk = match chunks.next().await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(RunError::Invalid(format!(
+                            "the workspace ended after {index} of its {count} chunks"
+                        )))
+                    }
+                };
+                if chunk.len() as u64 > workspace::CHUNK + workspace::SEAL_SLACK {
+                    return Err(RunError::TooLarge(format!(
+                        "chunk {index} is {} bytes sealed; a chunk holds at most {} bytes",
+                        chunk.len(),
+                        workspace::CHUNK
+                    )));
+                }
+                let aad = workspace::chunk_aad(id, name, index, count);
+                let opened = agent
+                    .unseal_into(
+                        workspace::WORKSPACE_PURPOSE,
+                        aad.as_bytes(),
+                        &chunk,
+                        workspace::archive_path(),
+                        0o600,
+                        index > 0,
+                    )
+                    .await;
+                match opened {
+                    Ok(n) => total += n,
+                    Err(e) => {
+                        return Err(RunError::Invalid(format!(
+                            "chunk {index} of {name}'s workspace did not open in its sandbox (seal each chunk to that sandbox's publicKey with info {:?} and aad \"{aad}\"): {e}",
+                            workspace::WORKSPACE_PURPOSE
+                        )))
+                    }
+                }
+            }
+            if chunks.next().await.is_some() {
+                return Err(RunError::Invalid(format!(
+                    "the workspace has more than the {count} chunks its {} bytes take",
+                    w.bytes
+                )));
+            }
+            if total != w.bytes {
+                return Err(RunError::Invalid(format!(
+                    "the workspace's chunks hold {total} bytes, not the {} the run was started with",
+                    w.bytes
+                )));
+            }
+            let line = workspace::unpack_line();
+            let out = agent
+                .exec(
+                    &["/bin/sh", "-c", &line],
+                    None,
+                    Duration::from_secs(120),
+                    |_| {},
+                )
+                .await
+                .map_err(|e| RunError::Sandbox(polydev_sandbox::DriverError::from(e).into()))?;
+            if out.code != Some(0) {
+                let why = last_meaningful_line(&String::from_utf8_lossy(&out.stderr))
+                    .unwrap_or_else(|| "it gave no reason".into());
+                return Err(RunError::Invalid(format!(
+                    "the workspace could not be unpacked as a tar archive: {why}"
+                )));
+            }
+            Ok(())
+        };
+        let result = match tokio::time::timeout(UPLOAD_DEADLINE, upload).await {
+            Ok(r) => r,
+            Err(_) => Err(RunError::Invalid(format!(
+                "the workspace did not arrive and unpack within {} s",
+                UPLOAD_DEADLINE.as_secs()
+            ))),
+        };
+        if let Ok(mut u) = p.upload.lock() {
+            *u = if result.is_ok() {
+                Upload::Ready
+            } else {
+                Upload::Awaiting
+            };
+        }
+        result.map(|()| run.view())
+    }
+
+    /// A provider's diff, sealed to the user (base64): from the live run,
+    /// or the store once it has ended. `None`: it has none (yet).
+    pub async fn diff(
+        &self,
+        id: &str,
+        user: UserId,
+        provider: Provider,
+    ) -> Result<Option<String>, RunError> {
+        match self.get(id, user) {
+            Ok(run) => Ok(run
+                .providers
+                .iter()
+                .find(|p| p.provider == provider)
+                .and_then(|p| p.diff.lock().ok()?.clone())),
+            Err(RunError::NotFound(_)) => stored_diff(&self.store, id, user, provider).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes what the CLI changed into a diff inside the sandbox and (with
+    /// `keep`) keeps it sealed to the user; its size, or why there is none.
+    async fn take_diff(&self, run: &Run, p: &ProviderRun, keep: bool) -> Result<u64, String> {
+        let mut agent = self
+            .manager
+            .agent(&p.sandbox, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("cannot reach the sandbox: {e}"))?;
+        let line = workspace::diff_line();
+        let out = agent
+            .exec(
+                &["/bin/sh", "-c", &line],
+                None,
+                Duration::from_secs(60),
+                |_| {},
+            )
+            .await
+            .map_err(|e| format!("cannot make the diff: {e}"))?;
+        if out.code != Some(0) {
+            let why = last_meaningful_line(&String::from_utf8_lossy(&out.stderr))
+                .unwrap_or_else(|| "git gave no reason".into());
+            return Err(format!("cannot make the diff: {why}"));
+        }
+        let bytes: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| "cannot make the diff: no size".to_owned())?;
+        if !keep {
+            return Ok(bytes);
+        }
+        let keys = self
+            .store
+            .vault_keys(run.user)
+            .await
+            .map_err(|e| format!("cannot read your vault key: {e}"))?;
+        if bytes > workspace::MAX_DIFF {
+            return Err(format!(
+                "the changes make a diff of {bytes} bytes, more than the {} MiB a run keeps",
+                workspace::MAX_DIFF >> 20
+            ));
+        }
+        let aad = format!("{}/{}", run.id, p.provider.as_str());
+        let sealed = agent
+            .seal_file(
+                workspace::DIFF_FILE,
+                &keys.public_key,
+                workspace::DIFF_PURPOSE,
+                aad.as_bytes(),
+            )
+            .await
+            .map_err(|e| format!("cannot seal the diff: {e}"))?;
+        if let Ok(mut d) = p.diff.lock() {
+            *d = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+        }
+        Ok(bytes)
+    }
+
     /// Hands each provider its sealed credential and starts its CLI.
     pub async fn credentials(
         self: &Arc<Self>,
@@ -1019,6 +1364,21 @@ impl Runs {
             });
             if queued {
                 return Err(RunError::Queued(provider.as_str().to_owned()));
+            }
+            // A run on code starts its CLI only on the code.
+            let unpacked = run.providers.iter().any(|p| {
+                p.provider == *provider
+                    && p.upload
+                        .lock()
+                        .map(|u| matches!(*u, Upload::None | Upload::Ready))
+                        .unwrap_or(false)
+            });
+            if !unpacked && run.providers.iter().any(|p| p.provider == *provider) {
+                return Err(RunError::Conflict(format!(
+                    "{} has not got its workspace yet: send it first (PUT /api/runs/{id}/workspace/{})",
+                    provider.display_name(),
+                    provider.as_str()
+                )));
             }
         }
         for (provider, (box_, kind)) in &sealed {
@@ -1117,8 +1477,14 @@ impl Runs {
                 kind,
                 bases: self.cfg.bases(),
                 deadline: self.cfg.deadline,
+                mode: run.workspace.map(|w| w.mode),
             },
         );
+        // On a workspace, the CLI starts in it.
+        let line = match run.workspace {
+            Some(_) => format!("cd {} || exit 2; {line}", workspace::DIR),
+            None => line,
+        };
         // The run's deadline ends the provider whatever the CLI (or the
         // sandbox's agent) does; the agent's own kill comes first.
         let until = tokio::time::Instant::now() + self.cfg.deadline + Duration::from_secs(5);
@@ -1232,6 +1598,28 @@ impl Runs {
                         }
                         if timed_out {
                             return Ok(Ended::TimedOut(code, out.limited(provider), out.resets_at(), out.failure.clone()));
+                        }
+                        // What it changed, before its last word; asked
+                        // only to read, it must have changed nothing.
+                        match run.workspace.map(|w| w.mode) {
+                            Some(Mode::Edit) => {
+                                let (bytes, error) = match self.take_diff(&run, p, true).await {
+                                    Ok(n) => (n, None),
+                                    Err(e) => (0, Some(e)),
+                                };
+                                run.emit(RunEvent::Diff { provider, bytes, error });
+                            }
+                            Some(Mode::Ask) => {
+                                let error = match self.take_diff(&run, p, false).await {
+                                    Ok(0) => None,
+                                    Ok(n) => Some(format!("{} changed the workspace ({n} bytes of diff) though asked only to read it; the changes were not kept", provider.display_name())),
+                                    Err(e) => Some(e),
+                                };
+                                if let Some(error) = error {
+                                    run.emit(RunEvent::Diff { provider, bytes: 0, error: Some(error) });
+                                }
+                            }
+                            None => {}
                         }
                         return Ok::<_, polydev_sandbox::DriverError>(Ended::Exited(code, out));
                     }
@@ -1380,7 +1768,20 @@ impl Runs {
         let store = &self.store;
         let finished = run.finished();
         let mut answers = None;
+        let mut diffs = None;
         if finished && !run.sealed.swap(true, Ordering::AcqRel) {
+            // Sealed inside each sandbox already.
+            let made: serde_json::Map<String, Value> = run
+                .providers
+                .iter()
+                .filter_map(|p| {
+                    let d = p.diff.lock().ok()?.clone()?;
+                    Some((p.provider.as_str().to_owned(), json!(d)))
+                })
+                .collect();
+            if !made.is_empty() {
+                diffs = Some(Value::Object(made).to_string());
+            }
             if let Ok(keys) = store.vault_keys(run.user).await {
                 if let Ok(pk) = polydev_vault::SealingPublicKey::from_bytes(&keys.public_key) {
                     let events = run
@@ -1417,6 +1818,7 @@ impl Runs {
                 state,
                 &providers_json(run),
                 answers.as_deref(),
+                diffs.as_deref(),
                 finished.then(now_ms),
             )
             .await
@@ -1659,11 +2061,49 @@ pub async fn history(store: &Store, user: UserId) -> Result<Vec<Value>, RunError
                 "answerPurpose": ANSWER_PURPOSE,
                 "prompt": r.prompt,
                 "promptPurpose": PROMPT_PURPOSE,
+                // Which providers brought a diff back (each is fetched on
+                // its own: GET /api/runs/{id}/diff/{provider}).
+                "diffs": r.diffs.as_deref()
+                    .and_then(|d| serde_json::from_str::<serde_json::Map<String, Value>>(d).ok())
+                    .map(|d| d.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default(),
                 "createdAtMs": r.created_at_ms,
                 "finishedAtMs": r.finished_at_ms,
             })
         })
         .collect())
+}
+
+/// A provider's diff as the store has it (sealed to the user, base64).
+pub async fn stored_diff(
+    store: &Store,
+    id: &str,
+    user: UserId,
+    provider: Provider,
+) -> Result<Option<String>, RunError> {
+    match store.run(user, id).await {
+        Ok(r) => Ok(r
+            .diffs
+            .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+            .and_then(|d| d[provider.as_str()].as_str().map(str::to_owned))),
+        Err(polydev_store::StoreError::NotFound) => Err(RunError::NotFound(id.to_owned())),
+        Err(e) => Err(ManagerError::from(e).into()),
+    }
+}
+
+/// A provider's diff: the live run's when `runs` holds it, else the
+/// store's (a server where runs are off still shows the ones made).
+pub async fn stored_or_live_diff(
+    runs: Option<&Runs>,
+    store: &Store,
+    id: &str,
+    user: UserId,
+    provider: Provider,
+) -> Result<Option<String>, RunError> {
+    match runs {
+        Some(r) => r.diff(id, user, provider).await,
+        None => stored_diff(store, id, user, provider).await,
+    }
 }
 
 /// States and timings per provider, for the store (no content).

@@ -15,6 +15,9 @@ pub struct RunRecord {
     pub answers: Option<String>,
     /// The prompt, sealed to the user (base64), if they have vault keys.
     pub prompt: Option<String>,
+    /// Workspace runs in `edit` mode: JSON, provider to its diff sealed
+    /// to the user (base64).
+    pub diffs: Option<String>,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
 }
@@ -32,6 +35,7 @@ fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
         providers: row.try_get("providers").map_err(StoreError::internal)?,
         answers: row.try_get("answers").map_err(StoreError::internal)?,
         prompt: row.try_get("prompt").map_err(StoreError::internal)?,
+        diffs: row.try_get("diffs").map_err(StoreError::internal)?,
         created_at_ms: row.try_get("created_at").map_err(StoreError::internal)?,
         finished_at_ms: row.try_get("finished_at").map_err(StoreError::internal)?,
     })
@@ -75,14 +79,16 @@ impl Store {
         state: RunState,
         providers: &str,
         answers: Option<&str>,
+        diffs: Option<&str>,
         finished_at_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), finished_at = COALESCE($4, finished_at) WHERE id = $5",
+            "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), diffs = COALESCE($4, diffs), finished_at = COALESCE($5, finished_at) WHERE id = $6",
         )
         .bind(state.as_str().to_owned())
         .bind(providers.to_owned())
         .bind(answers.map(str::to_owned))
+        .bind(diffs.map(str::to_owned))
         .bind(finished_at_ms)
         .bind(id.to_owned())
         .execute(self.pool())
@@ -94,7 +100,7 @@ impl Store {
     /// A user's runs, newest first.
     pub async fn list_runs(&self, user: UserId, limit: i64) -> Result<Vec<RunRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, diffs FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
         )
         .bind(user.to_string())
         .bind(limit)
@@ -107,7 +113,7 @@ impl Store {
     /// One run of `user` (`NotFound` for another user's, as if absent).
     pub async fn run(&self, user: UserId, id: &str) -> Result<RunRecord, StoreError> {
         let row = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt FROM runs WHERE id = $1 AND user_id = $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, diffs FROM runs WHERE id = $1 AND user_id = $2",
         )
         .bind(id.to_owned())
         .bind(user.to_string())

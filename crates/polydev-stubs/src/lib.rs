@@ -36,6 +36,11 @@ struct Stub {
     /// headers on every model call (`Some(true)`: the 5-hour window is
     /// used up, every call refused with 429).
     subscription: Option<bool>,
+    /// Drive the CLI's tool loop: the first model call that offers the
+    /// CLI's file-writing tool is answered with a call writing this file
+    /// (absolute path, content); the call that brings its result back
+    /// gets the answer.
+    edit: Option<(String, String)>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -92,6 +97,29 @@ pub async fn start_slow(
         fail,
         delay,
         subscription: None,
+        edit: None,
+        seen: seen.clone(),
+    };
+    serve(provider, stub, seen).await
+}
+
+/// A stub whose model asks the CLI, through the CLI's own file-writing
+/// tool, to write `content` to `path` (absolute, in the sandbox), then
+/// answers `answer` once the tool's result is back: the real CLI really
+/// edits its workspace.
+pub async fn start_editing(
+    provider: Provider,
+    answer: &str,
+    path: &str,
+    content: &str,
+) -> std::io::Result<StubServer> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stub = Stub {
+        answer: answer.to_owned(),
+        fail: None,
+        delay: std::time::Duration::ZERO,
+        subscription: None,
+        edit: Some((path.to_owned(), content.to_owned())),
         seen: seen.clone(),
     };
     serve(provider, stub, seen).await
@@ -108,6 +136,7 @@ pub async fn start_subscription(answer: &str, exhausted: bool) -> std::io::Resul
         fail: None,
         delay: std::time::Duration::ZERO,
         subscription: Some(exhausted),
+        edit: None,
         seen: seen.clone(),
     };
     serve(Provider::Anthropic, stub, seen).await
@@ -286,7 +315,22 @@ fn anthropic_answer(stub: &Stub, body: Bytes) -> Response {
         .into_response();
     }
     // Each event named by its type, as Anthropic's stream does.
-    let events = anthropic_events(&stub.answer, &model);
+    let offers_write = req["tools"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
+    let has_result = req["messages"].as_array().is_some_and(|m| {
+        m.iter().any(|m| {
+            m["content"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"))
+        })
+    });
+    let events = match &stub.edit {
+        Some((path, content)) if offers_write && !has_result => {
+            anthropic_write_events(path, content, &model)
+        }
+        _ => anthropic_events(&stub.answer, &model),
+    };
     let names: Vec<String> = events
         .iter()
         .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
@@ -302,6 +346,19 @@ fn anthropic_events(answer: &str, model: &str) -> Vec<Value> {
         json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": answer}}),
         json!({"type": "content_block_stop", "index": 0}),
         json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}}),
+        json!({"type": "message_stop"}),
+    ]
+}
+
+/// A Messages stream whose one block calls Claude Code's `Write` tool.
+fn anthropic_write_events(path: &str, content: &str, model: &str) -> Vec<Value> {
+    let input = json!({"file_path": path, "content": content}).to_string();
+    vec![
+        json!({"type": "message_start", "message": {"id": "msg_stub_tool", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_stub_write", "name": "Write", "input": {}}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": input}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 5}}),
         json!({"type": "message_stop"}),
     ]
 }
@@ -419,12 +476,40 @@ async fn openai_responses(
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or_default();
     let model = req["model"].as_str().unwrap_or("gpt-stub").to_owned();
-    let item = json!({"type": "message", "id": "msg_stub", "status": "completed", "role": "assistant",
-        "content": [{"type": "output_text", "text": stub.answer, "annotations": []}]});
     let response = |status: &str, output: Value| {
         json!({"id": "resp_stub", "object": "response", "created_at": 0, "status": status, "model": model, "output": output,
         "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}})
     };
+    if let Some((path, content)) = stub.edit.as_ref().filter(|_| codex_wants_a_tool_call(&req)) {
+        // Codex's one model-facing tool runs JavaScript that calls its
+        // nested tools; `apply_patch` adds the file (refused in its
+        // read-only sandbox mode).
+        let mut patch = format!("*** Begin Patch\n*** Add File: {path}\n");
+        for line in content.lines() {
+            patch.push('+');
+            patch.push_str(line);
+            patch.push('\n');
+        }
+        patch.push_str("*** End Patch\n");
+        let input = format!(
+            "const r = await tools.apply_patch({}); text(JSON.stringify(r));",
+            json!(patch)
+        );
+        let item = json!({"type": "custom_tool_call", "id": "ctc_stub", "call_id": "call_stub", "name": "exec", "input": input, "status": "completed"});
+        let events = vec![
+            json!({"type": "response.created", "response": response("in_progress", json!([]))}),
+            json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
+            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            json!({"type": "response.completed", "response": response("completed", json!([item]))}),
+        ];
+        let names: Vec<String> = events
+            .iter()
+            .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        return sse(names.iter().map(|n| Some(n.as_str())).zip(events).collect());
+    }
+    let item = json!({"type": "message", "id": "msg_stub", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": stub.answer, "annotations": []}]});
     // The whole sequence OpenAI's Responses API streams for one message
     // (Codex reads the finished item; the AI SDK in OpenCode, the parts
     // and deltas).
@@ -470,6 +555,30 @@ async fn openai_responses(
         .collect())
 }
 
+/// Whether a Responses request offers Codex's `exec` tool (in its
+/// `additional_tools` input item, or as a plain tool) and carries no
+/// tool result yet.
+fn codex_wants_a_tool_call(req: &Value) -> bool {
+    fn names_exec(tools: &Value) -> bool {
+        tools.as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["name"] == "exec" || names_exec(&t["tools"]))
+        })
+    }
+    let input = req["input"].as_array();
+    let offered = names_exec(&req["tools"])
+        || input.is_some_and(|i| i.iter().any(|i| names_exec(&i["tools"])));
+    let answered = input.is_some_and(|i| {
+        i.iter().any(|i| {
+            matches!(
+                i["type"].as_str(),
+                Some("custom_tool_call_output" | "function_call_output")
+            )
+        })
+    });
+    offered && !answered
+}
+
 /// The model polydev runs Copilot CLI on (the registry's).
 const COPILOT_MODEL: &str = "gpt-5-mini";
 
@@ -502,6 +611,25 @@ async fn gemini(State(stub): State<Stub>, Path(call): Path<String>, body: Bytes)
     let usage = json!({"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15});
     let candidate = |text: &str| json!({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage});
     if call.ends_with(":streamGenerateContent") {
+        let offers_write = req["tools"].as_array().is_some_and(|t| {
+            t.iter().any(|t| {
+                t["functionDeclarations"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|d| d["name"] == "write_file"))
+            })
+        });
+        let has_result = req["contents"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["parts"].as_array().is_some_and(|p| {
+                    p.iter()
+                        .any(|p| p.get("functionResponse").is_some_and(|r| !r.is_null()))
+                })
+            })
+        });
+        if let Some((path, content)) = stub.edit.as_ref().filter(|_| offers_write && !has_result) {
+            let call = json!({"candidates": [{"content": {"parts": [{"functionCall": {"name": "write_file", "args": {"file_path": path, "content": content}}}], "role": "model"}, "finishReason": "STOP", "index": 0}], "usageMetadata": usage});
+            return sse(vec![(None, call)]);
+        }
         return sse(vec![(None, candidate(&stub.answer))]);
     }
     // generateContent: the CLI's "complexity router" asks for JSON that fits

@@ -183,6 +183,7 @@ pub async fn start(token_prefix: &str) -> std::io::Result<StubServer> {
         fail: None,
         delay: std::time::Duration::ZERO,
         subscription: None,
+        edit: None,
         seen: seen.clone(),
     };
     let app = Router::new()

@@ -71,6 +71,10 @@ pub struct RunsFile {
     /// The most CLIs this host runs at once (the providers of live runs);
     /// a run beyond it answers 503 [default: 8 per core; at least 5].
     max_providers_in_flight: Option<usize>,
+    /// The largest workspace archive a run takes, in MiB (it is unpacked
+    /// in each sandbox's writable layer, so keep it well under the
+    /// sandboxes' disk) [default: 200; 1 to 4096].
+    max_workspace_mb: Option<u64>,
     /// Provider API base URLs (default: each CLI's own).
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
@@ -113,6 +117,9 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     }
     if let Some(n) = f.max_providers_in_flight {
         c.max_providers_in_flight = n.clamp(5, 100_000);
+    }
+    if let Some(mb) = f.max_workspace_mb {
+        c.max_workspace_bytes = mb.clamp(1, 4096) << 20;
     }
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;

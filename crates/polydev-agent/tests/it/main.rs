@@ -210,6 +210,34 @@ async fn a_credential_sealed_to_the_agent_is_opened_inside_and_never_sent_back()
         std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    // A sealed stream's next chunk goes after the end; a first one
+    // (append off) starts the file over.
+    let next = key.seal("sandbox-credential", b"run-1/1", b"+more");
+    c.unseal_into(
+        "sandbox-credential",
+        b"run-1/1",
+        &next,
+        target.to_str().unwrap(),
+        0o600,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"{\"token\":\"canary-abc\"}+more"
+    );
+    c.unseal_into(
+        "sandbox-credential",
+        b"run-1/1",
+        &next,
+        target.to_str().unwrap(),
+        0o600,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"+more");
     let wrong = c
         .unseal(
             "other-purpose",

@@ -101,6 +101,11 @@ pub(crate) fn api_routes() -> Router<AppState> {
             axum::routing::delete(runs::cancel_provider),
         )
         .route("/api/runs/{id}/credentials", post(runs::credentials))
+        .route(
+            "/api/runs/{id}/workspace/{provider}",
+            axum::routing::put(runs::workspace),
+        )
+        .route("/api/runs/{id}/diff/{provider}", get(runs::diff))
         .route("/api/runs/{id}/events", get(runs::events))
         .route("/api/vms/create", post(sandboxes::vm_create))
         .route("/api/vms/{id}", axum::routing::delete(sandboxes::vm_delete))

@@ -15,7 +15,7 @@ use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use polydev_domain::Provider;
-use polydev_sessions::runs::{RunView, Runs};
+use polydev_sessions::runs::{RunError, RunView, Runs};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -39,17 +39,36 @@ fn runs(state: &AppState) -> ApiResult<&Arc<Runs>> {
 pub(crate) struct StartBody {
     #[schema(schema_with = crate::schema::prompt)]
     prompt: String,
-    /// `claude_code`, `codex`, `gemini_cli` (default: all three).
+    /// `claude_code`, `codex`, `gemini_cli`, `opencode`, `copilot`
+    /// (default: all; with a workspace, the first three, the CLIs that
+    /// work on code).
     #[serde(default)]
     #[schema(schema_with = crate::schema::providers)]
     providers: Vec<String>,
+    /// The user's code for the CLIs to work on: a tar archive of `bytes`
+    /// bytes, sent sealed to each sandbox afterwards (`PUT
+    /// /api/runs/{id}/workspace/{provider}`).
+    #[serde(default)]
+    workspace: Option<WorkspaceBody>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct WorkspaceBody {
+    /// `ask` (the CLIs read it) or `edit` (they may change it; each one's
+    /// changes come back as a diff).
+    mode: polydev_sessions::workspace::Mode,
+    /// The archive's size in bytes (at most the server's
+    /// `runs.max_workspace_mb`; 413 otherwise).
+    #[schema(minimum = 1)]
+    bytes: u64,
 }
 
 /// Start a run: one sandbox per provider, each with a key to seal that
 /// provider's credential to.
 #[utoipa::path(post, operation_id = "start_run", path = "/api/runs", tag = "runs", request_body = StartBody, security(("bearer" = [])),
     responses((status = 201, body = RunView, description = "The run: each provider's sandbox and the key to seal its credential to"),
-        (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn start(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -57,15 +76,26 @@ pub(crate) async fn start(
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
     let runs = runs(&state)?;
     let providers = if body.providers.is_empty() {
-        Provider::ALL.to_vec()
+        // On code, the CLIs that work on code.
+        Provider::ALL
+            .iter()
+            .copied()
+            .filter(|p| body.workspace.is_none() || polydev_sessions::providers::works_on_code(*p))
+            .collect()
     } else {
         body.providers
             .iter()
             .map(|p| p.parse::<Provider>())
             .collect::<Result<Vec<_>, _>>()?
     };
+    let workspace = body
+        .workspace
+        .map(|w| polydev_sessions::workspace::Workspace {
+            mode: w.mode,
+            bytes: w.bytes,
+        });
     let view = runs
-        .start(user.0.user.id, body.prompt, providers)
+        .start(user.0.user.id, body.prompt, providers, workspace)
         .await
         .map_err(|e| ApiError::from(e).for_caller(user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -115,6 +145,151 @@ pub(crate) async fn credentials(
         .await
         .map_err(ApiError::from)?;
     Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// A workspace upload's body (for the API document): bytes, not JSON.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub(crate) struct SealedChunks(Vec<u8>);
+
+/// How long the next bytes of a workspace upload may take to arrive.
+const UPLOAD_READ_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A workspace upload's body, one sealed chunk at a time: each is a
+/// 4-byte big-endian length, then that many bytes. No chunk longer than a
+/// sealed `CHUNK` is buffered, and every read has a deadline.
+struct Chunks {
+    body: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+}
+
+impl Chunks {
+    async fn next_chunk(&mut self) -> Option<Result<Vec<u8>, RunError>> {
+        use futures_util::StreamExt;
+        use polydev_sessions::workspace::{CHUNK, SEAL_SLACK};
+        loop {
+            if self.buf.len() >= 4 {
+                let len =
+                    u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as u64;
+                if len > CHUNK + SEAL_SLACK {
+                    return Some(Err(RunError::TooLarge(format!(
+                        "a sealed chunk of {len} bytes; a chunk holds at most {CHUNK} bytes before sealing"
+                    ))));
+                }
+                let end = 4 + len as usize;
+                if self.buf.len() >= end {
+                    let chunk = self.buf[4..end].to_vec();
+                    self.buf.drain(..end);
+                    return Some(Ok(chunk));
+                }
+            }
+            match tokio::time::timeout(UPLOAD_READ_DEADLINE, self.body.next()).await {
+                Err(_) => {
+                    return Some(Err(RunError::Invalid(format!(
+                        "the workspace upload sent nothing for {} s",
+                        UPLOAD_READ_DEADLINE.as_secs()
+                    ))))
+                }
+                Ok(None) if self.buf.is_empty() => return None,
+                Ok(None) => {
+                    return Some(Err(RunError::Invalid(
+                        "the workspace upload ended inside a chunk".into(),
+                    )))
+                }
+                Ok(Some(Err(e))) => {
+                    return Some(Err(RunError::Invalid(format!(
+                        "the workspace upload broke off: {e}"
+                    ))))
+                }
+                Ok(Some(Ok(bytes))) => self.buf.extend_from_slice(&bytes),
+            }
+        }
+    }
+}
+
+/// Send one provider its workspace: the tar archive announced when the
+/// run started, cut into chunks of at most 1 MiB, each sealed to that
+/// provider's sandbox `publicKey` (HPKE, info `polydev/run-workspace/v1`,
+/// aad `<run id>/<provider>/workspace/<index>/<count>`), each chunk as a
+/// 4-byte big-endian length and the sealed bytes. The controller relays
+/// ciphertext only; the sandbox unpacks it into a git repository. Send it
+/// before the provider's credential.
+#[utoipa::path(put, operation_id = "put_run_workspace", path = "/api/runs/{id}/workspace/{provider}", tag = "runs",
+    request_body(content = SealedChunks, content_type = "application/octet-stream", description = "The sealed chunks, each length-prefixed"),
+    security(("bearer" = [])),
+    params(("id" = String, Path), ("provider" = String, Path, description = "A provider of the run.")),
+    responses((status = 200, body = RunView, description = "Unpacked in the provider's sandbox"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub(crate) async fn workspace(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, provider)): Path<(String, String)>,
+    body: axum::body::Body,
+) -> ApiResult<Json<RunView>> {
+    let provider: Provider = provider.parse()?;
+    let chunks = Chunks {
+        body: body.into_data_stream(),
+        buf: Vec::new(),
+    };
+    let stream = Box::pin(futures_util::stream::unfold(chunks, |mut c| async move {
+        c.next_chunk().await.map(|r| (r, c))
+    }));
+    Ok(Json(
+        runs(&state)?
+            .upload_workspace(&id, user.0.user.id, provider, stream)
+            .await
+            .map_err(ApiError::from)?,
+    ))
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SealedDiff {
+    provider: String,
+    /// `git apply`-able unified diff against the workspace's base, sealed
+    /// to your vault public key (base64; open it with your unlocked vault).
+    sealed: String,
+    purpose: &'static str,
+    aad: String,
+}
+
+/// What one provider's CLI changed in an `edit` run's workspace, sealed to
+/// you.
+#[utoipa::path(get, operation_id = "get_run_diff", path = "/api/runs/{id}/diff/{provider}", tag = "runs", security(("bearer" = [])),
+    params(("id" = String, Path), ("provider" = String, Path, description = "A provider of the run.")),
+    responses((status = 200, body = SealedDiff), (status = 404, body = ErrorBody)))]
+pub(crate) async fn diff(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, provider)): Path<(String, String)>,
+) -> ApiResult<Json<SealedDiff>> {
+    let provider: Provider = provider.parse()?;
+    let sealed = polydev_sessions::runs::stored_or_live_diff(
+        state.runs.as_deref(),
+        &state.store,
+        &id,
+        user.0.user.id,
+        provider,
+    )
+    .await
+    .map_err(ApiError::from)?
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "diff_not_found",
+            format!(
+                "{} brought no diff back in run {id} (not an edit run, not finished, or it failed)",
+                provider.as_str()
+            ),
+        )
+    })?;
+    Ok(Json(SealedDiff {
+        provider: provider.as_str().to_owned(),
+        sealed,
+        purpose: polydev_sessions::workspace::DIFF_PURPOSE,
+        aad: format!("{id}/{}", provider.as_str()),
+    }))
 }
 
 #[derive(Debug, serde::Serialize, ToSchema)]

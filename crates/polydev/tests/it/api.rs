@@ -261,6 +261,8 @@ fn refusal_the_schema_cannot_state(op: &str, status: u16, code: &str) -> bool {
         // The installation's sign-in policy, not the body's shape.
         403 => code == "sign_in_not_offered",
         429 => code == "rate_limited",
+        // The installation's workspace limit (configured, not in the schema).
+        413 => code == "workspace_too_large",
         503 => matches!(code, "environment_missing" | "environment_preparing"),
         _ => false,
     }

@@ -243,6 +243,16 @@ impl TestApp {
 
     /// Signs up and logs in; returns (user id, session token).
     pub async fn user(&self, email: &str) -> (String, String) {
+        let (id, token, _) = self.enrolled_user(email).await;
+        (id, token)
+    }
+
+    /// `user`, with the sealing key pair of the vault made at sign-up
+    /// (what the user's unlocked vault opens their boxes with).
+    pub async fn enrolled_user(
+        &self,
+        email: &str,
+    ) -> (String, String, polydev_vault::SealingKeyPair) {
         let (body, e) = signup(email, "correct horse");
         let r = self.post("/api/users", None, body).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
@@ -251,7 +261,8 @@ impl TestApp {
             .post("/api/auth/login", None, login_body(email, &e))
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        (id, r.body["token"].as_str().expect("token").to_owned())
+        let token = r.body["token"].as_str().expect("token").to_owned();
+        (id, token, e.sealing)
     }
 
     /// `polydev <args>` against this app's store.

@@ -163,7 +163,7 @@ fn stub_config(dir: &std::path::Path, a: u16, o: u16, g: u16, c: u16) -> std::pa
 
 /// `stub_config` with `extra` lines after it (in its `[runs]` table
 /// unless they open another).
-fn stub_config_with(
+pub(crate) fn stub_config_with(
     dir: &std::path::Path,
     a: u16,
     o: u16,

@@ -16,6 +16,7 @@ mod process;
 mod sandboxes;
 mod vault_api;
 mod vault_browser;
+mod workspaces;
 
 /// Expands each test into a `sqlite` and a `postgres` variant.
 macro_rules! on_both_backends {
