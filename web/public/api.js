@@ -12,7 +12,10 @@ export class ApiError extends Error {
 
 async function call(method, path, body) {
   const init = { method, credentials: "same-origin", headers: {} };
-  if (body !== undefined) {
+  if (body instanceof Uint8Array) {
+    init.headers["content-type"] = "application/octet-stream";
+    init.body = body;
+  } else if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);
   }
@@ -59,7 +62,9 @@ export const api = {
   environment: () => call("GET", "/api/admin/environment"),
   sandboxes: () => call("GET", "/api/sandboxes"),
   deleteSandbox: (id) => call("DELETE", `/api/sandboxes/${encodeURIComponent(id)}`),
-  startRun: (prompt, providers) => call("POST", "/api/runs", { prompt, providers }),
+  startRun: (prompt, providers, workspace) => call("POST", "/api/runs", workspace ? { prompt, providers, workspace } : { prompt, providers }),
+  runWorkspace: (id, provider, body) => call("PUT", `/api/runs/${encodeURIComponent(id)}/workspace/${encodeURIComponent(provider)}`, body),
+  runDiff: (id, provider) => call("GET", `/api/runs/${encodeURIComponent(id)}/diff/${encodeURIComponent(provider)}`),
   runCredentials: (id, credentials, kinds = {}) => call("POST", `/api/runs/${encodeURIComponent(id)}/credentials`, { credentials, kinds }),
   cancelRun: (id) => call("DELETE", `/api/runs/${encodeURIComponent(id)}`),
   cancelRunProvider: (id, provider) => call("DELETE", `/api/runs/${encodeURIComponent(id)}/providers/${encodeURIComponent(provider)}`),

@@ -8,8 +8,9 @@
 import { api, ApiError } from "/api.js";
 import { el, errorBox } from "/dom.js";
 import { seal } from "/vault.js";
-import { getSecret, openLoginCredential, openRunAnswer, openRunPrompt } from "/session.js";
+import { getSecret, openLoginCredential, openRunAnswer, openRunDiff, openRunPrompt } from "/session.js";
 import { copyButton, showAnswer } from "/markdown.js";
+import { diffView, readPicked, sealedUpload } from "/workspace.js";
 
 // The CLIs' names, from the provider registry once it has answered.
 const NAMES = {};
@@ -31,16 +32,39 @@ const when = (secs) => new Date(secs * 1000).toLocaleString([], { dateStyle: "me
 
 /// Starts a run; while the server is still preparing the CLIs' environment
 /// (a first start), or runs as many CLIs as it can, says so and tries again.
-async function startWhenReady(prompt, providers, say, stopped) {
+async function startWhenReady(prompt, providers, say, stopped, workspace) {
   for (;;) {
     try {
-      return await api.startRun(prompt, providers);
+      return await api.startRun(prompt, providers, workspace);
     } catch (e) {
       if (!(e instanceof ApiError) || !["environment_preparing", "runs_at_capacity"].includes(e.code) || stopped()) throw e;
       say(`${e.message} Waiting…`);
       await sleep(Math.min(30, Math.max(2, e.retryAfter || 10)) * 1000);
     }
   }
+}
+
+/// The CLIs that take a workspace (the server's `works_on_code`).
+const CODE_CLIS = ["claude_code", "codex", "gemini_cli"];
+
+/// A button that fetches one provider's sealed diff, opens it with your
+/// vault and shows it (with the patch to download).
+function changesButton(runId, provider) {
+  const box = el("div", { class: "diff-box" });
+  const show = el("button", { type: "button", class: "secondary", "data-diff": provider }, "Show changes");
+  show.addEventListener("click", async () => {
+    show.disabled = true;
+    try {
+      const r = await api.runDiff(runId, provider);
+      const patch = await openRunDiff(runId, provider, r.sealed);
+      box.replaceChildren(diffView(patch, `${runId}-${provider}.patch`));
+      show.remove();
+    } catch (e) {
+      show.disabled = false;
+      box.replaceChildren(errorBox(`Cannot open the changes: ${e.message}`));
+    }
+  });
+  return el("div", {}, show, box);
 }
 
 export function renderRuns(view) {
@@ -60,10 +84,39 @@ export function renderRuns(view) {
   let current = null;
   let gone = false;
 
+  // Optional: your code for the CLIs to work on (a folder, or a .tar).
+  const files = el("input", { type: "file", id: "workspace-files", multiple: true, webkitdirectory: true });
+  const tarFile = el("input", { type: "file", id: "workspace-tar", accept: ".tar,application/x-tar" });
+  const mode = el("select", { id: "workspace-mode" },
+    el("option", { value: "edit" }, "may change it (edit: each CLI's changes come back as a diff)"),
+    el("option", { value: "ask" }, "reads it only (ask)"));
+  const picked = el("p", { class: "muted small", id: "workspace-picked", "aria-live": "polite" });
+  let workspace = null;
+  const pick = async (list) => {
+    workspace = null;
+    picked.textContent = "";
+    if (!list || list.length === 0) return;
+    try {
+      const w = await readPicked(list);
+      workspace = w.archive;
+      picked.textContent = `${w.count === null ? "An archive" : `${w.count} files`}, ${(workspace.length / 1024).toFixed(0)} KiB as a tar archive; sealed in this tab to each CLI's sandbox.`;
+    } catch (e) {
+      picked.replaceChildren(errorBox(e.message));
+    }
+  };
+  files.addEventListener("change", () => { tarFile.value = ""; pick(files.files); });
+  tarFile.addEventListener("change", () => { files.value = ""; pick(tarFile.files); });
+  const code = el("details", { class: "workspace", id: "workspace" },
+    el("summary", {}, "Code (optional): let the CLIs work on your project"),
+    el("label", { for: "workspace-files" }, "A folder"), files,
+    el("label", { for: "workspace-tar" }, "or a .tar archive"), tarFile,
+    el("label", { for: "workspace-mode" }, "The CLIs"), mode, picked,
+    el("p", { class: "muted small" }, "Claude Code, Codex and Gemini CLI work on code; each gets its own copy. The server relays only what this tab sealed."));
+
   const form = el("form", { class: "card", novalidate: true },
     el("h1", {}, "Runs"),
     el("label", { for: "prompt" }, "Prompt"), prompt,
-    rows,
+    rows, code,
     el("p", { class: "muted small" }, "Keys are sealed in this tab to each run's sandbox; the server never sees them. Keys saved on the Providers page fill in here."),
     el("div", { class: "actions" }, run, cancel), status);
 
@@ -155,6 +208,18 @@ export function renderRuns(view) {
       cell.shown = cell.n;
       cell.answer.textContent += d.text;
     });
+    // What the CLI changed in the workspace: opened here on demand.
+    on("diff", (cell, d) => {
+      if (d.error) {
+        cell.changes.replaceChildren(el("p", { class: "error-text" }, d.error));
+        return;
+      }
+      if (!d.bytes) {
+        cell.changes.replaceChildren(el("p", { class: "muted small" }, "No changes to the code."));
+        return;
+      }
+      cell.changes.replaceChildren(changesButton(runId, d.provider));
+    });
     on("retrying", (cell, d) => { cell.state.textContent = `retrying (${d.attempt})`; cell.note.textContent = d.message; });
     on("done", (cell, d) => {
       cell.ended = true;
@@ -207,6 +272,11 @@ export function renderRuns(view) {
     event.preventDefault();
     status.replaceChildren();
     const chosen = choices.filter((c) => c.check.checked);
+    const onCode = chosen.filter((c) => !CODE_CLIS.includes(c.id));
+    if (workspace && onCode.length) {
+      status.replaceChildren(errorBox(`${onCode.map((c) => c.name).join(" and ")} cannot work on code yet: untick it, or remove the code.`));
+      return;
+    }
     if (!prompt.value.trim() || chosen.length === 0) {
       status.replaceChildren(errorBox("Write a prompt and choose at least one provider."));
       return;
@@ -224,9 +294,10 @@ export function renderRuns(view) {
       const clock = el("span", { class: "state" });
       const note = el("p", { class: "muted small", id: `note-${c.id}` });
       const answer = el("div", { class: "answer", id: `answer-${c.id}` });
+      const changes = el("div", { class: "changes", id: `changes-${c.id}` });
       // Stops this CLI alone (the others go on).
       const stop = el("button", { type: "button", class: "secondary copy", id: `stop-${c.id}`, disabled: true }, "Stop");
-      const cell = { state, clock, note, answer, stop };
+      const cell = { state, clock, note, answer, stop, changes };
       cells[c.id] = cell;
       stop.addEventListener("click", async () => {
         stop.disabled = true;
@@ -238,14 +309,25 @@ export function renderRuns(view) {
         }
       });
       const copy = copyButton("Copy", () => cell.raw ?? answer.textContent);
-      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock, stop, copy), note, answer);
+      return el("section", { class: "card column" }, el("h2", {}, c.name, " ", state, clock, stop, copy), note, answer, changes);
     }));
     try {
       const say = (text) => status.replaceChildren(el("p", { class: "muted" }, text));
-      const started = await startWhenReady(prompt.value, chosen.map((c) => c.id), say, () => gone);
+      const archive = workspace;
+      const started = await startWhenReady(prompt.value, chosen.map((c) => c.id), say, () => gone,
+        archive ? { mode: mode.value, bytes: archive.length } : undefined);
       status.replaceChildren();
       current = started.runId;
       const runId = current;
+      // The code first, sealed to each sandbox here: a CLI starts on it.
+      if (archive) {
+        await Promise.all(chosen.map(async (c) => {
+          cells[c.id].state.textContent = "sending the code";
+          const body = await sealedUpload(b64.decode(started.sandboxes[c.id].publicKey), runId, c.id, archive);
+          await api.runWorkspace(runId, c.id, body);
+          cells[c.id].state.textContent = "starting";
+        }));
+      }
       // Seals each provider's credential to its sandbox and hands them over.
       const send = async (ids) => {
         const credentials = {};
@@ -387,10 +469,16 @@ export function renderRuns(view) {
         });
         actions.append(open);
       }
+      // Each CLI's changes to the run's code, opened here on demand.
+      const changes = (r.diffs || []).map((provider) => {
+        const b = changesButton(r.runId, provider);
+        b.prepend(el("span", { class: "small" }, `${NAMES[provider] || provider}'s changes: `));
+        return b;
+      });
       const short = prompt.length > 200 ? `${prompt.slice(0, 200)}…` : prompt;
       const row = el("li", { class: "run-row", "data-run": r.runId },
         prompt ? el("p", { class: "run-prompt" }, short) : null,
-        el("span", { class: "muted small" }, `${when} — ${r.state} — ${states} `), actions, body);
+        el("span", { class: "muted small" }, `${when} — ${r.state} — ${states} `), actions, body, ...changes);
       return { row, text: `${prompt} ${states} ${r.state}`.toLowerCase() };
     }));
     history.replaceChildren(el("section", { class: "card" }, el("h2", {}, "Your runs"), search, shown,

@@ -234,6 +234,17 @@ export async function openRunPrompt(runId, sealedB64) {
   return new TextDecoder().decode(plain);
 }
 
+/// What `provider`'s CLI changed in a run's workspace: a git diff sealed
+/// to this user's key inside its sandbox (info polydev/run-diff/v1, aad
+/// `<runId>/<provider>`).
+export async function openRunDiff(runId, provider, sealedB64) {
+  if (!keys) throw new Error("unlock your vault first");
+  const plain = await v.open(keys.privateKey, "polydev/run-diff/v1",
+    new TextEncoder().encode(`${runId}/${provider}`), unb64(sealedB64));
+  touch();
+  return plain;
+}
+
 /// A run's stored answer from `provider` (sealed to this user's key by the
 /// controller as the run ended; info polydev/run-answer/v1, aad `<runId>/<provider>`).
 export async function openRunAnswer(runId, provider, sealedB64) {

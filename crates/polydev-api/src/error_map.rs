@@ -214,6 +214,7 @@ impl From<RunError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "workspace_too_large", m)
             }
             RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "run_conflict", m),
+            RunError::Timeout(m) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_timeout", m),
             RunError::NotOffered(e) => not_offered(&e),
             RunError::Sandbox(e) => ApiError::from(e),
         }

@@ -351,6 +351,39 @@ struct ProviderRun {
     diff: Mutex<Option<String>>,
 }
 
+/// Sets a provider's workspace back to awaiting when dropped, unless it
+/// is `ready` (then: ready, from now).
+struct UploadGuard<'a> {
+    upload: &'a Mutex<Upload>,
+    ready: bool,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut u) = self.upload.lock() {
+            *u = if self.ready {
+                Upload::Ready(tokio::time::Instant::now())
+            } else {
+                Upload::Awaiting
+            };
+        }
+    }
+}
+
+/// A message from inside a sandbox, bounded before it reaches an answer
+/// or the store (its agent is not trusted to keep it short).
+fn clamp(message: &str) -> String {
+    const MAX: usize = 300;
+    if message.len() <= MAX {
+        return message.to_owned();
+    }
+    let mut cut = MAX;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &message[..cut])
+}
+
 /// Where a provider's workspace stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Upload {
@@ -359,7 +392,8 @@ enum Upload {
     Awaiting,
     /// Chunks are arriving (one upload at a time).
     Sending,
-    Ready,
+    /// Unpacked (since then: the credential wait starts over).
+    Ready(tokio::time::Instant),
 }
 
 impl Upload {
@@ -368,7 +402,7 @@ impl Upload {
             Self::None => None,
             Self::Awaiting => Some("awaiting"),
             Self::Sending => Some("sending"),
-            Self::Ready => Some("ready"),
+            Self::Ready(_) => Some("ready"),
         }
     }
 }
@@ -520,6 +554,9 @@ pub enum RunError {
     /// second upload while one is arriving).
     #[error("{0}")]
     Conflict(String),
+    /// The client did not send in time (a workspace upload).
+    #[error("{0}")]
+    Timeout(String),
     /// Finished and no longer followed live; its states and sealed answers
     /// are in the history.
     #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
@@ -695,6 +732,11 @@ impl Runs {
                     self.cfg.queue_wait
                         + self.cfg.deadline
                         + self.cfg.credential_wait
+                        + if workspace.is_some() {
+                            UPLOAD_DEADLINE
+                        } else {
+                            Duration::ZERO
+                        }
                         + Duration::from_secs(60),
                 ),
                 privileged: false,
@@ -792,6 +834,7 @@ impl Runs {
                 answers: None,
                 prompt: prompt_sealed,
                 diffs: None,
+                diff_providers: None,
                 created_at_ms: run.created_ms,
                 finished_at_ms: None,
             })
@@ -839,10 +882,23 @@ impl Runs {
     fn arm_credential_wait(self: &Arc<Self>, run: Arc<Run>, provider: Provider) {
         let me = self.clone();
         self.tasks.spawn(async move {
-            tokio::time::sleep(me.cfg.credential_wait).await;
             let Some(p) = run.providers.iter().find(|p| p.provider == provider) else {
                 return;
             };
+            // A workspace arriving holds the wait (its upload has its own
+            // deadline); once unpacked, the credential has the whole wait.
+            let mut until = tokio::time::Instant::now() + me.cfg.credential_wait;
+            loop {
+                tokio::time::sleep_until(until).await;
+                let upload = p.upload.lock().map(|u| *u).unwrap_or(Upload::None);
+                until = match upload {
+                    Upload::Sending => tokio::time::Instant::now() + Duration::from_secs(1),
+                    Upload::Ready(at) if at + me.cfg.credential_wait > until => {
+                        at + me.cfg.credential_wait
+                    }
+                    _ => break,
+                };
+            }
             let waiting = p
                 .state
                 .lock()
@@ -1133,7 +1189,7 @@ impl Runs {
                         provider.as_str()
                     )))
                 }
-                Upload::Ready => {
+                Upload::Ready(_) => {
                     return Err(RunError::Conflict(format!(
                         "{}'s workspace is in its sandbox already",
                         provider.as_str()
@@ -1142,6 +1198,12 @@ impl Runs {
                 Upload::None => unreachable!("a run with a workspace"),
             }
         }
+        // Back to awaiting however this ends (an error, the deadline, or
+        // the request dropped mid-way), unless it is unpacked.
+        let mut guard = UploadGuard {
+            upload: &p.upload,
+            ready: false,
+        };
         let upload = async {
             let count = w.chunks();
             let name = provider.as_str();
@@ -1181,19 +1243,31 @@ impl Runs {
                     .await;
                 match opened {
                     Ok(n) => total += n,
-                    Err(e) => {
+                    Err(polydev_agent::client::ClientError::Refused { code, message })
+                        if code == "unseal" =>
+                    {
                         return Err(RunError::Invalid(format!(
-                            "chunk {index} of {name}'s workspace did not open in its sandbox (seal each chunk to that sandbox's publicKey with info {:?} and aad \"{aad}\"): {e}",
-                            workspace::WORKSPACE_PURPOSE
+                            "chunk {index} of {name}'s workspace did not open in its sandbox (seal each chunk to that sandbox's publicKey with info {:?} and aad \"{aad}\"): {}",
+                            workspace::WORKSPACE_PURPOSE,
+                            clamp(&message)
                         )))
+                    }
+                    Err(e) => {
+                        return Err(RunError::Sandbox(
+                            polydev_sandbox::DriverError::from(e).into(),
+                        ))
                     }
                 }
             }
-            if chunks.next().await.is_some() {
-                return Err(RunError::Invalid(format!(
-                    "the workspace has more than the {count} chunks its {} bytes take",
-                    w.bytes
-                )));
+            match chunks.next().await {
+                None => {}
+                Some(Err(e)) => return Err(e),
+                Some(Ok(_)) => {
+                    return Err(RunError::Invalid(format!(
+                        "the workspace has more than the {count} chunks its {} bytes take",
+                        w.bytes
+                    )))
+                }
             }
             if total != w.bytes {
                 return Err(RunError::Invalid(format!(
@@ -1222,18 +1296,15 @@ impl Runs {
         };
         let result = match tokio::time::timeout(UPLOAD_DEADLINE, upload).await {
             Ok(r) => r,
-            Err(_) => Err(RunError::Invalid(format!(
-                "the workspace did not arrive and unpack within {} s",
+            Err(_) => Err(RunError::Timeout(format!(
+                "the workspace did not arrive and unpack within {} s; send it again",
                 UPLOAD_DEADLINE.as_secs()
             ))),
         };
-        if let Ok(mut u) = p.upload.lock() {
-            *u = if result.is_ok() {
-                Upload::Ready
-            } else {
-                Upload::Awaiting
-            };
+        if result.is_ok() {
+            guard.ready = true;
         }
+        drop(guard);
         result.map(|()| run.view())
     }
 
@@ -1246,11 +1317,18 @@ impl Runs {
         provider: Provider,
     ) -> Result<Option<String>, RunError> {
         match self.get(id, user) {
-            Ok(run) => Ok(run
-                .providers
-                .iter()
-                .find(|p| p.provider == provider)
-                .and_then(|p| p.diff.lock().ok()?.clone())),
+            Ok(run) => {
+                let live = run
+                    .providers
+                    .iter()
+                    .find(|p| p.provider == provider)
+                    .and_then(|p| p.diff.lock().ok()?.clone());
+                match live {
+                    Some(d) => Ok(Some(d)),
+                    // Stored once the run ended (and let go of here).
+                    None => stored_diff(&self.store, id, user, provider).await,
+                }
+            }
             Err(RunError::NotFound(_)) => stored_diff(&self.store, id, user, provider).await,
             Err(e) => Err(e),
         }
@@ -1263,7 +1341,7 @@ impl Runs {
             .manager
             .agent(&p.sandbox, Duration::from_secs(5))
             .await
-            .map_err(|e| format!("cannot reach the sandbox: {e}"))?;
+            .map_err(|e| format!("cannot reach the sandbox: {}", clamp(&e.to_string())))?;
         let line = workspace::diff_line();
         let out = agent
             .exec(
@@ -1273,17 +1351,19 @@ impl Runs {
                 |_| {},
             )
             .await
-            .map_err(|e| format!("cannot make the diff: {e}"))?;
+            .map_err(|e| format!("cannot make the diff: {}", clamp(&e.to_string())))?;
         if out.code != Some(0) {
             let why = last_meaningful_line(&String::from_utf8_lossy(&out.stderr))
                 .unwrap_or_else(|| "git gave no reason".into());
             return Err(format!("cannot make the diff: {why}"));
         }
+        // The size the sandbox reports only says what it says (nothing
+        // changed, too large); what comes back is bounded below.
         let bytes: u64 = String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
             .map_err(|_| "cannot make the diff: no size".to_owned())?;
-        if !keep {
+        if !keep || bytes == 0 {
             return Ok(bytes);
         }
         let keys = self
@@ -1306,9 +1386,24 @@ impl Runs {
                 aad.as_bytes(),
             )
             .await
-            .map_err(|e| format!("cannot seal the diff: {e}"))?;
-        if let Ok(mut d) = p.diff.lock() {
-            *d = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+            .map_err(|e| format!("cannot seal the diff: {}", clamp(&e.to_string())))?;
+        if sealed.len() as u64 > workspace::MAX_DIFF + workspace::SEAL_SLACK {
+            return Err(format!(
+                "the changes make a diff of more than the {} MiB a run keeps",
+                workspace::MAX_DIFF >> 20
+            ));
+        }
+        // Kept only for a provider still running (one cancelled meanwhile
+        // is stored without it).
+        let running = p
+            .state
+            .lock()
+            .map(|s| *s == ProviderState::Running)
+            .unwrap_or(false);
+        if running {
+            if let Ok(mut d) = p.diff.lock() {
+                *d = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+            }
         }
         Ok(bytes)
     }
@@ -1370,7 +1465,7 @@ impl Runs {
                 p.provider == *provider
                     && p.upload
                         .lock()
-                        .map(|u| matches!(*u, Upload::None | Upload::Ready))
+                        .map(|u| matches!(*u, Upload::None | Upload::Ready(_)))
                         .unwrap_or(false)
             });
             if !unpacked && run.providers.iter().any(|p| p.provider == *provider) {
@@ -1780,7 +1875,8 @@ impl Runs {
                 })
                 .collect();
             if !made.is_empty() {
-                diffs = Some(Value::Object(made).to_string());
+                let names: Vec<&str> = made.keys().map(String::as_str).collect();
+                diffs = Some((Value::Object(made.clone()).to_string(), names.join(",")));
             }
             if let Ok(keys) = store.vault_keys(run.user).await {
                 if let Ok(pk) = polydev_vault::SealingPublicKey::from_bytes(&keys.public_key) {
@@ -1818,12 +1914,19 @@ impl Runs {
                 state,
                 &providers_json(run),
                 answers.as_deref(),
-                diffs.as_deref(),
+                diffs.as_ref().map(|(d, n)| (d.as_str(), n.as_str())),
                 finished.then(now_ms),
             )
             .await
         {
             tracing::warn!(run = %run.id, error = %e, "cannot record the run");
+        } else if diffs.is_some() {
+            // Stored: a finished run in memory need not hold them too.
+            for p in &run.providers {
+                if let Ok(mut d) = p.diff.lock() {
+                    *d = None;
+                }
+            }
         }
         if finished {
             let first = run
@@ -2063,9 +2166,8 @@ pub async fn history(store: &Store, user: UserId) -> Result<Vec<Value>, RunError
                 "promptPurpose": PROMPT_PURPOSE,
                 // Which providers brought a diff back (each is fetched on
                 // its own: GET /api/runs/{id}/diff/{provider}).
-                "diffs": r.diffs.as_deref()
-                    .and_then(|d| serde_json::from_str::<serde_json::Map<String, Value>>(d).ok())
-                    .map(|d| d.keys().cloned().collect::<Vec<_>>())
+                "diffs": r.diff_providers.as_deref()
+                    .map(|d| d.split(',').filter(|p| !p.is_empty()).collect::<Vec<_>>())
                     .unwrap_or_default(),
                 "createdAtMs": r.created_at_ms,
                 "finishedAtMs": r.finished_at_ms,

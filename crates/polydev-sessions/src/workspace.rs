@@ -25,9 +25,9 @@ pub const CHUNK: u64 = 1 << 20;
 /// with room to spare: a sealed chunk longer than `CHUNK + SEAL_SLACK`
 /// is refused before it reaches the agent.
 pub const SEAL_SLACK: u64 = 256;
-/// The largest diff a provider brings back (the agent seals at most this
-/// much in one box).
-pub const MAX_DIFF: u64 = 8 << 20;
+/// The largest diff a provider brings back (kept with the run: a user's
+/// 200 runs may hold three each).
+pub const MAX_DIFF: u64 = 2 << 20;
 /// Where the workspace is, inside each sandbox: the CLI runs there.
 pub const DIR: &str = "/home/sandbox/work";
 /// Where the archive is put together before it is unpacked (deleted
@@ -74,24 +74,28 @@ pub fn archive_path() -> &'static str {
     ARCHIVE
 }
 
-/// The git identity of the base commit (no user's name or address).
-const GIT_ID: &str = "-c user.name=polydev -c user.email=polydev@localhost -c commit.gpgsign=false";
+/// Git as the workspace uses it: no system or user configuration (the
+/// repository is the sandbox's own, made here), a fixed identity for the
+/// base commit (no user's name or address).
+const GIT: &str = "GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c user.name=polydev -c user.email=polydev@localhost -c commit.gpgsign=false -c core.hooksPath=/dev/null";
 
-/// The shell line that unpacks the archive into `DIR` and commits it as
-/// the base (members naming `..` or absolute paths are not extracted by
-/// GNU tar; everything happens inside the sandbox as its user).
+/// The shell line that unpacks the archive into an empty `DIR` and
+/// commits it as the base (members naming `..` or absolute paths are not
+/// extracted by GNU tar; an archive's own `.git` is left out, the base is
+/// a repository of its own; everything happens inside the sandbox as its
+/// user). The archive is removed whatever happens.
 pub fn unpack_line() -> String {
     format!(
-        "set -e; mkdir -p {DIR}; tar -xf {ARCHIVE} -C {DIR} --no-same-owner --no-same-permissions --no-overwrite-dir; rm -f {ARCHIVE}; cd {DIR}; git init -q; git {GIT_ID} add -A; git {GIT_ID} commit -q --allow-empty --no-verify -m 'polydev: workspace base'; git tag -f polydev-base >/dev/null"
+        "trap 'rm -f {ARCHIVE}' EXIT; set -e; rm -rf {DIR}; mkdir -p {DIR}; tar -xf {ARCHIVE} -C {DIR} --no-same-owner --no-same-permissions --exclude=.git; cd {DIR}; {GIT} init -q; {GIT} add -A; {GIT} commit -q --allow-empty --no-verify -m 'polydev: workspace base'; {GIT} tag -f polydev-base >/dev/null"
     )
 }
 
 /// The shell line that writes what changed since the base (new, changed,
-/// deleted and binary files, as `git apply` takes it) to `DIFF_FILE`
-/// and prints its size.
+/// deleted and binary files, as `git apply` takes it: the plain `a/` and
+/// `b/` prefixes, no text conversion) to `DIFF_FILE` and prints its size.
 pub fn diff_line() -> String {
     format!(
-        "set -e; cd {DIR}; git {GIT_ID} add -A; git -c core.quotepath=off diff --cached --binary --no-color --no-ext-diff polydev-base > {DIFF_FILE}; wc -c < {DIFF_FILE}"
+        "set -e; cd {DIR}; {GIT} add -A; {GIT} -c core.quotepath=off diff --cached --binary --no-color --no-ext-diff --no-textconv --src-prefix=a/ --dst-prefix=b/ polydev-base > {DIFF_FILE}; wc -c < {DIFF_FILE}"
     )
 }
 

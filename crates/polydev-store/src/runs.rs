@@ -16,8 +16,11 @@ pub struct RunRecord {
     /// The prompt, sealed to the user (base64), if they have vault keys.
     pub prompt: Option<String>,
     /// Workspace runs in `edit` mode: JSON, provider to its diff sealed
-    /// to the user (base64).
+    /// to the user (base64). Read by `run` only (`list_runs` leaves it
+    /// out: up to a few MiB per run).
     pub diffs: Option<String>,
+    /// The providers that have a diff, comma-separated.
+    pub diff_providers: Option<String>,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
 }
@@ -36,6 +39,9 @@ fn record(row: &AnyRow) -> Result<RunRecord, StoreError> {
         answers: row.try_get("answers").map_err(StoreError::internal)?,
         prompt: row.try_get("prompt").map_err(StoreError::internal)?,
         diffs: row.try_get("diffs").map_err(StoreError::internal)?,
+        diff_providers: row
+            .try_get("diff_providers")
+            .map_err(StoreError::internal)?,
         created_at_ms: row.try_get("created_at").map_err(StoreError::internal)?,
         finished_at_ms: row.try_get("finished_at").map_err(StoreError::internal)?,
     })
@@ -79,16 +85,17 @@ impl Store {
         state: RunState,
         providers: &str,
         answers: Option<&str>,
-        diffs: Option<&str>,
+        diffs: Option<(&str, &str)>,
         finished_at_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), diffs = COALESCE($4, diffs), finished_at = COALESCE($5, finished_at) WHERE id = $6",
+            "UPDATE runs SET state = $1, providers = $2, answers = COALESCE($3, answers), diffs = COALESCE($4, diffs), diff_providers = COALESCE($5, diff_providers), finished_at = COALESCE($6, finished_at) WHERE id = $7",
         )
         .bind(state.as_str().to_owned())
         .bind(providers.to_owned())
         .bind(answers.map(str::to_owned))
-        .bind(diffs.map(str::to_owned))
+        .bind(diffs.map(|d| d.0.to_owned()))
+        .bind(diffs.map(|d| d.1.to_owned()))
         .bind(finished_at_ms)
         .bind(id.to_owned())
         .execute(self.pool())
@@ -100,7 +107,7 @@ impl Store {
     /// A user's runs, newest first.
     pub async fn list_runs(&self, user: UserId, limit: i64) -> Result<Vec<RunRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, diffs FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, CAST(NULL AS TEXT) AS diffs, diff_providers FROM runs WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
         )
         .bind(user.to_string())
         .bind(limit)
@@ -113,7 +120,7 @@ impl Store {
     /// One run of `user` (`NotFound` for another user's, as if absent).
     pub async fn run(&self, user: UserId, id: &str) -> Result<RunRecord, StoreError> {
         let row = sqlx::query(
-            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, diffs FROM runs WHERE id = $1 AND user_id = $2",
+            "SELECT id, user_id, state, providers, answers, created_at, finished_at, prompt, diffs, diff_providers FROM runs WHERE id = $1 AND user_id = $2",
         )
         .bind(id.to_owned())
         .bind(user.to_string())

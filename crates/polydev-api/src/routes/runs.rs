@@ -186,7 +186,7 @@ impl Chunks {
             }
             match tokio::time::timeout(UPLOAD_READ_DEADLINE, self.body.next()).await {
                 Err(_) => {
-                    return Some(Err(RunError::Invalid(format!(
+                    return Some(Err(RunError::Timeout(format!(
                         "the workspace upload sent nothing for {} s",
                         UPLOAD_READ_DEADLINE.as_secs()
                     ))))
@@ -223,10 +223,25 @@ impl Chunks {
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub(crate) async fn workspace(
     State(state): State<AppState>,
-    user: CurrentUser,
     Path((id, provider)): Path<(String, String)>,
-    body: axum::body::Body,
+    req: axum::extract::Request,
 ) -> ApiResult<Json<RunView>> {
+    use axum::extract::FromRequestParts;
+    // This route runs without the request deadline (its body streams):
+    // who is asking is settled within one of its own.
+    let (mut parts, body) = req.into_parts();
+    let user = tokio::time::timeout(
+        UPLOAD_READ_DEADLINE,
+        CurrentUser::from_request_parts(&mut parts, &state),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the server could not check who you are in time; try again",
+        )
+    })??;
     let provider: Provider = provider.parse()?;
     let chunks = Chunks {
         body: body.into_data_stream(),

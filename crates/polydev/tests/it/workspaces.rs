@@ -325,3 +325,73 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     // The code reached no log line, metric, store or file of the controller.
     app.assert_nowhere(&[&canary]).await;
 }
+
+/// The run page with code, in headless Chromium: a picked folder goes to
+/// the three CLIs sealed in the tab, each column offers its CLI's
+/// changes, which open in the tab as a per-file view, and the patch the
+/// page offers for download applies to the folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_page_sends_a_folder_and_shows_each_cli_s_changes() {
+    let mut stubs = Vec::new();
+    for (provider, name) in [
+        (Provider::Anthropic, "claude"),
+        (Provider::OpenAi, "codex"),
+        (Provider::Gemini, "gemini"),
+    ] {
+        let path = format!("/home/sandbox/work/src/{name}.txt");
+        let stub = polydev_stubs::start_editing(
+            provider,
+            &format!("{name} changed the code"),
+            &path,
+            &format!("fixed by {name}\n"),
+        )
+        .await
+        .unwrap();
+        stubs.push(stub);
+    }
+    let files = [("README.md", "# demo\n"), ("src/lib.txt", "the code\n")];
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("project");
+    for (path, content) in files {
+        let p = project.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let config = stub_config_with(
+        dir.path(),
+        stubs[0].addr.port(),
+        stubs[1].addr.port(),
+        stubs[2].addr.port(),
+        1,
+        "",
+    );
+    let v = crate::app::browser_script(
+        "workspace-page.mjs",
+        json!({"config": config, "key": "sk-test-key", "dir": project}),
+    )
+    .await;
+    assert!(v["picked"].as_str().unwrap().contains("2 files"), "{v}");
+    for (p, name) in [
+        ("claude_code", "claude"),
+        ("codex", "codex"),
+        ("gemini_cli", "gemini"),
+    ] {
+        assert_eq!(v["states"][p], "done", "{v}");
+        let file = format!("src/{name}.txt");
+        let shown = v["changes"][p].as_str().unwrap();
+        assert!(
+            shown.contains(&file) && shown.contains("added"),
+            "{p}: {shown}"
+        );
+        assert!(shown.contains(&format!("+fixed by {name}")), "{p}: {shown}");
+        let tree = apply(&files, v["patches"][p].as_str().unwrap().as_bytes());
+        assert!(
+            tree.contains(&(file.clone(), format!("fixed by {name}\n"))),
+            "{p}: {tree:?}"
+        );
+    }
+    assert!(
+        v["history"].as_str().unwrap().contains("src/codex.txt"),
+        "{v}"
+    );
+}
