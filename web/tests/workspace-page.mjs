@@ -1,6 +1,7 @@
 // Drives the run page with code (web/public/runs.js, workspace.js) in
 // headless Chromium for a Rust test (crates/polydev/tests/it/workspaces.rs):
-// reads {config, key, dir} on stdin, starts the real server, signs in,
+// reads {config, imagesDir, key, dir} on stdin, starts the real server on
+// the images users get (the `runtime` image the first start built), signs in,
 // picks the folder `dir` as the run's code in edit mode, runs the three
 // CLIs, opens each one's changes and prints what the page showed and the
 // patch each download link gives. The Rust test owns the assertions.
@@ -11,7 +12,7 @@ import { startServer, startBrowser, logIn, artifactPath, readInput } from "./har
 const input = await readInput();
 const PROVIDERS = ["claude_code", "codex", "gemini_cli"];
 
-const server = await startServer(["--config", input.config], { sandboxes: true });
+const server = await startServer(["--config", input.config, "--images-dir", input.imagesDir], { sandboxes: true });
 const chrome = await startBrowser();
 const out = { states: {}, changes: {}, patches: {} };
 try {

@@ -326,8 +326,8 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     app.assert_nowhere(&[&canary]).await;
 }
 
-/// The run page with code, in headless Chromium: a picked folder goes to
-/// the three CLIs sealed in the tab, each column offers its CLI's
+/// The run page with code, in headless Chromium, on the real runtime
+/// image: a picked folder goes to the three CLIs sealed in the tab, each column offers its CLI's
 /// changes, which open in the tab as a per-file view, and the patch the
 /// page offers for download applies to the folder.
 #[tokio::test(flavor = "multi_thread")]
@@ -365,9 +365,13 @@ async fn the_run_page_sends_a_folder_and_shows_each_cli_s_changes() {
         1,
         "",
     );
+    // On the runtime image users get (its git and tar, its CLIs), not the
+    // host-borrowing `minimal` template.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("template = \"minimal\"\n", "")).unwrap();
     let v = crate::app::browser_script(
         "workspace-page.mjs",
-        json!({"config": config, "key": "sk-test-key", "dir": project}),
+        json!({"config": config, "imagesDir": crate::first_start::images_dir(), "key": "sk-test-key", "dir": project}),
     )
     .await;
     assert!(v["picked"].as_str().unwrap().contains("2 files"), "{v}");
