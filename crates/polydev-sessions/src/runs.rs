@@ -349,6 +349,9 @@ struct ProviderRun {
     upload: Mutex<Upload>,
     /// Its diff, sealed to the user (base64), once made.
     diff: Mutex<Option<String>>,
+    /// The same diff sealed to the client's own key, when it gave one
+    /// (never stored).
+    client_diff: Mutex<Option<String>>,
 }
 
 /// Sets a provider's workspace back to awaiting when dropped, unless it
@@ -772,6 +775,7 @@ impl Runs {
                     Upload::None
                 }),
                 diff: Mutex::new(None),
+                client_diff: Mutex::new(None),
             });
         }
         let (tx, _) = broadcast::channel(1024);
@@ -1308,6 +1312,22 @@ impl Runs {
         result.map(|()| run.view())
     }
 
+    /// A provider's diff sealed to the key the client gave at the start
+    /// (base64), while the run is in memory.
+    pub fn client_diff(
+        &self,
+        id: &str,
+        user: UserId,
+        provider: Provider,
+    ) -> Result<Option<String>, RunError> {
+        let run = self.get(id, user)?;
+        Ok(run
+            .providers
+            .iter()
+            .find(|p| p.provider == provider)
+            .and_then(|p| p.client_diff.lock().ok()?.clone()))
+    }
+
     /// A provider's diff, sealed to the user (base64): from the live run,
     /// or the store once it has ended. `None`: it has none (yet).
     pub async fn diff(
@@ -1393,6 +1413,23 @@ impl Runs {
                 workspace::MAX_DIFF >> 20
             ));
         }
+        // For the client that started the run, when it asked.
+        let mut for_client = None;
+        if let Some(key) = run.workspace.and_then(|w| w.recipient) {
+            let sealed = agent
+                .seal_file(
+                    workspace::DIFF_FILE,
+                    &key,
+                    workspace::DIFF_PURPOSE,
+                    aad.as_bytes(),
+                )
+                .await
+                .map_err(|e| format!("cannot seal the diff: {}", clamp(&e.to_string())))?;
+            if sealed.len() as u64 > workspace::MAX_DIFF + workspace::SEAL_SLACK {
+                return Err("the sandbox sealed a larger diff the second time".into());
+            }
+            for_client = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+        }
         // Kept only for a provider still running (one cancelled meanwhile
         // is stored without it).
         let running = p
@@ -1403,6 +1440,9 @@ impl Runs {
         if running {
             if let Ok(mut d) = p.diff.lock() {
                 *d = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+            }
+            if let Ok(mut d) = p.client_diff.lock() {
+                *d = for_client;
             }
         }
         Ok(bytes)

@@ -55,6 +55,10 @@ pub struct Workspace {
     /// The archive's size in bytes (plaintext), which fixes the number
     /// of chunks.
     pub bytes: u64,
+    /// A key of the client's own (P-256, uncompressed) that each diff is
+    /// sealed to as well, for a client without the user's vault (`polydev
+    /// mcp`); that copy is kept only while the run is in memory.
+    pub recipient: Option<[u8; 65]>,
 }
 
 impl Workspace {
@@ -99,6 +103,113 @@ pub fn diff_line() -> String {
     )
 }
 
+/// The upload body for one provider (what a client sends): each chunk of
+/// `archive` sealed to its sandbox's key with its AAD, as a 4-byte
+/// big-endian length and the sealed bytes.
+pub fn sealed_upload(
+    key: &polydev_vault::SealingPublicKey,
+    run: &str,
+    provider: &str,
+    archive: &[u8],
+) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = archive.chunks(CHUNK as usize).collect();
+    let count = chunks.len() as u64;
+    let mut body = Vec::with_capacity(archive.len() + chunks.len() * 128);
+    for (i, c) in chunks.iter().enumerate() {
+        let aad = chunk_aad(run, provider, i as u64, count);
+        let sealed = key.seal(WORKSPACE_PURPOSE, aad.as_bytes(), c);
+        body.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+        body.extend_from_slice(&sealed);
+    }
+    body
+}
+
+/// A POSIX ustar archive of regular files (mode 0644), as the web UI
+/// makes one (`web/public/workspace.js`): for clients on the user's side
+/// (`polydev mcp`, the benchmark).
+pub fn tar_of(files: &[(String, Vec<u8>)]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for (path, bytes) in files {
+        out.extend_from_slice(&tar_header(path, bytes.len() as u64)?);
+        out.extend_from_slice(bytes);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    Ok(out)
+}
+
+fn tar_header(path: &str, size: u64) -> Result<[u8; 512], String> {
+    let mut h = [0u8; 512];
+    let (prefix, name) = if path.len() <= 100 {
+        ("", path)
+    } else {
+        // prefix (≤ 155 bytes) / name (≤ 100 bytes), split at a slash.
+        let cut = path[..path.len().min(156)]
+            .rfind('/')
+            .filter(|&c| c > 0 && path.len() - c - 1 <= 100)
+            .ok_or_else(|| format!("{path}: the path is too long for a tar archive"))?;
+        (&path[..cut], &path[cut + 1..])
+    };
+    let mut put = |at: usize, text: &[u8]| h[at..at + text.len()].copy_from_slice(text);
+    put(0, name.as_bytes());
+    put(100, b"0000644\0");
+    put(108, b"0000000\0");
+    put(116, b"0000000\0");
+    put(124, format!("{size:011o}\0").as_bytes());
+    put(136, b"00000000000\0");
+    put(148, b"        ");
+    put(156, b"0");
+    put(257, b"ustar\0");
+    put(263, b"00");
+    put(345, prefix.as_bytes());
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    Ok(h)
+}
+
+/// The regular files under `dir` (its `.git` left out, symbolic links and
+/// other special files skipped) as a tar archive, refused past `max`
+/// bytes; and how many files it holds.
+pub fn tar_dir(dir: &std::path::Path, max: u64) -> Result<(Vec<u8>, usize), String> {
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        for e in entries {
+            let e = e.map_err(|e| format!("{}: {e}", d.display()))?;
+            let kind = e.file_type().map_err(|e| format!("{}: {e}", e))?;
+            let path = e.path();
+            if e.file_name() == ".git" {
+                continue;
+            }
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                total += bytes.len() as u64 + 512;
+                if total > max {
+                    return Err(format!(
+                        "{} holds more than {} MiB of files",
+                        dir.display(),
+                        max >> 20
+                    ));
+                }
+                let rel = path
+                    .strip_prefix(dir)
+                    .map_err(|e| e.to_string())?
+                    .to_str()
+                    .ok_or_else(|| format!("{}: not a UTF-8 path", path.display()))?
+                    .to_owned();
+                files.push((rel, bytes));
+            }
+        }
+    }
+    files.sort();
+    let n = files.len();
+    Ok((tar_of(&files)?, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +219,7 @@ mod tests {
         let w = |bytes| Workspace {
             mode: Mode::Edit,
             bytes,
+            recipient: None,
         };
         assert_eq!(w(1).chunks(), 1);
         assert_eq!(w(CHUNK).chunks(), 1);
@@ -117,5 +229,38 @@ mod tests {
             chunk_aad("run-1", "codex", 2, 3),
             "run-1/codex/workspace/2/3"
         );
+    }
+
+    /// The archive GNU tar reads back: every file, long paths included.
+    #[test]
+    fn tar_of_is_read_by_gnu_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{}/{}.txt", "d".repeat(120), "f".repeat(90));
+        let files = vec![
+            ("README.md".to_owned(), b"# hi\n".to_vec()),
+            ("src/a.txt".to_owned(), vec![b'x'; 1500]),
+            (long.clone(), b"deep\n".to_vec()),
+        ];
+        let tar = tar_of(&files).unwrap();
+        let archive = dir.path().join("a.tar");
+        std::fs::write(&archive, &tar).unwrap();
+        let out_dir = dir.path().join("out");
+        std::fs::create_dir(&out_dir).unwrap();
+        let st = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&out_dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        for (p, b) in &files {
+            assert_eq!(&std::fs::read(out_dir.join(p)).unwrap(), b, "{p}");
+        }
+        let (again, n) = tar_dir(&out_dir, 1 << 20).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(again.len(), tar.len());
+        assert!(tar_dir(&out_dir, 1000).is_err());
+        assert!(tar_of(&[("x/".repeat(200), vec![])]).is_err());
     }
 }

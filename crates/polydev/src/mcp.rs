@@ -1,7 +1,8 @@
 //! `polydev mcp`: an MCP server on stdio (the official Rust SDK, rmcp) with
-//! one tool, `get_perspectives(prompt, providers?)`, which runs the prompt
-//! through the provider CLIs on a polydev controller and returns every
-//! answer. This process holds the credentials (provider API keys from its
+//! one tool, `get_perspectives(prompt, providers?, path?, mode?)`, which
+//! runs the prompt through the provider CLIs on a polydev controller
+//! (optionally on a local directory, archived and sealed here) and returns
+//! every answer, and in `edit` mode each CLI's diff. This process holds the credentials (provider API keys from its
 //! environment) and seals each one to its run sandbox's agent key, so the
 //! controller only ever relays ciphertext.
 
@@ -39,19 +40,54 @@ fn key_for(provider: Provider) -> Option<String> {
         .find_map(|v| std::env::var(v).ok().filter(|k| !k.is_empty()))
 }
 
-/// Runs `prompt` on the controller and collects each provider's answer.
+/// A local directory for the CLIs to work on, and what they may do.
+#[derive(Debug, Clone)]
+pub struct LocalCode {
+    pub path: std::path::PathBuf,
+    pub mode: polydev_sessions::workspace::Mode,
+}
+
+/// The most a local directory may hold to be sent (the controller may
+/// take less: its `[runs] max_workspace_mb`).
+const MAX_LOCAL_CODE: u64 = 200 << 20;
+
+/// Runs `prompt` on the controller and collects each provider's answer;
+/// with `code`, on that directory (archived and sealed here), and in
+/// `edit` mode with each provider's changes as a diff (sealed in its
+/// sandbox to a key this call makes, and opened here).
 pub async fn perspectives(
     server: &str,
     token: &str,
     prompt: &str,
     providers: Option<Vec<Provider>>,
+    code: Option<LocalCode>,
 ) -> anyhow::Result<Value> {
     let providers: Vec<Provider> = match providers {
         Some(p) if !p.is_empty() => p,
         _ => Provider::ALL
             .into_iter()
             .filter(|p| key_for(*p).is_some())
+            .filter(|p| code.is_none() || polydev_sessions::providers::works_on_code(*p))
             .collect(),
+    };
+    // The archive, and a key of this call's own for the diffs.
+    let archive = match &code {
+        Some(c) => {
+            let path = c.path.clone();
+            let (tar, _) = tokio::task::spawn_blocking(move || {
+                polydev_sessions::workspace::tar_dir(&path, MAX_LOCAL_CODE)
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot archive the code: {e}"))?;
+            Some(tar)
+        }
+        None => None,
+    };
+    let diff_key = polydev_vault::SealingKeyPair::generate();
+    let workspace = match (&code, &archive) {
+        (Some(c), Some(a)) => json!({"mode": c.mode, "bytes": a.len(),
+            "recipient": B64.encode(diff_key.public().to_bytes())}),
+        _ => Value::Null,
     };
     if providers.is_empty() {
         bail!("no provider has an API key here (set ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY, OPENCODE_PROVIDER_API_KEY or COPILOT_GITHUB_TOKEN)");
@@ -67,7 +103,11 @@ pub async fn perspectives(
         let r = http
             .post(format!("{server}/api/runs"))
             .bearer_auth(token)
-            .json(&json!({"prompt": prompt, "providers": names}))
+            .json(&if workspace.is_null() {
+                json!({"prompt": prompt, "providers": names})
+            } else {
+                json!({"prompt": prompt, "providers": names, "workspace": workspace})
+            })
             .send()
             .await
             .context("cannot reach the polydev controller")?;
@@ -95,6 +135,42 @@ pub async fn perspectives(
         bail!("polydev refused the run ({status}): {message}");
     };
     let id = run["runId"].as_str().context("no runId")?.to_owned();
+    // The code first, sealed here to each sandbox (a CLI starts on it).
+    if let Some(archive) = &archive {
+        let uploads = providers.iter().map(|p| {
+            let (http, run, id) = (&http, &run, &id);
+            async move {
+                let pk = run["sandboxes"][p.as_str()]["publicKey"]
+                    .as_str()
+                    .and_then(|k| B64.decode(k).ok())
+                    .context("the controller sent no sandbox key")?;
+                let key = polydev_vault::SealingPublicKey::from_bytes(&pk)
+                    .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?;
+                let body =
+                    polydev_sessions::workspace::sealed_upload(&key, id, p.as_str(), archive);
+                let r = http
+                    .put(format!("{server}/api/runs/{id}/workspace/{}", p.as_str()))
+                    .bearer_auth(token)
+                    .header("content-type", "application/octet-stream")
+                    .timeout(Duration::from_secs(600))
+                    .body(body)
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    let v: Value = r.json().await.unwrap_or_default();
+                    bail!(
+                        "the controller refused {}'s code: {}",
+                        p.as_str(),
+                        v["error"]["message"]
+                    );
+                }
+                anyhow::Ok(())
+            }
+        });
+        for r in futures_util::future::join_all(uploads).await {
+            r?;
+        }
+    }
     // Seals each provider's key to its sandbox and hands them over.
     let send = |which: Vec<Provider>| {
         let (http, run, id) = (&http, &run, &id);
@@ -233,6 +309,9 @@ pub async fn perspectives(
                     a["status"] = json!("error");
                     a["error"] = json!({"stage": d["stage"], "message": d["message"]});
                 }
+                "diff" => {
+                    a["changes"] = json!({"bytes": d["bytes"], "error": d["error"]});
+                }
                 _ => {}
             }
         }
@@ -242,6 +321,40 @@ pub async fn perspectives(
             p,
             json!({"answer": "", "status": "error", "error": {"stage": "credentials", "message": message}}),
         );
+    }
+    // Each provider's changes, opened with this call's key (kept by the
+    // controller only while the run is in memory: fetched at once).
+    for (p, a) in answers.iter_mut() {
+        if a["changes"]["bytes"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let r = http
+            .get(format!("{server}/api/runs/{id}/diff/{p}?to=recipient"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let v: Value = r.json().await.unwrap_or_default();
+        let opened = v["sealed"]
+            .as_str()
+            .and_then(|s| B64.decode(s).ok())
+            .and_then(|sealed| {
+                diff_key
+                    .open(
+                        polydev_sessions::workspace::DIFF_PURPOSE,
+                        format!("{id}/{p}").as_bytes(),
+                        &sealed,
+                    )
+                    .ok()
+            });
+        match opened {
+            Some(diff) => a["diff"] = json!(String::from_utf8_lossy(&diff)),
+            None => {
+                a["changes"]["error"] = json!(format!(
+                    "the diff could not be fetched or opened: {}",
+                    v["error"]["message"]
+                ))
+            }
+        }
     }
     Ok(json!({"runId": id, "perspectives": answers}))
 }
@@ -254,6 +367,14 @@ struct GetPerspectives {
         description = "Any of claude_code, codex, gemini_cli (default: every provider with a key)"
     )]
     providers: Option<Vec<String>>,
+    #[schemars(
+        description = "A local directory (e.g. the repository you are working in) the CLIs work on: archived and sealed on this machine, each CLI gets its own copy"
+    )]
+    path: Option<String>,
+    #[schemars(
+        description = "With a path: ask (default: the CLIs read the code, in their read-only modes) or edit (they may change it; each one's changes come back as a unified diff)"
+    )]
+    mode: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,7 +388,7 @@ struct PerspectivesServer {
 #[tool_router]
 impl PerspectivesServer {
     #[tool(
-        description = "Ask Claude Code, Codex and Gemini CLI the same prompt, each in its own polydev sandbox, and get every answer back"
+        description = "Ask Claude Code, Codex and Gemini CLI the same prompt, each in its own polydev sandbox, and get every answer back; with a path, on that local directory (in edit mode each CLI's changes come back as a diff)"
     )]
     async fn get_perspectives(
         &self,
@@ -282,9 +403,33 @@ impl PerspectivesServer {
             })
             .transpose()
             .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
+        let mode = match req.mode.as_deref() {
+            None | Some("ask") => polydev_sessions::workspace::Mode::Ask,
+            Some("edit") => polydev_sessions::workspace::Mode::Edit,
+            Some(m) => {
+                return Err(ErrorData::invalid_params(
+                    format!("mode: {m:?} is neither ask nor edit"),
+                    None,
+                ))
+            }
+        };
+        let code = match req.path {
+            Some(p) => {
+                let path = std::path::PathBuf::from(&p);
+                if !path.is_dir() {
+                    return Err(ErrorData::invalid_params(
+                        format!("path: {p} is not a directory here"),
+                        None,
+                    ));
+                }
+                Some(LocalCode { path, mode })
+            }
+            None => None,
+        };
         // A failed run is the tool's answer (isError), for the calling
         // agent to read; protocol errors are only for bad parameters.
-        let out = match perspectives(&self.server, &self.token, &req.prompt, providers).await {
+        let out = match perspectives(&self.server, &self.token, &req.prompt, providers, code).await
+        {
             Ok(out) => out,
             Err(e) => {
                 return Ok(CallToolResult::error(vec![ContentBlock::text(format!(

@@ -62,6 +62,12 @@ pub(crate) struct WorkspaceBody {
     /// `runs.max_workspace_mb`; 413 otherwise).
     #[schema(minimum = 1)]
     bytes: u64,
+    /// A P-256 public key of your own (base64, 65 bytes uncompressed):
+    /// each diff is also sealed to it, fetched with `?to=recipient` while
+    /// the run is live or lingers (for a client without your vault).
+    #[serde(default)]
+    #[schema(schema_with = crate::schema::public_key)]
+    recipient: Option<String>,
 }
 
 /// Start a run: one sandbox per provider, each with a key to seal that
@@ -88,12 +94,30 @@ pub(crate) async fn start(
             .map(|p| p.parse::<Provider>())
             .collect::<Result<Vec<_>, _>>()?
     };
-    let workspace = body
-        .workspace
-        .map(|w| polydev_sessions::workspace::Workspace {
-            mode: w.mode,
-            bytes: w.bytes,
-        });
+    let workspace = match body.workspace {
+        None => None,
+        Some(w) => {
+            let recipient = match w.recipient {
+                None => None,
+                Some(k) => {
+                    let bad = || {
+                        ApiError::bad_request(
+                            "invalid_public_key",
+                            "workspace.recipient must be a P-256 public key: 65 bytes (uncompressed), base64",
+                        )
+                    };
+                    let bytes = B64.decode(k).map_err(|_| bad())?;
+                    polydev_vault::SealingPublicKey::from_bytes(&bytes).map_err(|_| bad())?;
+                    Some(<[u8; 65]>::try_from(bytes.as_slice()).map_err(|_| bad())?)
+                }
+            };
+            Some(polydev_sessions::workspace::Workspace {
+                mode: w.mode,
+                bytes: w.bytes,
+                recipient,
+            })
+        }
+    };
     let view = runs
         .start(user.0.user.id, body.prompt, providers, workspace)
         .await
@@ -258,6 +282,15 @@ pub(crate) async fn workspace(
     ))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DiffQuery {
+    /// `vault` (default: sealed to your vault key, stored with the run) or
+    /// `recipient` (sealed to the key the run was started with; only
+    /// while the run is in memory).
+    to: Option<String>,
+}
+
 #[derive(Debug, serde::Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SealedDiff {
@@ -272,23 +305,35 @@ pub(crate) struct SealedDiff {
 /// What one provider's CLI changed in an `edit` run's workspace, sealed to
 /// you.
 #[utoipa::path(get, operation_id = "get_run_diff", path = "/api/runs/{id}/diff/{provider}", tag = "runs", security(("bearer" = [])),
-    params(("id" = String, Path), ("provider" = String, Path, description = "A provider of the run.")),
-    responses((status = 200, body = SealedDiff), (status = 404, body = ErrorBody)))]
+    params(("id" = String, Path), ("provider" = String, Path, description = "A provider of the run."), DiffQuery),
+    responses((status = 200, body = SealedDiff), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn diff(
     State(state): State<AppState>,
     user: CurrentUser,
     Path((id, provider)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<DiffQuery>,
 ) -> ApiResult<Json<SealedDiff>> {
     let provider: Provider = provider.parse()?;
-    let sealed = polydev_sessions::runs::stored_or_live_diff(
-        state.runs.as_deref(),
-        &state.store,
-        &id,
-        user.0.user.id,
-        provider,
-    )
-    .await
-    .map_err(ApiError::from)?
+    let sealed = match q.to.as_deref() {
+        None | Some("vault") => polydev_sessions::runs::stored_or_live_diff(
+            state.runs.as_deref(),
+            &state.store,
+            &id,
+            user.0.user.id,
+            provider,
+        )
+        .await
+        .map_err(ApiError::from)?,
+        Some("recipient") => runs(&state)?
+            .client_diff(&id, user.0.user.id, provider)
+            .map_err(ApiError::from)?,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_run_request",
+                format!("to: {other:?} is neither \"vault\" nor \"recipient\""),
+            ))
+        }
+    }
     .ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

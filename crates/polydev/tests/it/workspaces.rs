@@ -5,7 +5,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use polydev_sessions::workspace::{chunk_aad, CHUNK, DIFF_PURPOSE, WORKSPACE_PURPOSE};
+use polydev_sessions::workspace::{CHUNK, DIFF_PURPOSE};
 use polydev_stubs::Provider;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -13,24 +13,13 @@ use serde_json::{json, Value};
 use crate::app::{Reply, TestApp};
 use crate::clis::{send_keys, sse_events, stub_config_with};
 
-/// A small repository's files, as a tar archive (made by the host's tar).
+/// A small repository's files, as a tar archive.
 fn archive(files: &[(&str, &str)]) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    for (path, content) in files {
-        let p = dir.path().join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
-    }
-    let out = std::process::Command::new("tar")
-        .arg("-cf")
-        .arg("-")
-        .arg("-C")
-        .arg(dir.path())
-        .arg(".")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    out.stdout
+    let files: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), c.as_bytes().to_vec()))
+        .collect();
+    polydev_sessions::workspace::tar_of(&files).unwrap()
 }
 
 /// The archive sealed to one provider's sandbox, chunk by chunk, framed
@@ -41,16 +30,7 @@ fn sealed_upload(view: &Value, provider: &str, archive: &[u8]) -> Vec<u8> {
         .decode(view["sandboxes"][provider]["publicKey"].as_str().unwrap())
         .unwrap();
     let key = polydev_vault::SealingPublicKey::from_bytes(&pk).unwrap();
-    let chunks: Vec<&[u8]> = archive.chunks(CHUNK as usize).collect();
-    let count = chunks.len() as u64;
-    let mut body = Vec::new();
-    for (i, c) in chunks.iter().enumerate() {
-        let aad = chunk_aad(run, provider, i as u64, count);
-        let sealed = key.seal(WORKSPACE_PURPOSE, aad.as_bytes(), c);
-        body.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
-        body.extend_from_slice(&sealed);
-    }
-    body
+    polydev_sessions::workspace::sealed_upload(&key, run, provider, archive)
 }
 
 async fn upload(app: &TestApp, token: &str, run: &str, provider: &str, body: Vec<u8>) -> Reply {
@@ -398,4 +378,89 @@ async fn the_run_page_sends_a_folder_and_shows_each_cli_s_changes() {
         v["history"].as_str().unwrap().contains("src/codex.txt"),
         "{v}"
     );
+}
+
+/// `polydev mcp`'s `get_perspectives` on a local checkout: the directory
+/// is archived and sealed on the user's side, and in `edit` mode each
+/// CLI's diff comes back to the calling agent (sealed to the call's own
+/// key, opened there), applying to the checkout.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mcp_tool_works_on_a_local_checkout() {
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    use rmcp::ServiceExt;
+    let claude_wrote = "from the agent's perspective\n";
+    let anthropic = polydev_stubs::start_editing(
+        Provider::Anthropic,
+        "claude read your repository",
+        "/home/sandbox/work/NOTES.md",
+        claude_wrote,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let checkout = dir.path().join("checkout");
+    let files = [
+        ("Cargo.toml", "[package]\n"),
+        ("src/main.rs", "fn main() {}\n"),
+    ];
+    for (path, content) in files {
+        let p = checkout.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    // Its .git stays on this machine.
+    std::fs::create_dir_all(checkout.join(".git")).unwrap();
+    std::fs::write(checkout.join(".git/config"), "secret-ish local config").unwrap();
+    let config = stub_config_with(dir.path(), anthropic.addr.port(), 1, 1, 1, "");
+    let app = TestApp::spawn_with(
+        polydev_store::Backend::Sqlite,
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let (_, token) = app.user("agent@example.com").await;
+    let transport = TokioChildProcess::new(
+        tokio::process::Command::new(crate::app::BIN).configure(|cmd| {
+            cmd.args(["mcp", "--server", &app.base])
+                .env("POLYDEV_TOKEN", &token)
+                .env("ANTHROPIC_API_KEY", "sk-test-key");
+        }),
+    )
+    .unwrap();
+    let client = ().serve(transport).await.unwrap();
+    let call = |args: Value| {
+        let client = &client;
+        async move {
+            client
+                .call_tool(
+                    rmcp::model::CallToolRequestParams::new("get_perspectives")
+                        .with_arguments(args.as_object().unwrap().clone()),
+                )
+                .await
+        }
+    };
+    let r = call(
+        json!({"prompt": "what does it do?", "providers": ["claude_code"],
+        "path": checkout, "mode": "edit"}),
+    )
+    .await
+    .unwrap();
+    let content = serde_json::to_value(&r.content).unwrap();
+    let text = content[0]["text"].as_str().unwrap().to_owned();
+    let out: Value = serde_json::from_str(&text).unwrap();
+    let p = &out["perspectives"]["claude_code"];
+    assert_eq!(p["status"], "done", "{text}");
+    assert!(
+        p["answer"].as_str().unwrap().contains("claude read"),
+        "{text}"
+    );
+    let tree = apply(&files, p["diff"].as_str().unwrap().as_bytes());
+    assert!(
+        tree.contains(&("NOTES.md".to_owned(), claude_wrote.to_owned())),
+        "{tree:?}"
+    );
+    // Not a directory: a clear parameter error, no run.
+    let err = call(json!({"prompt": "x", "path": dir.path().join("nowhere")})).await;
+    assert!(format!("{err:?}").contains("not a directory"), "{err:?}");
+    client.cancel().await.unwrap();
+    app.assert_nowhere(&["secret-ish local config"]).await;
 }
