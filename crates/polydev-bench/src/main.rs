@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// egress, stream: bytes for the throughput transfer.
     #[arg(long, default_value_t = 1 << 30)]
     pub transfer_bytes: u64,
+    /// runs: only the workspace figures (a 50 MiB workspace in three
+    /// sandboxes), not the per-CLI and concurrent runs.
+    #[arg(long)]
+    pub workspace_only: bool,
     /// sandboxes: idle sandboxes to hold for the density figure.
     #[arg(long, default_value_t = 2000)]
     pub idle_target: usize,

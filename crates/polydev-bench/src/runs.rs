@@ -197,6 +197,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let token = server.admin_token()?;
     let mut figures = Map::new();
     for (i, (provider, answer)) in answers.iter().enumerate() {
+        if args.workspace_only {
+            break;
+        }
         let home = dir.path().join(format!("home-{i}"));
         std::fs::create_dir_all(&home)?;
         let mut d = Vec::new();
@@ -214,6 +217,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         figures.insert(format!("{name}_added_p50_ms"), json!(p - d));
     }
 
+    if !args.workspace_only {
+        concurrent(&server, &base, &mut figures).await?;
+    }
+    workspaces(&server, &base, &mut figures).await?;
+    crate::kit::report(args.json, figures);
+    Ok(())
+}
+
+/// 20 concurrent three-provider runs, one user each.
+async fn concurrent(
+    server: &Server,
+    base: &str,
+    figures: &mut Map<String, Value>,
+) -> anyhow::Result<()> {
     // Concurrent: one user each (a credential runs once at a time).
     let mut tokens = Vec::new();
     for i in 0..CONCURRENT {
@@ -242,7 +259,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for tok in tokens {
-        let base = base.clone();
+        let base = base.to_owned();
         set.spawn(async move { through(&base, &tok, &BENCHED).await });
     }
     let mut totals = Vec::new();
@@ -264,6 +281,152 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "concurrent_runs_per_min".into(),
         json!(CONCURRENT as f64 * 60.0 / wall),
     );
-    crate::kit::report(args.json, figures);
     Ok(())
+}
+
+/// A 50 MiB workspace for three CLIs, a few times.
+async fn workspaces(
+    server: &Server,
+    base: &str,
+    figures: &mut Map<String, Value>,
+) -> anyhow::Result<()> {
+    // A 50 MiB workspace for three CLIs: sealed here, uploaded and
+    // unpacked in each sandbox (ready), then the run to its end.
+    let (_, vault_token) = server.vault_user("workspace@example.com")?;
+    let archive = workspace_archive(WORKSPACE_BYTES)?;
+    let mut ready = Vec::new();
+    let mut sealing = Vec::new();
+    for _ in 0..WORKSPACE_ROUNDS {
+        crate::stream::wait_for_pool(base).await?;
+        let (seal_ms, ready_ms) = workspace_run(base, &vault_token, &archive).await?;
+        sealing.push(seal_ms);
+        ready.push(ready_ms);
+    }
+    figures.insert("workspace_mib".into(), json!(WORKSPACE_BYTES >> 20));
+    figures.insert("workspace_50mib_seal_ms".into(), json!(p50(sealing)));
+    figures.insert("workspace_50mib_ready_ms".into(), json!(p50(ready)));
+    Ok(())
+}
+
+const WORKSPACE_BYTES: usize = 50 << 20;
+const WORKSPACE_ROUNDS: usize = 3;
+
+/// A repository-like tree of `bytes` (text files of 64 KiB, lines of
+/// code-like text that differ) as a tar archive.
+fn workspace_archive(bytes: usize) -> anyhow::Result<Vec<u8>> {
+    let mut files = Vec::new();
+    let mut n = 0usize;
+    while files.len() * 65536 < bytes {
+        let mut text = String::with_capacity(65536);
+        while text.len() < 65536 - 80 {
+            n += 1;
+            text.push_str(&format!(
+                "fn item_{n}(x: u64) -> u64 {{ x.wrapping_mul({}) ^ {} }}\n",
+                n.wrapping_mul(2654435761) % 1_000_003,
+                n % 977
+            ));
+        }
+        files.push((
+            format!("src/m{}/f{}.rs", files.len() / 64, files.len()),
+            text.into_bytes(),
+        ));
+    }
+    polydev_sessions::workspace::tar_of(&files).map_err(anyhow::Error::msg)
+}
+
+/// One edit run on `archive` with the three CLIs: ms to seal it for all
+/// three here, and ms from the request to all three unpacked.
+async fn workspace_run(server: &str, token: &str, archive: &[u8]) -> anyhow::Result<(f64, f64)> {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let names: Vec<&str> = BENCHED.iter().map(|p| p.as_str()).collect();
+    let r: Value = http
+        .post(format!("{server}/api/runs"))
+        .bearer_auth(token)
+        .json(&json!({"prompt": "hi", "providers": names,
+            "workspace": {"mode": "edit", "bytes": archive.len()}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = r["runId"]
+        .as_str()
+        .with_context(|| format!("run refused: {r}"))?
+        .to_owned();
+    let key_of = |p: Provider| -> anyhow::Result<polydev_vault::SealingPublicKey> {
+        let pk = B64.decode(
+            r["sandboxes"][p.as_str()]["publicKey"]
+                .as_str()
+                .unwrap_or(""),
+        )?;
+        polydev_vault::SealingPublicKey::from_bytes(&pk).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    // Sealed for the three at once (on the client's cores).
+    let sealing = Instant::now();
+    let keys: Vec<_> = BENCHED
+        .iter()
+        .map(|p| key_of(*p))
+        .collect::<Result<_, _>>()?;
+    let bodies: Vec<(Provider, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = BENCHED
+            .iter()
+            .zip(&keys)
+            .map(|(p, k)| {
+                let id = &id;
+                s.spawn(move || {
+                    let body =
+                        polydev_sessions::workspace::sealed_upload(k, id, p.as_str(), archive);
+                    (*p, body)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let seal_ms = sealing.elapsed().as_secs_f64() * 1000.0;
+    let uploads = bodies.into_iter().map(|(p, body)| {
+        let (http, id) = (&http, &id);
+        async move {
+            let r = http
+                .put(format!("{server}/api/runs/{id}/workspace/{}", p.as_str()))
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("{} refused the workspace: {}", p.as_str(), r.text().await?);
+            }
+            anyhow::Ok(())
+        }
+    });
+    for u in futures_util::future::join_all(uploads).await {
+        u?;
+    }
+    let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Then the run, to its end (its sandboxes go with it).
+    let mut creds = Map::new();
+    for p in BENCHED {
+        let sealed = key_of(p)?.seal(
+            polydev_sessions::runs::CREDENTIAL_PURPOSE,
+            format!("{id}/{}", p.as_str()).as_bytes(),
+            b"bench",
+        );
+        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+    }
+    http.post(format!("{server}/api/runs/{id}/credentials"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": creds}))
+        .send()
+        .await?;
+    let events = http
+        .get(format!("{server}/api/runs/{id}/events"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await?
+        .text()
+        .await?;
+    if events.contains("event: error") {
+        bail!("a provider failed on the workspace: {events}");
+    }
+    Ok((seal_ms, ready_ms))
 }

@@ -1313,7 +1313,7 @@ impl Runs {
     }
 
     /// A provider's diff sealed to the key the client gave at the start
-    /// (base64), while the run is in memory.
+    /// (base64), while the run is in memory; handed out once.
     pub fn client_diff(
         &self,
         id: &str,
@@ -1321,11 +1321,16 @@ impl Runs {
         provider: Provider,
     ) -> Result<Option<String>, RunError> {
         let run = self.get(id, user)?;
+        if run.workspace.and_then(|w| w.recipient).is_none() {
+            return Err(RunError::Invalid(format!(
+                "run {id} was started without a workspace.recipient: its diffs are sealed to your vault only (fetch them without ?to=recipient)"
+            )));
+        }
         Ok(run
             .providers
             .iter()
             .find(|p| p.provider == provider)
-            .and_then(|p| p.client_diff.lock().ok()?.clone()))
+            .and_then(|p| p.client_diff.lock().ok()?.take()))
     }
 
     /// A provider's diff, sealed to the user (base64): from the live run,
@@ -1414,6 +1419,8 @@ impl Runs {
             ));
         }
         // For the client that started the run, when it asked.
+        // (Its failure leaves the vault's copy: the client is told there
+        // is none for it.)
         let mut for_client = None;
         if let Some(key) = run.workspace.and_then(|w| w.recipient) {
             let sealed = agent
@@ -1423,12 +1430,18 @@ impl Runs {
                     workspace::DIFF_PURPOSE,
                     aad.as_bytes(),
                 )
-                .await
-                .map_err(|e| format!("cannot seal the diff: {}", clamp(&e.to_string())))?;
-            if sealed.len() as u64 > workspace::MAX_DIFF + workspace::SEAL_SLACK {
-                return Err("the sandbox sealed a larger diff the second time".into());
+                .await;
+            match sealed {
+                Ok(b) if b.len() as u64 <= workspace::MAX_DIFF + workspace::SEAL_SLACK => {
+                    for_client = Some(base64::engine::general_purpose::STANDARD.encode(b));
+                }
+                Ok(_) => {
+                    tracing::warn!(run = %run.id, "the sandbox sealed a larger diff for the client")
+                }
+                Err(e) => {
+                    tracing::warn!(run = %run.id, error = %clamp(&e.to_string()), "cannot seal the diff for the client")
+                }
             }
-            for_client = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
         }
         // Kept only for a provider still running (one cancelled meanwhile
         // is stored without it).

@@ -80,8 +80,10 @@ pub fn archive_path() -> &'static str {
 
 /// Git as the workspace uses it: no system or user configuration (the
 /// repository is the sandbox's own, made here), a fixed identity for the
-/// base commit (no user's name or address).
-const GIT: &str = "GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c user.name=polydev -c user.email=polydev@localhost -c commit.gpgsign=false -c core.hooksPath=/dev/null";
+/// base commit (no user's name or address), objects stored uncompressed
+/// (zlib was most of a 50 MiB workspace's unpack; the repository lives
+/// only as long as the sandbox).
+const GIT: &str = "GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c user.name=polydev -c user.email=polydev@localhost -c commit.gpgsign=false -c core.hooksPath=/dev/null -c core.compression=0 -c core.looseCompression=0";
 
 /// The shell line that unpacks the archive into an empty `DIR` and
 /// commits it as the base (members naming `..` or absolute paths are not
@@ -139,13 +141,17 @@ pub fn tar_of(files: &[(String, Vec<u8>)]) -> Result<Vec<u8>, String> {
 }
 
 fn tar_header(path: &str, size: u64) -> Result<[u8; 512], String> {
+    if size >= 8 << 30 {
+        return Err(format!("{path}: larger than a tar entry holds (8 GiB)"));
+    }
     let mut h = [0u8; 512];
     let (prefix, name) = if path.len() <= 100 {
         ("", path)
     } else {
         // prefix (≤ 155 bytes) / name (≤ 100 bytes), split at a slash.
-        let cut = path[..path.len().min(156)]
-            .rfind('/')
+        let cut = path.as_bytes()[..path.len().min(156)]
+            .iter()
+            .rposition(|b| *b == b'/')
             .filter(|&c| c > 0 && path.len() - c - 1 <= 100)
             .ok_or_else(|| format!("{path}: the path is too long for a tar archive"))?;
         (&path[..cut], &path[cut + 1..])
@@ -167,47 +173,137 @@ fn tar_header(path: &str, size: u64) -> Result<[u8; 512], String> {
     Ok(h)
 }
 
-/// The regular files under `dir` (its `.git` left out, symbolic links and
-/// other special files skipped) as a tar archive, refused past `max`
-/// bytes; and how many files it holds.
+/// The files of `dir` as a tar archive, refused past `max` bytes; and how
+/// many files it holds. In a git work tree, the files git would keep
+/// (tracked, and untracked ones `.gitignore` does not exclude: no build
+/// output, no ignored `.env`); elsewhere every regular file. Always: the
+/// `.git` directory left out, symbolic links and other special files
+/// skipped (never followed), each file's size checked before it is read.
 pub fn tar_dir(dir: &std::path::Path, max: u64) -> Result<(Vec<u8>, usize), String> {
+    let names = match git_files(dir) {
+        Some(names) => names,
+        None => walk(dir)?,
+    };
     let mut files = Vec::new();
-    let mut total = 0u64;
+    let mut total = 1024u64;
+    for rel in names {
+        let path = dir.join(&rel);
+        let Some(bytes) = read_regular(&path, max.saturating_sub(total))? else {
+            continue;
+        };
+        total += 512 + (bytes.len() as u64).div_ceil(512) * 512;
+        if total > max {
+            return Err(too_much(dir, max));
+        }
+        files.push((rel, bytes));
+    }
+    files.sort();
+    let n = files.len();
+    Ok((tar_of(&files)?, n))
+}
+
+fn too_much(dir: &std::path::Path, max: u64) -> String {
+    format!(
+        "{} holds more than {} MiB of files",
+        dir.display(),
+        max >> 20
+    )
+}
+
+/// The files git keeps in the work tree at `dir` (relative paths), or
+/// `None` when it is not one (or git is not here).
+fn git_files(dir: &std::path::Path) -> Option<Vec<String>> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let names = out
+        .stdout
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| std::str::from_utf8(n).ok().map(str::to_owned))
+        .filter(|n| !n.split('/').any(|c| c == ".git"))
+        .collect();
+    Some(names)
+}
+
+/// Every regular file under `dir` (relative paths), `.git` left out.
+fn walk(dir: &std::path::Path) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        for e in entries {
-            let e = e.map_err(|e| format!("{}: {e}", d.display()))?;
-            let kind = e.file_type().map_err(|e| format!("{}: {e}", e))?;
-            let path = e.path();
-            if e.file_name() == ".git" {
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("{}: {e}", d.display()))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if entry.file_name() == ".git" {
                 continue;
             }
             if kind.is_dir() {
                 stack.push(path);
             } else if kind.is_file() {
-                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                total += bytes.len() as u64 + 512;
-                if total > max {
-                    return Err(format!(
-                        "{} holds more than {} MiB of files",
-                        dir.display(),
-                        max >> 20
-                    ));
-                }
                 let rel = path
                     .strip_prefix(dir)
                     .map_err(|e| e.to_string())?
                     .to_str()
                     .ok_or_else(|| format!("{}: not a UTF-8 path", path.display()))?
                     .to_owned();
-                files.push((rel, bytes));
+                names.push(rel);
             }
         }
     }
-    files.sort();
-    let n = files.len();
-    Ok((tar_of(&files)?, n))
+    Ok(names)
+}
+
+/// A regular file's bytes, opened without following a link or blocking
+/// on a FIFO, its size checked before it is read (`None`: not a regular
+/// file, or gone).
+fn read_regular(path: &std::path::Path, room: u64) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    if meta.len() > room {
+        return Err(format!(
+            "{}: {} bytes, more than the archive has room for",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(room + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > room {
+        return Err(format!("{}: grew while it was read", path.display()));
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
@@ -262,5 +358,47 @@ mod tests {
         assert_eq!(again.len(), tar.len());
         assert!(tar_dir(&out_dir, 1000).is_err());
         assert!(tar_of(&[("x/".repeat(200), vec![])]).is_err());
+        // A multi-byte character across the byte where the prefix is cut
+        // (155/156): a clear error, no panic.
+        let odd = format!("x/{}é{}", "a".repeat(153), "c");
+        assert!(tar_of(&[(odd, vec![])]).is_err());
+        let fits = format!("{}é/{}", "d".repeat(100), "e".repeat(20));
+        assert!(tar_of(&[(fits, vec![])]).is_ok());
+    }
+
+    /// What a directory holds that is not the user's code stays out: a
+    /// link to elsewhere (never followed), a FIFO (never read), `.git`,
+    /// and in a work tree what `.gitignore` excludes.
+    #[test]
+    fn tar_dir_takes_regular_files_only_and_honours_gitignore() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "outside canary").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.txt"), "code").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), d.join("link")).unwrap();
+        nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::create_dir(d.join(".git")).unwrap();
+        std::fs::write(d.join(".git/config"), "git canary").unwrap();
+        let (tar, n) = tar_dir(d, 1 << 20).unwrap();
+        assert_eq!(n, 1);
+        let text = String::from_utf8_lossy(&tar);
+        assert!(!text.contains("outside canary") && !text.contains("git canary"));
+        // A work tree: ignored files stay out.
+        std::fs::remove_dir_all(d.join(".git")).unwrap();
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(d)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        assert!(git(&["init", "-q"]).status.success());
+        std::fs::write(d.join(".gitignore"), ".env\n").unwrap();
+        std::fs::write(d.join(".env"), "ignored canary").unwrap();
+        let (tar, _) = tar_dir(d, 1 << 20).unwrap();
+        let text = String::from_utf8_lossy(&tar);
+        assert!(text.contains("code") && !text.contains("ignored canary"));
     }
 }

@@ -74,11 +74,13 @@ pub async fn perspectives(
     let archive = match &code {
         Some(c) => {
             let path = c.path.clone();
-            let (tar, _) = tokio::task::spawn_blocking(move || {
+            let archiving = tokio::task::spawn_blocking(move || {
                 polydev_sessions::workspace::tar_dir(&path, MAX_LOCAL_CODE)
-            })
-            .await?
-            .map_err(|e| anyhow::anyhow!("cannot archive the code: {e}"))?;
+            });
+            let (tar, _) = tokio::time::timeout(Duration::from_secs(120), archiving)
+                .await
+                .context("archiving the code took more than 120 s")??
+                .map_err(|e| anyhow::anyhow!("cannot archive the code: {e}"))?;
             Some(tar)
         }
         None => None,
@@ -135,10 +137,40 @@ pub async fn perspectives(
         bail!("polydev refused the run ({status}): {message}");
     };
     let id = run["runId"].as_str().context("no runId")?.to_owned();
+    let outcome = drive(
+        &http, server, token, &run, &id, &providers, archive, &diff_key,
+    )
+    .await;
+    if outcome.is_err() {
+        // Its sandboxes go now, not when their waits run out.
+        let _ = http
+            .delete(format!("{server}/api/runs/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+    }
+    outcome
+}
+
+/// The run once started: its code, its credentials, its stream, and each
+/// provider's diff as it comes.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    run: &Value,
+    id: &str,
+    providers: &[Provider],
+    archive: Option<Vec<u8>>,
+    diff_key: &polydev_vault::SealingKeyPair,
+) -> anyhow::Result<Value> {
+    let id = id.to_owned();
     // The code first, sealed here to each sandbox (a CLI starts on it).
-    if let Some(archive) = &archive {
+    if let Some(archive) = archive {
+        let archive = std::sync::Arc::new(archive);
         let uploads = providers.iter().map(|p| {
-            let (http, run, id) = (&http, &run, &id);
+            let (http, run, id, archive) = (&http, &run, &id, archive.clone());
             async move {
                 let pk = run["sandboxes"][p.as_str()]["publicKey"]
                     .as_str()
@@ -146,8 +178,12 @@ pub async fn perspectives(
                     .context("the controller sent no sandbox key")?;
                 let key = polydev_vault::SealingPublicKey::from_bytes(&pk)
                     .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?;
-                let body =
-                    polydev_sessions::workspace::sealed_upload(&key, id, p.as_str(), archive);
+                // Sealed off the async threads (the MCP server stays responsive).
+                let (archive, run_id, name) = (archive.clone(), id.clone(), p.as_str());
+                let body = tokio::task::spawn_blocking(move || {
+                    polydev_sessions::workspace::sealed_upload(&key, &run_id, name, &archive)
+                })
+                .await?;
                 let r = http
                     .put(format!("{server}/api/runs/{id}/workspace/{}", p.as_str()))
                     .bearer_auth(token)
@@ -236,6 +272,7 @@ pub async fn perspectives(
     let mut events = String::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    let mut diffs: BTreeMap<String, Result<String, String>> = BTreeMap::new();
     loop {
         let chunk = stream.chunk().await?;
         let done = chunk.is_none();
@@ -253,6 +290,21 @@ pub async fn perspectives(
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let block: Vec<u8> = buf.drain(..end + 2).collect();
             let block = String::from_utf8_lossy(&block).into_owned();
+            // A provider's changes: fetched at once (the controller keeps
+            // the copy sealed to this call only while the run is in memory).
+            if block.lines().any(|l| l == "event: diff") {
+                let d = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                    .unwrap_or_default();
+                if let (Some(p), true) =
+                    (d["provider"].as_str(), d["bytes"].as_u64().unwrap_or(0) > 0)
+                {
+                    let got = fetch_diff(http, server, token, &id, p, diff_key).await;
+                    diffs.insert(p.to_owned(), got);
+                }
+            }
             let turn = block.lines().any(|l| l == "event: awaiting_credentials");
             if turn {
                 let provider = block
@@ -322,41 +374,48 @@ pub async fn perspectives(
             json!({"answer": "", "status": "error", "error": {"stage": "credentials", "message": message}}),
         );
     }
-    // Each provider's changes, opened with this call's key (kept by the
-    // controller only while the run is in memory: fetched at once).
-    for (p, a) in answers.iter_mut() {
-        if a["changes"]["bytes"].as_u64().unwrap_or(0) == 0 {
-            continue;
-        }
-        let r = http
-            .get(format!("{server}/api/runs/{id}/diff/{p}?to=recipient"))
-            .bearer_auth(token)
-            .send()
-            .await?;
-        let v: Value = r.json().await.unwrap_or_default();
-        let opened = v["sealed"]
-            .as_str()
-            .and_then(|s| B64.decode(s).ok())
-            .and_then(|sealed| {
-                diff_key
-                    .open(
-                        polydev_sessions::workspace::DIFF_PURPOSE,
-                        format!("{id}/{p}").as_bytes(),
-                        &sealed,
-                    )
-                    .ok()
-            });
-        match opened {
-            Some(diff) => a["diff"] = json!(String::from_utf8_lossy(&diff)),
-            None => {
-                a["changes"]["error"] = json!(format!(
-                    "the diff could not be fetched or opened: {}",
-                    v["error"]["message"]
-                ))
-            }
+    for (p, got) in diffs {
+        let a = answers
+            .entry(p)
+            .or_insert_with(|| json!({"answer": "", "status": "running"}));
+        match got {
+            Ok(diff) => a["diff"] = json!(diff),
+            Err(e) => a["changes"]["error"] = json!(e),
         }
     }
     Ok(json!({"runId": id, "perspectives": answers}))
+}
+
+/// One provider's diff, sealed to this call's key, fetched and opened.
+async fn fetch_diff(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    id: &str,
+    provider: &str,
+    key: &polydev_vault::SealingKeyPair,
+) -> Result<String, String> {
+    let r = http
+        .get(format!(
+            "{server}/api/runs/{id}/diff/{provider}?to=recipient"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| format!("the diff could not be fetched: {e}"))?;
+    let v: Value = r.json().await.unwrap_or_default();
+    let sealed = v["sealed"]
+        .as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .ok_or_else(|| format!("the diff could not be fetched: {}", v["error"]["message"]))?;
+    let diff = key
+        .open(
+            polydev_sessions::workspace::DIFF_PURPOSE,
+            format!("{id}/{provider}").as_bytes(),
+            &sealed,
+        )
+        .map_err(|e| format!("the diff did not open: {e}"))?;
+    Ok(String::from_utf8_lossy(&diff).into_owned())
 }
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]

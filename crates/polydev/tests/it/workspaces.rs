@@ -98,7 +98,13 @@ const ALL: [&str; 3] = ["claude_code", "codex", "gemini_cli"];
 #[tokio::test(flavor = "multi_thread")]
 async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user() {
     let canary = format!("canary-code-{}", uuid::Uuid::new_v4().simple());
-    let files = [("README.md", "# demo\n"), ("src/lib.txt", canary.as_str())];
+    // More than one chunk (1 MiB each), so their order is bound too.
+    let big = "a line of data that fills the archive\n".repeat(40_000);
+    let files = [
+        ("README.md", "# demo\n"),
+        ("src/lib.txt", canary.as_str()),
+        ("data/big.txt", big.as_str()),
+    ];
     let claude_wrote = "fixed by claude\n";
     let gemini_wrote = "fixed by gemini\n";
     let codex_wrote = "fixed by codex\n";
@@ -195,6 +201,13 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    // The right chunks in the wrong order do not open either.
+    let first = 4 + u32::from_be_bytes(whole[..4].try_into().unwrap()) as usize;
+    assert!(first < whole.len(), "the archive takes two chunks");
+    let swapped = [&whole[first..], &whole[..first]].concat();
+    let r = upload(&app, &token, &run, "claude_code", swapped).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.text.contains("chunk 0"), "{}", r.text);
     // A declared chunk longer than a sealed chunk is refused unread.
     let mut huge = ((CHUNK as u32) * 2).to_be_bytes().to_vec();
     huge.extend_from_slice(&[0; 64]);
