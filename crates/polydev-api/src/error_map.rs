@@ -215,6 +215,17 @@ impl From<RunError> for ApiError {
             }
             RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "run_conflict", m),
             RunError::Timeout(m) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "upload_timeout", m),
+            e @ RunError::DailyLimit { resets_at, .. } => {
+                let wait = resets_at.saturating_sub(polydev_store::now_ms() as u64 / 1000);
+                ApiError {
+                    retry_after: Some(wait.max(1)),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "daily_run_limit",
+                        e.to_string(),
+                    )
+                }
+            }
             RunError::NotOffered(e) => not_offered(&e),
             RunError::Sandbox(e) => ApiError::from(e),
         }

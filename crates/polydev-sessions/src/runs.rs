@@ -98,6 +98,8 @@ pub struct RunsConfig {
     pub sign_in: crate::providers::SignInPolicy,
     /// The largest workspace archive a run takes (bytes).
     pub max_workspace_bytes: u64,
+    /// Runs one user may start per UTC day (`None`: no limit).
+    pub max_runs_per_user_per_day: Option<u32>,
 }
 
 impl RunsConfig {
@@ -148,6 +150,7 @@ impl Default for RunsConfig {
             max_providers_in_flight: default_providers_in_flight(),
             sign_in: Default::default(),
             max_workspace_bytes: 200 << 20,
+            max_runs_per_user_per_day: None,
         }
     }
 }
@@ -560,6 +563,10 @@ pub enum RunError {
     /// The client did not send in time (a workspace upload).
     #[error("{0}")]
     Timeout(String),
+    /// The user has started as many runs today (UTC) as this server
+    /// allows one user; the count starts over at `resets_at` (Unix s).
+    #[error("you have started your {limit} runs for today (UTC), this server's daily limit per user; the count starts over at {} (in {} min)", crate::providers::utc(*resets_at), resets_at.saturating_sub(now_ms() as u64 / 1000).div_ceil(60))]
+    DailyLimit { limit: u32, resets_at: u64 },
     /// Finished and no longer followed live; its states and sealed answers
     /// are in the history.
     #[error("run {0} has finished; its answers are in your run history (GET /api/runs)")]
@@ -716,6 +723,22 @@ impl Runs {
         // run late; beyond the cap a run is refused, to be tried again. No
         // user holds more than a share of it (a quarter, five at least).
         let _reservation = self.admit(user, providers.len())?;
+        // A user's runs per UTC day, counted in the store (concurrent
+        // starts cannot both take the last place).
+        if let Some(limit) = self.cfg.max_runs_per_user_per_day {
+            let day = now_ms() / 86_400_000;
+            let taken = self
+                .store
+                .take_run_quota(user, day, i64::from(limit.max(1)))
+                .await
+                .map_err(ManagerError::from)?;
+            if taken.is_none() {
+                return Err(RunError::DailyLimit {
+                    limit,
+                    resets_at: ((day + 1) * 86_400) as u64,
+                });
+            }
+        }
         let id = format!("run-{:016x}", rand::random::<u64>());
         let created_ms = now_ms();
         let mut made: Vec<ProviderRun> = Vec::new();

@@ -104,6 +104,31 @@ impl Store {
         Ok(())
     }
 
+    /// Counts one more run for `user` on UTC day `day` if fewer than
+    /// `limit` (at least 1) are counted; the count after, or `None` at the
+    /// limit (one statement: concurrent starts cannot both take the last
+    /// place).
+    pub async fn take_run_quota(
+        &self,
+        user: UserId,
+        day: i64,
+        limit: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO run_quota (user_id, day, count) VALUES ($1, $2, 1) ON CONFLICT (user_id, day) DO UPDATE SET count = run_quota.count + 1 WHERE run_quota.count < $3 RETURNING count",
+        )
+        .bind(user.to_string())
+        .bind(day)
+        .bind(limit)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| StoreError::on_write(e, "run quota"))?;
+        match row {
+            Some(r) => Ok(Some(r.try_get("count").map_err(StoreError::internal)?)),
+            None => Ok(None),
+        }
+    }
+
     /// A user's runs, newest first.
     pub async fn list_runs(&self, user: UserId, limit: i64) -> Result<Vec<RunRecord>, StoreError> {
         let rows = sqlx::query(

@@ -75,6 +75,9 @@ pub struct RunsFile {
     /// in each sandbox's writable layer, so keep it well under the
     /// sandboxes' disk) [default: 200; 1 to 4096].
     max_workspace_mb: Option<u64>,
+    /// Runs one user may start per UTC day (beyond: 429 with the reset
+    /// time) [default: no limit; 0: no limit].
+    max_runs_per_user_per_day: Option<u32>,
     /// Provider API base URLs (default: each CLI's own).
     anthropic_base_url: Option<String>,
     openai_base_url: Option<String>,
@@ -121,6 +124,7 @@ pub fn runs_config(file: Option<&RunsFile>) -> polydev_sessions::runs::RunsConfi
     if let Some(mb) = f.max_workspace_mb {
         c.max_workspace_bytes = mb.clamp(1, 4096) << 20;
     }
+    c.max_runs_per_user_per_day = f.max_runs_per_user_per_day.filter(|n| *n > 0);
     c.anthropic_base_url = f.anthropic_base_url;
     c.openai_base_url = f.openai_base_url;
     c.gemini_base_url = f.gemini_base_url;

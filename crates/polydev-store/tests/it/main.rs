@@ -32,6 +32,7 @@ on_both_backends!(
     egress_usage_adds_up,
     vault_items_use_optimistic_concurrency_and_stay_per_user,
     vault_keys_are_set_once_and_replaced_by_a_password_change,
+    the_daily_run_quota_counts_per_user_and_day_up_to_its_limit,
 );
 
 fn new_user(email: &str, role: Role, at: i64) -> NewUser {
@@ -495,4 +496,33 @@ async fn vault_keys_are_set_once_and_replaced_by_a_password_change(backend: Back
         .await
         .unwrap();
     assert_eq!(hash.as_deref(), Some("$argon2id$new"));
+}
+
+async fn the_daily_run_quota_counts_per_user_and_day_up_to_its_limit(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let ada = store
+        .create_user(&new_user("ada@example.com", Role::User, 1))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .create_user(&new_user("bob@example.com", Role::User, 2))
+        .await
+        .unwrap()
+        .id;
+    let take = |u, day| {
+        let store = store.clone();
+        async move { store.take_run_quota(u, day, 2).await.unwrap() }
+    };
+    assert_eq!(take(ada, 100).await, Some(1));
+    assert_eq!(take(ada, 100).await, Some(2));
+    assert_eq!(take(ada, 100).await, None);
+    assert_eq!(take(ada, 100).await, None, "a refusal takes no place");
+    assert_eq!(take(bob, 100).await, Some(1), "per user");
+    assert_eq!(take(ada, 101).await, Some(1), "per day");
+    // Concurrent takes of the last places: exactly the limit succeed.
+    let takes: Vec<_> = (0..8).map(|_| take(bob, 102)).collect();
+    let got = futures_util::future::join_all(takes).await;
+    assert_eq!(got.iter().filter(|g| g.is_some()).count(), 2, "{got:?}");
 }

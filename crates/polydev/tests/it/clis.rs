@@ -1567,3 +1567,68 @@ async fn stopping_one_provider_leaves_the_others_running() {
     let r = app.get(&format!("/api/sandboxes/{sandbox}"), t).await;
     assert_eq!(r.body["status"], "ended", "{}", r.text);
 }
+
+/// The daily run limit per user: past it a start is 429 with when the
+/// count starts over (Retry-After, and the time in words), before any
+/// sandbox is made; another user is not held by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_past_the_daily_run_limit_is_told_when_it_resets() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = stub_config_with(dir.path(), 1, 1, 1, 1, "max_runs_per_user_per_day = 2\n");
+    let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
+    let (_, token) = app.user("busy@example.com").await;
+    let start = |t: String| {
+        let app = &app;
+        async move {
+            app.post(
+                "/api/runs",
+                Some(&t),
+                json!({"prompt": "hi", "providers": ["claude_code"]}),
+            )
+            .await
+        }
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = start(token.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        ids.push(r.body["runId"].as_str().unwrap().to_owned());
+    }
+    let sandboxes = app.get("/api/sandboxes", Some(&token)).await.body.clone();
+    assert_eq!(
+        sandboxes["sandboxes"].as_array().unwrap().len(),
+        2,
+        "{sandboxes}"
+    );
+    let r = start(token.clone()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(r.error_code(), "daily_run_limit");
+    assert!(
+        r.text.contains("2 runs for today") && r.text.contains("UTC"),
+        "{}",
+        r.text
+    );
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    assert_eq!(
+        app.get("/api/sandboxes", Some(&token)).await.body,
+        sandboxes,
+        "no sandbox for a refused run"
+    );
+    let (_, other) = app.user("calm@example.com").await;
+    let r = start(other.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    ids.push(r.body["runId"].as_str().unwrap().to_owned());
+    for (i, id) in ids.iter().enumerate() {
+        let t = if i < 2 { &token } else { &other };
+        let r = app
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/runs/{id}"),
+                Some(t),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+}
