@@ -334,6 +334,10 @@ pub struct ProviderView {
 pub struct RunView {
     pub run_id: String,
     pub state: RunState,
+    /// How long each provider's CLI may take (the one asked for, at most
+    /// the server's); absent for a run answered from the store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_secs: Option<u64>,
     pub sandboxes: BTreeMap<String, ProviderView>,
 }
 
@@ -427,6 +431,8 @@ struct Run {
     providers: Vec<ProviderRun>,
     /// The user's code the CLIs work on, if the run has one.
     workspace: Option<Workspace>,
+    /// How long each provider's CLI may take.
+    deadline: Duration,
     events: Mutex<History>,
     tx: broadcast::Sender<Arc<RunEvent>>,
     cancelled: AtomicBool,
@@ -528,6 +534,7 @@ impl Run {
         RunView {
             run_id: self.id.clone(),
             state: self.state(),
+            deadline_secs: Some(self.deadline.as_secs()),
             sandboxes,
         }
     }
@@ -700,7 +707,12 @@ impl Runs {
         prompt: String,
         providers: Vec<Provider>,
         workspace: Option<Workspace>,
+        deadline: Option<Duration>,
     ) -> Result<RunView, RunError> {
+        // The one asked for, within the server's.
+        let deadline = deadline
+            .map(|d| d.clamp(Duration::from_secs(1), self.cfg.deadline))
+            .unwrap_or(self.cfg.deadline);
         if prompt.trim().is_empty() || prompt.len() > MAX_PROMPT_BYTES || prompt.contains('\0') {
             return Err(RunError::Invalid(
                 "prompt must be 1 to 100 000 bytes, not only white space, without NUL".into(),
@@ -807,6 +819,7 @@ impl Runs {
             user,
             providers: made,
             workspace,
+            deadline,
             events: Mutex::new(History::default()),
             tx,
             cancelled: AtomicBool::new(false),
@@ -1052,6 +1065,7 @@ impl Runs {
                 Ok(RunView {
                     run_id: r.id,
                     state: r.state,
+                    deadline_secs: None,
                     sandboxes,
                 })
             }
@@ -1647,7 +1661,7 @@ impl Runs {
             &RunSetup {
                 kind,
                 bases: self.cfg.bases(),
-                deadline: self.cfg.deadline,
+                deadline: run.deadline,
                 mode: run.workspace.map(|w| w.mode),
             },
         );
@@ -1658,7 +1672,7 @@ impl Runs {
         };
         // The run's deadline ends the provider whatever the CLI (or the
         // sandbox's agent) does; the agent's own kill comes first.
-        let until = tokio::time::Instant::now() + self.cfg.deadline + Duration::from_secs(5);
+        let until = tokio::time::Instant::now() + run.deadline + Duration::from_secs(5);
         let result = async {
             let mut agent = self
                 .manager
@@ -1669,7 +1683,7 @@ impl Runs {
                     vec!["/bin/sh".into(), "-c".into(), line],
                     env,
                     None,
-                    self.cfg.deadline,
+                    run.deadline,
                 )
                 .await?;
             let mut out = Output::default();
@@ -1832,7 +1846,7 @@ impl Runs {
             Ok(Ended::TimedOut(code, true, resets_at, _)) => {
                 let mut message = format!(
                     "{name}'s provider refused it for a rate or usage limit (HTTP 429), and it had not got through when the run's deadline ({} s) passed; {}",
-                    self.cfg.deadline.as_secs(),
+                    run.deadline.as_secs(),
                     try_again(resets_at)
                 );
                 if let Some(u) = &unreachable {
@@ -1843,7 +1857,7 @@ impl Runs {
             Ok(Ended::TimedOut(code, false, _, said)) => {
                 let mut message = format!(
                     "{name} gave no answer within {} s (the run's deadline) and was stopped",
-                    self.cfg.deadline.as_secs()
+                    run.deadline.as_secs()
                 );
                 // What its stream said went wrong, if it said.
                 if let Some(f) = said {

@@ -50,6 +50,11 @@ pub(crate) struct StartBody {
     /// /api/runs/{id}/workspace/{provider}`).
     #[serde(default)]
     workspace: Option<WorkspaceBody>,
+    /// How long each CLI may take, in seconds (at most the server's
+    /// `runs.deadline_secs`; longer is cut to it: the view says which).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    deadline_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -119,7 +124,13 @@ pub(crate) async fn start(
         }
     };
     let view = runs
-        .start(user.0.user.id, body.prompt, providers, workspace)
+        .start(
+            user.0.user.id,
+            body.prompt,
+            providers,
+            workspace,
+            body.deadline_secs.map(Duration::from_secs),
+        )
         .await
         .map_err(|e| ApiError::from(e).for_caller(user.0.is_admin()))?;
     Ok((StatusCode::CREATED, Json(view)))

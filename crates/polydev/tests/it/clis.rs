@@ -966,19 +966,8 @@ async fn the_mcp_tool_over_http() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
 
-/// Starts a run of `providers` with `key` sealed to each sandbox, as a
-/// Starts a run of `providers` with `key` sealed to each sandbox, as a
-/// client does; its id and its events to the end.
-pub(crate) async fn run_with_key(
-    app: &TestApp,
-    token: &str,
-    providers: &[&str],
-    key: &str,
-) -> (String, Vec<(String, Value)>) {
-    run_with_keys(app, token, "hello?", providers, |_| key.to_owned()).await
-}
-
-/// `run_with_key` with `prompt`, and each provider's own key.
+/// Starts a run of `prompt` on `providers`, each with its own key sealed
+/// to its sandbox, as a client does; its id and its events to the end.
 pub(crate) async fn run_with_keys(
     app: &TestApp,
     token: &str,
@@ -1415,7 +1404,7 @@ async fn a_hung_provider_times_out_and_an_unreachable_one_says_why() {
     std::fs::write(
         &config,
         format!(
-            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 12\ncredential_wait_secs = 60\nanthropic_base_url = \"http://nowhere.invalid:9\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
+            "[egress]\nallow_private = [\"127.0.0.0/8\"]\nper_user_ports = false\n[egress.hosts]\n\"openai.stub.test\" = \"127.0.0.1\"\n\"gemini.stub.test\" = \"127.0.0.1\"\n[runs]\ntemplate = \"minimal\"\ndeadline_secs = 120\ncredential_wait_secs = 60\nanthropic_base_url = \"http://nowhere.invalid:9\"\nopenai_base_url = \"http://openai.stub.test:{}/v1\"\ngemini_base_url = \"http://gemini.stub.test:{}\"\n",
             hung.addr.port(),
             gemini.addr.port()
         ),
@@ -1424,14 +1413,37 @@ async fn a_hung_provider_times_out_and_an_unreachable_one_says_why() {
     let app = TestApp::spawn_with(Backend::Sqlite, &["--config", config.to_str().unwrap()]).await;
     let (_, token) = app.user("deadline@example.com").await;
     let started = std::time::Instant::now();
-    let (_, events) = run_with_key(
-        &app,
-        &token,
-        &["claude_code", "codex", "gemini_cli"],
-        "sk-test",
+    // The run's own deadline, under the server's 120 s (one asked for
+    // beyond it is cut to it).
+    let r = app
+        .post(
+            "/api/runs",
+            Some(&token),
+            json!({"prompt": "hi", "providers": ["claude_code", "codex", "gemini_cli"], "deadlineSecs": 12}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["deadlineSecs"], 12, "{}", r.text);
+    send_key(&app, &token, &r.body, "sk-test").await;
+    let run = r.body["runId"].as_str().unwrap();
+    let events = sse_events(&app, &format!("/api/runs/{run}/events"), &token).await;
+    let took = started.elapsed();
+    let long = app
+        .post(
+            "/api/runs",
+            Some(&token),
+            json!({"prompt": "hi", "providers": ["gemini_cli"], "deadlineSecs": 1_000_000}),
+        )
+        .await;
+    assert_eq!(long.body["deadlineSecs"], 120, "{}", long.text);
+    let id = long.body["runId"].as_str().unwrap();
+    app.send(
+        reqwest::Method::DELETE,
+        &format!("/api/runs/{id}"),
+        Some(&token),
+        None,
     )
     .await;
-    let took = started.elapsed();
     let last = |p: &str| {
         events
             .iter()
