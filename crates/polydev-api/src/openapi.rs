@@ -102,8 +102,9 @@ impl Modify for BearerAuth {
 }
 
 /// What a derived schema cannot say: a run with a workspace takes only
-/// the CLIs that work on code (`if`/`then` on the start body, added as
-/// extensions and renamed to the keywords in `openapi_json`).
+/// the CLIs that work on code (`if`/`then` in an `allOf` on the start
+/// body, added as an extension and renamed to the keyword in
+/// `openapi_json`).
 struct WorkspaceProviders;
 
 impl Modify for WorkspaceProviders {
@@ -118,11 +119,14 @@ impl Modify for WorkspaceProviders {
                 .filter(|p| polydev_sessions::providers::works_on_code(**p))
                 .map(|p| p.as_str())
                 .collect();
+            // One extension (its map has no order), the rule inside it.
             let rule = utoipa::openapi::extensions::ExtensionsBuilder::new()
-                .add("if", serde_json::json!({"required": ["workspace"]}))
                 .add(
-                    "then",
-                    serde_json::json!({"properties": {"providers": {"items": {"enum": code}}}}),
+                    "allOf",
+                    serde_json::json!([{
+                        "if": {"required": ["workspace"]},
+                        "then": {"properties": {"providers": {"items": {"enum": code}}}},
+                    }]),
                 )
                 .build();
             match body.extensions.as_mut() {
@@ -139,12 +143,9 @@ pub fn openapi_json() -> String {
     // The version comes from the crate, not from whatever built it.
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     doc.to_pretty_json()
-        // utoipa writes every extension as `x-…`; these two are JSON
-        // Schema's own keywords (see `WorkspaceProviders`).
-        .map(|j| {
-            j.replace("\"x-if\": {", "\"if\": {")
-                .replace("\"x-then\": {", "\"then\": {")
-        })
+        // utoipa writes every extension as `x-…`; this one is JSON
+        // Schema's own keyword (see `WorkspaceProviders`).
+        .map(|j| j.replace("\"x-allOf\": [", "\"allOf\": ["))
         .unwrap_or_else(|_| "{}".to_owned())
 }
 
