@@ -86,7 +86,7 @@ export function renderRuns(view) {
 
   // Optional: your code for the CLIs to work on (a folder, or a .tar).
   const files = el("input", { type: "file", id: "workspace-files", multiple: true, webkitdirectory: true });
-  const tarFile = el("input", { type: "file", id: "workspace-tar", accept: ".tar,application/x-tar" });
+  const tarFile = el("input", { type: "file", id: "workspace-tar", accept: ".tar,.bundle,application/x-tar" });
   const mode = el("select", { id: "workspace-mode" },
     el("option", { value: "edit" }, "may change it (edit: each CLI's changes come back as a diff)"),
     el("option", { value: "ask" }, "reads it only (ask)"));
@@ -109,7 +109,7 @@ export function renderRuns(view) {
   const code = el("details", { class: "workspace", id: "workspace" },
     el("summary", {}, "Code (optional): let the CLIs work on your project"),
     el("label", { for: "workspace-files" }, "A folder"), files,
-    el("label", { for: "workspace-tar" }, "or a .tar archive"), tarFile,
+    el("label", { for: "workspace-tar" }, "or a .tar archive or git bundle"), tarFile,
     el("label", { for: "workspace-mode" }, "The CLIs"), mode, picked,
     el("p", { class: "muted small" }, "Claude Code, Codex and Gemini CLI work on code; each gets its own copy. The server relays only what this tab sealed."));
 

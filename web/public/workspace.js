@@ -16,10 +16,10 @@ const MAX_LINES = 2000;
 
 /// The picked files as [{path, bytes}], paths relative to the picked
 /// folder (its own name and any `.git` directory left out). A single
-/// picked `.tar` is the archive itself.
+/// picked `.tar` or `git bundle` (`.bundle`) is the archive itself.
 export async function readPicked(fileList) {
   const files = [...fileList];
-  if (files.length === 1 && /\.tar$/i.test(files[0].name) && !files[0].webkitRelativePath) {
+  if (files.length === 1 && /\.(tar|bundle)$/i.test(files[0].name) && !files[0].webkitRelativePath) {
     return { archive: new Uint8Array(await files[0].arrayBuffer()), count: null };
   }
   const out = [];

@@ -85,14 +85,26 @@ pub fn archive_path() -> &'static str {
 /// only as long as the sandbox).
 const GIT: &str = "GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c user.name=polydev -c user.email=polydev@localhost -c commit.gpgsign=false -c core.hooksPath=/dev/null -c core.compression=0 -c core.looseCompression=0";
 
-/// The shell line that unpacks the archive into an empty `DIR` and
-/// commits it as the base (members naming `..` or absolute paths are not
-/// extracted by GNU tar; an archive's own `.git` is left out, the base is
-/// a repository of its own; everything happens inside the sandbox as its
-/// user). The archive is removed whatever happens.
+/// The shell line that unpacks the archive into an empty `DIR` and makes
+/// it the base, tagged `polydev-base`; everything happens inside the
+/// sandbox as its user, and the archive is removed whatever happens.
+/// - A `git bundle` (its first line says so) is cloned: the base is its
+///   `HEAD`, with its history (a clone's own configuration, no hooks).
+/// - Anything else is a tar archive: members naming `..` or absolute
+///   paths are not extracted (GNU tar), its own `.git` is left out, and
+///   the tree is committed as the first commit of a repository of its own.
 pub fn unpack_line() -> String {
     format!(
-        "trap 'rm -f {ARCHIVE}' EXIT; set -e; rm -rf {DIR}; mkdir -p {DIR}; tar -xf {ARCHIVE} -C {DIR} --no-same-owner --no-same-permissions --exclude=.git; cd {DIR}; {GIT} init -q; {GIT} add -A; {GIT} commit -q --allow-empty --no-verify -m 'polydev: workspace base'; {GIT} tag -f polydev-base >/dev/null"
+        "trap 'rm -f {ARCHIVE}' EXIT; set -e; rm -rf {DIR}; \
+         if head -c 15 {ARCHIVE} | grep -qE '^# v[23] git bundle$'; then \
+           {GIT} clone -q {ARCHIVE} {DIR} 2>&1 || {{ echo 'the git bundle could not be cloned' >&2; exit 1; }}; cd {DIR}; \
+           {GIT} rev-parse -q --verify HEAD >/dev/null || {{ echo 'the git bundle has no HEAD (make it with: git bundle create repo.bundle HEAD --branches)' >&2; exit 1; }}; \
+           {GIT} remote remove origin; \
+         else \
+           mkdir -p {DIR}; tar -xf {ARCHIVE} -C {DIR} --no-same-owner --no-same-permissions --exclude=.git; cd {DIR}; \
+           {GIT} init -q; {GIT} add -A; {GIT} commit -q --allow-empty --no-verify -m 'polydev: workspace base'; \
+         fi; \
+         {GIT} tag -f polydev-base >/dev/null"
     )
 }
 

@@ -47,6 +47,43 @@ async fn upload(app: &TestApp, token: &str, run: &str, provider: &str, body: Vec
     crate::app::read(resp).await
 }
 
+/// `files` committed in a repository of their own, as a `git bundle`.
+fn git_bundle(files: &[(&str, &str)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    for (path, content) in files {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "the user's history"]);
+    let bundle = dir.path().join("repo.bundle");
+    git(&[
+        "bundle",
+        "create",
+        bundle.to_str().unwrap(),
+        "HEAD",
+        "--branches",
+    ]);
+    std::fs::read(bundle).unwrap()
+}
+
 /// Applies `diff` to a fresh copy of `files` with `git apply`; the tree
 /// after, as (path, content) of every file.
 fn apply(files: &[(&str, &str)], diff: &[u8]) -> Vec<(String, String)> {
@@ -289,6 +326,53 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
         .get(&format!("/api/runs/{run}/diff/claude_code"), Some(&other))
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+
+    // A git bundle is a workspace too: cloned, its HEAD the base (and
+    // its history there for the CLI); the diff applies to a checkout.
+    let bundle = git_bundle(&files);
+    let r = app
+        .post(
+            "/api/runs",
+            t,
+            json!({"prompt": "fix it", "providers": ["claude_code"],
+                "workspace": {"mode": "edit", "bytes": bundle.len()}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let (bview, brun) = (r.body.clone(), r.body["runId"].as_str().unwrap().to_owned());
+    let r = upload(
+        &app,
+        &token,
+        &brun,
+        "claude_code",
+        sealed_upload(&bview, "claude_code", &bundle),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    send_keys(&app, &token, &bview, |_| "sk-test-key".into()).await;
+    let events = sse_events(&app, &format!("/api/runs/{brun}/events"), &token).await;
+    assert!(
+        events
+            .iter()
+            .any(|(e, d)| e == "diff" && d["bytes"].as_u64() > Some(0)),
+        "{events:?}"
+    );
+    let r = app
+        .get(&format!("/api/runs/{brun}/diff/claude_code"), t)
+        .await;
+    let sealed = B64.decode(r.body["sealed"].as_str().unwrap()).unwrap();
+    let diff = user_key
+        .open(
+            DIFF_PURPOSE,
+            format!("{brun}/claude_code").as_bytes(),
+            &sealed,
+        )
+        .unwrap();
+    let tree = apply(&files, &diff);
+    assert!(
+        tree.contains(&("src/claude.txt".to_owned(), claude_wrote.to_owned())),
+        "{tree:?}"
+    );
 
     // Asked only to read, the same CLIs (whose models again try to write)
     // stay in their read-only modes: the workspace is unchanged, and no
