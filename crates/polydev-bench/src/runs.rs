@@ -93,6 +93,45 @@ async fn direct(
     first.with_context(|| format!("{} printed no answer", provider.as_str()))
 }
 
+/// The key a run's view gives for `provider`'s sandbox.
+fn sandbox_key(
+    view: &Value,
+    provider: Provider,
+) -> anyhow::Result<polydev_vault::SealingPublicKey> {
+    let pk = B64.decode(
+        view["sandboxes"][provider.as_str()]["publicKey"]
+            .as_str()
+            .unwrap_or(""),
+    )?;
+    polydev_vault::SealingPublicKey::from_bytes(&pk).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Seals a stand-in key to each provider's sandbox and hands them over.
+async fn send_credentials(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    view: &Value,
+    id: &str,
+    providers: &[Provider],
+) -> anyhow::Result<()> {
+    let mut creds = Map::new();
+    for p in providers {
+        let sealed = sandbox_key(view, *p)?.seal(
+            polydev_sessions::runs::CREDENTIAL_PURPOSE,
+            format!("{id}/{}", p.as_str()).as_bytes(),
+            b"bench",
+        );
+        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
+    }
+    http.post(format!("{server}/api/runs/{id}/credentials"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": creds}))
+        .send()
+        .await?;
+    Ok(())
+}
+
 /// One run through polydev: ms from the request to each provider's first
 /// delta, and to the end of the stream.
 async fn through(
@@ -115,27 +154,7 @@ async fn through(
         .as_str()
         .with_context(|| format!("run refused: {r}"))?
         .to_owned();
-    let mut creds = Map::new();
-    for p in providers {
-        let pk = B64.decode(
-            r["sandboxes"][p.as_str()]["publicKey"]
-                .as_str()
-                .unwrap_or(""),
-        )?;
-        let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .seal(
-                polydev_sessions::runs::CREDENTIAL_PURPOSE,
-                format!("{id}/{}", p.as_str()).as_bytes(),
-                b"bench",
-            );
-        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
-    }
-    http.post(format!("{server}/api/runs/{id}/credentials"))
-        .bearer_auth(token)
-        .json(&json!({"credentials": creds}))
-        .send()
-        .await?;
+    send_credentials(&http, server, token, &r, &id, providers).await?;
     let mut resp = http
         .get(format!("{server}/api/runs/{id}/events"))
         .bearer_auth(token)
@@ -353,19 +372,11 @@ async fn workspace_run(server: &str, token: &str, archive: &[u8]) -> anyhow::Res
         .as_str()
         .with_context(|| format!("run refused: {r}"))?
         .to_owned();
-    let key_of = |p: Provider| -> anyhow::Result<polydev_vault::SealingPublicKey> {
-        let pk = B64.decode(
-            r["sandboxes"][p.as_str()]["publicKey"]
-                .as_str()
-                .unwrap_or(""),
-        )?;
-        polydev_vault::SealingPublicKey::from_bytes(&pk).map_err(|e| anyhow::anyhow!("{e}"))
-    };
     // Sealed for the three at once (on the client's cores).
     let sealing = Instant::now();
     let keys: Vec<_> = BENCHED
         .iter()
-        .map(|p| key_of(*p))
+        .map(|p| sandbox_key(&r, *p))
         .collect::<Result<_, _>>()?;
     let bodies: Vec<(Provider, Vec<u8>)> = std::thread::scope(|s| {
         let handles: Vec<_> = BENCHED
@@ -403,20 +414,7 @@ async fn workspace_run(server: &str, token: &str, archive: &[u8]) -> anyhow::Res
     }
     let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
     // Then the run, to its end (its sandboxes go with it).
-    let mut creds = Map::new();
-    for p in BENCHED {
-        let sealed = key_of(p)?.seal(
-            polydev_sessions::runs::CREDENTIAL_PURPOSE,
-            format!("{id}/{}", p.as_str()).as_bytes(),
-            b"bench",
-        );
-        creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
-    }
-    http.post(format!("{server}/api/runs/{id}/credentials"))
-        .bearer_auth(token)
-        .json(&json!({"credentials": creds}))
-        .send()
-        .await?;
+    send_credentials(&http, server, token, &r, &id, &BENCHED).await?;
     let events = http
         .get(format!("{server}/api/runs/{id}/events"))
         .bearer_auth(token)

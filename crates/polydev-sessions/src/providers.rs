@@ -502,11 +502,14 @@ pub fn run_command(provider: Provider, how: &RunSetup) -> (String, Vec<(String, 
             }
             // Plan mode reads and answers; acceptEdits may change files
             // (its other tools still ask, and in print mode are refused).
-            let run = match how.mode {
-                None => "exec claude -p --output-format stream-json --verbose",
-                Some(Mode::Ask) => "exec claude -p --output-format stream-json --verbose --permission-mode plan",
-                Some(Mode::Edit) => "exec claude -p --output-format stream-json --verbose --permission-mode acceptEdits",
-            };
+            let run = format!(
+                "exec claude -p --output-format stream-json --verbose{}",
+                match how.mode {
+                    None => "",
+                    Some(Mode::Ask) => " --permission-mode plan",
+                    Some(Mode::Edit) => " --permission-mode acceptEdits",
+                }
+            );
             if login {
                 format!("{} && {run} -- \"$POLYDEV_PROMPT\"", setup(""))
             } else if cloud {

@@ -1277,7 +1277,7 @@ impl Runs {
                         workspace::WORKSPACE_PURPOSE,
                         aad.as_bytes(),
                         &chunk,
-                        workspace::archive_path(),
+                        workspace::ARCHIVE,
                         0o600,
                         index > 0,
                     )
@@ -1551,14 +1551,14 @@ impl Runs {
                 return Err(RunError::Queued(provider.as_str().to_owned()));
             }
             // A run on code starts its CLI only on the code.
-            let unpacked = run.providers.iter().any(|p| {
+            let awaiting_code = run.providers.iter().any(|p| {
                 p.provider == *provider
                     && p.upload
                         .lock()
-                        .map(|u| matches!(*u, Upload::None | Upload::Ready(_)))
+                        .map(|u| matches!(*u, Upload::Awaiting | Upload::Sending))
                         .unwrap_or(false)
             });
-            if !unpacked && run.providers.iter().any(|p| p.provider == *provider) {
+            if awaiting_code {
                 return Err(RunError::Conflict(format!(
                     "{} has not got its workspace yet: send it first (PUT /api/runs/{id}/workspace/{})",
                     provider.display_name(),
@@ -1965,8 +1965,8 @@ impl Runs {
                 })
                 .collect();
             if !made.is_empty() {
-                let names: Vec<&str> = made.keys().map(String::as_str).collect();
-                diffs = Some((Value::Object(made.clone()).to_string(), names.join(",")));
+                let names = made.keys().cloned().collect::<Vec<_>>().join(",");
+                diffs = Some((Value::Object(made).to_string(), names));
             }
             if let Ok(keys) = store.vault_keys(run.user).await {
                 if let Ok(pk) = polydev_vault::SealingPublicKey::from_bytes(&keys.public_key) {

@@ -30,9 +30,9 @@ pub const SEAL_SLACK: u64 = 256;
 pub const MAX_DIFF: u64 = 2 << 20;
 /// Where the workspace is, inside each sandbox: the CLI runs there.
 pub const DIR: &str = "/home/sandbox/work";
-/// Where the archive is put together before it is unpacked (deleted
-/// after).
-const ARCHIVE: &str = "/home/sandbox/.polydev/workspace.tar";
+/// Where the archive is put together (chunk by chunk) before it is
+/// unpacked (deleted after).
+pub const ARCHIVE: &str = "/home/sandbox/.polydev/workspace.tar";
 /// Where the diff is written before it is sealed (deleted after).
 pub const DIFF_FILE: &str = "/home/sandbox/.polydev/workspace.diff";
 
@@ -71,11 +71,6 @@ impl Workspace {
 /// The AAD of chunk `index` of `count` of a provider's workspace.
 pub fn chunk_aad(run: &str, provider: &str, index: u64, count: u64) -> String {
     format!("{run}/{provider}/workspace/{index}/{count}")
-}
-
-/// Where chunks are put together inside the sandbox.
-pub fn archive_path() -> &'static str {
-    ARCHIVE
 }
 
 /// Git as the workspace uses it: no system or user configuration (the

@@ -172,12 +172,7 @@ async fn drive(
         let uploads = providers.iter().map(|p| {
             let (http, run, id, archive) = (&http, &run, &id, archive.clone());
             async move {
-                let pk = run["sandboxes"][p.as_str()]["publicKey"]
-                    .as_str()
-                    .and_then(|k| B64.decode(k).ok())
-                    .context("the controller sent no sandbox key")?;
-                let key = polydev_vault::SealingPublicKey::from_bytes(&pk)
-                    .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?;
+                let key = sandbox_key(run, *p)?;
                 // Sealed off the async threads (the MCP server stays responsive).
                 let (archive, run_id, name) = (archive.clone(), id.clone(), p.as_str());
                 let body = tokio::task::spawn_blocking(move || {
@@ -220,17 +215,11 @@ async fn drive(
                         key_env(*p).join(" or ")
                     )
                 })?;
-                let pk = run["sandboxes"][p.as_str()]["publicKey"]
-                    .as_str()
-                    .and_then(|k| B64.decode(k).ok())
-                    .context("the controller sent no sandbox key")?;
-                let sealed = polydev_vault::SealingPublicKey::from_bytes(&pk)
-                    .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))?
-                    .seal(
-                        polydev_sessions::runs::CREDENTIAL_PURPOSE,
-                        format!("{id}/{}", p.as_str()).as_bytes(),
-                        key.as_bytes(),
-                    );
+                let sealed = sandbox_key(run, *p)?.seal(
+                    polydev_sessions::runs::CREDENTIAL_PURPOSE,
+                    format!("{id}/{}", p.as_str()).as_bytes(),
+                    key.as_bytes(),
+                );
                 creds.insert(p.as_str().to_owned(), json!(B64.encode(sealed)));
             }
             let r = http
@@ -384,6 +373,16 @@ async fn drive(
         }
     }
     Ok(json!({"runId": id, "perspectives": answers}))
+}
+
+/// The key the run's view gives for `provider`'s sandbox.
+fn sandbox_key(run: &Value, provider: Provider) -> anyhow::Result<polydev_vault::SealingPublicKey> {
+    let pk = run["sandboxes"][provider.as_str()]["publicKey"]
+        .as_str()
+        .and_then(|k| B64.decode(k).ok())
+        .context("the controller sent no sandbox key")?;
+    polydev_vault::SealingPublicKey::from_bytes(&pk)
+        .map_err(|e| anyhow::anyhow!("bad sandbox key: {e}"))
 }
 
 /// One provider's diff, sealed to this call's key, fetched and opened.

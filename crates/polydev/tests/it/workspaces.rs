@@ -47,6 +47,32 @@ async fn upload(app: &TestApp, token: &str, run: &str, provider: &str, body: Vec
     crate::app::read(resp).await
 }
 
+/// A provider's stored diff, fetched and opened with the user's key.
+async fn open_diff(
+    app: &TestApp,
+    token: &str,
+    run: &str,
+    provider: &str,
+    user_key: &polydev_vault::SealingKeyPair,
+) -> Vec<u8> {
+    let r = app
+        .get(&format!("/api/runs/{run}/diff/{provider}"), Some(token))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["purpose"], DIFF_PURPOSE);
+    let sealed = B64.decode(r.body["sealed"].as_str().unwrap()).unwrap();
+    let aad = format!("{run}/{provider}");
+    user_key
+        .open(DIFF_PURPOSE, aad.as_bytes(), &sealed)
+        .unwrap()
+        .to_vec()
+}
+
+/// A path in the workspace, inside the sandbox.
+fn in_workspace(rel: &str) -> String {
+    format!("{}/{rel}", polydev_sessions::workspace::DIR)
+}
+
 /// `files` committed in a repository of their own, as a `git bundle`.
 fn git_bundle(files: &[(&str, &str)]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
@@ -148,7 +174,7 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     let openai = polydev_stubs::start_editing(
         Provider::OpenAi,
         "codex changed the code",
-        "/home/sandbox/work/src/codex.txt",
+        &in_workspace("src/codex.txt"),
         codex_wrote,
     )
     .await
@@ -156,7 +182,7 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     let anthropic = polydev_stubs::start_editing(
         Provider::Anthropic,
         "claude changed the code",
-        "/home/sandbox/work/src/claude.txt",
+        &in_workspace("src/claude.txt"),
         claude_wrote,
     )
     .await
@@ -164,7 +190,7 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
     let gemini = polydev_stubs::start_editing(
         Provider::Gemini,
         "gemini changed the code",
-        "/home/sandbox/work/src/gemini.txt",
+        &in_workspace("src/gemini.txt"),
         gemini_wrote,
     )
     .await
@@ -301,14 +327,7 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
         ("gemini_cli", "src/gemini.txt", gemini_wrote),
         ("codex", "src/codex.txt", codex_wrote),
     ] {
-        let r = app.get(&format!("/api/runs/{run}/diff/{p}"), t).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        assert_eq!(r.body["purpose"], DIFF_PURPOSE);
-        let sealed = B64.decode(r.body["sealed"].as_str().unwrap()).unwrap();
-        let aad = format!("{run}/{p}");
-        let diff = user_key
-            .open(DIFF_PURPOSE, aad.as_bytes(), &sealed)
-            .unwrap();
+        let diff = open_diff(&app, &token, &run, p, &user_key).await;
         let tree = apply(&files, &diff);
         let mut want: Vec<(String, String)> = files
             .iter()
@@ -357,17 +376,7 @@ async fn an_edit_run_brings_each_cli_s_changes_back_as_a_diff_sealed_to_the_user
             .any(|(e, d)| e == "diff" && d["bytes"].as_u64() > Some(0)),
         "{events:?}"
     );
-    let r = app
-        .get(&format!("/api/runs/{brun}/diff/claude_code"), t)
-        .await;
-    let sealed = B64.decode(r.body["sealed"].as_str().unwrap()).unwrap();
-    let diff = user_key
-        .open(
-            DIFF_PURPOSE,
-            format!("{brun}/claude_code").as_bytes(),
-            &sealed,
-        )
-        .unwrap();
+    let diff = open_diff(&app, &token, &brun, "claude_code", &user_key).await;
     let tree = apply(&files, &diff);
     assert!(
         tree.contains(&("src/claude.txt".to_owned(), claude_wrote.to_owned())),
@@ -415,7 +424,7 @@ async fn the_run_page_sends_a_folder_and_shows_each_cli_s_changes() {
         (Provider::OpenAi, "codex"),
         (Provider::Gemini, "gemini"),
     ] {
-        let path = format!("/home/sandbox/work/src/{name}.txt");
+        let path = in_workspace(&format!("src/{name}.txt"));
         let stub = polydev_stubs::start_editing(
             provider,
             &format!("{name} changed the code"),
@@ -489,7 +498,7 @@ async fn the_mcp_tool_works_on_a_local_checkout() {
     let anthropic = polydev_stubs::start_editing(
         Provider::Anthropic,
         "claude read your repository",
-        "/home/sandbox/work/NOTES.md",
+        &in_workspace("NOTES.md"),
         claude_wrote,
     )
     .await
